@@ -1,0 +1,110 @@
+"""FedIT (Zhang et al., ICASSP 2024): one shared LoRA, FedAvg of A and B separately.
+
+Every client trains A and B of every target module from the global LoRA, uploads both, and the
+server takes their data-size-weighted means. The head follows the run's head policy.
+Subclasses change only which factors are trained and which are sent (FFA-LoRA, FedSA-LoRA, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fedpeft.algorithms.base import (Algorithm, Client, Message, Runtime, is_synced, mark_synced, prefixed,
+                                     unprefixed, weighted_mean)
+from fedpeft.models.adapters import (get_lora_state, init_lora_state, inject_lora, lora_parameters,
+                                     lora_sites, set_lora_state)
+from fedpeft.models.task_model import TaskModel
+from fedpeft.seeding import derive_seed, torch_generator
+from fedpeft.training import train_local
+
+LORA_PREFIX = "lora."
+
+
+class FedIT(Algorithm):
+    name = "fedit"
+    trained_factors: tuple[str, ...] = ("A", "B")
+    sent_factors: tuple[str, ...] = ("A", "B")
+
+    # ------------------------------------------------------------ model
+    def lora_rank(self) -> int:
+        return self.cfg.rank
+
+    def build_runtime(self, backbone) -> Runtime:
+        encoder = copy.deepcopy(backbone.model)  # the cached backbone stays pristine
+        targets = self.cfg.target_modules or backbone.default_targets()
+        peft_model = inject_lora(encoder, rank=self.lora_rank(), alpha=self.cfg.lora_alpha,
+                                 dropout=self.cfg.lora_dropout, targets=targets)
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+        return Runtime(TaskModel(peft_model, backbone.hidden_size), lora_sites(peft_model))
+
+    # ------------------------------------------------------------ server
+    def init(self) -> dict[str, Any]:
+        sites = self.runtime.sites
+        return {
+            "lora": init_lora_state(sites, torch_generator(self.cfg.seed, "lora-init"), rank=self.lora_rank()),
+            "head_init": self.head_inits(),
+            "heads": {},
+        }
+
+    def configure(self, state, rnd):
+        out = {}
+        for c in self.federation:
+            # Until a client has replied once it gets the whole common initialisation (D2);
+            # afterwards only the factors the method sends.
+            factors = self.sent_factors if is_synced(state, c.client_id) else ("A", "B")
+            lora = {k: v for k, v in state["lora"].items() if k.rsplit(".", 1)[-1] in factors}
+            out[c.client_id] = Message({**prefixed(LORA_PREFIX, lora), **self.head_download(state, c)},
+                                       {"round": rnd})
+        return out
+
+    def aggregate(self, state, rnd, replies):
+        expected = {LORA_PREFIX + k: v.shape for k, v in state["lora"].items()
+                    if k.rsplit(".", 1)[-1] in self.sent_factors}
+        ok = self.accept(rnd, replies, expected)
+        if ok:
+            ups = [unprefixed(LORA_PREFIX, r.tensors) for r in ok.values()]
+            state["lora"].update(self.average(ups, [r.config["num_examples"] for r in ok.values()]))
+            self.aggregate_heads(state, ok)
+            mark_synced(state, ok)
+        return state
+
+    def average(self, ups, weights):
+        return weighted_mean(ups, weights)
+
+    # ------------------------------------------------------------ client
+    def load_lora(self, instruction: Message, client: Client) -> None:
+        """Global factors from the instruction; factors kept locally come from the store."""
+        state = {**client.store.get("lora", {}), **unprefixed(LORA_PREFIX, instruction.tensors)}
+        set_lora_state(self.runtime.sites, state)
+
+    def load_for_eval(self, instruction, client):
+        self.load_lora(instruction, client)
+        self.load_head(instruction, client)
+
+    def fit(self, instruction, client):
+        self.load_for_eval(instruction, client)
+        rt = self.runtime
+        for p in lora_parameters(rt.sites):
+            p.requires_grad_(False)
+        params = lora_parameters(rt.sites, factors=self.trained_factors)
+        for p in params:
+            p.requires_grad_(True)
+        params += self.head_params()
+        stats = train_local(
+            rt.model, client.train, params, epochs=self.cfg.local_epochs, lr=self.cfg.lr,
+            batch_size=self.cfg.batch_size, seed=derive_seed(self.cfg.seed, "fit", client.cid, instruction.config["round"]),
+            weight_decay=self.cfg.weight_decay, max_grad_norm=self.cfg.max_grad_norm,
+            precision=self.cfg.precision, regression=client.regression)
+        for p in params:
+            p.requires_grad_(False)
+        lora = get_lora_state(rt.sites)
+        kept = [f for f in ("A", "B") if f not in self.sent_factors]
+        if kept:
+            client.store["lora"] = {k: v for k, v in lora.items() if k.rsplit(".", 1)[-1] in kept}
+        up = {k: v for k, v in lora.items() if k.rsplit(".", 1)[-1] in self.sent_factors}
+        return Message({**prefixed(LORA_PREFIX, up), **self.keep_head(client)},
+                       {"num_examples": len(client.train), "train_loss": stats.loss,
+                        "train_seconds": stats.seconds, "compute_seconds": stats.compute_seconds,
+                        "real_tokens": stats.real_tokens, "padded_tokens": stats.padded_tokens})

@@ -1,0 +1,126 @@
+"""`fedpeft run | demo | report`: parse, build a RunConfig, call. Nothing else lives here.
+
+Every RunConfig field is a flag in two spellings: `--global-rounds` and the official FedLEASE
+code's `--global_rounds`. `--config run.toml` supplies defaults; flags given on the line win.
+A user mistake prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from fedpeft.config import RunConfig, field_help, read_settings
+from fedpeft.errors import FedPeftError
+
+GROUP_TITLES = {"run": "what to run", "data": "data", "training": "local training", "model": "model, LoRA and head",
+                "fedlease": "FedLEASE", "baselines": "baselines", "output": "output"}
+
+
+def _type_of(f: dataclasses.Field):
+    ann = str(f.type)
+    if ann.startswith("list"):
+        return str, "+"
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if ann.startswith(name):
+            return typ, None
+    return str, None
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    groups = {}
+    for f, group in field_help():
+        if group not in groups:
+            groups[group] = parser.add_argument_group(GROUP_TITLES.get(group, group))
+        g = groups[group]
+        names = ["--" + f.name.replace("_", "-")]
+        if "_" in f.name:
+            names.append("--" + f.name)
+        typ, nargs = _type_of(f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata["help"] + (f" (default: {default})" if default not in (None, [], False) else "")
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if typ is bool:
+            g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            g.add_argument(*names, type=typ, nargs=nargs, choices=f.metadata.get("choices"),
+                           metavar=None if f.metadata.get("choices") else f.name.split("_")[-1].upper(), **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedpeft", description="Federated parameter-efficient fine-tuning: FedLEASE, LEFF and their baselines.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="train and evaluate a federation",
+                         description="Train and evaluate a federation. Flags override --config.")
+    run.add_argument("--config", metavar="FILE", help="TOML (or config.json) file of settings; flags override it")
+    add_config_flags(run)
+    demo = sub.add_parser("demo", help="a small offline federation on the bundled demo data and MiniLM")
+    demo.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None, help="run folder")
+    demo.add_argument("--method", default=None, help="method to demonstrate (default: the demo's)")
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
+    report = sub.add_parser("report", help="print the summary of a finished or stopped run")
+    report.add_argument("run_dir", help="a run folder")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    settings = read_settings(args.config) if getattr(args, "config", None) else {}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    merged = {**{k.replace("-", "_"): v for k, v in settings.items()}, **given}
+    return RunConfig.from_dict(merged, source=args.config or "the command line")
+
+
+def demo_config(args: argparse.Namespace) -> RunConfig:
+    from fedpeft.data.tasks import TASKS
+
+    demo_tasks = [name for name, spec in TASKS.items() if spec.source == "demo"]
+    tasks = [t for t in demo_tasks for _ in range(2)]  # two clients per demo task
+    return RunConfig(method=args.method or "fedit", tasks=tasks, model_name="minilm", train_samples=120,
+                     test_samples=60, global_rounds=4, warmup_rounds=2, local_epochs=2, lr=2e-3,
+                     batch_size=16, max_length=64, rank=4, max_clusters=4,
+                     output_dir=args.output_dir, quiet=args.quiet)
+
+
+def print_summary(run_dir: Path) -> None:
+    summary = run_dir / "summary.md"
+    if not summary.is_file():
+        raise FedPeftError(f"{run_dir} has no summary.md: is it a fedpeft run folder?")
+    print(summary.read_text())
+    print(f"Run folder: {run_dir}  (config.json, training_log.txt, training_history.json, metrics.csv, "
+          f"summary.md, learning_curves.png)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            run_dir = Path(args.run_dir)
+            if not (run_dir / "training_history.json").is_file():
+                raise FedPeftError(f"{run_dir} is not a fedpeft run folder (no training_history.json)")
+            if not (run_dir / "summary.md").is_file():
+                import json
+
+                from fedpeft.run.history import RunHistory
+
+                RunHistory.from_json(run_dir, json.loads((run_dir / "training_history.json").read_text())).finish()
+            print_summary(run_dir)
+            return 0
+        cfg = demo_config(args) if args.command == "demo" else config_from_args(args)
+        from fedpeft.runner import run
+
+        result = run(cfg)
+        print_summary(result.run_dir)
+        return 0
+    except FedPeftError as exc:
+        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedpeft: interrupted; continue with `fedpeft run --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Tokenize once, then serve length-grouped, dynamically padded batches.
+
+Padding is pure waste on CPU: batches are built from examples of similar length (shuffled within
+"mega-batches" of 50 batches, as HF's LengthGroupedSampler does), padded only to their own longest
+example, and the batch order is shuffled so training still sees a random order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+MEGABATCH = 50
+
+
+@dataclass
+class Encoded:
+    """A tokenized dataset: ragged token id lists plus labels."""
+
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray] | None
+    labels: np.ndarray
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def encode(examples: Sequence, tokenizer, max_length: int, *, regression: bool = False) -> Encoded:
+    """Tokenize a list of `Example`s in one call (fast tokenizers batch internally)."""
+    texts = [e.text_a for e in examples]
+    pairs = [e.text_b or "" for e in examples] if any(e.text_b for e in examples) else None
+    out = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False)
+    ids = [np.asarray(x, dtype=np.int64) for x in out["input_ids"]]
+    types = out.get("token_type_ids")
+    types = [np.asarray(x, dtype=np.int64) for x in types] if types is not None else None
+    labels = np.asarray([e.label for e in examples], dtype=np.float32 if regression else np.int64)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Encoded(ids, types, labels, pad)
+
+
+def collate(data: Encoded, idx: Sequence[int]) -> dict[str, torch.Tensor]:
+    width = max(len(data.input_ids[i]) for i in idx)
+    n = len(idx)
+    ids = np.full((n, width), data.pad_id, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    types = np.zeros((n, width), dtype=np.int64) if data.token_type_ids is not None else None
+    for row, i in enumerate(idx):
+        length = len(data.input_ids[i])
+        ids[row, :length] = data.input_ids[i]
+        mask[row, :length] = 1
+        if types is not None:
+            types[row, :length] = data.token_type_ids[i]
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+             "labels": torch.from_numpy(data.labels[list(idx)])}
+    if types is not None:
+        batch["token_type_ids"] = torch.from_numpy(types)
+    return batch
+
+
+def train_batches(data: Encoded, batch_size: int, rng: np.random.Generator,
+                  group_by_length: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of shuffled batches; with grouping, similar lengths share a batch."""
+    order = rng.permutation(len(data))
+    if group_by_length:
+        lengths = data.lengths
+        mega = batch_size * MEGABATCH
+        groups = []
+        for start in range(0, len(order), mega):
+            chunk = order[start:start + mega]
+            chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+            groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        order_of_batches = rng.permutation(len(groups))
+        batches = [groups[i] for i in order_of_batches]
+    else:
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in batches:
+        yield collate(data, idx)
+
+
+def eval_batches(data: Encoded, batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Batches sorted by length (least padding); yields the original indices with each batch."""
+    order = np.argsort(data.lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield idx, collate(data, idx)
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size

@@ -1,0 +1,32 @@
+"""What every engine needs before round 1: the federation's data, tokenized once per client."""
+
+from __future__ import annotations
+
+import logging
+
+from fedpeft.algorithms.base import Client, ClientInfo
+from fedpeft.config import RunConfig
+from fedpeft.data.batching import encode
+from fedpeft.data.partition import build_federation
+from fedpeft.data.tasks import get_task
+
+log = logging.getLogger("fedpeft")
+
+
+def prepare_clients(cfg: RunConfig, tokenizer) -> tuple[list[ClientInfo], list[Client]]:
+    for t in cfg.tasks:
+        get_task(t)  # unknown task: one clear error before any loading
+    parts = build_federation(cfg.tasks, train_samples=cfg.train_samples, test_samples=cfg.test_samples,
+                             partition=cfg.partition, label_split=cfg.label_split, alpha=cfg.alpha,
+                             seed=cfg.seed, data_dir=cfg.resolved_data_dir(), carve_out=cfg.carve_out)
+    infos, clients = [], []
+    for part in parts:
+        task = get_task(part.task)
+        info = ClientInfo(part.client_id, part.task, task.num_labels, len(part.train))
+        train = encode(part.train, tokenizer, cfg.max_length, regression=task.is_regression)
+        test = encode(part.test, tokenizer, cfg.max_length, regression=task.is_regression)
+        infos.append(info)
+        clients.append(Client(info, train, test, task.is_regression))
+    log.info("federation: %d clients; %s", len(clients),
+             ", ".join(f"{t} × {cfg.tasks.count(t)}" for t in dict.fromkeys(cfg.tasks)))
+    return infos, clients

@@ -1,0 +1,125 @@
+"""The in-process engine: the whole federation in one process, ONE backbone in memory.
+
+Each round: the broadcast computed after the previous aggregation goes to every client, each client
+fits (its adapter and head state swapped into the shared model), the server aggregates, the new
+broadcast is computed once, and every client is evaluated with exactly the state it will train
+with next (D16). Bytes are counted per client per round; a checkpoint is written after each round.
+
+Byte convention (spec §4): a round's `bytes_down` is the broadcast made after that round's
+aggregation; the very first broadcast is recorded as round 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from fedpeft.algorithms.base import Algorithm, Client, Message
+from fedpeft.run.checkpoint import load_checkpoint, save_checkpoint
+from fedpeft.run.history import RunHistory
+
+log = logging.getLogger("fedpeft")
+
+
+class LocalEngine:
+    def __init__(self, algorithm: Algorithm, clients: list[Client], history: RunHistory, run_dir: Path,
+                 *, progress=None, fail: dict[tuple[int, int], Exception] | None = None):
+        self.alg = algorithm
+        self.clients = clients
+        self.history = history
+        self.run_dir = run_dir
+        self.progress = progress
+        self._fail = fail or {}  # (round, client) → exception to raise: failure injection for tests
+
+    def run(self, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+        alg, rounds = self.alg, self.alg.num_rounds
+        if resume:
+            ckpt = load_checkpoint(self.run_dir)
+            state, start = ckpt["server_state"], ckpt["round"] + 1
+            for c in self.clients:
+                c.store = ckpt["client_stores"].get(c.cid, {})
+            log.info("resuming after round %d of %d", ckpt["round"], rounds)
+        else:
+            state, start = alg.init(), 1
+        broadcast = alg.configure(state, start)
+        if start == 1:
+            self.history.add_round(0, "init", [{"round": 0, "phase": "init", "client": c.cid, "task": c.info.task,
+                                                "bytes_up": 0, "bytes_down": broadcast[c.cid].nbytes}
+                                               for c in self.clients], {"seconds": 0.0})
+        for rnd in range(start, rounds + 1):
+            t0 = time.perf_counter()
+            phase = alg.phase(rnd)
+            replies, fit_info = self._fit_all(rnd, phase, broadcast)
+            missing = [c.cid for c in self.clients if c.cid not in replies]
+            if missing:
+                log.warning("round %d: no reply from clients %s; aggregating the %d replies that arrived",
+                            rnd, missing, len(replies))
+                self.history.add_event(kind="missing_clients", round=rnd, clients=missing)
+            if not replies:  # nothing to aggregate: surface the first client's error
+                raise self._first_error
+            t_agg = time.perf_counter()
+            state = alg.aggregate(state, rnd, replies)
+            agg_seconds = time.perf_counter() - t_agg
+            broadcast = alg.configure(state, rnd + 1)
+            records = self._evaluate_all(rnd, phase, broadcast, replies, fit_info)
+            entry = self.history.add_round(rnd, phase, records, {
+                "seconds": time.perf_counter() - t0, "aggregate_seconds": agg_seconds,
+                "missing": missing, **getattr(alg, "round_info", lambda r: {})(rnd)})
+            save_checkpoint(self.run_dir, rnd, state, {c.cid: c.store for c in self.clients})
+            self.history.save()
+            self._report(rnd, rounds, phase, entry)
+            if stop_after is not None and rnd >= stop_after:
+                log.info("stopping after round %d as asked", rnd)
+                break
+        return state
+
+    # ------------------------------------------------------------ steps
+    def _fit_all(self, rnd: int, phase: str, broadcast: dict[int, Message]):
+        replies, info = {}, {}
+        self._first_error = None
+        for i, c in enumerate(self.clients):
+            if self.progress:
+                self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): client {i + 1}/{len(self.clients)} training")
+            t0 = time.perf_counter()
+            try:
+                if (rnd, c.cid) in self._fail:
+                    raise self._fail[(rnd, c.cid)]
+                reply = self.alg.fit(broadcast[c.cid], c)
+            except Exception as exc:  # a failing client must not take the round down
+                log.warning("round %d: client %d failed during fit: %s", rnd, c.cid, exc)
+                log.debug("%s", traceback.format_exc())
+                self._first_error = self._first_error or exc
+                continue
+            replies[c.cid] = reply
+            info[c.cid] = time.perf_counter() - t0
+        return replies, info
+
+    def _evaluate_all(self, rnd, phase, broadcast, replies, fit_info):
+        records = []
+        for i, c in enumerate(self.clients):
+            if self.progress:
+                self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): client {i + 1}/{len(self.clients)} evaluating")
+            metrics = self.alg.evaluate(broadcast[c.cid], c)
+            reply = replies.get(c.cid)
+            rec = {"round": rnd, "phase": phase, "client": c.cid, "task": c.info.task, **metrics,
+                   "bytes_up": reply.nbytes if reply else 0, "bytes_down": broadcast[c.cid].nbytes,
+                   "participated": reply is not None}
+            if reply is not None:
+                rec["train_loss"] = reply.config.get("train_loss")
+                rec["fit_seconds"] = fit_info[c.cid]
+                for k in ("compute_seconds", "real_tokens", "padded_tokens"):
+                    if k in reply.config:
+                        rec[k] = reply.config[k]
+            records.append(rec)
+        return records
+
+    def _report(self, rnd, rounds, phase, entry):
+        tasks = ", ".join(f"{t} {v:.4f}" for t, v in entry["per_task"].items() if v is not None)
+        overall = f"{entry['overall']:.4f}" if entry["overall"] is not None else "-"
+        log.info("round %d/%d (%s): overall %s | %s | %.1f s, %.2f MB up, %.2f MB down", rnd, rounds, phase,
+                 overall, tasks, entry["seconds"], entry["bytes_up"] / 1e6, entry["bytes_down"] / 1e6)
+        if self.progress:
+            self.progress.advance_round()

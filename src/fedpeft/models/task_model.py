@@ -1,0 +1,98 @@
+"""Backbone + classification head, with the head's weights swapped per client.
+
+One `TaskModel` serves the whole federation in the in-process engine: clients differ only in
+adapter tensors and head tensors, which the engine swaps in. Heads of different shapes (tasks with
+different label counts) live side by side, one module per number of labels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedpeft.errors import FedPeftError
+
+
+class ClassificationHead(nn.Module):
+    """RoBERTa-style head on the first token: dense → tanh → dropout → out_proj."""
+
+    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(hidden, num_labels)
+
+    def forward(self, first_token: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(first_token)
+        x = torch.tanh(self.dense(x))
+        return self.out_proj(self.dropout(x))
+
+
+def init_head_state(hidden: int, num_labels: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The shared head initialisation for one head shape (D2): same seed, same tensors."""
+    std = 0.02
+    return {
+        "dense.weight": torch.randn(hidden, hidden, generator=generator) * std,
+        "dense.bias": torch.zeros(hidden),
+        "out_proj.weight": torch.randn(num_labels, hidden, generator=generator) * std,
+        "out_proj.bias": torch.zeros(num_labels),
+    }
+
+
+class TaskModel(nn.Module):
+    """`encoder` (possibly PEFT-wrapped) + one head per label count; `num_labels` picks the head."""
+
+    def __init__(self, encoder: nn.Module, hidden: int):
+        super().__init__()
+        self.encoder = encoder
+        self.hidden = hidden
+        self.heads = nn.ModuleDict()
+        self.num_labels: int | None = None
+
+    # ---------------------------------------------------------------- heads
+    def head(self, num_labels: int) -> ClassificationHead:
+        key = str(num_labels)
+        if key not in self.heads:
+            self.heads[key] = ClassificationHead(self.hidden, num_labels)
+        return self.heads[key]
+
+    def use_head(self, num_labels: int, state: dict[str, torch.Tensor], *, trainable: bool) -> None:
+        head = self.head(num_labels)
+        load_strict(head, state, what="head")
+        for p in head.parameters():
+            p.requires_grad_(trainable)
+        self.num_labels = num_labels
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.head(self._current()).state_dict().items()}
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head(self._current()).parameters())
+
+    def _current(self) -> int:
+        if self.num_labels is None:
+            raise RuntimeError("no head selected: call use_head first")
+        return self.num_labels
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(**kwargs).last_hidden_state
+        return self.head(self._current())(hidden[:, 0]).float()
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
+    """Copy tensors into a module's parameters; any missing, extra or mis-shaped key is an error."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise FedPeftError(f"{what} state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for key, target in own.items():
+            src = state[key]
+            if src.shape != target.shape:
+                raise FedPeftError(f"{what} tensor {key} has shape {tuple(src.shape)}, the model expects {tuple(target.shape)}")
+            target.copy_(src)

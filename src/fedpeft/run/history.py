@@ -1,0 +1,155 @@
+"""The run folder: log, config, every metric of every client every round, summary, plot.
+
+Files: config.json, training_log.txt, training_history.json, metrics.csv, summary.md,
+learning_curves.png (and whatever a method adds, e.g. FedLEASE's client maps).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedpeft")
+
+RECORD_ORDER = ["round", "phase", "client", "task", "accuracy", "f1", "matthews", "pearson", "spearman",
+                "loss", "train_loss", "bytes_up", "bytes_down", "fit_seconds", "participated"]
+
+
+def setup_logging(run_dir: Path | None, quiet: bool) -> None:
+    """Console: INFO (WARNING if quiet) on stderr; file: everything to training_log.txt."""
+    root = logging.getLogger("fedpeft")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_fedpeft", False):
+            root.removeHandler(h)
+            h.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console._fedpeft = True
+    root.addHandler(console)
+    if run_dir is not None:
+        fh = logging.FileHandler(run_dir / "training_log.txt", mode="a")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        fh._fedpeft = True
+        root.addHandler(fh)
+    root.propagate = False
+
+
+class RunHistory:
+    def __init__(self, run_dir: Path, meta: dict[str, Any]):
+        self.run_dir = run_dir
+        self.meta = meta
+        self.records: list[dict[str, Any]] = []  # one per client per round
+        self.rounds: list[dict[str, Any]] = []  # one per round: summary, comm, timings
+        self.events: list[dict[str, Any]] = []  # missing clients, rejected replies, clustering...
+
+    # ------------------------------------------------------------ recording
+    def add_round(self, rnd: int, phase: str, records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+        from fedpeft.metrics import summarize
+
+        self.records = [r for r in self.records if r["round"] != rnd] + records
+        scored = [r for r in records if "accuracy" in r or "pearson" in r]
+        summary = summarize(scored) if scored else {"per_task": {}, "overall": None, "client_macro": None}
+        entry = {"round": rnd, "phase": phase, "overall": summary["overall"],
+                 "client_macro": summary["client_macro"], "per_task_metrics": summary["per_task"],
+                 "per_task": {t: _primary(t, m) for t, m in summary["per_task"].items()},
+                 "bytes_up": sum(r.get("bytes_up", 0) for r in records),
+                 "bytes_down": sum(r.get("bytes_down", 0) for r in records), **extra}
+        self.rounds = [r for r in self.rounds if r["round"] != rnd] + [entry]
+        return entry
+
+    def add_event(self, **event: Any) -> None:
+        self.events.append({"time": time.time(), **event})
+
+    # ------------------------------------------------------------ files
+    def to_json(self) -> dict[str, Any]:
+        return {"meta": self.meta, "rounds": self.rounds, "records": self.records, "events": self.events}
+
+    @classmethod
+    def from_json(cls, run_dir: Path, data: dict[str, Any]) -> "RunHistory":
+        h = cls(run_dir, data.get("meta", {}))
+        h.rounds, h.records, h.events = data["rounds"], data["records"], data.get("events", [])
+        return h
+
+    def save(self) -> None:
+        _atomic_write(self.run_dir / "training_history.json", json.dumps(self.to_json(), indent=1, default=_plain))
+        keys = [k for k in RECORD_ORDER if any(k in r for r in self.records)]
+        keys += sorted({k for r in self.records for k in r} - set(keys))
+        with open(self.run_dir / "metrics.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            for r in sorted(self.records, key=lambda r: (r["round"], r["client"])):
+                writer.writerow({k: _fmt(r.get(k)) for k in keys})
+
+    def headline(self) -> dict[str, Any] | None:
+        """The last scored non-warmup round (D16: the headline figure is the last round)."""
+        scored = [r for r in self.rounds if r["phase"] != "warmup" and r["overall"] is not None]
+        return scored[-1] if scored else None
+
+    def best(self) -> dict[str, Any] | None:
+        scored = [r for r in self.rounds if r["phase"] != "warmup" and r["overall"] is not None]
+        return max(scored, key=lambda r: r["overall"]) if scored else None
+
+    def summary_markdown(self) -> str:
+        last, best = self.headline(), self.best()
+        if last is None:
+            return "# Summary\n\nNo round was scored.\n"
+        tasks = list(last["per_task_metrics"])
+        lines = [f"# Summary: {self.meta.get('method', '?')} on {self.meta.get('model_name', '?')}", "",
+                 f"Last round (r = {last['round']}), the headline figure. Per-task metrics are means over that task's clients; "
+                 "'overall' is the mean of the task means of each task's primary metric.", "",
+                 "| task | clients | " + " | ".join(["metric", "value"]) + " |", "|---|---|---|---|"]
+        clients_per_task = {}
+        for r in self.records:
+            if r["round"] == last["round"]:
+                clients_per_task[r["task"]] = clients_per_task.get(r["task"], 0) + 1
+        for t in tasks:
+            for m, v in last["per_task_metrics"][t].items():
+                lines.append(f"| {t} | {clients_per_task.get(t, '?')} | {m} | {v:.4f} |")
+        lines += ["", f"**Overall (mean of task means): {last['overall']:.4f}**  ",
+                  f"Client-macro mean: {last['client_macro']:.4f}  "]
+        if best and best["round"] != last["round"]:
+            lines.append(f"Best round (r = {best['round']}): {best['overall']:.4f}  ")
+        up = sum(r["bytes_up"] for r in self.rounds)
+        down = sum(r["bytes_down"] for r in self.rounds)
+        lines += ["", f"Communication, all clients, all rounds: {up / 1e6:.3f} MB up, {down / 1e6:.3f} MB down.",
+                  f"Wall time: {sum(r.get('seconds', 0) for r in self.rounds):.1f} s over {len(self.rounds)} rounds."]
+        return "\n".join(lines) + "\n"
+
+    def finish(self) -> None:
+        self.save()
+        (self.run_dir / "summary.md").write_text(self.summary_markdown())
+        try:
+            from fedpeft.run.plots import plot_learning_curves
+
+            plot_learning_curves(self.to_json(), self.run_dir / "learning_curves.png")
+        except Exception as exc:  # a plot must never lose a finished run
+            log.warning("could not draw the learning curves: %s", exc)
+
+
+def _primary(task: str, metrics: dict[str, float]) -> float | None:
+    from fedpeft.data.tasks import get_task
+
+    return metrics.get(get_task(task).primary_metric)
+
+
+def _fmt(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def _plain(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

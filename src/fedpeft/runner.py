@@ -1,0 +1,95 @@
+"""Run a federation from a RunConfig: the one entry point the CLI, benchmarks and tests share."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import RunConfig
+from fedpeft.errors import FedPeftError
+
+log = logging.getLogger("fedpeft")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    history: Any  # RunHistory
+    config: RunConfig
+
+    @property
+    def headline(self) -> dict[str, Any] | None:
+        return self.history.headline()
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    return Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(cfg: RunConfig, *, backbone=None, stop_after: int | None = None, fail=None) -> RunResult:
+    """Train and evaluate the federation `cfg` describes; write the run folder.
+
+    `backbone` lets tests pass a tiny model; `stop_after` stops after that round (resume tests);
+    `fail` injects client failures {(round, client): exception}.
+    """
+    from fedpeft.algorithms import get_algorithm
+    from fedpeft.engines.common import prepare_clients
+    from fedpeft.engines.local import LocalEngine
+    from fedpeft.run.history import RunHistory, setup_logging
+    from fedpeft.run.progress import Progress
+
+    resume = cfg.resume is not None
+    if resume:
+        run_dir = Path(cfg.resume)
+        saved = RunConfig.load(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
+        if saved is None:
+            raise FedPeftError(f"cannot resume: {run_dir / 'config.json'} does not exist")
+        saved.resume, saved.quiet = cfg.resume, cfg.quiet
+        cfg = saved
+    else:
+        run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+    cfg.check_runnable()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FedPeftError(f"cannot create the run folder {run_dir}: {exc.strerror}") from None
+    setup_logging(run_dir, cfg.quiet)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    to_save = RunConfig(**{**cfg.to_dict(), "resume": None})
+    to_save.output_dir = str(run_dir)
+    to_save.save(run_dir / "config.json")
+    log.info("run folder: %s", run_dir)
+
+    algorithm = get_algorithm(cfg)
+    if backbone is None:
+        from fedpeft.models.backbone import load_backbone
+
+        backbone = load_backbone(cfg.model_name)
+    infos, clients = prepare_clients(cfg, backbone.tokenizer)
+    algorithm.bind(algorithm.build_runtime(backbone), infos)
+
+    meta = {"method": cfg.method, "model_name": cfg.model_name, "tasks": cfg.tasks, "seed": cfg.seed,
+            "clients": [vars(i) for i in infos]}
+    history_file = run_dir / "training_history.json"
+    if resume and history_file.is_file():
+        import json
+
+        history = RunHistory.from_json(run_dir, json.loads(history_file.read_text()))
+    else:
+        history = RunHistory(run_dir, meta)
+    algorithm.history = history
+    progress = Progress(algorithm.num_rounds, enabled=not cfg.quiet)
+    try:
+        LocalEngine(algorithm, clients, history, run_dir, progress=progress, fail=fail).run(
+            resume=resume, stop_after=stop_after)
+    finally:
+        progress.close()
+        history.save()
+    history.finish()
+    return RunResult(run_dir, history, cfg)

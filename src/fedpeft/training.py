@@ -1,0 +1,105 @@
+"""The local train / evaluate loop: plain PyTorch, short enough to read in one sitting.
+
+AdamW over exactly the parameters the method trains, linear decay to 0 within the local run, no
+warmup steps, gradient clipping, optional bf16 autocast (losses stay float32). Every random draw
+(data order, dropout) comes from the seed the caller derives for (client, round, phase).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedpeft.data.batching import Encoded, eval_batches, num_batches, train_batches
+
+
+@dataclass
+class TrainStats:
+    loss: float
+    steps: int
+    examples: int
+    real_tokens: int
+    padded_tokens: int
+    seconds: float
+    compute_seconds: float  # time inside forward + backward + optimizer step
+
+
+def autocast(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    logits = logits.float()
+    if regression:
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def train_local(model, data: Encoded, params: list[torch.nn.Parameter], *, epochs: int, lr: float,
+                batch_size: int, seed: int, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+                precision: str = "fp32", regression: bool = False,
+                extra_loss: Callable[[], torch.Tensor] | None = None) -> TrainStats:
+    """Train `params` of `model` on `data` for `epochs` epochs; everything else stays frozen."""
+    start = time.perf_counter()
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise RuntimeError("nothing to train: no parameter requires grad")
+    torch.manual_seed(seed)  # dropout stream of this (client, round, phase)
+    rng = np.random.default_rng(seed)
+    steps_total = epochs * num_batches(len(data), batch_size)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps_total))
+    model.train()
+    losses, examples, real, padded, compute = [], 0, 0, 0, 0.0
+    for _ in range(epochs):
+        for batch in train_batches(data, batch_size, rng):
+            labels = batch.pop("labels")
+            t0 = time.perf_counter()
+            with autocast(precision):
+                logits = model(**batch)
+            loss = task_loss(logits, labels, regression)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            compute += time.perf_counter() - t0
+            losses.append(loss.item())
+            examples += len(labels)
+            real += int(batch["attention_mask"].sum())
+            padded += batch["attention_mask"].numel()
+    model.eval()
+    return TrainStats(float(np.mean(losses)), len(losses), examples, real, padded,
+                      time.perf_counter() - start, compute)
+
+
+@torch.inference_mode()
+def predict(model, data: Encoded, *, batch_size: int, precision: str = "fp32",
+            regression: bool = False) -> tuple[np.ndarray, float]:
+    """Predictions in the data's original order, and the mean loss."""
+    model.eval()
+    preds = np.zeros(len(data), dtype=np.float32 if regression else np.int64)
+    total = 0.0
+    for idx, batch in eval_batches(data, batch_size):
+        labels = batch.pop("labels")
+        with autocast(precision):
+            logits = model(**batch).float()
+        total += task_loss(logits, labels, regression).item() * len(idx)
+        preds[idx] = (logits.squeeze(-1) if regression else logits.argmax(-1)).numpy()
+    return preds, total / max(1, len(data))
+
+
+@torch.inference_mode()
+def mean_loss(model, data: Encoded, *, batch_size: int, precision: str = "fp32", regression: bool = False) -> float:
+    return predict(model, data, batch_size=batch_size, precision=precision, regression=regression)[1]

@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from fedpeft.models.backbone import tiny_bert_backbone
+
+    return tiny_bert_backbone(seed=0)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A RunConfig factory for fast runs on the tiny BERT and the bundled demo data."""
+    from fedpeft.config import RunConfig
+
+    def make(**overrides):
+        base = dict(method="fedit", tasks=["demo-sentiment", "demo-sentiment", "demo-topic", "demo-topic"],
+                    train_samples=24, test_samples=16, global_rounds=2, local_epochs=1, batch_size=8,
+                    eval_batch_size=32, max_length=32, rank=2, lr=5e-3, quiet=True,
+                    output_dir=str(tmp_path / "run"))
+        base.update(overrides)
+        return RunConfig(**base)
+
+    return make
+
+
+def data_dir_or_skip() -> str:
+    path = os.environ.get("FEDPEFT_DATA_DIR") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
+    if not path or not Path(path).is_dir():
+        pytest.skip("real GLUE data not found: set FEDPEFT_DATA_DIR to a folder laid out like shared/data")
+    return path
