@@ -1,0 +1,317 @@
+"""Partitioning: which examples each client holds.
+
+One client per entry of `tasks`; client i works on task `tasks[i]`. Each task has a train pool and
+a test pool (`sources.load_federation_pools`: the train and validation splits, or a carve-out).
+Clients of the same task draw **disjoint** samples from these pools: train from the train pool,
+test from the test pool, so train ∩ test = ∅ by construction and no example is used twice (D15).
+
+How many examples of each class a client gets (`partition`, `label_split`):
+
+- `partition="task"` (task non-IID; the FedLEASE setting), with `label_split`:
+  - `"class_balanced"` (default, as in the official FedLEASE code): n / C per class;
+  - `"natural"`: the pool's own class proportions;
+  - `"dirichlet"`: same as `partition="dirichlet"` (D15 lists it as a label split).
+- `partition="dirichlet"`: q_i ~ Dir(α·1_C), drawn once per client from its own seeded generator;
+  train and test both use q_i (label skew on top of task skew).
+- `partition="iid"`: a uniform random sample of the pool, ignoring labels (natural proportions in
+  expectation).
+
+Per-class counts are n·p rounded by largest remainder (ties go to classes in the order
+c_i, c_i + 1, …, starting at class `i mod C` for client i, so no class is always favoured).
+Regression tasks (stsb) have no classes: they are always sampled uniformly ("natural"/"iid");
+asking for `class_balanced` or `dirichlet` on one logs a warning and samples uniformly.
+
+Determinism: everything comes from numpy Generators seeded from (seed, task, split) and
+(seed, client); there is no global random state. Same arguments, same federation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import rel_entr
+
+from fedpeft.data.sources import load_federation_pools
+from fedpeft.data.tasks import Example, TaskSpec, get_task
+from fedpeft.errors import FedPeftError
+
+logger = logging.getLogger(__name__)
+
+PARTITIONS = ("task", "dirichlet", "iid")
+LABEL_SPLITS = ("class_balanced", "natural", "dirichlet")
+
+_SPLIT_NAMES = {0: "train", 1: "validation"}
+
+
+@dataclass
+class ClientData:
+    """One client's data.
+
+    `train_ids` / `test_ids` are the positions of the client's examples in its task's train and
+    test pools (same order as `train` / `test`); `pool_proportions` are the class proportions of
+    the task's train pool (empty for regression), used by `label_skew`.
+    """
+
+    client_id: int
+    task: str
+    train: list[Example]
+    test: list[Example]
+    train_ids: tuple[int, ...] = field(default=(), repr=False)
+    test_ids: tuple[int, ...] = field(default=(), repr=False)
+    pool_proportions: tuple[float, ...] = field(default=(), repr=False)
+
+
+Samples = int | Mapping[str, int]
+
+
+def build_federation(
+    tasks: list[str],
+    *,
+    train_samples: Samples,
+    test_samples: Samples,
+    partition: str = "task",
+    label_split: str = "class_balanced",
+    alpha: float = 0.5,
+    seed: int = 42,
+    data_dir: str | os.PathLike | None = None,
+    carve_out: bool = False,
+) -> list[ClientData]:
+    """Build one `ClientData` per entry of `tasks` (client i has task `tasks[i]`).
+
+    `train_samples` / `test_samples` are examples per client: an int for every task, or a mapping
+    task → int (e.g. D15's MRPC override of 500 / 64). Pools come from
+    `load_federation_pools(task, data_dir, carve_out=carve_out)`. See the module docstring for
+    `partition`, `label_split` and `alpha`. An infeasible request raises a `FedPeftError` naming
+    the task, split, class, need and supply.
+    """
+    _validate(tasks, train_samples, test_samples, partition, label_split, alpha, seed)
+    pools = {
+        task: load_federation_pools(task, data_dir, carve_out=carve_out) for task in dict.fromkeys(tasks)
+    }
+    return partition_pools(
+        tasks,
+        pools,
+        train_samples=train_samples,
+        test_samples=test_samples,
+        partition=partition,
+        label_split=label_split,
+        alpha=alpha,
+        seed=seed,
+    )
+
+
+def partition_pools(
+    tasks: list[str],
+    pools: Mapping[str, tuple[Sequence[Example], Sequence[Example]]],
+    *,
+    train_samples: Samples,
+    test_samples: Samples,
+    partition: str = "task",
+    label_split: str = "class_balanced",
+    alpha: float = 0.5,
+    seed: int = 42,
+) -> list[ClientData]:
+    """`build_federation` on given pools: `pools[task] = (train_pool, test_pool)`."""
+    _validate(tasks, train_samples, test_samples, partition, label_split, alpha, seed)
+    mode = "dirichlet" if partition == "dirichlet" or label_split == "dirichlet" else label_split
+    if partition == "iid":
+        mode = "iid"
+
+    results: dict[int, ClientData] = {}
+    for task in dict.fromkeys(tasks):
+        spec = get_task(task)
+        if task not in pools:
+            raise FedPeftError(f"No data pools were given for task {task}; load them first.")
+        clients = [i for i, t in enumerate(tasks) if t == task]
+        task_mode = mode
+        if spec.is_regression and mode in ("class_balanced", "dirichlet"):
+            logger.warning(
+                "Task %s is a regression task with no classes, so its clients are sampled uniformly "
+                "(natural proportions) instead of %s.",
+                task,
+                mode,
+            )
+        if spec.is_regression:
+            task_mode = "iid"
+
+        proportions = _client_proportions(spec, clients, task_mode, alpha, seed)
+        drawn = []
+        for split_id, (pool, samples) in enumerate(zip(pools[task], (train_samples, test_samples))):
+            n = int(samples[task]) if isinstance(samples, Mapping) else int(samples)
+            drawn.append(
+                _draw(spec, _SPLIT_NAMES[split_id], split_id, pool, clients, n, task_mode, proportions, seed)
+            )
+        train_pool = pools[task][0]
+        pool_props = () if spec.is_regression else tuple(_class_proportions(spec, train_pool))
+        for k, i in enumerate(clients):
+            train_ids, test_ids = drawn[0][k], drawn[1][k]
+            results[i] = ClientData(
+                client_id=i,
+                task=task,
+                train=[pools[task][0][j] for j in train_ids],
+                test=[pools[task][1][j] for j in test_ids],
+                train_ids=tuple(train_ids),
+                test_ids=tuple(test_ids),
+                pool_proportions=pool_props,
+            )
+    return [results[i] for i in range(len(tasks))]
+
+
+def label_skew(clients: Sequence[ClientData]) -> float:
+    """Mean over clients of KL(client's train label distribution ‖ its task's train-pool distribution).
+
+    Regression clients (no classes) are left out. 0 means every client looks like its pool.
+    """
+    values = []
+    for client in clients:
+        if not client.pool_proportions or not client.train:
+            continue
+        counts = np.bincount(
+            [int(ex.label) for ex in client.train], minlength=len(client.pool_proportions)
+        )
+        p = counts / counts.sum()
+        values.append(float(rel_entr(p, np.asarray(client.pool_proportions)).sum()))
+    if not values:
+        raise ValueError("label_skew needs at least one classification client with train data")
+    return float(np.mean(values))
+
+
+# ----------------------------------------------------------------------------------------------
+# internals
+
+
+def _validate(tasks, train_samples, test_samples, partition, label_split, alpha, seed) -> None:
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence) or len(tasks) == 0:
+        raise FedPeftError("Give at least one task, one per client, as a list (e.g. ['sst2', 'sst2']).")
+    for task in tasks:
+        get_task(task)
+    if partition not in PARTITIONS:
+        raise FedPeftError(f"Unknown partition {partition!r}; choose one of: {', '.join(PARTITIONS)}.")
+    if label_split not in LABEL_SPLITS:
+        raise FedPeftError(
+            f"Unknown label split {label_split!r}; choose one of: {', '.join(LABEL_SPLITS)}."
+        )
+    for name, samples in (("train", train_samples), ("test", test_samples)):
+        values = samples.items() if isinstance(samples, Mapping) else [(None, samples)]
+        if isinstance(samples, Mapping):
+            missing = [t for t in dict.fromkeys(tasks) if t not in samples]
+            if missing:
+                raise FedPeftError(
+                    f"The {name} samples per client are not given for task {missing[0]}; "
+                    "give an int or a value for every task."
+                )
+        for task, value in values:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                where = f" for task {task}" if task else ""
+                raise FedPeftError(
+                    f"The {name} samples per client{where} must be a whole number ≥ 1, got {value!r}."
+                )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
+        math.isfinite(alpha) and alpha > 0
+    ):
+        raise FedPeftError(f"The Dirichlet alpha must be a positive number, got {alpha!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise FedPeftError(f"The seed must be a whole number ≥ 0, got {seed!r}.")
+
+
+def _class_proportions(spec: TaskSpec, pool: Sequence[Example]) -> np.ndarray:
+    counts = np.bincount([_class_of(spec, ex) for ex in pool], minlength=spec.num_labels)
+    total = counts.sum()
+    return counts / total if total else np.full(spec.num_labels, 1.0 / spec.num_labels)
+
+
+def _class_of(spec: TaskSpec, ex: Example) -> int:
+    label = ex.label
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < spec.num_labels:
+        raise ValueError(f"{spec.name}: label {label!r} is not a class id in 0..{spec.num_labels - 1}")
+    return int(label)
+
+
+def _client_proportions(spec, clients, mode, alpha, seed) -> dict[int, np.ndarray] | None:
+    """Per-client target proportions for dirichlet and class_balanced (None: per split / uniform)."""
+    if mode == "dirichlet":
+        out = {}
+        for i in clients:
+            rng = np.random.default_rng([seed, 0xD1C, i])
+            q = rng.dirichlet(np.full(spec.num_labels, float(alpha)))
+            if not np.all(np.isfinite(q)) or q.sum() <= 0:  # tiny alpha underflow: a one-hot draw
+                q = np.zeros(spec.num_labels)
+                q[rng.integers(spec.num_labels)] = 1.0
+            out[i] = q / q.sum()
+        return out
+    if mode == "class_balanced":
+        return {i: np.full(spec.num_labels, 1.0 / spec.num_labels) for i in clients}
+    return None
+
+
+def largest_remainder(n: int, proportions: Sequence[float], start: int = 0) -> list[int]:
+    """Split n into integer counts proportional to `proportions` (largest-remainder method).
+
+    Equal remainders are broken in class order starting at class `start` (cyclically).
+    """
+    p = np.asarray(proportions, dtype=float)
+    quotas = n * p / p.sum()
+    counts = np.floor(quotas).astype(int)
+    remainder = n - int(counts.sum())
+    fractions = quotas - counts
+    size = len(p)
+    order = sorted(range(size), key=lambda c: (-fractions[c], (c - start) % size))
+    for c in order[:remainder]:
+        counts[c] += 1
+    return [int(c) for c in counts]
+
+
+def _draw(spec, split, split_id, pool, clients, n, mode, proportions, seed) -> list[list[int]]:
+    """Pool positions for each client in `clients` (disjoint), in a seeded shuffled order."""
+    rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode()), split_id])
+    k = len(clients)
+    kind = "train" if split_id == 0 else "test"
+    if mode == "iid":
+        need = n * k
+        if need > len(pool):
+            raise FedPeftError(
+                f"{spec.name}/{split}: need {need} ({k} clients × {n}), have {len(pool)}; "
+                f"request fewer {kind} samples per client or fewer {spec.name} clients."
+            )
+        order = rng.permutation(len(pool))
+        return [[int(j) for j in order[m * n : (m + 1) * n]] for m in range(k)]
+
+    C = spec.num_labels
+    by_class = [[] for _ in range(C)]
+    for j, ex in enumerate(pool):
+        by_class[_class_of(spec, ex)].append(j)
+    if mode == "natural":
+        natural = _class_proportions(spec, pool)
+        counts = [largest_remainder(n, natural, start=i) for i in clients]
+    else:
+        counts = [largest_remainder(n, proportions[i], start=i) for i in clients]
+    for c in range(C):
+        per_client = [cnt[c] for cnt in counts]
+        need = sum(per_client)
+        if need > len(by_class[c]):
+            how = (
+                f"{k} clients × {per_client[0]}"
+                if len(set(per_client)) == 1
+                else f"summed over {k} clients: {' + '.join(map(str, per_client))}"
+            )
+            raise FedPeftError(
+                f"{spec.name}/{split} class {c}: need {need} ({how}), have {len(by_class[c])}; "
+                f"request fewer {kind} samples per client, fewer {spec.name} clients or another "
+                "label split."
+            )
+    shuffled = [[by_class[c][j] for j in rng.permutation(len(by_class[c]))] for c in range(C)]
+    taken = [0] * C
+    out = []
+    for cnt in counts:
+        ids = []
+        for c in range(C):
+            ids.extend(shuffled[c][taken[c] : taken[c] + cnt[c]])
+            taken[c] += cnt[c]
+        out.append([ids[j] for j in rng.permutation(len(ids))])
+    return out

@@ -1,0 +1,123 @@
+"""The task registry: what each classification task is, how it is labelled and how it is scored.
+
+A `TaskSpec` is plain data. Readers (`sources.py`) turn a task's files into `Example`s, the
+partitioner (`partition.py`) hands them to clients, and `metrics.py` scores predictions with the
+metrics listed here. Label ids follow GLUE and the Hugging Face `glue` dataset, so a model trained
+on local TSV files and one trained on the hub data agree on what label 0 means.
+
+GLUE tasks: sst2, mrpc, qnli, qqp, mnli, rte, cola, stsb, wnli. The bundled demo tasks
+(`demo-sentiment`, `demo-topic`, `demo-question`, `demo-paraphrase`) are synthetic text written for
+fedpeft (see `fedpeft/data/demo/README.md`); they are not a benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedpeft.errors import FedPeftError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: where its data lives, its labels and the metrics it is reported with."""
+
+    name: str
+    """Registry name, e.g. "sst2" or "demo-topic"."""
+    glue_dir: str
+    """Folder name in a GLUE-format distribution, e.g. "SST-2" (empty for demo tasks)."""
+    num_labels: int
+    """Number of classes; 1 for a regression task (stsb)."""
+    label_names: tuple[str, ...]
+    """Name of each label id, in id order (for stsb: the single output, "score")."""
+    metrics: tuple[str, ...]
+    """Every metric reported for the task, primary first."""
+    primary_metric: str
+    """The metric that stands for the task in averages."""
+    is_regression: bool
+    """True when labels are floats (stsb)."""
+    hf_name: tuple[str, str]
+    """`datasets.load_dataset(*hf_name)` arguments; ("", "") for demo tasks."""
+    source: str = "glue"
+    """"glue" or "demo"."""
+
+    @property
+    def is_pair(self) -> bool:
+        """True when examples are sentence pairs (text_b is set)."""
+        return self.name in _PAIR_TASKS
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example. `text_b` is None for single-sentence tasks.
+
+    Frozen: loaded examples are cached and shared between callers, so they must not be mutated.
+    """
+
+    text_a: str
+    text_b: str | None
+    label: int | float
+
+
+def _glue(name, glue_dir, label_names, metrics, hf_config=None, regression=False) -> TaskSpec:
+    return TaskSpec(
+        name=name,
+        glue_dir=glue_dir,
+        num_labels=1 if regression else len(label_names),
+        label_names=tuple(label_names),
+        metrics=tuple(metrics),
+        primary_metric=metrics[0],
+        is_regression=regression,
+        hf_name=("glue", hf_config or name),
+        source="glue",
+    )
+
+
+def _demo(name, label_names) -> TaskSpec:
+    return TaskSpec(
+        name=name,
+        glue_dir="",
+        num_labels=len(label_names),
+        label_names=tuple(label_names),
+        metrics=("accuracy",),
+        primary_metric="accuracy",
+        is_regression=False,
+        hf_name=("", ""),
+        source="demo",
+    )
+
+
+_SPECS = [
+    _glue("sst2", "SST-2", ("negative", "positive"), ("accuracy",)),
+    # FedLEASE reports accuracy for MRPC and QQP; F1 of the positive class is reported as well.
+    _glue("mrpc", "MRPC", ("not_equivalent", "equivalent"), ("accuracy", "f1")),
+    _glue("qnli", "QNLI", ("entailment", "not_entailment"), ("accuracy",)),
+    _glue("qqp", "QQP", ("not_duplicate", "duplicate"), ("accuracy", "f1")),
+    # MNLI is scored on its matched validation split.
+    _glue("mnli", "MNLI", ("entailment", "neutral", "contradiction"), ("accuracy",)),
+    _glue("rte", "RTE", ("entailment", "not_entailment"), ("accuracy",)),
+    _glue("cola", "CoLA", ("unacceptable", "acceptable"), ("matthews", "accuracy")),
+    # Accuracy is undefined for a regression task, so STS-B reports correlations only.
+    _glue("stsb", "STS-B", ("score",), ("pearson", "spearman"), regression=True),
+    _glue("wnli", "WNLI", ("not_entailment", "entailment"), ("accuracy",)),
+    _demo("demo-sentiment", ("negative", "positive")),
+    _demo("demo-topic", ("sport", "science", "cooking", "travel")),
+    _demo("demo-question", ("not_answered", "answered")),
+    _demo("demo-paraphrase", ("different", "paraphrase")),
+]
+
+_PAIR_TASKS = frozenset(
+    {"mrpc", "qnli", "qqp", "mnli", "rte", "stsb", "wnli", "demo-question", "demo-paraphrase"}
+)
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
+GLUE_TASKS: tuple[str, ...] = tuple(s.name for s in _SPECS if s.source == "glue")
+DEMO_TASKS: tuple[str, ...] = tuple(s.name for s in _SPECS if s.source == "demo")
+
+
+def get_task(name: str) -> TaskSpec:
+    """Return the registered task `name`; an unknown name raises `FedPeftError` listing the known ones."""
+    try:
+        return TASKS[name] if name in TASKS else TASKS[name.strip().lower()]
+    except (KeyError, TypeError, AttributeError):
+        known = ", ".join(TASKS)
+        raise FedPeftError(f"Unknown task {name!r}; choose one of: {known}.") from None
