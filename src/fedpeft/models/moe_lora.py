@@ -1,0 +1,678 @@
+"""The adaptive top-M mixture-of-LoRA-experts layer of FedLEASE (spec §2.5, D6–D8, D13).
+
+One `MoELoRALinear` wraps a frozen `nn.Linear` W0 and holds M LoRA experts (A_e, B_e) and a router G.
+For every token x (labels F1–F5 of the spec):
+
+    (F1) ω̂ = softmax(G x)                     float32, also under autocast; G sees the UN-dropped x
+    (F2) slot p → expert π(p): slots 0..M−1 → own expert j; slots M..2M−2 → the other experts, ascending
+    (F3) S = the M largest slots (stable descending sort: ties go to the lower slot, i.e. to own slots)
+    (F4) γ_e = Σ_{p∈S, π(p)=e} ω̂_p, renormalised to Σ_e γ_e = 1 when `renormalize` (the default)
+    (F5) y = W0 x + s · Σ_e γ_e · B_e A_e dropout(x),  s = lora_alpha / r
+
+`routing="fixed_topk"` is the ablation of D13: a router of width M (slot e → expert e), exactly `top_k`
+experts per token, the own expert not forced.
+
+Every expert is evaluated once per forward (one fused call, `_MixExperts`): the gate is applied in rank
+space, y = Σ_e B_e (γ_e · A_e x), so nothing of size M² or [M, tokens, d_out] is formed. The forward runs
+one matmul pair per expert, so a one-hot γ reproduces that expert's plain LoRA bit for bit (spec §7.5);
+the backward works on the concatenated factors and skips weight gradients of frozen experts. M = 1 takes
+the plain LoRA path (W0 x + s·B A dropout(x)), so it is plain LoRA exactly.
+
+Gradient isolation (D8): each expert factor is its own `nn.Parameter` in an `nn.ParameterList`; only the
+own expert has `requires_grad=True`, so the others get `grad is None` and no optimiser can move them.
+
+State is exchanged under structured keys built only by `moe_key` and parsed only by `parse_moe_key`:
+``layer.<L>.<module>.expert.<e>.<A|B>`` and ``layer.<L>.<module>.router``. Loads are strict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedpeft.errors import FedPeftError
+
+__all__ = [
+    "ROUTINGS",
+    "MoELoRALinear",
+    "export_expert_as_peft",
+    "inject_moe_lora",
+    "layer_index_of",
+    "load_moe_state",
+    "load_routers",
+    "moe_disabled",
+    "moe_key",
+    "moe_layers",
+    "moe_state",
+    "parse_moe_key",
+    "remove_moe_lora",
+    "save_routers",
+    "set_own_expert",
+    "set_record_usage",
+]
+
+ROUTINGS = ("adaptive_topM", "fixed_topk")
+_FACTORS = ("A", "B")
+_MODULE_RE = r"[A-Za-z_][A-Za-z0-9_]*"
+_KEY_RE = re.compile(
+    rf"^layer\.(0|[1-9][0-9]*)\.({_MODULE_RE})\.(?:expert\.(0|[1-9][0-9]*)\.(A|B)|(router))$"
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Structured keys
+# ----------------------------------------------------------------------------------------------------
+
+
+def moe_key(layer: int, module: str, expert: int | None, factor: str) -> str:
+    """The one place where a state key is built.
+
+    `moe_key(10, "query", 12, "A")` → ``"layer.10.query.expert.12.A"``;
+    `moe_key(10, "query", None, "router")` → ``"layer.10.query.router"``.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"layer must be a non-negative int, got {layer!r}")
+    if not isinstance(module, str) or not re.fullmatch(_MODULE_RE, module):
+        raise ValueError(f"module must be a plain identifier without dots, got {module!r}")
+    if factor == "router":
+        if expert is not None:
+            raise ValueError("a router key has no expert index (pass expert=None)")
+        return f"layer.{layer}.{module}.router"
+    if factor not in _FACTORS:
+        raise ValueError(f"factor must be 'A', 'B' or 'router', got {factor!r}")
+    if isinstance(expert, bool) or not isinstance(expert, int) or expert < 0:
+        raise ValueError(f"expert must be a non-negative int for factor {factor!r}, got {expert!r}")
+    return f"layer.{layer}.{module}.expert.{expert}.{factor}"
+
+
+def parse_moe_key(key: str) -> tuple[int, str, int | None, str]:
+    """Inverse of `moe_key`: ``(layer, module, expert or None, factor)``; anything else is an error."""
+    m = _KEY_RE.fullmatch(key) if isinstance(key, str) else None
+    if m is None:
+        raise FedPeftError(
+            f"'{key}' is not a mixture-of-LoRA state key; expected 'layer.<L>.<module>.expert.<e>.<A|B>' "
+            "or 'layer.<L>.<module>.router'."
+        )
+    layer, module, expert, factor, router = m.groups()
+    if router is not None:
+        return int(layer), module, None, "router"
+    return int(layer), module, int(expert), factor
+
+
+def layer_index_of(module_path: str) -> int | None:
+    """The first all-digit component of a module path: ``encoder.layer.10.attention.self.query`` → 10."""
+    for part in module_path.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------------
+
+
+class MoELoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus M LoRA experts mixed per token by an adaptive top-M router."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        num_experts: int,
+        own_expert: int,
+        rank: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        routing: str = "adaptive_topM",
+        top_k: int = 2,
+        renormalize: bool = True,
+        *,
+        layer_index: int | None = None,
+        module_name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise FedPeftError(f"MoELoRALinear wraps torch.nn.Linear, got {type(base_layer).__name__}.")
+        _check_int("num_experts", num_experts, 1)
+        _check_int("rank", rank, 1)
+        if routing not in ROUTINGS:
+            raise FedPeftError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}.")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise FedPeftError(f"lora_dropout must lie in [0, 1), got {lora_dropout}.")
+        if routing == "fixed_topk":
+            _check_int("top_k", top_k, 1)
+            if top_k > num_experts:
+                warnings.warn(
+                    f"top_k = {top_k} exceeds the number of experts M = {num_experts}; using top_k = {num_experts}.",
+                    stacklevel=2,
+                )
+                top_k = num_experts
+
+        self.base_layer = base_layer
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.num_experts = int(num_experts)
+        self.rank = int(rank)
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / rank
+        self.lora_dropout_p = float(lora_dropout)
+        self.routing = routing
+        self.top_k = int(top_k)
+        self.renormalize = bool(renormalize)
+        self.layer_index = layer_index
+        self.module_name = module_name
+        # Experts are counted once per forward (one batched evaluation of all of them).
+        self.expert_calls = 0
+        self.record_usage = False
+        self.adapters_enabled = True
+        self.reset_usage()
+
+        device = base_layer.weight.device
+        kw = {"device": device, "dtype": torch.float32}
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.ParameterList(
+            [nn.Parameter(torch.empty(rank, self.in_features, **kw)) for _ in range(num_experts)]
+        )
+        self.lora_B = nn.ParameterList(
+            [nn.Parameter(torch.zeros(self.out_features, rank, **kw)) for _ in range(num_experts)]
+        )
+        width = 2 * num_experts - 1 if routing == "adaptive_topM" else num_experts
+        self.router = nn.Linear(self.in_features, width, bias=False, **kw)
+        self.register_buffer("slot_to_expert", torch.zeros(width, dtype=torch.long, device=device), persistent=False)
+        self.own_expert = -1
+        self.reset_parameters()
+        self.set_own_expert(own_expert)
+
+    # -- set-up ---------------------------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """A Kaiming-uniform (a = √5), B = 0 (PEFT's LoRA init); router Kaiming-uniform (D7)."""
+        with torch.no_grad():
+            for a in self.lora_A:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            for b in self.lora_B:
+                b.zero_()
+            nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
+
+    def set_own_expert(self, own_expert: int) -> None:
+        """Make `own_expert` the trainable expert and lay the router slots out per F2 (cheap)."""
+        _check_int("own_expert", own_expert, 0)
+        if own_expert >= self.num_experts:
+            raise FedPeftError(f"own_expert must be below num_experts = {self.num_experts}, got {own_expert}.")
+        self.own_expert = int(own_expert)
+        for e in range(self.num_experts):
+            trainable = e == own_expert
+            for p in (self.lora_A[e], self.lora_B[e]):
+                p.requires_grad_(trainable)
+                if not trainable:
+                    p.grad = None
+        self.slot_to_expert.copy_(torch.tensor(self.slot_experts(), dtype=torch.long))
+
+    def slot_experts(self) -> list[int]:
+        """π as a list: π[p] is the expert behind router slot p (F2; identity under fixed_topk)."""
+        m, j = self.num_experts, self.own_expert
+        if self.routing == "fixed_topk":
+            return list(range(m))
+        return [j] * m + [e for e in range(m) if e != j]
+
+    def reset_usage(self) -> None:
+        self.usage_distinct_sum = 0
+        self.usage_tokens = 0
+        self.usage_expert_tokens = [0] * self.num_experts
+
+    @property
+    def mean_distinct_experts(self) -> float | None:
+        """Mean number of distinct experts with γ > 0 per token since the last reset (None if none seen)."""
+        if self.usage_tokens == 0:
+            return None
+        return self.usage_distinct_sum / self.usage_tokens
+
+    def stacked_lora_A(self) -> torch.Tensor:
+        """All experts' A as one [M, r, d_in] tensor (a copy)."""
+        return torch.stack(tuple(self.lora_A))
+
+    def stacked_lora_B(self) -> torch.Tensor:
+        """All experts' B as one [M, d_out, r] tensor (a copy)."""
+        return torch.stack(tuple(self.lora_B))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"own_expert={self.own_expert}, rank={self.rank}, scaling={self.scaling}, routing={self.routing}"
+            + (f", top_k={self.top_k}" if self.routing == "fixed_topk" else "")
+            + f", renormalize={self.renormalize}"
+        )
+
+    # -- routing (F1–F4) ------------------------------------------------------------------------------
+
+    def router_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """F1: float32 softmax of the router logits, autocast disabled. x: [..., d_in] (un-dropped)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = self.router(x.to(self.router.weight.dtype))
+        return torch.softmax(logits.float(), dim=-1)
+
+    def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """F3: the k largest slots by a stable descending sort (ties → lower slot); returns (slots, probs)."""
+        k = self.num_experts if self.routing == "adaptive_topM" else self.top_k
+        values, slots = torch.sort(probs, dim=-1, descending=True, stable=True)
+        return slots[..., :k], values[..., :k]
+
+    def gates(self, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """F4: γ ∈ [..., M], selected weights scatter-added per expert, then optionally renormalised.
+
+        Renormalising γ after the scatter equals renormalising the selected weights first (F3) and
+        makes a one-hot γ exactly 1.
+        """
+        experts = self.slot_to_expert[slots]
+        gamma = weights.new_zeros(*weights.shape[:-1], self.num_experts).scatter_add(-1, experts, weights)
+        if self.renormalize:
+            gamma = gamma / gamma.sum(dim=-1, keepdim=True)
+        return gamma
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """γ for every token of x [..., d_in] → [..., M] (float32). For M = 1 this is all ones."""
+        if self.num_experts == 1:
+            return torch.ones(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+        return self.gates(*self.select(self.router_probs(x)))
+
+    # -- forward (F5) ---------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if not self.adapters_enabled:
+            return result
+        if self.num_experts == 1:  # plain LoRA, exactly
+            a, b = self.lora_A[0], self.lora_B[0]
+            self.expert_calls += 1
+            if self.record_usage:
+                self._record(torch.ones(x.shape[:-1].numel(), 1, device=x.device))
+            lora = F.linear(F.linear(self.lora_dropout(x.to(a.dtype)), a), b) * self.scaling
+            return result + lora.to(result.dtype)
+
+        x2 = x.reshape(-1, self.in_features)
+        gamma = self.gate(x2)  # router on the un-dropped x
+        if self.record_usage:
+            self._record(gamma)
+        dx = self.lora_dropout(x2.to(self.lora_A[0].dtype))
+        lora = self._experts(dx, gamma)
+        return result + lora.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    def _experts(self, dx: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """s · Σ_e γ_e B_e A_e dx for all tokens [N, d_in] → [N, d_out]: one call evaluates every expert once."""
+        self.expert_calls += 1
+        if torch.is_autocast_enabled(dx.device.type):
+            compute_dtype = torch.get_autocast_dtype(dx.device.type)
+        else:
+            compute_dtype = dx.dtype
+        out = _MixExperts.apply(dx, gamma, compute_dtype, self.num_experts, *self.lora_A, *self.lora_B)
+        return out * self.scaling
+
+    @torch.no_grad()
+    def _record(self, gamma: torch.Tensor) -> None:
+        used = gamma > 0
+        self.usage_distinct_sum += int(used.sum())
+        self.usage_tokens += int(used.shape[0])
+        counts = used.sum(dim=0).tolist()
+        self.usage_expert_tokens = [a + int(c) for a, c in zip(self.usage_expert_tokens, counts)]
+
+    # -- merge ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merged_linear(self, expert: int) -> nn.Linear:
+        """A new `nn.Linear` with W0 + s·B_e A_e (the base layer is left untouched)."""
+        _check_int("expert", expert, 0)
+        if expert >= self.num_experts:
+            raise FedPeftError(f"expert must be below num_experts = {self.num_experts}, got {expert}.")
+        base = self.base_layer
+        w0 = base.weight
+        delta = (self.lora_B[expert] @ self.lora_A[expert]) * self.scaling
+        merged = nn.Linear(
+            self.in_features, self.out_features, bias=base.bias is not None, device=w0.device, dtype=w0.dtype
+        )
+        merged.weight.copy_((w0.to(torch.float32) + delta).to(w0.dtype))
+        if base.bias is not None:
+            merged.bias.copy_(base.bias)
+        merged.requires_grad_(False)
+        return merged
+
+
+class _MixExperts(torch.autograd.Function):
+    """Σ_e γ_e B_e A_e dx over all M experts, each evaluated once, gated in rank space.
+
+    Forward runs one (A_e, B_e) pair of matmuls per expert and accumulates in expert order, so an expert
+    with γ_e = 0 adds exact zeros and a one-hot γ reproduces that expert's plain LoRA bit for bit.
+    Backward uses the concatenated factors (two matmuls for the activations) and computes weight
+    gradients only for the factors that require them (the own expert), so frozen experts cost nothing.
+    All matmuls run in `compute_dtype` (the autocast dtype when autocast is on) with autocast off.
+    Inputs: dx [N, d_in], gamma [N, M], compute_dtype, M, A_0..A_{M−1} [r, d_in], B_0..B_{M−1} [d_out, r].
+    """
+
+    @staticmethod
+    def forward(ctx, dx, gamma, compute_dtype, m, *factors):  # type: ignore[override]
+        a_list, b_list = factors[:m], factors[m:]
+        cd = compute_dtype
+        with torch.autocast(device_type=dx.device.type, enabled=False):
+            dxc, gam = dx.to(cd), gamma.to(cd)
+            hs = []
+            out = None
+            for e in range(m):
+                h = F.linear(dxc, a_list[e].to(cd))  # A_e dx: [N, r]
+                g = h * gam[:, e : e + 1]
+                hs.append(h)
+                if out is None:
+                    out = F.linear(g, b_list[e].to(cd))
+                else:
+                    torch.addmm(out, g, b_list[e].to(cd).t(), out=out)  # in place, += B_e g
+        ctx.m, ctx.cd = m, cd
+        ctx.save_for_backward(dx, gamma, torch.stack(hs, dim=1), *factors)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        dx, gamma, h, *factors = ctx.saved_tensors
+        m, cd = ctx.m, ctx.cd
+        a_list, b_list = factors[:m], factors[m:]
+        need = ctx.needs_input_grad
+        n, _, r = h.shape
+        grads: list[torch.Tensor | None] = [None] * (2 * m)
+        with torch.autocast(device_type=dx.device.type, enabled=False):
+            go = grad_out.to(cd)
+            gam = gamma.to(cd).unsqueeze(-1)  # [N, M, 1]
+            grad_g = (go @ torch.cat([b.to(cd) for b in b_list], dim=1)).view(n, m, r)
+            for e in range(m):
+                if need[4 + m + e]:
+                    grads[m + e] = (go.t() @ (h[:, e] * gam[:, e])).to(b_list[e].dtype)
+            grad_gamma = (grad_g * h).sum(dim=-1).to(gamma.dtype) if need[1] else None
+            grad_h = grad_g * gam
+            grad_dx = None
+            if need[0]:
+                a_cat = torch.cat([a.to(cd) for a in a_list], dim=0)
+                grad_dx = (grad_h.reshape(n, m * r) @ a_cat).to(dx.dtype)
+            for e in range(m):
+                if need[4 + e]:
+                    grads[e] = (grad_h[:, e].t() @ dx.to(cd)).to(a_list[e].dtype)
+        return (grad_dx, grad_gamma, None, None, *grads)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise FedPeftError(f"{name} must be an integer ≥ {minimum}, got {value!r}.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model-level helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoELoRALinear]]:
+    """Every MoELoRALinear of `model` with its module path, in module order."""
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MoELoRALinear)]
+
+
+def _require_layers(model: nn.Module) -> list[tuple[str, MoELoRALinear]]:
+    layers = moe_layers(model)
+    if not layers:
+        raise FedPeftError("the model has no mixture-of-LoRA layers; call inject_moe_lora first.")
+    return layers
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def inject_moe_lora(
+    model: nn.Module,
+    target_modules: list[str],
+    num_experts: int,
+    own_expert: int,
+    rank: int,
+    lora_alpha: float,
+    lora_dropout: float = 0.0,
+    routing: str = "adaptive_topM",
+    top_k: int = 2,
+    renormalize: bool = True,
+) -> list[tuple[str, MoELoRALinear]]:
+    """Replace every `nn.Linear` whose last name component is in `target_modules` by a MoELoRALinear.
+
+    Every parameter of `model` is frozen first; afterwards only the own expert and the routers train
+    (the caller unfreezes a head itself). Returns ``[(module path, layer), ...]`` in module order.
+    """
+    targets = set(target_modules)
+    if not targets:
+        raise FedPeftError("target_modules is empty; name the linear modules to adapt, e.g. ['query', 'value'].")
+    if moe_layers(model):
+        raise FedPeftError("the model already has mixture-of-LoRA layers; call remove_moe_lora first.")
+    found: list[tuple[str, nn.Linear]] = []
+    for name, mod in model.named_modules():
+        if name.rpartition(".")[2] not in targets:
+            continue
+        if not isinstance(mod, nn.Linear):
+            raise FedPeftError(
+                f"module '{name}' is a {type(mod).__name__}, not torch.nn.Linear; remove other adapters first "
+                "or target different modules."
+            )
+        found.append((name, mod))
+    if not found:
+        raise FedPeftError(f"no nn.Linear module is named {sorted(targets)} in the model; check target_modules.")
+    seen: dict[tuple[int, str], str] = {}
+    addresses = []
+    for name, _ in found:
+        layer = layer_index_of(name)
+        if layer is None:
+            raise FedPeftError(
+                f"module '{name}' has no layer index in its path; target modules inside numbered layers."
+            )
+        module = name.rpartition(".")[2]
+        if (layer, module) in seen:
+            raise FedPeftError(
+                f"modules '{seen[(layer, module)]}' and '{name}' share the structured address "
+                f"(layer {layer}, {module}); target modules that are unique per layer."
+            )
+        seen[(layer, module)] = name
+        addresses.append((layer, module))
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = []
+    for (name, base), (layer, module) in zip(found, addresses):
+        moe = MoELoRALinear(
+            base,
+            num_experts,
+            own_expert,
+            rank,
+            lora_alpha,
+            lora_dropout,
+            routing=routing,
+            top_k=top_k,
+            renormalize=renormalize,
+            layer_index=layer,
+            module_name=module,
+        )
+        _set_submodule(model, name, moe)
+        out.append((name, moe))
+    return out
+
+
+def remove_moe_lora(model: nn.Module, merge_expert: int | None = None) -> nn.Module:
+    """Put the plain base `nn.Linear` modules back (requires_grad flags are left as they are).
+
+    With `merge_expert=e`, each module becomes a new Linear holding W0 + s·B_e A_e instead (the merge
+    path; the original base weights are not modified).
+    """
+    for name, moe in moe_layers(model):
+        new = moe.base_layer if merge_expert is None else moe.merged_linear(merge_expert)
+        _set_submodule(model, name, new)
+    return model
+
+
+def set_own_expert(model: nn.Module, own_expert: int) -> None:
+    """Switch the trainable expert of every module to `own_expert` (requires_grad and slot layout)."""
+    for _, moe in _require_layers(model):
+        moe.set_own_expert(own_expert)
+
+
+def set_record_usage(model: nn.Module, on: bool = True, reset: bool = True) -> None:
+    """Turn per-layer expert-usage recording on or off (and zero the counts when `reset`)."""
+    for _, moe in moe_layers(model):
+        moe.record_usage = bool(on)
+        if reset:
+            moe.reset_usage()
+
+
+@contextlib.contextmanager
+def moe_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the bare backbone: inside this block every MoELoRALinear returns W0 x only."""
+    layers = moe_layers(model)
+    before = [m.adapters_enabled for _, m in layers]
+    try:
+        for _, m in layers:
+            m.adapters_enabled = False
+        yield
+    finally:
+        for (_, m), flag in zip(layers, before):
+            m.adapters_enabled = flag
+
+
+def _expected(
+    model: nn.Module, experts: Iterable[int] | None, include_router: bool
+) -> dict[str, nn.Parameter]:
+    """Structured key → parameter for the requested subset of the model's mixture state."""
+    layers = _require_layers(model)
+    wanted = None if experts is None else sorted(set(int(e) for e in experts))
+    out: dict[str, nn.Parameter] = {}
+    for _, moe in layers:
+        if moe.layer_index is None or moe.module_name is None:
+            raise ValueError("a MoELoRALinear without layer_index/module_name has no state keys; use inject_moe_lora")
+        ids = range(moe.num_experts) if wanted is None else wanted
+        for e in ids:
+            if not 0 <= e < moe.num_experts:
+                raise FedPeftError(f"expert {e} does not exist; the model has {moe.num_experts} experts.")
+            out[moe_key(moe.layer_index, moe.module_name, e, "A")] = moe.lora_A[e]
+            out[moe_key(moe.layer_index, moe.module_name, e, "B")] = moe.lora_B[e]
+        if include_router:
+            out[moe_key(moe.layer_index, moe.module_name, None, "router")] = moe.router.weight
+    return out
+
+
+def moe_state(
+    model: nn.Module, experts: Iterable[int] | None = None, include_router: bool = True
+) -> dict[str, torch.Tensor]:
+    """Detached copies of the mixture state under structured keys.
+
+    `experts=None` gives all experts; `experts=[j]` only expert j (e.g. the upload). Routers are
+    included unless `include_router=False`.
+    """
+    return {k: p.detach().clone() for k, p in _expected(model, experts, include_router).items()}
+
+
+@torch.no_grad()
+def load_moe_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    strict: bool = True,
+    experts: Iterable[int] | None = None,
+    include_router: bool = True,
+) -> None:
+    """Copy `state` into the model. Every key must exist with the same shape.
+
+    The expected key set is the one `moe_state(model, experts, include_router)` would produce; with
+    `strict=True` (the default) `state` must hold exactly those keys. `strict=False` only tolerates
+    missing keys: unexpected keys and shape mismatches are always errors. Nothing is written unless
+    the whole state is valid.
+    """
+    expected = _expected(model, experts, include_router)
+    for key in state:
+        if key not in expected:
+            parse_moe_key(key)  # a malformed key gets the format message
+            raise FedPeftError(f"unexpected key '{key}' in the mixture-of-LoRA state; the model has no such tensor.")
+    if strict:
+        missing = [k for k in expected if k not in state]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise FedPeftError(f"missing key '{missing[0]}'{more} in the mixture-of-LoRA state.")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise FedPeftError(f"key '{key}' holds a {type(value).__name__}, not a tensor.")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise FedPeftError(
+                f"shape mismatch for key '{key}': the state has {tuple(value.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}."
+            )
+    for key, value in state.items():
+        expected[key].copy_(value)
+
+
+def save_routers(model: nn.Module, path: str | Path) -> None:
+    """Write every module's router to a safetensors file under structured keys."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in moe_state(model, experts=[], include_router=True).items()}
+    save_file(state, str(path))
+
+
+def load_routers(model: nn.Module, path: str | Path) -> None:
+    """Strictly load routers written by `save_routers`."""
+    from safetensors.torch import load_file
+
+    load_moe_state(model, load_file(str(path)), strict=True, experts=[], include_router=True)
+
+
+def export_expert_as_peft(
+    model: nn.Module,
+    expert: int,
+    out_dir: str | Path,
+    base_model_name_or_path: str | None,
+    target_modules: list[str] | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write expert `expert` as a standard PEFT LoRA adapter folder (adapter_config.json and
+    adapter_model.safetensors), loadable by `peft.PeftModel.from_pretrained(base, out_dir)`.
+
+    Keys follow PEFT's saved format, ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``,
+    with module paths relative to `model`. `target_modules` defaults to the adapted module names.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    layers = _require_layers(model)
+    first = layers[0][1]
+    for name, moe in layers:
+        if (moe.rank, moe.lora_alpha, moe.lora_dropout_p) != (first.rank, first.lora_alpha, first.lora_dropout_p):
+            raise FedPeftError(
+                f"module '{name}' has a different rank, alpha or dropout; PEFT export needs one setting."
+            )
+        if not 0 <= expert < moe.num_experts:
+            raise FedPeftError(f"expert {expert} does not exist; the model has {moe.num_experts} experts.")
+    names = sorted({moe.module_name for _, moe in layers}) if target_modules is None else list(target_modules)
+    config = LoraConfig(
+        r=first.rank,
+        lora_alpha=first.lora_alpha,
+        lora_dropout=first.lora_dropout_p,
+        target_modules=names,
+        bias="none",
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        inference_mode=True,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    tensors = {}
+    for name, moe in layers:
+        tensors[f"base_model.model.{name}.lora_A.weight"] = moe.lora_A[expert].detach().contiguous().clone()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = moe.lora_B[expert].detach().contiguous().clone()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
