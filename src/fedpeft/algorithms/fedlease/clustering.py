@@ -1,0 +1,245 @@
+"""FedLEASE client clustering: Eq. 2 distance on the LoRA B matrices, and the choice of M (spec D4, D5).
+
+Pure numpy/scipy/scikit-learn. Tensors may be torch tensors or numpy arrays; torch is never imported.
+scikit-learn is imported inside the functions that need it, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy.cluster.hierarchy import linkage
+from scipy.spatial.distance import squareform
+
+from fedpeft.errors import FedPeftError
+
+METHODS = ("hierarchical", "spectral")
+TIE_TOL = 1e-9  # silhouette scores this close count as equal; the smaller k wins (D5)
+IDENTICAL_TOL = 1e-12  # all off-diagonal distances at or below this: silhouette undefined (D5)
+
+
+def _as_float64(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 2
+# ---------------------------------------------------------------------------------------------
+
+
+def b_distance_matrix(b_by_client: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """D[i, j] = mean over modules l of (1 - cos(vec B_i^l, vec B_j^l)), in float64 (Eq. 2, D4).
+
+    `b_by_client[i]` maps a module key (e.g. "layer.3.query") to client i's B matrix. Every client
+    must have the same keys and shapes. A zero-norm B has cosine 0 with everything (distance 1).
+    """
+    if len(b_by_client) == 0:
+        raise FedPeftError("Eq. 2 needs the B matrices of at least one client, but none were given.")
+    keys = sorted(b_by_client[0])  # fixed summation order, whatever the dicts' insertion order
+    if not keys:
+        raise FedPeftError("Client 0 uploaded no B matrices, so the Eq. 2 distance is undefined.")
+    for i, client in enumerate(b_by_client[1:], start=1):
+        if set(client) != set(keys):
+            key = sorted(set(client) ^ set(keys))[0]
+            where = "lacks" if key in b_by_client[0] else "has an unexpected"
+            raise FedPeftError(f"Client {i} {where} B matrix '{key}' compared with client 0's modules.")
+
+    n = len(b_by_client)
+    cos_sum = np.zeros((n, n))
+    for key in keys:
+        mats = [_as_float64(client[key]) for client in b_by_client]
+        for i, m in enumerate(mats):
+            if m.shape != mats[0].shape:
+                raise FedPeftError(
+                    f"Client {i} has B matrix '{key}' of shape {m.shape}, but client 0's has shape {mats[0].shape}."
+                )
+            if not np.all(np.isfinite(m)):
+                raise FedPeftError(f"Client {i} has non-finite values in B matrix '{key}'.")
+        x = np.stack([m.reshape(-1) for m in mats])  # [N, numel]
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)  # zero-norm rows stay 0: cosine 0
+        cos_sum += x @ x.T
+
+    d = 1.0 - cos_sum / len(keys)
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0.0)
+    return np.clip(d, 0.0, 2.0)  # rounding can leave a cosine a hair outside [-1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Clustering and the choice of M
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusteringResult:
+    """The partition of the clients into M clusters (one expert per cluster)."""
+
+    labels: list[int]  # canonical: clusters numbered by their smallest client id
+    num_clusters: int
+    silhouette: dict[int, float]  # S(k) for every candidate k evaluated
+    method: str
+    warnings: list[str] = field(default_factory=list)
+    distance: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+    def clusters(self) -> list[list[int]]:
+        """Members (client ids, ascending) of each cluster id."""
+        members: list[list[int]] = [[] for _ in range(self.num_clusters)]
+        for client, label in enumerate(self.labels):
+            members[label].append(client)
+        return members
+
+    def to_json(self) -> dict:
+        return {
+            "labels": [int(x) for x in self.labels],
+            "num_clusters": int(self.num_clusters),
+            "clusters": self.clusters(),
+            "silhouette": {str(k): float(s) for k, s in sorted(self.silhouette.items())},
+            "method": self.method,
+            "warnings": list(self.warnings),
+            "distance": np.asarray(self.distance, dtype=np.float64).tolist(),
+        }
+
+
+def canonical_labels(labels: Sequence[int]) -> list[int]:
+    """Renumber clusters in increasing order of their smallest member, so client 0 is in cluster 0."""
+    new_id: dict[int, int] = {}
+    return [new_id.setdefault(int(x), len(new_id)) for x in labels]
+
+
+def _check_distance(distance: Any) -> np.ndarray:
+    d = _as_float64(distance)
+    if d.ndim != 2 or d.shape[0] != d.shape[1]:
+        raise FedPeftError(f"The client distance matrix must be square, but it has shape {d.shape}.")
+    if d.shape[0] == 0:
+        raise FedPeftError("The client distance matrix is empty; clustering needs at least one client.")
+    if not np.all(np.isfinite(d)):
+        raise FedPeftError("The client distance matrix contains NaN or infinite values.")
+    if np.any(d < 0):
+        raise FedPeftError(f"The client distance matrix must be non-negative, but its minimum is {d.min():g}.")
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0.0)
+    return d
+
+
+def linkage_matrix(distance: Any) -> np.ndarray:
+    """scipy average-linkage matrix Z of the clients (for the dendrogram and the hierarchical cuts)."""
+    d = _check_distance(distance)
+    if d.shape[0] < 2:
+        raise FedPeftError("A dendrogram needs at least two clients.")
+    return linkage(squareform(d, checks=False), method="average")
+
+
+def _cut(z: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Apply the first n - k merges of Z: exactly k clusters, even when merge heights tie.
+
+    (fcluster's "maxclust" cuts at a height and can return fewer than k clusters on ties.)
+    """
+    parent = list(range(2 * n - 1))
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for step in range(n - k):
+        a, b = int(z[step, 0]), int(z[step, 1])
+        parent[root(a)] = parent[root(b)] = n + step
+    return np.array([root(i) for i in range(n)])
+
+
+def _partition(d: np.ndarray, k: int, method: str, seed: int, z: np.ndarray | None) -> np.ndarray:
+    if method == "hierarchical":
+        return _cut(z, d.shape[0], k)
+    from sklearn.cluster import SpectralClustering
+
+    affinity = 1.0 - d / 2.0  # D in [0, 2] -> affinity in [0, 1]
+    model = SpectralClustering(n_clusters=k, affinity="precomputed", assign_labels="cluster_qr", random_state=seed)
+    return model.fit_predict(affinity)
+
+
+def cluster_clients(
+    distance: Any,
+    max_clusters: int = 8,
+    method: str = "hierarchical",
+    pair_split_threshold: float = 0.5,
+    seed: int = 42,
+) -> ClusteringResult:
+    """Partition the clients and choose M = argmax_k S(k) over k in {2, ..., min(M_max, N-1)} (§4.1, D5).
+
+    Hierarchical: average linkage on D, each k cut to exactly k clusters. Spectral (D13): affinity
+    1 - D/2. Either way S(k) is the silhouette on D; ties within 1e-9 go to the smallest k.
+    """
+    if method not in METHODS:
+        raise FedPeftError(f"Unknown clustering method '{method}'; choose one of {', '.join(METHODS)}.")
+    if isinstance(max_clusters, bool) or not isinstance(max_clusters, (int, np.integer)) or max_clusters < 1:
+        raise FedPeftError(f"max_clusters (M_max) must be an integer >= 1, but it is {max_clusters!r}.")
+    if not np.isfinite(pair_split_threshold):
+        raise FedPeftError(f"pair_split_threshold must be a finite number, but it is {pair_split_threshold!r}.")
+    d = _check_distance(distance)
+    n = d.shape[0]
+    notes: list[str] = []
+    scores: dict[int, float] = {}
+
+    def result(labels: Sequence[int]) -> ClusteringResult:
+        labels = canonical_labels(labels)
+        return ClusteringResult(labels, max(labels) + 1, scores, method, notes, d)
+
+    def warn(message: str) -> None:
+        notes.append(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+    # Small federations (D5): no silhouette is needed, or none is defined.
+    if n == 1 or max_clusters == 1:
+        return result([0] * n)
+    if n == 2:
+        return result([0, 1] if d[0, 1] > pair_split_threshold else [0, 0])
+    if max_clusters > n - 1:
+        warn(f"max_clusters={max_clusters} exceeds N-1={n - 1} for N={n} clients; candidates are k <= {n - 1}.")
+    if np.all(d[~np.eye(n, dtype=bool)] <= IDENTICAL_TOL):
+        warn("All client distances are zero, so the silhouette is undefined; using one cluster (M=1).")
+        return result([0] * n)
+
+    from sklearn.metrics import silhouette_score
+
+    z = linkage(squareform(d, checks=False), method="average") if method == "hierarchical" else None
+    partitions: dict[int, np.ndarray] = {}
+    for k in range(2, min(max_clusters, n - 1) + 1):
+        labels = _partition(d, k, method, seed, z)
+        found = len(np.unique(labels))
+        if found != k:  # only possible for spectral, on degenerate affinities
+            warn(f"Spectral clustering returned {found} clusters for k={k}; k={k} is skipped.")
+            continue
+        partitions[k] = labels
+        scores[k] = float(silhouette_score(d, labels, metric="precomputed"))  # a singleton has s = 0
+    if not scores:
+        warn("No candidate number of clusters could be scored; using one cluster (M=1).")
+        return result([0] * n)
+    best = max(scores.values())
+    m = min(k for k, s in scores.items() if s >= best - TIE_TOL)
+    return result(partitions[m])
+
+
+def assign_late_client(distances_to_members: Any, labels: Sequence[int]) -> int:
+    """Cluster of a late-joining client (D12): argmin_j of its mean Eq. 2 distance to C_j; ties -> smallest j.
+
+    `distances_to_members[i]` is d(new, i) for every existing client i, and `labels[i]` its cluster.
+    """
+    dist = _as_float64(distances_to_members).reshape(-1)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if dist.shape != labels.shape or dist.size == 0:
+        raise FedPeftError(
+            f"A late client needs one distance per existing client: got {dist.size} distances for {labels.size} labels."
+        )
+    if not np.all(np.isfinite(dist)):
+        raise FedPeftError("The late client's distances contain NaN or infinite values.")
+    if np.any(labels < 0):
+        raise FedPeftError("Cluster labels must be non-negative integers.")
+    means = {int(j): float(dist[labels == j].mean()) for j in np.unique(labels)}
+    best = min(means.values())
+    return min(j for j, m in means.items() if m <= best + IDENTICAL_TOL)
