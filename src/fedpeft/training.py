@@ -28,6 +28,8 @@ class TrainStats:
     padded_tokens: int
     seconds: float
     compute_seconds: float  # time inside forward + backward + optimizer step
+    optimizer_state: dict | None = None  # to continue the same AdamW run later (FedLEASE warmup)
+    end_step: int = 0
 
 
 def autocast(precision: str):
@@ -46,17 +48,27 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> t
 def train_local(model, data: Encoded, params: list[torch.nn.Parameter], *, epochs: int, lr: float,
                 batch_size: int, seed: int, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
                 precision: str = "fp32", regression: bool = False,
-                extra_loss: Callable[[], torch.Tensor] | None = None) -> TrainStats:
-    """Train `params` of `model` on `data` for `epochs` epochs; everything else stays frozen."""
+                extra_loss: Callable[[], torch.Tensor] | None = None,
+                optimizer_state: dict | None = None, start_step: int = 0,
+                schedule_steps: int | None = None) -> TrainStats:
+    """Train `params` of `model` on `data` for `epochs` epochs; everything else stays frozen.
+
+    By default each call is one fresh AdamW run whose learning rate decays linearly to 0. To spread
+    one run over several calls, pass the previous call's `optimizer_state` and `end_step` as
+    `start_step`, and the whole run's length as `schedule_steps`.
+    """
     start = time.perf_counter()
     params = [p for p in params if p.requires_grad]
     if not params:
         raise RuntimeError("nothing to train: no parameter requires grad")
     torch.manual_seed(seed)  # dropout stream of this (client, round, phase)
     rng = np.random.default_rng(seed)
-    steps_total = epochs * num_batches(len(data), batch_size)
+    steps_total = schedule_steps or epochs * num_batches(len(data), batch_size)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps_total))
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1 - (start_step + step) / steps_total))
     model.train()
     losses, examples, real, padded, compute = [], 0, 0, 0, 0.0
     for _ in range(epochs):
@@ -81,7 +93,9 @@ def train_local(model, data: Encoded, params: list[torch.nn.Parameter], *, epoch
             padded += batch["attention_mask"].numel()
     model.eval()
     return TrainStats(float(np.mean(losses)), len(losses), examples, real, padded,
-                      time.perf_counter() - start, compute)
+                      time.perf_counter() - start, compute,
+                      optimizer.state_dict() if optimizer_state is not None or schedule_steps else None,
+                      start_step + len(losses))
 
 
 @torch.inference_mode()

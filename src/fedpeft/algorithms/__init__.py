@@ -7,12 +7,17 @@ from fedpeft.errors import FedPeftError
 
 def algorithm_classes() -> dict:
     from fedpeft.algorithms.fedit import FedIT
+    from fedpeft.algorithms.fedlease.algorithm import FedLEASE
 
-    return {"fedit": FedIT}
+    return {"fedit": FedIT, "fedlease": FedLEASE}
 
 
 def get_algorithm(cfg):
     classes = algorithm_classes()
+    if cfg.method == "fedlease" and cfg.experts == "single_shared":
+        from fedpeft.algorithms.fedlease.algorithm import SingleSharedExpert
+
+        return SingleSharedExpert(cfg)
     if cfg.method not in classes:
         raise FedPeftError(f"method {cfg.method!r} is not available yet in this version: use one of {', '.join(classes)}")
     return classes[cfg.method](cfg)

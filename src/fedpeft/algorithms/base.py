@@ -76,6 +76,7 @@ class Algorithm:
     """Base class: head policy, reply validation and weighted averaging shared by every method."""
 
     name = "base"
+    history = None  # the run's RunHistory, where the server side may record events and files
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg

@@ -81,6 +81,27 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts)
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """False at once when offline mode is set or the hub's name does not resolve/connect.
+
+    Without this, the hub client retries for ~30 s before giving up.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_message(name: str) -> str:
+    return (f"cannot load {name!r} from the Hugging Face hub (offline or unreachable): to work offline use "
+            f"--model_name minilm (packaged) or a local model folder")
+
+
 def load_backbone(name: str) -> Backbone:
     """Load the encoder and tokenizer once per process (cached by name)."""
     return _load_backbone_cached(name)
@@ -93,17 +114,16 @@ def _load_backbone_cached(name: str) -> Backbone:
 
     hf_logging.disable_progress_bar()  # our own progress output is enough
     path, local = resolve_model_path(name)
+    if not local and not hub_reachable():
+        raise FedPeftError(_offline_message(name))
     kwargs = {"local_files_only": True} if local else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModel.from_pretrained(path, **kwargs)
-    except OSError as exc:
+    except Exception as exc:  # OSError, HTTP and connection errors of the hub client
         if local:
             raise FedPeftError(f"cannot load the model in {path}: {exc}") from None
-        raise FedPeftError(
-            f"cannot load {name!r} from the Hugging Face hub (no network?): to work offline use "
-            f"--model_name minilm or a local model folder"
-        ) from None
+        raise FedPeftError(_offline_message(name) + f" ({type(exc).__name__})") from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

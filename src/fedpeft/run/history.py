@@ -80,7 +80,8 @@ class RunHistory:
     def save(self) -> None:
         _atomic_write(self.run_dir / "training_history.json", json.dumps(self.to_json(), indent=1, default=_plain))
         keys = [k for k in RECORD_ORDER if any(k in r for r in self.records)]
-        keys += sorted({k for r in self.records for k in r} - set(keys))
+        # Per-layer detail ("name/part" keys) stays in the JSON; the CSV keeps one column per metric.
+        keys += sorted({k for r in self.records for k in r if "/" not in k} - set(keys))
         with open(self.run_dir / "metrics.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()

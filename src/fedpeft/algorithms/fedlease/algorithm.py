@@ -1,0 +1,397 @@
+"""FedLEASE (Wang et al., NeurIPS 2025): LoRA experts allocated by clustering, selected by an
+adaptive top-M router. Spec: shared/specs/fedlease.md; its "Decisions for fedpeft" are followed.
+
+Rounds 1..W (warmup): every client trains one LoRA from the server's common initialisation, as one
+AdamW run spanning all warmup rounds; nothing is aggregated; each client uploads its LoRA once, at
+the end of round W. The server then clusters the clients by Eq. 2 on their B matrices (average
+linkage, M by silhouette), initialises expert j as the n-weighted mean of cluster j's LoRAs (Eq. 3)
+and one router per cluster, and broadcasts all experts (the transition broadcast).
+
+Rounds W+1..W+T: client i of cluster j trains only expert j and its router (and its head if the head
+policy trains it) inside the adaptive top-M mixture; uploads expert j (+ router, + head if shared).
+The server averages expert j over cluster j's replies only (F6) and routers within the cluster (F7).
+
+A client that misses the warmup upload joins late (D12): it is asked for its warmup LoRA each round
+and, once it arrives, assigned to the cluster at the smallest mean Eq. 2 distance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from fedpeft.algorithms.base import (HEAD_PREFIX, Algorithm, Client, Message, is_synced, mark_synced, prefixed,
+                                     unprefixed, weighted_mean)
+from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
+from fedpeft.data.batching import num_batches
+from fedpeft.models.adapters import get_lora_state, lora_parameters, parse_lora_key, set_lora_state
+from fedpeft.models.adapters import lora_key
+from fedpeft.models.moe_lora import (inject_moe_lora, load_moe_state, moe_key, moe_layers, moe_state,
+                                     parse_moe_key, set_own_expert, set_record_usage)
+from fedpeft.seeding import derive_seed, torch_generator
+from fedpeft.training import train_local
+
+log = logging.getLogger("fedpeft")
+
+MOE_PREFIX = "moe."
+
+
+class FedLEASE(FedIT):
+    name = "fedlease"
+
+    # ------------------------------------------------------------ phases
+    @property
+    def warmup_rounds(self) -> int:
+        return self.cfg.warmup_rounds if self.cfg.experts == "clustered" else 0
+
+    def phase(self, rnd: int) -> str:
+        return "warmup" if rnd <= self.warmup_rounds else "train"
+
+    # ------------------------------------------------------------ server
+    def init(self) -> dict[str, Any]:
+        state = super().init()  # the common LoRA init (D2) and head inits
+        state["cluster_of"] = {}
+        if self.cfg.experts == "per_client":  # M = N, C_j = {j}: no warmup, experts start at the common init
+            n = len(self.federation)
+            self._start_phase2(state, {c.client_id: c.client_id for c in self.federation},
+                               {c.client_id: state["lora"] for c in self.federation}, n)
+        return state
+
+    def configure(self, state, rnd):
+        out = {}
+        for c in self.federation:
+            cid = c.client_id
+            cfg = {"round": rnd, "phase": self.phase(rnd)}
+            warm = rnd <= self.warmup_rounds
+            late = not warm and cid not in state["cluster_of"]
+            tensors: dict[str, torch.Tensor] = {}
+            if not is_synced(state, cid):  # one-time common initialisation (D2)
+                if warm or late:
+                    tensors.update(prefixed(LORA_PREFIX, state["lora"]))
+                if warm or late or self.cfg.head_policy != "shared":
+                    tensors.update(prefixed(HEAD_PREFIX, state["head_init"][c.num_labels]))
+            if warm:
+                cfg["upload"] = rnd == self.warmup_rounds
+            elif late:
+                cfg.update(phase="late_upload", upload=True)  # D12: send your warmup LoRA
+            else:
+                j = state["cluster_of"][cid]
+                cfg.update(num_experts=state["num_experts"], own_expert=j)
+                tensors.update(prefixed(MOE_PREFIX, state["experts"]))
+                if self.cfg.router_aggregation == "cluster":
+                    tensors.update(prefixed(MOE_PREFIX, state["routers"][j]))
+                if self.cfg.head_policy == "shared":
+                    tensors.update(self.head_download(state, c, group=j))
+            out[cid] = Message(tensors, cfg)
+        return out
+
+    def aggregate(self, state, rnd, replies):
+        mark_synced(state, replies)  # they hold the common initialisation now
+        if rnd < self.warmup_rounds:
+            return state  # D3: no aggregation, no payload during warmup
+        uploads = {cid: r for cid, r in replies.items() if r.config.get("uploaded_warmup")}
+        if uploads:
+            expected = {LORA_PREFIX + k: v.shape for k, v in state["lora"].items()}
+            uploads = self.accept(rnd, uploads, expected)
+        if rnd == self.warmup_rounds:
+            if not uploads:
+                raise RuntimeError("no client uploaded its warmup LoRA: nothing to cluster")
+            self._cluster(state, rnd, uploads)
+        elif uploads:
+            self._late_join(state, rnd, uploads)
+        trained = {cid: r for cid, r in replies.items() if "own_expert" in r.config}
+        if trained:
+            self._aggregate_experts(state, rnd, trained)
+        return state
+
+    def _cluster(self, state, rnd, uploads: dict[int, Message]) -> None:
+        from fedpeft.algorithms.fedlease.clustering import b_distance_matrix, cluster_clients
+
+        cids = sorted(uploads)
+        loras = {cid: unprefixed(LORA_PREFIX, uploads[cid].tensors) for cid in cids}
+        b_only = [{k: v for k, v in loras[cid].items() if k.endswith(".B")} for cid in cids]
+        distance = b_distance_matrix(b_only)
+        with warnings.catch_warnings():  # its warnings come back in result.warnings and are logged below
+            warnings.simplefilter("ignore")
+            result = cluster_clients(distance, max_clusters=self.cfg.max_clusters, method=self.cfg.clustering,
+                                     pair_split_threshold=self.cfg.pair_split_threshold, seed=self.cfg.seed)
+        for w in result.warnings:
+            log.warning("clustering: %s", w)
+        cluster_of = {cid: int(label) for cid, label in zip(cids, result.labels)}
+        scores = ", ".join(f"k={k}: {s:.3f}" for k, s in sorted(result.silhouette.items()))
+        log.info("clustering %d clients by their B matrices (Eq. 2): silhouette %s → M = %d",
+                 len(cids), scores or "(not needed)", result.num_clusters)
+        for j, members in enumerate(result.clusters()):
+            tasks = [self.federation[cids[m]].task for m in members]
+            log.info("  expert %d ← clients %s (%s)", j, [cids[m] for m in members],
+                     ", ".join(f"{t} × {tasks.count(t)}" for t in dict.fromkeys(tasks)))
+        state["warmup_b"] = {cid: b for cid, b in zip(cids, b_only)}
+        state["clustering"] = {"clients": cids, **result.to_json()}
+        self._start_phase2(state, cluster_of, loras, result.num_clusters,
+                           heads={cid: unprefixed(HEAD_PREFIX, uploads[cid].tensors) for cid in cids})
+        self._write_clustering(state, rnd)
+
+    def _start_phase2(self, state, cluster_of: dict[int, int], loras: dict[int, dict], m: int,
+                      heads: dict[int, dict] | None = None) -> None:
+        """Eq. 3 experts (n-weighted cluster means), one router per cluster from (seed, j) (D6, D7)."""
+        state["num_experts"] = m
+        state["cluster_of"] = dict(cluster_of)
+        experts = {}
+        for j in range(m):
+            members = [cid for cid, c in cluster_of.items() if c == j]
+            mean = weighted_mean([loras[cid] for cid in members], [self.num_examples(cid) for cid in members])
+            for key, tensor in mean.items():
+                layer, module, factor = parse_lora_key(key)
+                experts[moe_key(layer, module, j, factor)] = tensor
+        state["experts"] = experts
+        state["routers"] = {j: self._router_init(state, j, m) for j in range(m)}
+        if self.cfg.head_policy == "shared" and heads:
+            for j in range(m):
+                for labels in {self.federation[c].num_labels for c, cj in cluster_of.items() if cj == j}:
+                    members = [c for c, cj in cluster_of.items() if cj == j and self.federation[c].num_labels == labels
+                               and heads.get(c)]
+                    if members:
+                        state["heads"][(j, labels)] = weighted_mean([heads[c] for c in members],
+                                                                    [self.num_examples(c) for c in members])
+
+    def _router_init(self, state, j: int, m: int) -> dict[str, torch.Tensor]:
+        width = 2 * m - 1 if self.cfg.routing == "adaptive_topM" else m
+        gen = torch_generator(self.cfg.seed, "router-init", j)
+        out = {}
+        for key, a in sorted(state["lora"].items()):
+            layer, module, factor = parse_lora_key(key)
+            if factor == "A":
+                d_in = a.shape[1]
+                bound = 1.0 / d_in ** 0.5  # kaiming_uniform_(a=√5) on (width, d_in)
+                out[moe_key(layer, module, None, "router")] = (torch.rand(width, d_in, generator=gen) * 2 - 1) * bound
+        return out
+
+    def _late_join(self, state, rnd, uploads) -> None:
+        from fedpeft.algorithms.fedlease.clustering import assign_late_client, b_distance_matrix
+
+        for cid in sorted(uploads):
+            b_new = {k: v for k, v in unprefixed(LORA_PREFIX, uploads[cid].tensors).items() if k.endswith(".B")}
+            members = sorted(state["cluster_of"])
+            dist = b_distance_matrix([b_new] + [state["warmup_b"][c] for c in members])[0, 1:]
+            j = assign_late_client(dist, [state["cluster_of"][c] for c in members])
+            state["cluster_of"][cid] = j
+            state["warmup_b"][cid] = b_new
+            log.info("round %d: late client %d joins expert %d (D12)", rnd, cid, j)
+            self.history and self.history.add_event(kind="late_join", round=rnd, client=cid, expert=j)
+
+    def _aggregate_experts(self, state, rnd, replies) -> None:
+        """F6/F7: expert j and router j from cluster j's replies only; an empty cluster keeps its values."""
+        for j in range(state["num_experts"]):
+            members = {cid: r for cid, r in replies.items() if state["cluster_of"].get(cid) == j}
+            if not members:
+                continue
+            ok = self.accept(rnd, members, self._upload_shapes(state, j))
+            if not ok:
+                continue
+            weights = [r.config["num_examples"] for r in ok.values()]
+            ups = [unprefixed(MOE_PREFIX, r.tensors) for r in ok.values()]
+            mean = weighted_mean(ups, weights)
+            for key, tensor in mean.items():
+                if key.endswith(".router"):
+                    state["routers"][j][key] = tensor
+                else:
+                    state["experts"][key] = tensor
+            self.aggregate_heads(state, ok, group_of={cid: j for cid in ok})
+
+    def _upload_shapes(self, state, j: int) -> dict[str, torch.Size]:
+        shapes = {MOE_PREFIX + k: t.shape for k, t in state["experts"].items() if parse_moe_key(k)[2] == j}
+        if self.cfg.router_aggregation == "cluster":
+            shapes.update({MOE_PREFIX + k: t.shape for k, t in state["routers"][j].items()})
+        return shapes
+
+    # ------------------------------------------------------------ outputs
+    def _write_clustering(self, state, rnd) -> None:
+        history = getattr(self, "history", None)
+        if history is None:
+            return
+        run_dir = history.run_dir
+        info = state["clustering"]
+        client_map = {
+            "round": rnd, "num_experts": state["num_experts"],
+            "client_to_expert": {str(c): j for c, j in sorted(state["cluster_of"].items())},
+            "experts": {str(j): [c for c, cj in sorted(state["cluster_of"].items()) if cj == j]
+                        for j in range(state["num_experts"])},
+            "tasks": {str(c.client_id): c.task for c in self.federation},
+        }
+        (run_dir / f"lora_client_map_round_{rnd}.json").write_text(json.dumps(client_map, indent=2) + "\n")
+        (run_dir / "clustering.json").write_text(json.dumps(info, indent=2, default=float) + "\n")
+        history.add_event(kind="clustering", round=rnd, num_experts=state["num_experts"],
+                          silhouette=info.get("silhouette"), client_to_expert=client_map["client_to_expert"])
+        try:
+            import numpy as np
+
+            from fedpeft.run import plots
+
+            d = np.asarray(info["distance"])
+            names = [f"{c} ({self.federation[c].task})" for c in info["clients"]]
+            labels = [state["cluster_of"][c] for c in info["clients"]]
+            plots.plot_dendrogram(d, names, run_dir / "dendrogram.png")
+            plots.plot_mds(d, labels, names, run_dir / "mds.png", seed=self.cfg.seed)
+            plots.plot_distance_heatmap(d, names, run_dir / "distance_heatmap.png")
+            if info.get("silhouette"):
+                plots.plot_silhouette({int(k): v for k, v in info["silhouette"].items()}, state["num_experts"],
+                                      run_dir / "silhouette.png")
+        except Exception as exc:  # plots never lose a run
+            log.warning("could not draw the clustering plots: %s", exc)
+
+    # ------------------------------------------------------------ client
+    def _ensure_moe(self, m: int, own: int) -> None:
+        """Switch the shared model from plain LoRA (warmup) to the M-expert mixture, once per process."""
+        rt = self.runtime
+        if rt.extra.get("num_experts") != m:
+            encoder = rt.model.encoder
+            if rt.extra.get("num_experts") is None:
+                encoder = encoder.unload()  # drop the PEFT LoRA layers; the backbone is untouched
+            else:
+                raise RuntimeError("the number of experts changed within a run")
+            targets = self.cfg.target_modules or rt.extra["targets"]
+            inject_moe_lora(encoder, targets, num_experts=m, own_expert=own, rank=self.cfg.rank,
+                            lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
+                            routing=self.cfg.routing, top_k=self.cfg.top_k, renormalize=self.cfg.renormalize)
+            rt.model.encoder = encoder
+            rt.extra["num_experts"] = m
+        set_own_expert(rt.model.encoder, own)
+
+    def build_runtime(self, backbone):
+        rt = super().build_runtime(backbone)
+        rt.extra["targets"] = self.cfg.target_modules or backbone.default_targets()
+        return rt
+
+    def _load_phase2(self, instruction: Message, client: Client) -> int:
+        m, j = instruction.config["num_experts"], instruction.config["own_expert"]
+        self._ensure_moe(m, j)
+        sent = unprefixed(MOE_PREFIX, instruction.tensors)
+        model = self.runtime.model.encoder
+        if self.cfg.router_aggregation == "local":
+            if "router" not in client.store:  # D7: the cluster's initial router, generated where it is used
+                client.store["router"] = self._router_init({"lora": self._lora_shapes()}, j, m)
+            sent.update(client.store["router"])
+        load_moe_state(model, sent, strict=True)
+        self.load_head(instruction, client)
+        return j
+
+    def _lora_shapes(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for _, layer in moe_layers(self.runtime.model.encoder):
+            out[lora_key(layer.layer_index, layer.module_name, "A")] = torch.empty(layer.rank, layer.in_features)
+        return out
+
+    def load_for_eval(self, instruction, client):
+        if instruction.config["phase"] == "train":
+            self._load_phase2(instruction, client)
+            set_record_usage(self.runtime.model.encoder, True, reset=True)  # Fig. 6: experts per token
+        else:
+            self._load_warmup(instruction, client)
+
+    def evaluate(self, instruction, client):
+        if instruction.config["phase"] == "late_upload":
+            return {}  # not yet assigned to an expert: nothing to score with
+        metrics = super().evaluate(instruction, client)
+        if instruction.config["phase"] == "train":
+            layers = moe_layers(self.runtime.model.encoder)
+            per_layer = {f"{m.layer_index}.{m.module_name}": m.mean_distinct_experts for _, m in layers}
+            set_record_usage(self.runtime.model.encoder, False)
+            metrics["experts_per_token"] = sum(per_layer.values()) / len(per_layer)
+            metrics.update({f"experts_per_token/{k}": v for k, v in per_layer.items()})
+        return metrics
+
+    def _load_warmup(self, instruction, client) -> None:
+        if self.runtime.extra.get("num_experts") is not None:
+            raise RuntimeError("warmup after the mixture was built")
+        state = client.store.get("lora") or unprefixed(LORA_PREFIX, instruction.tensors)
+        set_lora_state(self.runtime.sites, state)
+        self.load_head(instruction, client)
+
+    def fit(self, instruction, client):
+        phase = instruction.config["phase"]
+        if phase == "late_upload":
+            if "lora" not in client.store:
+                raise RuntimeError(f"client {client.cid} has no warmup LoRA to upload")
+            return self._warmup_reply(client, uploaded=True, stats=None)
+        if phase == "warmup":
+            return self._fit_warmup(instruction, client)
+        return self._fit_phase2(instruction, client)
+
+    def _fit_warmup(self, instruction, client):
+        """D3: W·E epochs as ONE AdamW run (state and LR schedule carried across warmup rounds)."""
+        self._load_warmup(instruction, client)
+        rt = self.runtime
+        params = lora_parameters(rt.sites)
+        for p in params:
+            p.requires_grad_(True)
+        params = params + self.head_params()
+        steps = self.warmup_rounds * self.cfg.local_epochs * num_batches(len(client.train), self.cfg.batch_size)
+        stats = train_local(
+            rt.model, client.train, params, epochs=self.cfg.local_epochs, lr=self.cfg.lr,
+            batch_size=self.cfg.batch_size,
+            seed=derive_seed(self.cfg.seed, "warmup", client.cid, instruction.config["round"]),
+            weight_decay=self.cfg.weight_decay, max_grad_norm=self.cfg.max_grad_norm,
+            precision=self.cfg.precision, regression=client.regression,
+            optimizer_state=client.store.get("warmup_optimizer"), start_step=client.store.get("warmup_step", 0),
+            schedule_steps=steps)
+        for p in params:
+            p.requires_grad_(False)
+        client.store["warmup_optimizer"] = stats.optimizer_state
+        client.store["warmup_step"] = stats.end_step
+        client.store["lora"] = get_lora_state(rt.sites)
+        head = self.keep_head(client)
+        if instruction.config.get("upload"):
+            client.store.pop("warmup_optimizer", None)  # warmup is over: free the optimiser state
+            return self._warmup_reply(client, uploaded=True, stats=stats, head=head)
+        return self._warmup_reply(client, uploaded=False, stats=stats)
+
+    def _warmup_reply(self, client, *, uploaded: bool, stats, head=None) -> Message:
+        tensors = {}
+        if uploaded:
+            tensors = {**prefixed(LORA_PREFIX, client.store["lora"]), **(head or {})}
+        cfg = {"num_examples": len(client.train), "uploaded_warmup": uploaded}
+        if stats is not None:
+            cfg.update(train_loss=stats.loss, train_seconds=stats.seconds, compute_seconds=stats.compute_seconds,
+                       real_tokens=stats.real_tokens, padded_tokens=stats.padded_tokens)
+        return Message(tensors, cfg)
+
+    def _fit_phase2(self, instruction, client):
+        j = self._load_phase2(instruction, client)
+        rt = self.runtime
+        model = rt.model.encoder
+        layers = moe_layers(model)
+        params = [layer.lora_A[j] for _, layer in layers] + [layer.lora_B[j] for _, layer in layers]
+        params += [layer.router.weight for _, layer in layers]
+        for p in params:
+            p.requires_grad_(True)
+        params += self.head_params()
+        stats = train_local(
+            rt.model, client.train, params, epochs=self.cfg.local_epochs, lr=self.cfg.lr,
+            batch_size=self.cfg.batch_size,
+            seed=derive_seed(self.cfg.seed, "fit", client.cid, instruction.config["round"]),
+            weight_decay=self.cfg.weight_decay, max_grad_norm=self.cfg.max_grad_norm,
+            precision=self.cfg.precision, regression=client.regression)
+        for _, layer in layers:
+            layer.router.weight.requires_grad_(False)
+        set_own_expert(model, j)  # restores the trainable flags of expert j only
+        share_router = self.cfg.router_aggregation == "cluster"
+        up = moe_state(model, experts=[j], include_router=share_router)
+        if not share_router:
+            client.store["router"] = {k: v for k, v in moe_state(model, experts=[], include_router=True).items()}
+        return Message({**prefixed(MOE_PREFIX, up), **self.keep_head(client)},
+                       {"num_examples": len(client.train), "own_expert": j, "train_loss": stats.loss,
+                        "train_seconds": stats.seconds, "compute_seconds": stats.compute_seconds,
+                        "real_tokens": stats.real_tokens, "padded_tokens": stats.padded_tokens})
+
+
+class SingleSharedExpert(FedIT):
+    """FedLEASE ablation `experts = single_shared`: M = 1, no warmup or clustering: FedIT at rank r × multiplier."""
+
+    name = "fedlease"
+
+    def lora_rank(self) -> int:
+        return self.cfg.rank * self.cfg.single_rank_multiplier

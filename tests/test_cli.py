@@ -1,0 +1,110 @@
+"""CLI: official flag names, TOML precedence, and one-line errors with exit status 2."""
+
+import json
+
+import pytest
+
+from fedpeft.cli import build_parser, config_from_args, main
+
+
+def _cfg(argv):
+    return config_from_args(build_parser().parse_args(["run", *argv]))
+
+
+def test_official_underscore_names_are_accepted():
+    cfg = _cfg(["--tasks", "sst2", "qnli", "--model_name", "minilm", "--global_rounds", "5", "--local_epochs", "3",
+                "--warmup_rounds", "2", "--lr", "0.003", "--rank", "8", "--max_clusters", "4",
+                "--train_samples", "100", "--test_samples", "50", "--batch_size", "16", "--seed", "7",
+                "--output_dir", "out"])
+    assert (cfg.global_rounds, cfg.local_epochs, cfg.warmup_rounds, cfg.lr, cfg.rank, cfg.max_clusters,
+            cfg.train_samples, cfg.test_samples, cfg.batch_size, cfg.seed, cfg.output_dir) == \
+        (5, 3, 2, 0.003, 8, 4, 100, 50, 16, 7, "out")
+    assert _cfg(["--global-rounds", "9"]).global_rounds == 9
+
+
+def test_toml_config_is_overridden_by_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('method = "fedit"\ntasks = ["sst2", "mrpc"]\nglobal_rounds = 7\nlr = 0.01\n')
+    cfg = _cfg(["--config", str(toml), "--lr", "0.002"])
+    assert cfg.tasks == ["sst2", "mrpc"] and cfg.global_rounds == 7 and cfg.lr == 0.002
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_unknown_task_is_one_line(capsys, tmp_path):
+    err = _error(capsys, ["run", "--tasks", "sst3", "--output_dir", str(tmp_path / "r"), "--quiet"])
+    assert "sst3" in err and "sst2" in err  # names the mistake and the known tasks
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--rank", "0"], "--rank"),
+    (["--global_rounds", "0"], "--global-rounds"),
+    (["--lora-dropout", "1.5"], "--lora-dropout"),
+    ([], "--tasks"),
+])
+def test_bad_values_are_one_line(capsys, tmp_path, argv, words):
+    err = _error(capsys, ["run", *argv, "--output_dir", str(tmp_path / "r"), "--quiet"])
+    assert words in err
+
+
+def test_bad_config_file_and_unknown_setting(capsys, tmp_path):
+    assert "does not exist" in _error(capsys, ["run", "--config", str(tmp_path / "nope.toml")])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 3\n")
+    assert "learning_rate" in _error(capsys, ["run", "--config", str(bad)])
+    broken = tmp_path / "broken.toml"
+    broken.write_text("lr = = 3\n")
+    assert "cannot read" in _error(capsys, ["run", "--config", str(broken)])
+
+
+def test_unknown_method_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--method", "fedfoo"])
+    assert exc.value.code == 2
+    assert "fedfoo" in capsys.readouterr().err
+
+
+def test_missing_data_folder_is_one_line(capsys, tmp_path):
+    err = _error(capsys, ["run", "--tasks", "sst2", "sst2", "--data-dir", str(tmp_path / "missing"),
+                          "--output_dir", str(tmp_path / "r"), "--quiet"])
+    assert "missing" in err
+
+
+def test_corrupt_tsv_row_is_one_line_with_file_and_line(capsys, tmp_path):
+    root = tmp_path / "data" / "SST-2"
+    root.mkdir(parents=True)
+    rows = "sentence\tlabel\n" + "".join(f"good movie {i}\t1\nbad movie {i}\t0\n" for i in range(20))
+    (root / "train.tsv").write_text(rows + "broken row without label\n")
+    (root / "dev.tsv").write_text(rows)
+    err = _error(capsys, ["run", "--tasks", "sst2", "--data-dir", str(tmp_path / "data"), "--train-samples", "4",
+                          "--test-samples", "2", "--output_dir", str(tmp_path / "r"), "--quiet"])
+    assert "train.tsv" in err and "42" in err
+
+
+def test_unreachable_hub_model_says_how_to_work_offline(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _error(capsys, ["run", "--tasks", "demo-sentiment", "--model_name", "someone/not-a-real-model",
+                          "--output_dir", str(tmp_path / "r"), "--quiet"])
+    assert "offline" in err and "minilm" in err
+
+
+def test_resume_of_a_folder_without_a_run(capsys, tmp_path):
+    err = _error(capsys, ["run", "--resume", str(tmp_path)])
+    assert "cannot resume" in err
+
+
+def test_report_prints_a_finished_run(capsys, tiny_cfg, tiny_backbone):
+    from fedpeft.runner import run
+
+    result = run(tiny_cfg(global_rounds=1), backbone=tiny_backbone)
+    (result.run_dir / "summary.md").unlink()  # report re-renders it from the history
+    assert main(["report", str(result.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "Overall (mean of task means)" in out and "demo-topic" in out
+    assert json.loads((result.run_dir / "config.json").read_text())["global_rounds"] == 1
