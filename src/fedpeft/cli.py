@@ -1,4 +1,4 @@
-"""`fedpeft run | demo | report`: parse, build a RunConfig, call. Nothing else lives here.
+"""`fedpeft run | demo | report | export`: parse, build a RunConfig, call. Nothing else lives here.
 
 Every RunConfig field is a flag in two spellings: `--global-rounds` and the official FedLEASE
 code's `--global_rounds`. `--config run.toml` supplies defaults; flags given on the line win.
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress output")
     report = sub.add_parser("report", help="print the summary of a finished or stopped run")
     report.add_argument("run_dir", help="a run folder")
+    export = sub.add_parser("export", help="write a run's adapters as standard PEFT LoRA folders",
+                            description="Write every FedLEASE expert (or the global LoRA) as a PEFT adapter "
+                                        "that peft.PeftModel.from_pretrained loads, with routers and heads beside them.")
+    export.add_argument("run_dir", help="a run folder")
+    export.add_argument("--out", default=None, help="destination (default: RUN_DIR/export)")
     return parser
 
 
@@ -107,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
 
                 RunHistory.from_json(run_dir, json.loads((run_dir / "training_history.json").read_text())).finish()
             print_summary(run_dir)
+            return 0
+        if args.command == "export":
+            from fedpeft.run.export import export_run
+            from fedpeft.run.history import setup_logging
+
+            setup_logging(None, quiet=False)
+            out = export_run(args.run_dir, args.out)
+            print(f"Exported to {out} (manifest.json lists the adapters)")
             return 0
         cfg = demo_config(args) if args.command == "demo" else config_from_args(args)
         from fedpeft.runner import run

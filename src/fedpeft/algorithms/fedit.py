@@ -37,7 +37,7 @@ class FedIT(Algorithm):
                                  dropout=self.cfg.lora_dropout, targets=targets)
         for p in peft_model.parameters():
             p.requires_grad_(False)
-        return Runtime(TaskModel(peft_model, backbone.hidden_size), lora_sites(peft_model))
+        return Runtime(TaskModel(peft_model, backbone.hidden_size, backbone.pooling), lora_sites(peft_model))
 
     # ------------------------------------------------------------ server
     def init(self) -> dict[str, Any]:

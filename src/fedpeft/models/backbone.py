@@ -41,6 +41,7 @@ class Backbone:
     model_type: str
     hidden_size: int
     num_layers: int
+    pooling: str = "first"  # "mean" for sentence-transformers models (their 1_Pooling config says so)
 
     def default_targets(self) -> list[str]:
         if self.model_type not in DEFAULT_TARGETS:
@@ -127,6 +128,7 @@ def _load_backbone_cached(name: str) -> Backbone:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    pooling = sentence_transformers_pooling(path) if local else "first"
     cfg = model.config
     log.info("loaded backbone %s (%s, %.1f M parameters)", name, cfg.model_type,
              sum(p.numel() for p in model.parameters()) / 1e6)
@@ -137,7 +139,22 @@ def _load_backbone_cached(name: str) -> Backbone:
         model_type=cfg.model_type,
         hidden_size=cfg.hidden_size,
         num_layers=cfg.num_hidden_layers,
+        pooling=pooling,
     )
+
+
+def sentence_transformers_pooling(path: str) -> str:
+    """"mean" when a sentence-transformers folder says its embedding is the token mean, else "first"."""
+    import json
+
+    pooling_cfg = Path(path) / "1_Pooling" / "config.json"
+    if pooling_cfg.is_file():
+        try:
+            if json.loads(pooling_cfg.read_text()).get("pooling_mode_mean_tokens"):
+                return "mean"
+        except ValueError:
+            pass
+    return "first"
 
 
 def tiny_bert_backbone(seed: int = 0, *, hidden: int = 16, layers: int = 2, vocab: int = 200) -> Backbone:

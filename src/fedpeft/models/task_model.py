@@ -39,13 +39,24 @@ def init_head_state(hidden: int, num_labels: int, generator: torch.Generator) ->
     }
 
 
-class TaskModel(nn.Module):
-    """`encoder` (possibly PEFT-wrapped) + one head per label count; `num_labels` picks the head."""
+POOLINGS = ("first", "mean")
 
-    def __init__(self, encoder: nn.Module, hidden: int):
+
+class TaskModel(nn.Module):
+    """`encoder` (possibly PEFT-wrapped) + one head per label count; `num_labels` picks the head.
+
+    `pooling` is how a sequence becomes the head's input: the first token (BERT/RoBERTa
+    classification) or the mean over real tokens (sentence-transformers encoders such as MiniLM,
+    whose first token was never trained to summarise the sentence).
+    """
+
+    def __init__(self, encoder: nn.Module, hidden: int, pooling: str = "first"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise FedPeftError(f"unknown pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
         self.encoder = encoder
         self.hidden = hidden
+        self.pooling = pooling
         self.heads = nn.ModuleDict()
         self.num_labels: int | None = None
 
@@ -80,7 +91,12 @@ class TaskModel(nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.encoder(**kwargs).last_hidden_state
-        return self.head(self._current())(hidden[:, 0]).float()
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        else:
+            pooled = hidden[:, 0]
+        return self.head(self._current())(pooled).float()
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
