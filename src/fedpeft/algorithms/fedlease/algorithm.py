@@ -132,18 +132,22 @@ class FedLEASE(FedIT):
         state["warmup_b"] = {cid: b for cid, b in zip(cids, b_only)}
         state["clustering"] = {"clients": cids, **result.to_json()}
         self._start_phase2(state, cluster_of, loras, result.num_clusters,
-                           heads={cid: unprefixed(HEAD_PREFIX, uploads[cid].tensors) for cid in cids})
+                           heads={cid: unprefixed(HEAD_PREFIX, uploads[cid].tensors) for cid in cids},
+                           sizes={cid: uploads[cid].config["num_examples"] for cid in cids})
         self._write_clustering(state, rnd)
 
     def _start_phase2(self, state, cluster_of: dict[int, int], loras: dict[int, dict], m: int,
-                      heads: dict[int, dict] | None = None) -> None:
-        """Eq. 3 experts (n-weighted cluster means), one router per cluster from (seed, j) (D6, D7)."""
+                      heads: dict[int, dict] | None = None, sizes: dict[int, int] | None = None) -> None:
+        """Eq. 3 experts (n-weighted cluster means), one router per cluster from (seed, j) (D6, D7).
+
+        `sizes`: the n_i uploaded with the warmup LoRAs (D3); the federation's sizes by default."""
+        n = sizes or {cid: self.num_examples(cid) for cid in cluster_of}
         state["num_experts"] = m
         state["cluster_of"] = dict(cluster_of)
         experts = {}
         for j in range(m):
             members = [cid for cid, c in cluster_of.items() if c == j]
-            mean = weighted_mean([loras[cid] for cid in members], [self.num_examples(cid) for cid in members])
+            mean = weighted_mean([loras[cid] for cid in members], [n[cid] for cid in members])
             for key, tensor in mean.items():
                 layer, module, factor = parse_lora_key(key)
                 experts[moe_key(layer, module, j, factor)] = tensor
@@ -156,7 +160,7 @@ class FedLEASE(FedIT):
                                and heads.get(c)]
                     if members:
                         state["heads"][(j, labels)] = weighted_mean([heads[c] for c in members],
-                                                                    [self.num_examples(c) for c in members])
+                                                                    [n[c] for c in members])
 
     def _router_init(self, state, j: int, m: int) -> dict[str, torch.Tensor]:
         width = 2 * m - 1 if self.cfg.routing == "adaptive_topM" else m
@@ -316,6 +320,7 @@ class FedLEASE(FedIT):
         if phase == "late_upload":
             if "lora" not in client.store:
                 raise RuntimeError(f"client {client.cid} has no warmup LoRA to upload")
+            client.store.pop("warmup_optimizer", None)  # its warmup is over too: free the optimiser state
             return self._warmup_reply(client, uploaded=True, stats=None)
         if phase == "warmup":
             return self._fit_warmup(instruction, client)
