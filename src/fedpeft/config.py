@@ -56,7 +56,7 @@ class RunConfig:
     local_epochs: int = _f(2, "local epochs per round", group="training")
     lr: float = _f(1e-3, "learning rate", group="training")
     batch_size: int = _f(32, "training batch size", group="training")
-    eval_batch_size: int = _f(128, "evaluation batch size", group="training")
+    eval_batch_size: int = _f(32, "evaluation batch size (examples are sorted by length, so small batches pad little)", group="training")
     weight_decay: float = _f(0.05, "AdamW weight decay", group="training")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", group="training")
     precision: str = _f("fp32", "training precision on CPU (bf16 = autocast; routers, softmax, losses stay float32)", choices=PRECISIONS, group="training")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
+
 from fedpeft.algorithms.base import (Algorithm, Client, Message, Runtime, is_synced, mark_synced, prefixed,
                                      unprefixed, weighted_mean)
 from fedpeft.models.adapters import (get_lora_state, init_lora_state, inject_lora, lora_parameters,
@@ -19,6 +21,18 @@ from fedpeft.seeding import derive_seed, torch_generator
 from fedpeft.training import train_local
 
 LORA_PREFIX = "lora."
+
+
+def frozen_linears_to_bf16(model: torch.nn.Module) -> None:
+    """Store the frozen backbone's Linear layers in bfloat16 for `--precision bf16`.
+
+    CPU autocast would cast these weights to bf16 on every forward anyway (it caches only tensors
+    that require grad), so the matmuls see the same values; only the repeated casts go away.
+    LayerNorms and embeddings stay float32; adapters are created in float32 afterwards.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.bfloat16)
 
 
 class FedIT(Algorithm):
@@ -32,6 +46,8 @@ class FedIT(Algorithm):
 
     def build_runtime(self, backbone) -> Runtime:
         encoder = copy.deepcopy(backbone.model)  # the cached backbone stays pristine
+        if self.cfg.precision == "bf16":
+            frozen_linears_to_bf16(encoder)
         targets = self.cfg.target_modules or backbone.default_targets()
         peft_model = inject_lora(encoder, rank=self.lora_rank(), alpha=self.cfg.lora_alpha,
                                  dropout=self.cfg.lora_dropout, targets=targets)

@@ -27,6 +27,8 @@ def prepare_clients(cfg: RunConfig, tokenizer) -> tuple[list[ClientInfo], list[C
         test = encode(part.test, tokenizer, cfg.max_length, regression=task.is_regression)
         infos.append(info)
         clients.append(Client(info, train, test, task.is_regression))
+    import sklearn.metrics  # noqa: F401  (a 1-2 s import: pay it here, not inside round 1's timing)
+
     log.info("federation: %d clients; %s", len(clients),
              ", ".join(f"{t} × {cfg.tasks.count(t)}" for t in dict.fromkeys(cfg.tasks)))
     return infos, clients
