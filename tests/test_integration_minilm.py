@@ -23,3 +23,41 @@ def test_fedit_on_real_sst2_mrpc_beats_majority(tmp_path):
     mean_acc = sum(r["accuracy"] for r in records) / 4
     assert mean_acc > 0.5 + 0.05, f"mean accuracy {mean_acc:.3f} does not beat the majority rate 0.5"
     assert last["per_task"]["sst2"] > 0.6
+
+
+def test_fedlease_on_real_data_recovers_tasks_and_exports_to_peft(tmp_path):
+    import json
+
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from fedpeft.config import RunConfig
+    from fedpeft.models.backbone import packaged_model_dir
+    from fedpeft.run.checkpoint import load_checkpoint
+    from fedpeft.run.export import export_run
+    from fedpeft.runner import run
+
+    data_dir = data_dir_or_skip()
+    cfg = RunConfig(method="fedlease", tasks=["sst2", "sst2", "mrpc", "mrpc"], model_name="minilm",
+                    data_dir=data_dir, train_samples=200, test_samples=64, warmup_rounds=3, global_rounds=4,
+                    local_epochs=2, lr=3e-3, batch_size=32, max_length=96, head_policy="frozen", quiet=True,
+                    output_dir=str(tmp_path / "run"))
+    result = run(cfg)
+    client_map = json.loads((result.run_dir / "lora_client_map_round_3.json").read_text())
+    # The clustering recovers the task groups: SST-2 clients together, MRPC clients together.
+    assert client_map["client_to_expert"] == {"0": 0, "1": 0, "2": 1, "3": 1}
+    last = [r for r in result.history.records if r["round"] == 4]
+    assert all(1.0 <= r["experts_per_token"] <= 2.0 for r in last)
+
+    out = export_run(result.run_dir)
+    state = load_checkpoint(result.run_dir)["server_state"]
+    for j in range(2):
+        base = AutoModel.from_pretrained(str(packaged_model_dir("minilm")), local_files_only=True)
+        peft_model = PeftModel.from_pretrained(base, str(out / f"expert_{j}"))
+        saved = load_file(str(out / f"expert_{j}" / "adapter_model.safetensors"))
+        assert len(saved) == 2 * 12  # 6 layers × {query, value} × {A, B}
+        a = peft_model.base_model.model.encoder.layer[3].attention.self.query.lora_A["default"].weight
+        assert torch.equal(a, state["experts"][f"layer.3.query.expert.{j}.A"])
+    assert (out / "routers_cluster_1.safetensors").is_file()

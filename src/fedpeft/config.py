@@ -37,7 +37,7 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "r
 @dataclass
 class RunConfig:
     # What to run
-    method: str = _f("fedit", "federated method", choices=METHODS)
+    method: str = _f("fedlease", "federated method", choices=METHODS)
     tasks: list[str] = _f([], "one task per client, e.g. --tasks sst2 sst2 mrpc mrpc", group="data")
     model_name: str = _f("minilm", "backbone: 'minilm' (packaged, offline), a hub id or a local path", group="model")
     engine: str = _f("local", "execution engine", choices=ENGINES)

@@ -91,5 +91,6 @@ def run(cfg: RunConfig, *, backbone=None, stop_after: int | None = None, fail=No
     finally:
         progress.close()
         history.save()
+    algorithm.finish()
     history.finish()
     return RunResult(run_dir, history, cfg)

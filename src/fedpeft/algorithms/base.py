@@ -94,6 +94,9 @@ class Algorithm:
     def phase(self, rnd: int) -> str:
         return "train"
 
+    def finish(self) -> None:
+        """Called once after the last round, on the server side: method-specific outputs."""
+
     @property
     def num_rounds(self) -> int:
         return self.cfg.global_rounds

@@ -213,6 +213,25 @@ class FedLEASE(FedIT):
         return shapes
 
     # ------------------------------------------------------------ outputs
+    def finish(self) -> None:
+        """expert_usage.png: mean distinct experts per token, per client and layer, last round (Fig. 6)."""
+        history = self.history
+        if history is None or not history.records:
+            return
+        last = max(r["round"] for r in history.records)
+        usage = {}
+        for r in sorted((r for r in history.records if r["round"] == last), key=lambda r: r["client"]):
+            layers = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("experts_per_token/")}
+            if layers:
+                usage[f"client {r['client']} ({r['task']})"] = layers
+        if usage:
+            from fedpeft.run.plots import plot_expert_usage
+
+            try:
+                plot_expert_usage(usage, history.run_dir / "expert_usage.png")
+            except Exception as exc:  # plots never lose a run
+                log.warning("could not draw the expert usage: %s", exc)
+
     def _write_clustering(self, state, rnd) -> None:
         history = getattr(self, "history", None)
         if history is None:
