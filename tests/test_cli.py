@@ -108,3 +108,10 @@ def test_report_prints_a_finished_run(capsys, tiny_cfg, tiny_backbone):
     out = capsys.readouterr().out
     assert "Overall (mean of task means)" in out and "demo-topic" in out
     assert json.loads((result.run_dir / "config.json").read_text())["global_rounds"] == 1
+
+
+def test_task_samples_override_per_task_sizes(capsys, tmp_path):
+    cfg = _cfg(["--tasks", "mrpc", "sst2", "--task-samples", "mrpc=500:64"])
+    assert cfg.samples_for_tasks() == ({"mrpc": 500, "sst2": 1000}, {"mrpc": 64, "sst2": 200})
+    err = _error(capsys, ["run", "--tasks", "mrpc", "--task-samples", "mrpc=500", "--output_dir", str(tmp_path)])
+    assert "TASK=TRAIN:TEST" in err

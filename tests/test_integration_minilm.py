@@ -61,3 +61,22 @@ def test_fedlease_on_real_data_recovers_tasks_and_exports_to_peft(tmp_path):
         a = peft_model.base_model.model.encoder.layer[3].attention.self.query.lora_A["default"].weight
         assert torch.equal(a, state["experts"][f"layer.3.query.expert.{j}.A"])
     assert (out / "routers_cluster_1.safetensors").is_file()
+
+
+def test_official_quick_start_runs(tmp_path, capsys, monkeypatch):
+    """The official FedLEASE README quick start (which crashes in the official code, k > N) runs here."""
+    import json
+
+    from fedpeft.cli import main
+
+    data_dir = data_dir_or_skip()
+    argv = ["run", "--tasks", "sst2", "qnli", "--global_rounds", "5", "--warmup_rounds", "2",
+            "--train_samples", "100", "--test_samples", "50", "--data-dir", data_dir, "--quiet",
+            "--output_dir", str(tmp_path / "run")]
+    # Offline, QNLI has no train split: one clear line that names the carve-out option.
+    assert main(argv) == 2
+    assert "--carve-out" in capsys.readouterr().err
+    assert main(argv + ["--carve-out"]) == 0
+    clustering = json.loads((tmp_path / "run" / "clustering.json").read_text())
+    assert clustering["num_clusters"] in (1, 2)  # N = 2: split iff d(0, 1) > 0.5 (D5)
+    assert (clustering["num_clusters"] == 2) == (clustering["distance"][0][1] > 0.5)

@@ -48,6 +48,7 @@ class RunConfig:
     alpha: float = _f(0.5, "Dirichlet concentration for --partition dirichlet", group="data")
     train_samples: int = _f(1000, "training examples per client", group="data")
     test_samples: int = _f(200, "test examples per client (from the task's validation split)", group="data")
+    task_samples: list[str] = _f([], "per-task sizes TASK=TRAIN:TEST overriding the two above, e.g. mrpc=500:64 (the FedLEASE preset's MRPC sizes, D15)", group="data")
     carve_out: bool = _f(False, "for tasks with no local train split, carve train and test pools out of the validation split", group="data")
     max_length: int = _f(128, "maximum tokens per example", group="data")
     # Rounds and local training
@@ -119,6 +120,7 @@ class RunConfig:
             raise FedPeftError("--weight-decay, --max-grad-norm and --fedprox-mu must not be negative")
         if not 0.0 <= self.feddpa_lambda <= 1.0:
             raise FedPeftError(f"--feddpa-lambda must be in [0, 1], got {self.feddpa_lambda}")
+        self.samples_for_tasks()  # checks the TASK=TRAIN:TEST syntax
         if self.threads is not None and self.threads < 1:
             raise FedPeftError(f"--threads must be at least 1, got {self.threads}")
         return self
@@ -142,6 +144,18 @@ class RunConfig:
     def phase2_rounds(self) -> int:
         """Rounds after warmup: T = global_rounds − warmup_rounds for methods with a warmup."""
         return self.global_rounds - self.warmup_rounds if self.has_warmup else self.global_rounds
+
+    def samples_for_tasks(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(train, test) examples per client for every task of the run, --task-samples applied."""
+        train = {t: self.train_samples for t in self.tasks}
+        test = {t: self.test_samples for t in self.tasks}
+        for item in self.task_samples:
+            task, _, sizes = item.partition("=")
+            tr, _, te = sizes.partition(":")
+            if not (task and tr.isdigit() and te.isdigit() and int(tr) > 0 and int(te) > 0):
+                raise FedPeftError(f"--task-samples {item!r} is not TASK=TRAIN:TEST with positive numbers, e.g. mrpc=500:64")
+            train[task], test[task] = int(tr), int(te)
+        return train, test
 
     def resolved_data_dir(self) -> str | None:
         return self.data_dir or os.environ.get("FEDPEFT_DATA_DIR") or None

@@ -16,7 +16,8 @@ log = logging.getLogger("fedpeft")
 def prepare_clients(cfg: RunConfig, tokenizer) -> tuple[list[ClientInfo], list[Client]]:
     for t in cfg.tasks:
         get_task(t)  # unknown task: one clear error before any loading
-    parts = build_federation(cfg.tasks, train_samples=cfg.train_samples, test_samples=cfg.test_samples,
+    train_n, test_n = cfg.samples_for_tasks()
+    parts = build_federation(cfg.tasks, train_samples=train_n, test_samples=test_n,
                              partition=cfg.partition, label_split=cfg.label_split, alpha=cfg.alpha,
                              seed=cfg.seed, data_dir=cfg.resolved_data_dir(), carve_out=cfg.carve_out)
     infos, clients = [], []
