@@ -249,6 +249,7 @@ def test_hub_offline_says_how_to_work_offline(monkeypatch, clear_hub_cache):
         raise ConnectionError("Couldn't reach 'glue' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(sources, "hub_reachable", lambda: True)  # the probe passes; the download fails
     with pytest.raises(FedPeftError) as info:
         load_examples("sst2", "train", None)
     message = str(info.value)
@@ -257,6 +258,16 @@ def test_hub_offline_says_how_to_work_offline(monkeypatch, clear_hub_cache):
     assert "--data-dir" in message and ENV_DATA_DIR in message and "demo-sentiment" in message
     assert isinstance(info.value.__cause__, ConnectionError)
     _one_sentence(message.replace("Couldn't reach 'glue' on the Hub (LocalEntryNotFoundError)", "x"))
+
+
+def test_unreachable_hub_fails_at_once_without_downloading(monkeypatch, clear_hub_cache):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(sources, "hub_reachable", lambda: False)
+    with pytest.raises(FedPeftError, match="unreachable") as info:
+        load_examples("sst2", "train", None)
+    assert calls == [] and "--data-dir" in str(info.value)
 
 
 def test_hub_rows_become_examples(monkeypatch, clear_hub_cache):
@@ -270,6 +281,7 @@ def test_hub_rows_become_examples(monkeypatch, clear_hub_cache):
         return [{"sentence1": "A.", "sentence2": "B.", "label": 3.5, "idx": 0}]
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr(sources, "hub_reachable", lambda: True)
     assert load_examples("mnli", "validation", None) == [Example("P.", "H.", 2)]
     assert seen["mnli"] == "validation_matched"
     assert load_examples("stsb", "train", None) == [Example("A.", "B.", 3.5)]

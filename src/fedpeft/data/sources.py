@@ -38,6 +38,7 @@ import numpy as np
 
 from fedpeft.data.tasks import DEMO_TASKS, Example, TaskSpec, get_task
 from fedpeft.errors import FedPeftError
+from fedpeft.hub import hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +282,8 @@ def _load_from_hub(task: str, split: str) -> tuple[Example, ...]:
     spec = get_task(task)
     hf_split = (_HF_SPLITS_MNLI if task == "mnli" else _HF_SPLITS)[split]
     try:
+        if not hub_reachable():
+            raise ConnectionError("the hub is unreachable or offline mode is set")
         import datasets  # heavy: imported only when the hub is actually used
 
         dataset = datasets.load_dataset(*spec.hf_name, split=hf_split)

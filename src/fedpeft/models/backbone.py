@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from fedpeft.errors import FedPeftError
+from fedpeft.hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +81,6 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts)
-
-
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """False at once when offline mode is set or the hub's name does not resolve/connect.
-
-    Without this, the hub client retries for ~30 s before giving up.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    import socket
-
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _offline_message(name: str) -> str:
