@@ -32,12 +32,20 @@ def parse_lora_key(key: str) -> tuple[int, str, str]:
     return int(m.group(1)), m.group(2), m.group(3)
 
 
-def layer_index(module_path: str) -> int:
-    """Transformer layer of a module: the first all-digit component of its dotted path."""
+def layer_index_of(module_path: str) -> int | None:
+    """Transformer layer of a module: the first all-digit component of its dotted path
+    (``encoder.layer.10.attention.self.query`` → 10), or None when there is none."""
     for part in module_path.split("."):
         if part.isdigit():
             return int(part)
-    raise FedPeftError(f"cannot tell the layer of module {module_path!r}")
+    return None
+
+
+def layer_index(module_path: str) -> int:
+    index = layer_index_of(module_path)
+    if index is None:
+        raise FedPeftError(f"cannot tell the layer of module {module_path!r}")
+    return index
 
 
 @dataclass

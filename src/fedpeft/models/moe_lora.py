@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpeft.errors import FedPeftError
+from fedpeft.models.adapters import layer_index_of
 
 __all__ = [
     "ROUTINGS",
@@ -105,14 +106,6 @@ def parse_moe_key(key: str) -> tuple[int, str, int | None, str]:
     if router is not None:
         return int(layer), module, None, "router"
     return int(layer), module, int(expert), factor
-
-
-def layer_index_of(module_path: str) -> int | None:
-    """The first all-digit component of a module path: ``encoder.layer.10.attention.self.query`` → 10."""
-    for part in module_path.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------
