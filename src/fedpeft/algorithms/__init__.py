@@ -7,9 +7,15 @@ from fedpeft.errors import FedPeftError
 
 def algorithm_classes() -> dict:
     from fedpeft.algorithms.fedit import FedIT
+    from fedpeft.algorithms.feddpa import FedDPA
     from fedpeft.algorithms.fedlease.algorithm import FedLEASE
+    from fedpeft.algorithms.fedprox import FedProx
+    from fedpeft.algorithms.fedsa_lora import FedSALoRA
+    from fedpeft.algorithms.ffa_lora import FFALoRA
+    from fedpeft.algorithms.ifca import IFCA
 
-    return {"fedit": FedIT, "fedlease": FedLEASE}
+    return {"fedit": FedIT, "fedlease": FedLEASE, "ffa-lora": FFALoRA, "fedsa-lora": FedSALoRA,
+            "fedprox": FedProx, "feddpa": FedDPA, "ifca": IFCA}
 
 
 def get_algorithm(cfg):

@@ -90,6 +90,10 @@ class FedIT(Algorithm):
         return weighted_mean(ups, weights)
 
     # ------------------------------------------------------------ client
+    def local_extra_loss(self, lora_params: list[torch.nn.Parameter]):
+        """A term added to every local step's loss (FedProx), built before training; None: none."""
+        return None
+
     def load_lora(self, instruction: Message, client: Client) -> None:
         """Global factors from the instruction; factors kept locally come from the store."""
         state = {**client.store.get("lora", {}), **unprefixed(LORA_PREFIX, instruction.tensors)}
@@ -107,12 +111,13 @@ class FedIT(Algorithm):
         params = lora_parameters(rt.sites, factors=self.trained_factors)
         for p in params:
             p.requires_grad_(True)
+        extra_loss = self.local_extra_loss(list(params))
         params += self.head_params()
         stats = train_local(
             rt.model, client.train, params, epochs=self.cfg.local_epochs, lr=self.cfg.lr,
             batch_size=self.cfg.batch_size, seed=derive_seed(self.cfg.seed, "fit", client.cid, instruction.config["round"]),
             weight_decay=self.cfg.weight_decay, max_grad_norm=self.cfg.max_grad_norm,
-            precision=self.cfg.precision, regression=client.regression)
+            precision=self.cfg.precision, regression=client.regression, extra_loss=extra_loss)
         for p in params:
             p.requires_grad_(False)
         lora = get_lora_state(rt.sites)
