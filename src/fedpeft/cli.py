@@ -1,4 +1,4 @@
-"""`fedpeft run | demo | report | export`: parse, build a RunConfig, call. Nothing else lives here.
+"""`fedpeft run | demo | report | export | bench`: parse, build a RunConfig, call. Nothing else lives here.
 
 Every RunConfig field is a flag in two spellings: `--global-rounds` and the official FedLEASE
 code's `--global_rounds`. `--config run.toml` supplies defaults; flags given on the line win.
@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
                                         "that peft.PeftModel.from_pretrained loads, with routers and heads beside them.")
     export.add_argument("run_dir", help="a run folder")
     export.add_argument("--out", default=None, help="destination (default: RUN_DIR/export)")
+    bench = sub.add_parser("bench", help="run a method matrix on one federation and tabulate it",
+                           description="Run a suite's method matrix into OUT/SUITE/LABEL-seedK/ (finished runs "
+                                       "are skipped, stopped ones resumed) and write results.md, results.csv "
+                                       "and results.png there. Suites: glue4-cpu, glue4-mini, paper.")
+    bench.add_argument("--suite", required=True, help="glue4-cpu, glue4-mini or paper")
+    bench.add_argument("--seeds", type=int, nargs="+", default=[1], metavar="K",
+                       help="seeds to repeat the main methods with (ablations: the first only); default 1")
+    bench.add_argument("--out", default="bench", help="results root (default: ./bench)")
+    bench.add_argument("--methods", nargs="+", default=None, metavar="LABEL",
+                       help="only these labels of the suite (e.g. fedit fedlease)")
+    bench.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
+                       help="data root laid out like shared/data (default: $FEDPEFT_DATA_DIR)")
     return parser
 
 
@@ -123,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             out = export_run(args.run_dir, args.out)
             print(f"Exported to {out} (manifest.json lists the adapters)")
             return 0
+        if args.command == "bench":
+            from fedpeft.bench.matrix import bench as run_bench
+            from fedpeft.bench.suites import get_suite
+
+            run_bench(get_suite(args.suite), args.seeds, args.out, labels=args.methods, data_dir=args.data_dir)
+            return 0
         cfg = demo_config(args) if args.command == "demo" else config_from_args(args)
         from fedpeft.runner import run
 
@@ -133,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedpeft: interrupted; continue with `fedpeft run --resume RUN_DIR`", file=sys.stderr)
+        hint = ("run the same `fedpeft bench` command again to continue" if args.command == "bench"
+                else "continue with `fedpeft run --resume RUN_DIR`")
+        print(f"fedpeft: interrupted; {hint}", file=sys.stderr)
         return 130
 
 

@@ -1,0 +1,148 @@
+"""Run a suite's matrix into OUT/<suite>/<label>-seed<k>/, skipping finished runs, then report.
+
+A run folder counts as finished when it has summary.md and its training_history.json holds the
+last round (round == global_rounds). A folder whose config.json differs from the suite's settings
+(an edited suite) is an error rather than a silent reuse. A folder with a checkpoint but no summary is resumed from the
+checkpoint (`--resume`); anything else is run from the start. One log line per run started and
+finished (with its headline), and one per run skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from fedpeft.bench.suites import Suite
+from fedpeft.errors import FedPeftError
+
+log = logging.getLogger("fedpeft")
+
+
+@dataclass
+class RunRef:
+    label: str
+    seed: int
+    method: str
+    run_dir: Path
+    status: str  # "ran", "resumed", "skipped"
+
+
+def run_dir_for(out: Path, suite: Suite, label: str, seed: int) -> Path:
+    return Path(out) / suite.name / f"{label}-seed{seed}"
+
+
+def is_finished(run_dir: Path) -> bool:
+    run_dir = Path(run_dir)
+    if not ((run_dir / "summary.md").is_file() and (run_dir / "training_history.json").is_file()
+            and (run_dir / "config.json").is_file()):
+        return False
+    try:
+        rounds = json.loads((run_dir / "training_history.json").read_text())["rounds"]
+        total = json.loads((run_dir / "config.json").read_text())["global_rounds"]
+    except (ValueError, KeyError, OSError):
+        return False
+    return any(r.get("round") == total for r in rounds)
+
+
+# Fields that may differ between a finished run and the suite without making it a different run.
+_IGNORED = {"output_dir", "resume", "quiet", "data_dir", "threads"}
+
+
+def check_same_settings(run_dir: Path, cfg) -> None:
+    """A run folder made with other settings (an edited suite) must not be reused silently."""
+    try:
+        saved = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    planned = cfg.to_dict()
+    for key in sorted(planned):
+        if key not in _IGNORED and key in saved and saved[key] != planned[key]:
+            raise FedPeftError(f"{run_dir} was run with {key}={saved[key]!r}, but the suite now says "
+                               f"{planned[key]!r}: remove that folder or use another --out")
+
+
+def _headline_text(history) -> str:
+    head = history.headline()
+    if head is None:
+        return "no scored round"
+    tasks = " ".join(f"{t}={v:.3f}" for t, v in head["per_task"].items() if v is not None)
+    return f"overall {head['overall']:.4f} (round {head['round']}; {tasks})"
+
+
+def _say(msg: str) -> None:
+    # The runs set the "fedpeft" logger to WARNING on the console when quiet: bench progress must
+    # show regardless, so it goes straight to stderr (and to the log of no run).
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] | None = None,
+               data_dir: str | None = None, backbone=None, runner: Callable | None = None,
+               say: Callable[[str], None] = _say) -> list[RunRef]:
+    """Run (or skip, or resume) every (label, seed) of the suite; return them in suite order.
+
+    `backbone` is passed to every run (tests inject a tiny model); `runner` replaces
+    fedpeft.runner.run (tests count calls).
+    """
+    if runner is None:
+        from fedpeft.runner import run as runner
+    plan = suite.plan(list(seeds), labels)
+    if suite.note:
+        say(f"bench {suite.name}: note: {suite.note}")
+    if suite.requires_gpu:
+        try:
+            import torch
+
+            has_gpu = torch.cuda.is_available()
+        except Exception:  # pragma: no cover
+            has_gpu = False
+        if not has_gpu:
+            say(f"bench {suite.name}: no GPU found; fedpeft trains on CPU, see the cost note above")
+    refs: list[RunRef] = []
+    for i, (entry, seed) in enumerate(plan, 1):
+        run_dir = run_dir_for(Path(out), suite, entry.label, seed)
+        cfg = suite.config(entry, seed, output_dir=str(run_dir), data_dir=data_dir)
+        tag = f"[{i}/{len(plan)}] {entry.label} seed {seed}"
+        check_same_settings(run_dir, cfg)
+        if is_finished(run_dir):
+            say(f"{tag}: finished earlier, skipped ({run_dir})")
+            refs.append(RunRef(entry.label, seed, cfg.method, run_dir, "skipped"))
+            continue
+        status = "ran"
+        if (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.json").is_file():
+            cfg.resume, status = str(run_dir), "resumed"
+        say(f"{tag}: {'resuming' if cfg.resume else 'started'} -> {run_dir}")
+        start = time.perf_counter()
+        result = runner(cfg, backbone=backbone)
+        say(f"{tag}: finished in {time.perf_counter() - start:.0f} s, {_headline_text(result.history)}")
+        refs.append(RunRef(entry.label, seed, cfg.method, run_dir, status))
+    return refs
+
+
+def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] | None = None,
+          data_dir: str | None = None, backbone=None, runner: Callable | None = None,
+          say: Callable[[str], None] = _say) -> dict[str, Path]:
+    """Run the matrix, then write results.csv, results.md and results.png in OUT/<suite>/."""
+    from fedpeft.bench.report import load_rows, write_report
+
+    refs = run_matrix(suite, seeds, out, labels=labels, data_dir=data_dir, backbone=backbone,
+                      runner=runner, say=say)
+    dest = Path(out) / suite.name
+    rows = load_rows(refs)
+    if not rows:
+        raise FedPeftError(f"no finished runs to report in {dest}")
+    files = write_report(rows, dest, suite=suite, seeds=list(seeds))
+    say(f"bench {suite.name}: {len(refs)} runs; results in {files['md']}, {files['csv']}, {files['png']}")
+    return files
+
+
+def read_history(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(run_dir) / "training_history.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise FedPeftError(f"cannot read {run_dir}/training_history.json: {exc}") from None

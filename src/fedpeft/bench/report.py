@@ -1,0 +1,210 @@
+"""results.csv (one row per run), results.md (mean ± std per label, paper numbers alongside) and
+results.png (overall metric per label, std error bars when there are several seeds) from the run folders of a matrix.
+
+Definitions (the same as a run's summary.md):
+- per-task value: the task's primary metric (accuracy; Matthews correlation for CoLA) at the
+  headline round, i.e. the last scored non-warmup round, averaged over that task's clients;
+- overall: the mean of the task means; best round: the non-warmup round with the highest overall;
+- bytes per client per round: mean over the Phase-2 rounds (phase "train": no init broadcast, no
+  warmup) of the round's bytes divided by the number of clients;
+- seconds per round: mean wall time over the rounds that trained (init excluded).
+The std over seeds is the sample standard deviation (ddof = 1); with one seed only the mean shows.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from fedpeft.errors import FedPeftError
+
+# §6.2 of shared/specs/fedlease.md: RoBERTa-large, 16 clients (SST-2, QNLI, MRPC, QQP x 4), accuracy %.
+PAPER_MAIN: dict[str, dict[str, float]] = {
+    "fedit": {"sst2": 93.33, "qnli": 85.43, "mrpc": 76.35, "qqp": 73.82, "avg": 82.23},
+    "feddpa": {"sst2": 91.90, "qnli": 83.13, "mrpc": 81.60, "qqp": 81.35, "avg": 84.49},
+    "fedsa-lora": {"sst2": 91.97, "qnli": 82.70, "mrpc": 82.08, "qqp": 81.65, "avg": 84.60},
+    "ifca": {"sst2": 92.95, "qnli": 85.90, "mrpc": 78.63, "qqp": 80.42, "avg": 84.48},
+    "fedlease": {"sst2": 93.33, "qnli": 87.22, "mrpc": 86.93, "qqp": 83.57, "avg": 87.76},
+}
+# §6.3: ablations, GLUE average accuracy. The paper's "clustered experts without adaptive top-M"
+# does not say which k; it is shown next to both fixed top-k rows, marked with *.
+PAPER_ABLATION: dict[str, tuple[float, str]] = {
+    "fedlease-single-r": (82.00, ""),
+    "fedlease-single-4r": (83.84, ""),
+    "fedlease-per-client": (80.69, ""),
+    "fedlease-top1": (85.91, "*"),
+    "fedlease-top2": (85.91, "*"),
+}
+
+FIXED_COLUMNS = ["label", "method", "seed"]
+TAIL_COLUMNS = ["overall", "best_round", "best_overall", "bytes_up_per_client_round",
+                "bytes_down_per_client_round", "seconds_per_round", "total_seconds", "rounds", "run_dir"]
+
+
+def row_from_history(label: str, seed: int, history: dict[str, Any], run_dir: str | Path = "") -> dict[str, Any]:
+    """One results.csv row from a run's training_history.json (as a dict)."""
+    meta, rounds = history.get("meta", {}), history.get("rounds", [])
+    scored = [r for r in rounds if r.get("phase") != "warmup" and r.get("overall") is not None]
+    if not scored:
+        raise FedPeftError(f"run {label} seed {seed} has no scored round after warmup ({run_dir})")
+    head = scored[-1]
+    best = max(scored, key=lambda r: r["overall"])
+    n_clients = len(meta.get("clients") or meta.get("tasks") or []) or 1
+    phase2 = [r for r in rounds if r.get("phase") == "train"] or [r for r in rounds if r.get("phase") != "init"]
+    trained = [r for r in rounds if r.get("phase") != "init"]
+    row: dict[str, Any] = {"label": label, "method": meta.get("method", ""), "seed": seed}
+    for task, value in head["per_task"].items():
+        row[task] = value
+    row.update(
+        overall=head["overall"], best_round=best["round"], best_overall=best["overall"],
+        bytes_up_per_client_round=_mean([r.get("bytes_up", 0) / n_clients for r in phase2]),
+        bytes_down_per_client_round=_mean([r.get("bytes_down", 0) / n_clients for r in phase2]),
+        seconds_per_round=_mean([r.get("seconds", 0.0) for r in trained]),
+        total_seconds=sum(r.get("seconds", 0.0) for r in rounds),
+        rounds=max((r["round"] for r in rounds), default=0), run_dir=str(run_dir),
+    )
+    return row
+
+
+def load_rows(refs: Iterable[Any]) -> list[dict[str, Any]]:
+    """Rows for RunRefs (label, seed, run_dir) of finished runs."""
+    from fedpeft.bench.matrix import read_history
+
+    return [row_from_history(r.label, r.seed, read_history(r.run_dir), r.run_dir) for r in refs]
+
+
+def task_columns(rows: list[dict[str, Any]]) -> list[str]:
+    known = set(FIXED_COLUMNS) | set(TAIL_COLUMNS)
+    tasks: list[str] = []
+    for row in rows:
+        tasks += [k for k in row if k not in known and k not in tasks]
+    return tasks
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (ddof = 1); std is None for a single value."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return math.nan, None
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per label (in first-seen order): n, seeds and (mean, std) of every numeric column."""
+    labels: list[str] = []
+    for r in rows:
+        if r["label"] not in labels:
+            labels.append(r["label"])
+    cols = task_columns(rows) + ["overall", "best_overall", "bytes_up_per_client_round",
+                                 "bytes_down_per_client_round", "seconds_per_round", "total_seconds"]
+    out = []
+    for label in labels:
+        group = [r for r in rows if r["label"] == label]
+        agg = {"label": label, "method": group[0]["method"], "n": len(group),
+               "seeds": [r["seed"] for r in group]}
+        for c in cols:
+            agg[c] = mean_std([r[c] for r in group if c in r])
+        out.append(agg)
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _pm(ms: tuple[float, float | None], scale: float = 100.0, digits: int = 2) -> str:
+    m, s = ms
+    if m is None or math.isnan(m):
+        return "—"
+    return f"{m * scale:.{digits}f}" + (f" ± {s * scale:.{digits}f}" if s is not None else "")
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    cols = FIXED_COLUMNS + task_columns(rows) + TAIL_COLUMNS
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in cols})
+    return path
+
+
+def markdown(rows: list[dict[str, Any]], *, title: str, description: str = "") -> str:
+    tasks = task_columns(rows)
+    aggs = aggregate(rows)
+    lines = [f"# {title}", ""]
+    if description:
+        lines += [description, ""]
+    lines += [
+        "Values × 100 at the last round (the headline; the best round in its own column), mean ± sample std "
+        "over seeds. Per task: the primary metric (accuracy; Matthews correlation for CoLA), mean over the "
+        "task's clients; overall = mean of the task means. Communication: bytes per client per round, mean "
+        "over the Phase-2 rounds. Paper: Table 1 / ablation average of shared/specs/fedlease.md §6.2–6.3 "
+        "(RoBERTa-large, QQP instead of CoLA, so not directly comparable).", "",
+        "| label | seeds | " + " | ".join(tasks) + " | overall | best round | paper avg | KB up / client / round "
+        "| KB down / client / round | s / round |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|---|",
+    ]
+    for a in aggs:
+        paper = ""
+        if a["label"] in PAPER_MAIN:
+            paper = f"{PAPER_MAIN[a['label']]['avg']:.2f}"
+        elif a["label"] in PAPER_ABLATION:
+            v, mark = PAPER_ABLATION[a["label"]]
+            paper = f"{v:.2f}{mark}"
+        lines.append(
+            f"| {a['label']} | {','.join(str(s) for s in a['seeds'])} | "
+            + " | ".join(_pm(a[t]) for t in tasks)
+            + f" | **{_pm(a['overall'])}** | {_pm(a['best_overall'])} | {paper or '—'} | "
+            f"{_pm(a['bytes_up_per_client_round'], 1e-3, 1)} | {_pm(a['bytes_down_per_client_round'], 1e-3, 1)} | "
+            f"{_pm(a['seconds_per_round'], 1.0, 1)} |")
+    present = [a["label"] for a in aggs if a["label"] in PAPER_MAIN]
+    if present:
+        lines += ["", "Paper Table 1 (accuracy %, RoBERTa-large) for the labels above:", "",
+                  "| label | SST-2 | QNLI | MRPC | QQP | Avg |", "|---|---|---|---|---|---|"]
+        for label in present:
+            p = PAPER_MAIN[label]
+            lines.append(f"| {label} | {p['sst2']:.2f} | {p['qnli']:.2f} | {p['mrpc']:.2f} | {p['qqp']:.2f} | {p['avg']:.2f} |")
+    if any(a["label"] in ("fedlease-top1", "fedlease-top2") for a in aggs):
+        lines += ["", "\\* the paper's 'clustered experts without adaptive top-M' (85.91) does not state k."]
+    lines += ["", "Ranking by overall (mean): " + " > ".join(
+        a["label"] for a in sorted(aggs, key=lambda a: -a["overall"][0]))]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
+    from fedpeft.run.plots import _figure, _save
+
+    aggs = aggregate(rows)
+    means = [a["overall"][0] * 100 for a in aggs]
+    errs = [(a["overall"][1] or 0.0) * 100 for a in aggs]
+    fig = _figure(max(6.0, 0.7 * len(aggs) + 2), 4.5)
+    ax = fig.add_subplot()
+    x = list(range(len(aggs)))
+    has_std = any(a["overall"][1] is not None for a in aggs)
+    bars = ax.bar(x, means, yerr=errs if has_std else None, capsize=4,
+                  color=["tab:red" if a["label"] == "fedlease" else "tab:blue" for a in aggs])
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([a["label"] for a in aggs], rotation=40, ha="right")
+    ax.set_ylabel("overall (mean of task metrics) × 100")
+    ax.set_title(title)
+    ax.axhline(0.0, color="black", linewidth=0.8)  # bars start at 0 (CoLA's MCC can make a mean negative)
+    return _save(fig, path)
+
+
+def write_report(rows: list[dict[str, Any]], dest: str | Path, *, suite=None, seeds: list[int] | None = None) -> dict[str, Path]:
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    name = suite.name if suite is not None else dest.name
+    title = f"fedpeft bench: {name}"
+    files = {"csv": write_csv(rows, dest / "results.csv"),
+             "md": dest / "results.md"}
+    files["md"].write_text(markdown(rows, title=title, description=suite.description if suite else ""))
+    files["png"] = plot(rows, dest / "results.png", title=f"{name}: overall by method")
+    return files

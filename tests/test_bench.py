@@ -1,0 +1,137 @@
+"""`fedpeft bench`: matrix, resume, report (on synthetic histories) and the CLI errors."""
+
+import csv
+import math
+
+import pytest
+
+from fedpeft.bench.matrix import bench, is_finished, run_matrix, run_dir_for
+from fedpeft.bench.report import aggregate, markdown, mean_std, row_from_history, write_report
+from fedpeft.bench.suites import SUITES, Entry, Suite, get_suite
+from fedpeft.errors import FedPeftError
+
+TINY_BASE = dict(tasks=["demo-sentiment", "demo-sentiment", "demo-topic", "demo-topic"], train_samples=16,
+                 test_samples=8, global_rounds=2, warmup_rounds=1, local_epochs=1, batch_size=8,
+                 eval_batch_size=32, max_length=24, rank=2, lr=5e-3, max_clusters=2, quiet=True)
+
+
+def tiny_suite():
+    return Suite(name="tiny", description="tiny test suite", base=TINY_BASE,
+                 entries=(Entry("fedit", {"method": "fedit"}),
+                          Entry("fedlease", {"method": "fedlease"}),
+                          Entry("fedlease-top1", {"method": "fedlease", "routing": "fixed_topk", "top_k": 1}, "first")))
+
+
+def counting_runner(calls):
+    from fedpeft.runner import run
+
+    def runner(cfg, backbone=None):
+        calls.append((cfg.method, cfg.seed, cfg.resume))
+        return run(cfg, backbone=backbone)
+
+    return runner
+
+
+def test_matrix_runs_every_label_and_seed_writes_reports_and_resumes(tmp_path, tiny_backbone):
+    suite, calls, said = tiny_suite(), [], []
+    files = bench(suite, [1, 2], tmp_path, backbone=tiny_backbone, runner=counting_runner(calls), say=said.append)
+    # main methods on both seeds, the ablation on the first seed only
+    assert sorted((m, s) for m, s, _ in calls) == [("fedit", 1), ("fedit", 2), ("fedlease", 1), ("fedlease", 1),
+                                                   ("fedlease", 2)]
+    for label, seed in [("fedit", 1), ("fedit", 2), ("fedlease", 1), ("fedlease", 2), ("fedlease-top1", 1)]:
+        assert is_finished(run_dir_for(tmp_path, suite, label, seed))
+    assert not (tmp_path / "tiny" / "fedlease-top1-seed2").exists()
+    assert sum("started" in line for line in said) == 5 and sum("finished in" in line for line in said) == 5
+    assert all("overall" in line for line in said if "finished in" in line)
+
+    with open(files["csv"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["label"], r["seed"]) for r in rows] == [("fedit", "1"), ("fedit", "2"), ("fedlease", "1"),
+                                                       ("fedlease", "2"), ("fedlease-top1", "1")]
+    assert {"demo-sentiment", "demo-topic", "overall", "best_round", "bytes_up_per_client_round",
+            "seconds_per_round"} <= set(rows[0])
+    assert float(rows[0]["bytes_up_per_client_round"]) > 0
+    md = files["md"].read_text()
+    assert "| fedit | 1,2 |" in md and "| fedlease-top1 | 1 |" in md and "87.76" in md
+    assert files["png"].stat().st_size > 1000
+
+    # Resume: a second call runs nothing; a removed run folder is the only one run again.
+    calls.clear()
+    bench(suite, [1, 2], tmp_path, backbone=tiny_backbone, runner=counting_runner(calls), say=said.append)
+    assert calls == []
+    (tmp_path / "tiny" / "fedit-seed2" / "summary.md").unlink()
+    refs = run_matrix(suite, [1, 2], tmp_path, backbone=tiny_backbone, runner=counting_runner(calls), say=said.append)
+    assert [(m, s) for m, s, _ in calls] == [("fedit", 2)]
+    assert calls[0][2] is not None  # continued from its checkpoint, not started over
+    assert [r.status for r in refs].count("skipped") == 4
+
+    # An edited suite does not silently reuse runs made with other settings.
+    edited = Suite(name="tiny", description="", base={**TINY_BASE, "lr": 1e-3}, entries=suite.entries)
+    with pytest.raises(FedPeftError, match="lr"):
+        run_matrix(edited, [1], tmp_path, backbone=tiny_backbone, runner=counting_runner(calls), say=said.append)
+
+
+def synthetic_history(overall_by_round, per_task_last, *, clients=4, warmup=0, up=1000, down=2000, seconds=2.0):
+    rounds = [{"round": 0, "phase": "init", "overall": None, "per_task": {}, "bytes_up": 0, "bytes_down": 9999,
+               "seconds": 0.0}]
+    for i, ov in enumerate(overall_by_round, 1):
+        phase = "warmup" if i <= warmup else "train"
+        rounds.append({"round": i, "phase": phase, "overall": ov,
+                       "per_task": per_task_last if i == len(overall_by_round) else {},
+                       "bytes_up": up * (3 if phase == "warmup" else 1) * clients,
+                       "bytes_down": down * clients, "seconds": seconds})
+    return {"meta": {"method": "fedlease", "tasks": ["a"] * clients, "clients": [{}] * clients}, "rounds": rounds,
+            "records": []}
+
+
+def test_row_from_history_uses_last_round_and_phase2_bytes():
+    h = synthetic_history([0.9, 0.5, 0.7, 0.6], {"a": 0.6}, warmup=1)
+    row = row_from_history("fedlease", 1, h)
+    assert row["overall"] == 0.6 and row["a"] == 0.6
+    assert row["best_round"] == 3 and row["best_overall"] == 0.7  # the warmup round 1 is not a candidate
+    assert row["bytes_up_per_client_round"] == 1000 and row["bytes_down_per_client_round"] == 2000
+    assert row["seconds_per_round"] == 2.0 and row["total_seconds"] == 8.0 and row["rounds"] == 4
+
+
+def test_mean_std_on_known_numbers(tmp_path):
+    assert mean_std([0.8, 0.9, 1.0]) == (pytest.approx(0.9), pytest.approx(0.1))
+    assert mean_std([0.5]) == (0.5, None)
+    rows = [row_from_history("fedit", s, synthetic_history([v], {"a": v, "b": 1 - v}))
+            for s, v in [(1, 0.80), (2, 0.90), (3, 1.00)]]
+    rows.append(row_from_history("ifca", 1, synthetic_history([0.7], {"a": 0.7, "b": 0.3})))
+    aggs = {a["label"]: a for a in aggregate(rows)}
+    assert aggs["fedit"]["n"] == 3
+    assert aggs["fedit"]["overall"] == (pytest.approx(0.9), pytest.approx(0.1))
+    assert aggs["fedit"]["b"][0] == pytest.approx(0.1) and aggs["fedit"]["b"][1] == pytest.approx(0.1)
+    assert aggs["ifca"]["overall"] == (0.7, None)
+    md = markdown(rows, title="t")
+    assert "| fedit | 1,2,3 | 90.00 ± 10.00 | 10.00 ± 10.00 | **90.00 ± 10.00** |" in md
+    assert "| ifca | 1 | 70.00 | 30.00 | **70.00** |" in md
+    assert "82.23" in md and "84.48" in md  # paper Avg next to the matching labels
+    assert "Ranking by overall (mean): fedit > ifca" in md
+    files = write_report(rows, tmp_path / "out")
+    with open(files["csv"]) as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    assert not math.isnan(aggs["fedit"]["seconds_per_round"][0])
+
+
+def test_suites_are_well_formed():
+    for suite in SUITES.values():
+        plan = suite.plan([1, 2, 3])
+        assert len(plan) == 6 * 3 + 5  # six main methods x 3 seeds, five ablations on seed 1
+        for entry, seed in plan:
+            cfg = suite.config(entry, seed, output_dir="x")
+            cfg.check_runnable()
+            assert len(cfg.tasks) == 16
+    mini = get_suite("glue4-mini").config(Entry("x", {"method": "fedlease"}), 1)
+    assert mini.carve_out and mini.model_name == "minilm"
+    with pytest.raises(FedPeftError, match="no method label"):
+        get_suite("glue4-mini").plan([1], ["nope"])
+
+
+def test_cli_unknown_suite_is_one_line_exit_2(capsys):
+    from fedpeft.cli import main
+
+    assert main(["bench", "--suite", "nope", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown suite 'nope'" in err and "glue4-cpu" in err
