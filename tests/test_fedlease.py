@@ -364,7 +364,7 @@ def test_item19_eq3_experts_are_data_size_weighted_cluster_means(transition):
     for j in range(2):
         assert set(state["routers"][j]) == {moe_key(layer, module, None, "router") for layer, module in MODULES}
         assert all(t.shape == (3, HIDDEN) for t in state["routers"][j].values())
-        _assert_same(state["routers"][j], alg._router_init(state, j, 2))
+        _assert_same(state["routers"][j], alg._router_init({(layer, module): HIDDEN for layer, module in MODULES}, j, 2))
     assert not torch.equal(state["routers"][0][moe_key(0, "query", None, "router")],
                            state["routers"][1][moe_key(0, "query", None, "router")])
 

@@ -29,7 +29,6 @@ from fedpeft.algorithms.base import (HEAD_PREFIX, Algorithm, Client, Message, is
 from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
 from fedpeft.data.batching import num_batches
 from fedpeft.models.adapters import get_lora_state, lora_parameters, parse_lora_key, set_lora_state
-from fedpeft.models.adapters import lora_key
 from fedpeft.models.moe_lora import (inject_moe_lora, load_moe_state, moe_key, moe_layers, moe_state,
                                      parse_moe_key, set_own_expert, set_record_usage)
 from fedpeft.seeding import derive_seed, torch_generator
@@ -152,7 +151,9 @@ class FedLEASE(FedIT):
                 layer, module, factor = parse_lora_key(key)
                 experts[moe_key(layer, module, j, factor)] = tensor
         state["experts"] = experts
-        state["routers"] = {j: self._router_init(state, j, m) for j in range(m)}
+        dims = {(layer, module): a.shape[1] for key, a in state["lora"].items()
+                for layer, module, factor in [parse_lora_key(key)] if factor == "A"}
+        state["routers"] = {j: self._router_init(dims, j, m) for j in range(m)}
         if self.cfg.head_policy == "shared" and heads:
             for j in range(m):
                 for labels in {self.federation[c].num_labels for c, cj in cluster_of.items() if cj == j}:
@@ -162,16 +163,17 @@ class FedLEASE(FedIT):
                         state["heads"][(j, labels)] = weighted_mean([heads[c] for c in members],
                                                                     [n[c] for c in members])
 
-    def _router_init(self, state, j: int, m: int) -> dict[str, torch.Tensor]:
+    def _router_init(self, dims: dict[tuple[int, str], int], j: int, m: int) -> dict[str, torch.Tensor]:
+        """Cluster j's initial routers from (seed, j) (D7); `dims` maps (layer, module) to its d_in.
+
+        The server (cluster routers) and a client (local routers) call it with the same dims and
+        get the same tensors."""
         width = 2 * m - 1 if self.cfg.routing == "adaptive_topM" else m
         gen = torch_generator(self.cfg.seed, "router-init", j)
         out = {}
-        for key, a in sorted(state["lora"].items()):
-            layer, module, factor = parse_lora_key(key)
-            if factor == "A":
-                d_in = a.shape[1]
-                bound = 1.0 / d_in ** 0.5  # kaiming_uniform_(a=√5) on (width, d_in)
-                out[moe_key(layer, module, None, "router")] = (torch.rand(width, d_in, generator=gen) * 2 - 1) * bound
+        for (layer, module), d_in in sorted(dims.items()):
+            bound = 1.0 / d_in ** 0.5  # kaiming_uniform_(a=√5) on (width, d_in)
+            out[moe_key(layer, module, None, "router")] = (torch.rand(width, d_in, generator=gen) * 2 - 1) * bound
         return out
 
     def _late_join(self, state, rnd, uploads) -> None:
@@ -296,17 +298,12 @@ class FedLEASE(FedIT):
         model = self.runtime.model.encoder
         if self.cfg.router_aggregation == "local":
             if "router" not in client.store:  # D7: the cluster's initial router, generated where it is used
-                client.store["router"] = self._router_init({"lora": self._lora_shapes()}, j, m)
+                dims = {(mod.layer_index, mod.module_name): mod.in_features for _, mod in moe_layers(model)}
+                client.store["router"] = self._router_init(dims, j, m)
             sent.update(client.store["router"])
         load_moe_state(model, sent, strict=True)
         self.load_head(instruction, client)
         return j
-
-    def _lora_shapes(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for _, layer in moe_layers(self.runtime.model.encoder):
-            out[lora_key(layer.layer_index, layer.module_name, "A")] = torch.empty(layer.rank, layer.in_features)
-        return out
 
     def load_for_eval(self, instruction, client):
         if instruction.config["phase"] == "train":
