@@ -130,6 +130,34 @@ class Algorithm:
         """Put exactly the state the client would train with next into the model."""
         raise NotImplementedError
 
+    def train_client(self, client: Client, params: list[torch.nn.Parameter], *, tag: str, rnd: int, **kwargs):
+        """One local run over `params` (and the head when the head policy trains it), with the run's
+        optimiser settings and the seed of (tag, client, round). Grads are on for exactly these
+        parameters during the run and off after it. `kwargs` go to `train_local`."""
+        from fedpeft.seeding import derive_seed
+        from fedpeft.training import train_local
+
+        params = list(params)
+        for p in params:
+            p.requires_grad_(True)
+        params += self.head_params()
+        try:
+            return train_local(
+                self.runtime.model, client.train, params, epochs=self.cfg.local_epochs, lr=self.cfg.lr,
+                batch_size=self.cfg.batch_size, seed=derive_seed(self.cfg.seed, tag, client.cid, rnd),
+                weight_decay=self.cfg.weight_decay, max_grad_norm=self.cfg.max_grad_norm,
+                precision=self.cfg.precision, regression=client.regression, **kwargs)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+
+    @staticmethod
+    def fit_report(client: Client, stats) -> dict[str, Any]:
+        """The plain values every fit reply carries: n_i and what the local run measured."""
+        return {"num_examples": len(client.train), "train_loss": stats.loss, "train_seconds": stats.seconds,
+                "compute_seconds": stats.compute_seconds, "real_tokens": stats.real_tokens,
+                "padded_tokens": stats.padded_tokens}
+
     # ------------------------------------------------------------ heads (D9)
     def head_inits(self) -> dict[int, dict[str, torch.Tensor]]:
         """The common head initialisation of every head shape in the federation (D2)."""

@@ -22,8 +22,7 @@ from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT, frozen_linears_to_bf16
 from fedpeft.models.adapters import (get_lora_state, init_lora_state, inject_lora, lora_parameters, lora_sites,
                                      set_lora_state)
 from fedpeft.models.task_model import TaskModel
-from fedpeft.seeding import derive_seed, torch_generator
-from fedpeft.training import train_local
+from fedpeft.seeding import torch_generator
 
 GLOBAL, LOCAL = "default", "local"
 
@@ -76,28 +75,15 @@ class FedDPA(FedIT):
         self.load_head(instruction, client)
         self.use("mixture")
 
-    def _train(self, client, params, tag, rnd):
-        for p in params:
-            p.requires_grad_(True)
-        params = params + self.head_params()
-        stats = train_local(
-            self.runtime.model, client.train, params, epochs=self.cfg.local_epochs, lr=self.cfg.lr,
-            batch_size=self.cfg.batch_size, seed=derive_seed(self.cfg.seed, tag, client.cid, rnd),
-            weight_decay=self.cfg.weight_decay, max_grad_norm=self.cfg.max_grad_norm,
-            precision=self.cfg.precision, regression=client.regression)
-        for p in params:
-            p.requires_grad_(False)
-        return stats
-
     def fit(self, instruction, client):
         rnd = instruction.config["round"]
         self.load_lora(instruction, client)
         self.load_head(instruction, client)
         sites = self.runtime.sites
         self.use("global")
-        g = self._train(client, lora_parameters(sites, adapter=GLOBAL), "fit", rnd)
+        g = self.train_client(client, lora_parameters(sites, adapter=GLOBAL), tag="fit", rnd=rnd)
         self.use("mixture")
-        loc = self._train(client, lora_parameters(sites, adapter=LOCAL), "fit-local", rnd)
+        loc = self.train_client(client, lora_parameters(sites, adapter=LOCAL), tag="fit-local", rnd=rnd)
         client.store["local_lora"] = get_lora_state(sites, adapter=LOCAL)
         up = get_lora_state(sites, adapter=GLOBAL)
         return Message({**prefixed(LORA_PREFIX, up), **self.keep_head(client)},

@@ -17,8 +17,7 @@ from fedpeft.algorithms.base import (Algorithm, Client, Message, Runtime, is_syn
 from fedpeft.models.adapters import (get_lora_state, init_lora_state, inject_lora, lora_parameters,
                                      lora_sites, set_lora_state)
 from fedpeft.models.task_model import TaskModel
-from fedpeft.seeding import derive_seed, torch_generator
-from fedpeft.training import train_local
+from fedpeft.seeding import torch_generator
 
 LORA_PREFIX = "lora."
 
@@ -109,23 +108,11 @@ class FedIT(Algorithm):
         for p in lora_parameters(rt.sites):
             p.requires_grad_(False)
         params = lora_parameters(rt.sites, factors=self.trained_factors)
-        for p in params:
-            p.requires_grad_(True)
-        extra_loss = self.local_extra_loss(list(params))
-        params += self.head_params()
-        stats = train_local(
-            rt.model, client.train, params, epochs=self.cfg.local_epochs, lr=self.cfg.lr,
-            batch_size=self.cfg.batch_size, seed=derive_seed(self.cfg.seed, "fit", client.cid, instruction.config["round"]),
-            weight_decay=self.cfg.weight_decay, max_grad_norm=self.cfg.max_grad_norm,
-            precision=self.cfg.precision, regression=client.regression, extra_loss=extra_loss)
-        for p in params:
-            p.requires_grad_(False)
+        stats = self.train_client(client, params, tag="fit", rnd=instruction.config["round"],
+                                  extra_loss=self.local_extra_loss(list(params)))
         lora = get_lora_state(rt.sites)
         kept = [f for f in ("A", "B") if f not in self.sent_factors]
         if kept:
             client.store["lora"] = {k: v for k, v in lora.items() if k.rsplit(".", 1)[-1] in kept}
         up = {k: v for k, v in lora.items() if k.rsplit(".", 1)[-1] in self.sent_factors}
-        return Message({**prefixed(LORA_PREFIX, up), **self.keep_head(client)},
-                       {"num_examples": len(client.train), "train_loss": stats.loss,
-                        "train_seconds": stats.seconds, "compute_seconds": stats.compute_seconds,
-                        "real_tokens": stats.real_tokens, "padded_tokens": stats.padded_tokens})
+        return Message({**prefixed(LORA_PREFIX, up), **self.keep_head(client)}, self.fit_report(client, stats))

@@ -16,8 +16,8 @@ from typing import Any
 from fedpeft.algorithms.base import Message, log, mark_synced, prefixed, unprefixed, weighted_mean
 from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
 from fedpeft.models.adapters import get_lora_state, init_lora_state, lora_parameters, set_lora_state
-from fedpeft.seeding import derive_seed, torch_generator
-from fedpeft.training import mean_loss, train_local
+from fedpeft.seeding import torch_generator
+from fedpeft.training import mean_loss
 
 IFCA_B_STD = 1e-3
 
@@ -100,20 +100,8 @@ class IFCA(FedIT):
 
     def fit(self, instruction, client):
         k = self.select(instruction, client)
-        rt = self.runtime
-        params = lora_parameters(rt.sites)
-        for p in params:
-            p.requires_grad_(True)
-        params += self.head_params()
-        stats = train_local(
-            rt.model, client.train, params, epochs=self.cfg.local_epochs, lr=self.cfg.lr,
-            batch_size=self.cfg.batch_size, seed=derive_seed(self.cfg.seed, "fit", client.cid, instruction.config["round"]),
-            weight_decay=self.cfg.weight_decay, max_grad_norm=self.cfg.max_grad_norm,
-            precision=self.cfg.precision, regression=client.regression)
-        for p in params:
-            p.requires_grad_(False)
-        up = get_lora_state(rt.sites)
+        stats = self.train_client(client, lora_parameters(self.runtime.sites), tag="fit",
+                                  rnd=instruction.config["round"])
+        up = get_lora_state(self.runtime.sites)
         return Message({**prefixed(LORA_PREFIX, up), **self.keep_head(client)},
-                       {"num_examples": len(client.train), "cluster": k, "train_loss": stats.loss,
-                        "train_seconds": stats.seconds, "compute_seconds": stats.compute_seconds,
-                        "real_tokens": stats.real_tokens, "padded_tokens": stats.padded_tokens})
+                       {**self.fit_report(client, stats), "cluster": k})

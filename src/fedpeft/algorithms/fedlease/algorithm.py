@@ -24,15 +24,14 @@ from typing import Any
 
 import torch
 
-from fedpeft.algorithms.base import (HEAD_PREFIX, Algorithm, Client, Message, is_synced, mark_synced, prefixed,
+from fedpeft.algorithms.base import (HEAD_PREFIX, Client, Message, is_synced, mark_synced, prefixed,
                                      unprefixed, weighted_mean)
 from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
 from fedpeft.data.batching import num_batches
 from fedpeft.models.adapters import get_lora_state, lora_parameters, parse_lora_key, set_lora_state
 from fedpeft.models.moe_lora import (inject_moe_lora, load_moe_state, moe_key, moe_layers, moe_state,
                                      parse_moe_key, set_own_expert, set_record_usage)
-from fedpeft.seeding import derive_seed, torch_generator
-from fedpeft.training import train_local
+from fedpeft.seeding import torch_generator
 
 log = logging.getLogger("fedpeft")
 
@@ -347,20 +346,11 @@ class FedLEASE(FedIT):
         self._load_warmup(instruction, client)
         rt = self.runtime
         params = lora_parameters(rt.sites)
-        for p in params:
-            p.requires_grad_(True)
-        params = params + self.head_params()
         steps = self.warmup_rounds * self.cfg.local_epochs * num_batches(len(client.train), self.cfg.batch_size)
-        stats = train_local(
-            rt.model, client.train, params, epochs=self.cfg.local_epochs, lr=self.cfg.lr,
-            batch_size=self.cfg.batch_size,
-            seed=derive_seed(self.cfg.seed, "warmup", client.cid, instruction.config["round"]),
-            weight_decay=self.cfg.weight_decay, max_grad_norm=self.cfg.max_grad_norm,
-            precision=self.cfg.precision, regression=client.regression,
+        stats = self.train_client(
+            client, params, tag="warmup", rnd=instruction.config["round"],
             optimizer_state=client.store.get("warmup_optimizer"), start_step=client.store.get("warmup_step", 0),
             schedule_steps=steps)
-        for p in params:
-            p.requires_grad_(False)
         client.store["warmup_optimizer"] = stats.optimizer_state
         client.store["warmup_step"] = stats.end_step
         client.store["lora"] = get_lora_state(rt.sites)
@@ -376,8 +366,7 @@ class FedLEASE(FedIT):
             tensors = {**prefixed(LORA_PREFIX, client.store["lora"]), **(head or {})}
         cfg = {"num_examples": len(client.train), "uploaded_warmup": uploaded}
         if stats is not None:
-            cfg.update(train_loss=stats.loss, train_seconds=stats.seconds, compute_seconds=stats.compute_seconds,
-                       real_tokens=stats.real_tokens, padded_tokens=stats.padded_tokens)
+            cfg.update(self.fit_report(client, stats))
         return Message(tensors, cfg)
 
     def _fit_phase2(self, instruction, client):
@@ -387,26 +376,14 @@ class FedLEASE(FedIT):
         layers = moe_layers(model)
         params = [layer.lora_A[j] for _, layer in layers] + [layer.lora_B[j] for _, layer in layers]
         params += [layer.router.weight for _, layer in layers]
-        for p in params:
-            p.requires_grad_(True)
-        params += self.head_params()
-        stats = train_local(
-            rt.model, client.train, params, epochs=self.cfg.local_epochs, lr=self.cfg.lr,
-            batch_size=self.cfg.batch_size,
-            seed=derive_seed(self.cfg.seed, "fit", client.cid, instruction.config["round"]),
-            weight_decay=self.cfg.weight_decay, max_grad_norm=self.cfg.max_grad_norm,
-            precision=self.cfg.precision, regression=client.regression)
-        for _, layer in layers:
-            layer.router.weight.requires_grad_(False)
-        set_own_expert(model, j)  # restores the trainable flags of expert j only
+        stats = self.train_client(client, params, tag="fit", rnd=instruction.config["round"])
+        set_own_expert(model, j)  # the layer keeps its own expert trainable between rounds
         share_router = self.cfg.router_aggregation == "cluster"
         up = moe_state(model, experts=[j], include_router=share_router)
         if not share_router:
             client.store["router"] = {k: v for k, v in moe_state(model, experts=[], include_router=True).items()}
         return Message({**prefixed(MOE_PREFIX, up), **self.keep_head(client)},
-                       {"num_examples": len(client.train), "own_expert": j, "train_loss": stats.loss,
-                        "train_seconds": stats.seconds, "compute_seconds": stats.compute_seconds,
-                        "real_tokens": stats.real_tokens, "padded_tokens": stats.padded_tokens})
+                       {**self.fit_report(client, stats), "own_expert": j})
 
 
 class SingleSharedExpert(FedIT):
