@@ -15,7 +15,7 @@ import torch
 from fedpeft.algorithms.base import (Algorithm, Client, Message, Runtime, is_synced, mark_synced, prefixed,
                                      unprefixed, weighted_mean)
 from fedpeft.models.adapters import (get_lora_state, init_lora_state, inject_lora, lora_parameters,
-                                     lora_sites, set_lora_state)
+                                     lora_sites, select_factors, set_lora_state)
 from fedpeft.models.task_model import TaskModel
 from fedpeft.seeding import torch_generator
 
@@ -69,14 +69,13 @@ class FedIT(Algorithm):
             # Until a client has replied once it gets the whole common initialisation (D2);
             # afterwards only the factors the method sends.
             factors = self.sent_factors if is_synced(state, c.client_id) else ("A", "B")
-            lora = {k: v for k, v in state["lora"].items() if k.rsplit(".", 1)[-1] in factors}
+            lora = select_factors(state["lora"], factors)
             out[c.client_id] = Message({**prefixed(LORA_PREFIX, lora), **self.head_download(state, c)},
                                        {"round": rnd})
         return out
 
     def aggregate(self, state, rnd, replies):
-        expected = {LORA_PREFIX + k: v.shape for k, v in state["lora"].items()
-                    if k.rsplit(".", 1)[-1] in self.sent_factors}
+        expected = {LORA_PREFIX + k: v.shape for k, v in select_factors(state["lora"], self.sent_factors).items()}
         ok = self.accept(rnd, replies, expected)
         if ok:
             ups = [unprefixed(LORA_PREFIX, r.tensors) for r in ok.values()]
@@ -113,6 +112,6 @@ class FedIT(Algorithm):
         lora = get_lora_state(rt.sites)
         kept = [f for f in ("A", "B") if f not in self.sent_factors]
         if kept:
-            client.store["lora"] = {k: v for k, v in lora.items() if k.rsplit(".", 1)[-1] in kept}
-        up = {k: v for k, v in lora.items() if k.rsplit(".", 1)[-1] in self.sent_factors}
+            client.store["lora"] = select_factors(lora, kept)
+        up = select_factors(lora, self.sent_factors)
         return Message({**prefixed(LORA_PREFIX, up), **self.keep_head(client)}, self.fit_report(client, stats))

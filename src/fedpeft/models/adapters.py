@@ -32,6 +32,12 @@ def parse_lora_key(key: str) -> tuple[int, str, str]:
     return int(m.group(1)), m.group(2), m.group(3)
 
 
+def select_factors(state: dict[str, torch.Tensor], factors: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The entries of a LoRA state whose factor (A or B) is in `factors`."""
+    factors = tuple(factors)
+    return {k: v for k, v in state.items() if parse_lora_key(k)[2] in factors}
+
+
 def layer_index_of(module_path: str) -> int | None:
     """Transformer layer of a module: the first all-digit component of its dotted path
     (``encoder.layer.10.attention.self.query`` → 10), or None when there is none."""
