@@ -98,8 +98,12 @@ def build_federation(
     carve_out: bool = False,
     reserve: int = 0,
     min_train: int = 1,
+    e2e_key: str = "food",
 ) -> list[ClientData]:
     """Build one `ClientData` per entry of `tasks` (client i has task `tasks[i]`).
+
+    `e2e_key`: the MR attribute E2E examples are grouped on for a label-skew partition (L13's
+    `e2e_partition_key`; an MR without it is the group "missing").
 
     `train_samples` / `test_samples` are examples per client: an int for every task, or a mapping
     task → int (e.g. D15's MRPC override of 500 / 64). Pools come from
@@ -111,6 +115,8 @@ def build_federation(
     pools = {
         task: load_federation_pools(task, data_dir, carve_out=carve_out) for task in dict.fromkeys(tasks)
     }
+    if e2e_key != "food":
+        pools = {task: regroup_e2e(task, pool, e2e_key) for task, pool in pools.items()}
     return partition_pools(
         tasks,
         pools,
@@ -123,6 +129,30 @@ def build_federation(
         reserve=reserve,
         min_train=min_train,
     )
+
+
+E2E_ATTRIBUTES = ("name", "eatType", "food", "priceRange", "customer rating", "area", "familyFriendly", "near")
+
+
+def regroup_e2e(task: str, pools, key: str):
+    """E2E pools with each example's group set to the value of its MR's `key` slot ("missing" when
+    the MR has none); other tasks' pools unchanged. The MR is in the prompt (prompts.py), as
+    `key[value]` after the start, a comma or a newline."""
+    import dataclasses
+    import re
+
+    if get_task(task).source != "e2e":
+        return pools
+    if key not in E2E_ATTRIBUTES:
+        raise FedPeftError(f"--e2e-partition-key {key!r} is not an E2E MR attribute: choose one of "
+                           f"{', '.join(E2E_ATTRIBUTES)}")
+    slot = re.compile(rf"(?:^|[,\n])\s*{re.escape(key)}\[([^\]]*)\]")
+
+    def group(prompt: str) -> str:  # a repeated slot: the last value, as `nlg_sources.parse_mr` keeps
+        found = slot.findall(prompt)
+        return found[-1].strip() if found else "missing"
+
+    return tuple([dataclasses.replace(ex, group=group(ex.prompt)) for ex in pool] for pool in pools)
 
 
 def reserved_ids(task: str, pool_size: int, n: int, seed: int) -> list[int]:
@@ -244,6 +274,10 @@ def _dirichlet_cut(tasks, pools, train_samples, test_samples, alpha, seed, min_t
         sub = rng.permutation(len(train_pool))[: n_train * len(clients)]
         if spec.is_regression:  # STS-B: partition on 5 label bins, floor(score) clipped to 0..4 (L13)
             labels, n_classes = [min(4, max(0, int(math.floor(train_pool[j].label)))) for j in sub], 5
+        elif spec.is_generation:  # E2E: the MR attribute (`food` by default), WebNLG: the category (L13)
+            groups = sorted({train_pool[j].group or "" for j in sub})
+            index = {g: c for c, g in enumerate(groups)}
+            labels, n_classes = [index[train_pool[j].group or ""] for j in sub], len(groups)
         else:
             labels, n_classes = [_class_of(spec, train_pool[j]) for j in sub], spec.num_labels
         for _attempt in range(100):
@@ -261,7 +295,7 @@ def _dirichlet_cut(tasks, pools, train_samples, test_samples, alpha, seed, min_t
             raise FedPeftError(f"{task}/validation: need {need} ({len(clients)} clients × {n_test}), have "
                                f"{len(test_pool)}; request fewer test samples per client")
         test_order = np.random.default_rng([seed, zlib.crc32(task.encode()), 1]).permutation(len(test_pool))
-        pool_props = () if spec.is_regression else tuple(_class_proportions(spec, train_pool))
+        pool_props = () if spec.is_regression or spec.is_generation else tuple(_class_proportions(spec, train_pool))
         for k, i in enumerate(clients):
             train_ids = [int(sub[j]) for j in rng.permutation(parts[k])]
             test_ids = [int(j) for j in test_order[k * n_test:(k + 1) * n_test]]

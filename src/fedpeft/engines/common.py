@@ -27,7 +27,8 @@ def prepare_clients(cfg: RunConfig, tokenizer) -> tuple[list[ClientInfo], list[C
     parts = build_federation(cfg.tasks, train_samples=train_n, test_samples=test_n,
                              partition=cfg.partition, label_split=cfg.label_split, alpha=cfg.alpha,
                              seed=cfg.seed, data_dir=cfg.resolved_data_dir(), carve_out=cfg.carve_out,
-                             reserve=cfg.reserved_train_examples, min_train=cfg.batch_size)
+                             reserve=cfg.reserved_train_examples, min_train=cfg.batch_size,
+                             e2e_key=cfg.e2e_partition_key)
     if cfg.validation_fraction > 0:
         parts = [hold_out_validation(p, cfg.validation_fraction, cfg.seed, get_task(p.task).num_labels)
                  for p in parts]

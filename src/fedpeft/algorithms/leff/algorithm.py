@@ -9,9 +9,12 @@ and 𝒜; the server averages each layer over the clients that trained it (Eq. 8
 The runtime holds ONE model: the global one. A client model is assembled from shared modules by
 swapping the encoder's block list for [prefix student] + [global blocks 𝓛_i] + [suffix student]
 for the duration of the local run; students live in scratch blocks the client loads from its
-instruction. 𝒜 is the classification head (structure.py says how DeBERTa's set maps onto BERT's),
-trained and averaged over all participants: the head policy `shared` (or `frozen` with
---no-train-head-set), whatever --head-policy says. With L_i = L for every client there is one
+instruction. On an encoder 𝒜 is the classification head (structure.py says how DeBERTa's set maps
+onto BERT's), trained and averaged over all participants: the head policy `shared` (or `frozen` with
+--no-train-head-set), whatever --head-policy says. On a decoder (GPT-2, Llama; generation tasks such
+as E2E) the model is a `CausalLM`, 𝒜 is the final norm (+ an untied lm_head), the embeddings (and a
+tied LM head) are frozen, the loss is the LM loss on the target tokens, the importance batch is
+proxy text (L4) and the global model is scored by generation with the task's NLG metrics (L14). With L_i = L for every client there is one
 block, no student, and a round is exactly FedAvg-full (L12): `FedAvgFull` is this class with L_i = L.
 """
 
@@ -32,10 +35,11 @@ from torch import nn
 
 from fedpeft.algorithms.base import (HEAD_PREFIX, Algorithm, Client, Message, Runtime, is_synced, mark_synced,
                                      weighted_mean)
-from fedpeft.algorithms.leff.distill import distill_segment, student_depth
+from fedpeft.algorithms.leff.distill import distill_segment, is_causal_stack, student_depth
 from fedpeft.algorithms.leff.sampling import (block_probabilities, block_scores, block_starts, draw_block,
                                               layer_importance)
-from fedpeft.algorithms.leff.structure import block_list, parameter_role
+from fedpeft.algorithms.leff.structure import (block_list, embedding_parameters, head_set_parameters,
+                                               parameter_role)
 from fedpeft.errors import FedPeftError
 from fedpeft.models.task_model import TaskModel
 from fedpeft.seeding import derive_seed
@@ -62,9 +66,9 @@ def module_params(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def load_params(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Copy tensors into exactly the module's parameters (same names, same shapes)."""
-    own = dict(module.named_parameters())
+def load_params(module: nn.Module | dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Copy tensors into exactly the module's parameters (or a name → Parameter dict): same names, same shapes."""
+    own = dict(module) if isinstance(module, dict) else dict(module.named_parameters())
     if set(own) != set(tensors):
         missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         raise FedPeftError(f"{what} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
@@ -127,9 +131,11 @@ class LEFF(Algorithm):
         encoder = copy.deepcopy(backbone.model)  # the cached backbone stays pristine
         for p in encoder.parameters():
             p.requires_grad_(False)
-        model = TaskModel(encoder, backbone.hidden_size, backbone.pooling)
         owner, attr = block_list(encoder)
         blocks = list(getattr(owner, attr))
+        if getattr(backbone, "kind", "encoder") == "causal":
+            return self._decoder_runtime(encoder, backbone, owner, attr, blocks)
+        model = TaskModel(encoder, backbone.hidden_size, backbone.pooling)
         embeddings = getattr(encoder, "embeddings", None)
         if embeddings is None:
             raise FedPeftError(f"{self.name} runs on encoder models with an `embeddings` module (BERT family) "
@@ -139,7 +145,23 @@ class LEFF(Algorithm):
         aset = {n: p for n, p in encoder.named_parameters()
                 if parameter_role(n)[0] == "head_set" and not n.startswith("pooler.")}
         return Runtime(model, blocks, {"tokenizer": backbone.tokenizer, "block_owner": (owner, attr),
-                                       "embeddings": embeddings, "scratch": [], "aset": aset})
+                                       "embeddings": embeddings, "emb_params": dict(embeddings.named_parameters()),
+                                       "scratch": [], "aset": aset, "causal": False})
+
+    def _decoder_runtime(self, lm, backbone, owner, attr, blocks) -> Runtime:
+        """A causal LM: embeddings → blocks → final norm (→ lm_head), all inside the decoder's own
+        forward, which runs whatever block list `assembled` puts in place."""
+        if not is_causal_stack(owner):
+            raise FedPeftError(f"{self.name} runs on GPT-2- and Llama-style decoders; the blocks of "
+                               f"{backbone.model_type} sit in {type(owner).__name__}, which has neither a GPT-2 "
+                               "position table nor rotary position embeddings: use another method")
+        return Runtime(self.wrap_model(lm, backbone), blocks, {
+            "tokenizer": backbone.tokenizer, "block_owner": (owner, attr), "embeddings": None,
+            "emb_params": embedding_parameters(lm), "scratch": [], "aset": head_set_parameters(lm), "causal": True})
+
+    @property
+    def is_causal(self) -> bool:
+        return self.runtime.extra["causal"]
 
     @property
     def num_layers(self) -> int:
@@ -223,21 +245,29 @@ class LEFF(Algorithm):
         for l, blk in enumerate(self.blocks()):
             load_params(blk, state["blocks"][l], f"global block {l}")
         self.set_aset(state["aset"])
-        n = self.federation[0].num_labels
-        self.runtime.model.use_head(n, self.global_head(state, n), trainable=False)
+        if self.has_head:
+            n = self.federation[0].num_labels
+            self.runtime.model.use_head(n, self.global_head(state, n), trainable=False)
         self._runtime_holds = state
 
     def importance(self, state) -> list[float]:
-        """I_l (Eq. 4) of every block on the server batch (L4)."""
+        """I_l (Eq. 4) of every block on the server batch (L4): task loss on held-out labelled
+        examples for a classifier, LM loss on proxy texts (disjoint from the distillation ones) for a
+        decoder, the latter over micro-batches whose gradients add up to the whole batch's."""
         from fedpeft.data.batching import collate
         from fedpeft.training import task_loss
 
         if self._server_batch is None:
-            from fedpeft.algorithms.leff.server_data import importance_batch
+            from fedpeft.algorithms.leff.server_data import importance_batch, importance_lm_batch
 
-            self._server_batch = importance_batch(self.cfg, self.federation[0].task, self.runtime.extra["tokenizer"])
+            tok = self.runtime.extra["tokenizer"]
+            self._server_batch = (importance_lm_batch(self.cfg, tok) if self.is_causal
+                                  else importance_batch(self.cfg, self.federation[0].task, tok))
         self.load_global(state)
         data, regression = self._server_batch, self.federation[0].num_labels == 1
+        if self.is_causal:
+            return layer_importance(self.runtime.model, [list(b.parameters()) for b in self.blocks()],
+                                    lambda: self._lm_losses(data))
 
         def loss_fn():
             batch = collate(data, list(range(len(data))))
@@ -245,6 +275,20 @@ class LEFF(Algorithm):
             return task_loss(self.runtime.model(**batch), labels, regression)
 
         return layer_importance(self.runtime.model, [list(b.parameters()) for b in self.blocks()], loss_fn)
+
+    def _lm_losses(self, data):
+        """Summed token cross-entropy of each micro-batch over the batch's target-token count, so the
+        parts add up to the mean LM loss of the whole server batch."""
+        import torch.nn.functional as F
+
+        from fedpeft.data.batching import collate
+
+        total = max(1, data.target_tokens - sum(1 for p in data.prompt_lengths if p == 0))
+        size = self.cfg.eval_batch_size
+        for start in range(0, len(data), size):
+            batch = collate(data, list(range(start, min(start + size, len(data)))))
+            logits, targets = self.runtime.model(**batch)
+            yield F.cross_entropy(logits.float(), targets, reduction="sum") / total
 
     def proxy(self):
         if self._proxy is None:
@@ -305,7 +349,7 @@ class LEFF(Algorithm):
             if self.cfg.train_head_set:
                 tensors.update({ASET_PREFIX + n: t for n, t in state["aset"].items()})
             if not is_synced(state, cid):  # the frozen embeddings, once per client (§4)
-                tensors.update({EMB_PREFIX + n: p.detach() for n, p in self.runtime.extra["embeddings"].named_parameters()})
+                tensors.update({EMB_PREFIX + n: p.detach() for n, p in self.runtime.extra["emb_params"].items()})
             out[cid] = Message(tensors, {"round": rnd, "participate": True, "block_start": k, "budget": b,
                                          "m_pre": len(pre), "m_suf": len(suf)})
             assigned[cid] = (k, b)
@@ -328,9 +372,11 @@ class LEFF(Algorithm):
         """Client model memory, float32: parameters held + gradients and AdamW moments of the trained
         ones (3 × trained). Activations are not included."""
         p_blk = sum(p.numel() for p in self.blocks()[0].parameters())
-        p_emb = sum(p.numel() for p in self.runtime.extra["embeddings"].parameters())
+        p_emb = sum(p.numel() for p in self.runtime.extra["emb_params"].values())
         n = self.federation[0].num_labels
-        p_head = sum(v.numel() for v in self.head_inits()[n].values()) + sum(p.numel() for p in self.aset().values())
+        p_head = sum(p.numel() for p in self.aset().values())
+        if self.has_head:
+            p_head += sum(v.numel() for v in self.head_inits()[n].values())
         trained = budget * p_blk + (p_head if self.cfg.head_policy == "shared" else 0)
         return 4 * (p_emb + (budget + student_layers) * p_blk + p_head) + 4 * 3 * trained
 
@@ -388,7 +434,7 @@ class LEFF(Algorithm):
         tensors = instruction.tensors
         emb = {k[len(EMB_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMB_PREFIX)}
         if emb:
-            load_params(self.runtime.extra["embeddings"], emb, "embeddings")
+            load_params(self.runtime.extra["emb_params"], emb, "embeddings")
         k, b = conf["block_start"], conf["budget"]
         blocks = self.blocks()[k:k + b]
         for i, blk in enumerate(blocks):

@@ -7,8 +7,11 @@ block's attention probabilities, no labels. Attention probabilities need eager a
 teacher and student run eagerly during distillation. m = n (always for n = 1 or r_c = 1) is an
 exact copy and no step runs.
 
-Blocks run as BERT-style encoder layers `layer(hidden, additive_mask)`, or through a DeBERTa-v2
-encoder (relative positions); GPT-2 (causal mask) would plug in at `run_blocks`.
+Blocks run as BERT-style encoder layers `layer(hidden, additive_mask)`, through a DeBERTa-v2
+encoder (relative positions), or as causal decoder layers (`owner` a GPT2Model or a Llama-style
+model): a causal mask combined with the key padding, GPT-2's position table added by the embedding
+stage (`causal_embed`, frozen wpe), Llama's rotary (cos, sin) from the model's own `rotary_emb`,
+positions 0..S-1 as the models' own forward uses them when no position ids are given.
 """
 
 from __future__ import annotations
@@ -51,10 +54,46 @@ def additive_mask(attention_mask: torch.Tensor, dtype=torch.float32) -> torch.Te
 
 
 def self_attention_module(block: nn.Module) -> nn.Module:
-    for module in block.modules():
-        if type(module).__name__.endswith("SelfAttention"):
-            return module
+    """BERT's *SelfAttention, else a decoder's attention (GPT2Attention, LlamaAttention): eager
+    attention returns (output, probabilities) from it."""
+    modules = list(block.modules())
+    for suffix in ("SelfAttention", "Attention"):
+        for module in modules:
+            if type(module).__name__.endswith(suffix):
+                return module
     raise TypeError(f"no self-attention module in {type(block).__name__}")
+
+
+def is_causal_stack(owner: nn.Module | None) -> bool:
+    """A decoder's base model (GPT2Model: wte + wpe; Llama-style: embed_tokens + rotary_emb)."""
+    return owner is not None and (hasattr(owner, "wpe") or hasattr(owner, "rotary_emb"))
+
+
+def causal_additive_mask(attention_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(B, S) 0/1 key mask → (B, 1, S, S) additive mask: query q sees keys k ≤ q that are not padding."""
+    s = attention_mask.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+
+def causal_embed(owner: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The embedding stage of a decoder: GPT-2 token + position tables (then its dropout), or Llama's
+    token table (its positions are rotary, applied inside every layer)."""
+    if hasattr(owner, "wpe"):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return owner.drop(owner.wte(input_ids) + owner.wpe(positions))
+    return owner.embed_tokens(input_ids)
+
+
+def _causal_layer_kwargs(owner: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> dict:
+    kwargs = {"attention_mask": causal_additive_mask(mask, hidden.dtype)}
+    if hasattr(owner, "rotary_emb"):
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        kwargs["position_embeddings"] = owner.rotary_emb(hidden, position_ids=positions)
+        kwargs["position_ids"] = positions
+    return kwargs
 
 
 @contextlib.contextmanager
@@ -82,7 +121,8 @@ def run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor, mask: torch.Te
 
     BERT-style blocks are called as `block(hidden, additive_mask)`, the probabilities taken by a hook
     on the last block's self-attention (eager attention returns them). A DeBERTa-v2 encoder `owner`
-    runs the blocks itself, with its relative-position table and LayerNorm (the global model's, L8)."""
+    runs the blocks itself, with its relative-position table and LayerNorm (the global model's, L8).
+    A decoder `owner` (`is_causal_stack`) runs them as causal layers (module docstring)."""
     if owner is not None and hasattr(owner, "get_rel_pos"):
         if not blocks:
             return hidden, None
@@ -99,9 +139,12 @@ def run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor, mask: torch.Te
         handle = self_attention_module(blocks[-1]).register_forward_hook(
             lambda _m, _i, out: captured.__setitem__("a", out[1]))
     try:
-        ext = additive_mask(mask, hidden.dtype)
+        if is_causal_stack(owner):
+            args, kwargs = (), _causal_layer_kwargs(owner, hidden, mask)
+        else:
+            args, kwargs = (additive_mask(mask, hidden.dtype),), {}
         for block in blocks:
-            out = block(hidden, ext)
+            out = block(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
     finally:
         if handle is not None:
@@ -128,9 +171,12 @@ def distill_loss(h_t: torch.Tensor, a_t: torch.Tensor, h_s: torch.Tensor, a_s: t
 
 def prefix_hidden(embeddings: nn.Module, blocks: Sequence[nn.Module], batch: dict[str, torch.Tensor],
                   owner: nn.Module | None = None) -> torch.Tensor:
-    """Hidden states entering block len(blocks): the embedding output run through `blocks`."""
+    """Hidden states entering block len(blocks): the embedding output run through `blocks`.
+    For a decoder, `embeddings` is unused: the embedding stage is the `owner`'s (`causal_embed`)."""
     import inspect
 
+    if is_causal_stack(owner):
+        return run_blocks(blocks, causal_embed(owner, batch["input_ids"]), batch["attention_mask"], owner=owner)[0]
     kwargs = {"input_ids": batch["input_ids"]}
     params = inspect.signature(embeddings.forward).parameters
     if "token_type_ids" in batch:
@@ -158,7 +204,7 @@ def distill_segment(embeddings: nn.Module, global_blocks: Sequence[nn.Module], a
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    modules = [embeddings, *global_blocks, *student]
+    modules = [m for m in (embeddings, owner) if m is not None] + [*global_blocks, *student]
     was_training = {m: m.training for mod in modules for m in mod.modules()}
     try:
         for mod in modules:

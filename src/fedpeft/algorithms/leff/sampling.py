@@ -7,7 +7,7 @@ window [k, k + L_i). All draws use generators seeded by (seed, round, client, pu
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -73,10 +73,12 @@ def draw_block(strategy: str, starts: Sequence[int], probabilities: np.ndarray |
 
 
 def layer_importance(model: torch.nn.Module, layer_params: Sequence[Sequence[torch.nn.Parameter]],
-                     loss_fn: Callable[[], torch.Tensor]) -> list[float]:
+                     loss_fn: Callable[[], torch.Tensor | Iterable[torch.Tensor]]) -> list[float]:
     """Eqs. 3-4 on the server batch: I_l = Σ_{m ∈ layer l} (g_m · θ_m)², one forward and backward pass,
     float32, eval mode, no optimiser step (L4).
 
+    `loss_fn` returns the loss, or parts of it (micro-batches) that sum to it, each backpropagated
+    as it comes, so a large server batch needs the memory of one part.
     Only the layers' parameters get gradients (embeddings and the head set are not scored). Afterwards
     every `.grad` is None and train/eval mode and requires-grad flags are as before; parameters are
     untouched because nothing writes to them.
@@ -89,8 +91,9 @@ def layer_importance(model: torch.nn.Module, layer_params: Sequence[Sequence[tor
         for p in model.parameters():
             p.requires_grad_(p in scored)
             p.grad = None
-        loss = loss_fn()
-        loss.float().backward()
+        losses = loss_fn()
+        for loss in [losses] if isinstance(losses, torch.Tensor) else losses:
+            loss.float().backward()  # micro-batches: their gradients add up in .grad
         out = []
         with torch.no_grad():
             for ps in layer_params:

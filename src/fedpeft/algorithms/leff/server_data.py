@@ -1,12 +1,16 @@
-"""What the LEFF server holds besides the model: the importance batch (L4) and the proxy texts (L8)."""
+"""What the LEFF server holds besides the model: the importance batch (L4) and the proxy texts (L8).
+
+Classification: the importance batch is labelled train examples held out of every client. Causal LM:
+it is proxy text, the `importance_examples` texts after the distillation subset of the same seeded
+order, so the two subsets are disjoint (L4)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from fedpeft.config import RunConfig
-from fedpeft.data.batching import Encoded, encode
-from fedpeft.data.tasks import Example, get_task
+from fedpeft.data.batching import Encoded, EncodedLM, encode, encode_generation
+from fedpeft.data.tasks import Example, GenExample, get_task
 from fedpeft.errors import FedPeftError
 from fedpeft.seeding import derive_seed
 
@@ -21,8 +25,12 @@ def importance_batch(cfg: RunConfig, task: str, tokenizer) -> Encoded:
     return encode([pool[j] for j in ids], tokenizer, cfg.max_length, regression=get_task(task).is_regression)
 
 
-def proxy_texts(cfg: RunConfig) -> list[str]:
-    """Public proxy sentences, never labels: WNLI's train sentences (GLUE, L8) or the bundled demo texts."""
+PROXY_DATASETS = ("wnli", "webnlg", "demo")
+
+
+def proxy_corpus(cfg: RunConfig) -> list[str]:
+    """Every distinct public proxy text, in an order fixed by the seed (never labels): WNLI's train
+    sentences (GLUE, L8), WebNLG's train references (E2E on a decoder, L8) or the bundled demo texts."""
     from fedpeft.data.sources import has_local_split, load_examples
 
     name = cfg.proxy_dataset
@@ -30,19 +38,60 @@ def proxy_texts(cfg: RunConfig) -> list[str]:
         from fedpeft.data.tasks import DEMO_TASKS
 
         examples = [e for t in DEMO_TASKS for e in load_examples(t, "train")]
+        texts = [t for e in examples for t in (e.text_a, e.text_b) if t]
+    elif name == "webnlg":
+        texts = _webnlg_texts(cfg)
     else:
         try:
             spec = get_task(name)
         except FedPeftError:
-            raise FedPeftError(f"unknown --proxy-dataset {name!r}: use wnli (a GLUE folder) or demo") from None
+            raise FedPeftError(f"unknown --proxy-dataset {name!r}: use {', '.join(PROXY_DATASETS)}") from None
         if spec.source != "glue" or not has_local_split(name, "train", cfg.resolved_data_dir()):
             where = cfg.resolved_data_dir() or "$FEDPEFT_DATA_DIR (not set)"
             raise FedPeftError(f"the proxy dataset {name!r} has no local train split under {where}: point "
                                f"--data-dir at a folder with glue/{spec.glue_dir}/train.tsv, or use --proxy-dataset demo")
         examples = load_examples(name, "train", cfg.resolved_data_dir())
-    texts = list(dict.fromkeys(t for e in examples for t in (e.text_a, e.text_b) if t))
+        texts = [t for e in examples for t in (e.text_a, e.text_b) if t]
+    texts = list(dict.fromkeys(texts))
     order = np.random.default_rng(derive_seed(cfg.seed, "leff-proxy")).permutation(len(texts))
-    return [texts[i] for i in order[:cfg.distill_examples]]
+    return [texts[i] for i in order]
+
+
+def _webnlg_texts(cfg: RunConfig) -> list[str]:
+    """WebNLG's train references, read from the local data root only (the proxy never goes online)."""
+    from pathlib import Path
+
+    from fedpeft.data.nlg_sources import load_gen_examples
+
+    root = cfg.resolved_data_dir()
+    if not root or not any((Path(root) / sub).is_dir() for sub in ("webnlg/v2.0/en/train", "webnlg/train")):
+        where = root or "$FEDPEFT_DATA_DIR (not set)"
+        raise FedPeftError(f"the proxy dataset 'webnlg' has no local train split under {where}: point --data-dir "
+                           "at a folder with webnlg/v2.0/en/train/<N>triples/*.xml, or use --proxy-dataset demo")
+    return [r for e in load_gen_examples("webnlg", "train", root) for r in e.references if r.strip()]
+
+
+def proxy_texts(cfg: RunConfig) -> list[str]:
+    """The distillation subset: the first `distill_examples` texts of the proxy corpus."""
+    return proxy_corpus(cfg)[:cfg.distill_examples]
+
+
+def importance_texts(cfg: RunConfig) -> list[str]:
+    """A decoder's importance batch (L4): the `importance_examples` proxy texts right after the
+    distillation subset, so the two never share a text."""
+    corpus = proxy_corpus(cfg)
+    need = cfg.distill_examples + cfg.importance_examples
+    if len(corpus) < need:
+        raise FedPeftError(f"the proxy dataset {cfg.proxy_dataset!r} has {len(corpus)} distinct texts, fewer than "
+                           f"--distill-examples {cfg.distill_examples} + --importance-examples "
+                           f"{cfg.importance_examples} (two disjoint subsets): lower one of them")
+    return corpus[cfg.distill_examples:need]
+
+
+def importance_lm_batch(cfg: RunConfig, tokenizer) -> EncodedLM:
+    """The importance texts as LM examples: every token (and the EOS after it) is a target."""
+    examples = [GenExample("", t, (t,)) for t in importance_texts(cfg)]
+    return encode_generation(examples, tokenizer, cfg.max_length)
 
 
 def encode_texts(texts: list[str], tokenizer, max_length: int) -> Encoded:

@@ -4,7 +4,9 @@ One rule for every architecture (spec §2.6, L1): a parameter whose name contain
 (or is a GPT-2/Llama token or position table) is frozen; a parameter inside the block list
 (`…layer.<i>.…`, `…h.<i>.…`, `…layers.<i>.…`) belongs to block i; everything else on the forward
 path is 𝒜. For DeBERTa that leaves pooler dense, classifier and the encoder-level LayerNorm of the
-relative embeddings; for GPT-2, ln_f (the tied LM head is the frozen wte).
+relative embeddings; for GPT-2, ln_f (the tied LM head is the frozen wte); for Llama, the final
+norm and, only when it is not tied to embed_tokens, lm_head (a tied head is the same Parameter as the
+embedding, so `named_parameters` lists it once, under the embedding's name, and it stays frozen).
 
 fedpeft's BERT runtime maps 𝒜 onto its own head: `TaskModel.heads` (dense → tanh → out_proj) plays
 DeBERTa's pooler dense + classifier; BERT has no encoder-level LayerNorm (its norms are inside the
@@ -53,11 +55,21 @@ def block_list(model: nn.Module) -> tuple[nn.Module, str]:
                 best = (path, module)
     if best is None:
         raise FedPeftError(f"cannot find the transformer blocks of {type(model).__name__}: LEFF supports "
-                           "BERT-, DeBERTa- and GPT-2-style models")
+                           "BERT- and DeBERTa-style encoders and GPT-2- and Llama-style decoders; use another method")
     path = best[0]
     owner_path, _, attr = path.rpartition(".")
     owner = model.get_submodule(owner_path) if owner_path else model
     return owner, attr
+
+
+def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The frozen embedding tables (a tied output embedding is the same Parameter, listed once)."""
+    return {n: p for n, p in model.named_parameters() if parameter_role(n)[0] == "embedding"}
+
+
+def head_set_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """𝒜 inside a decoder: GPT-2's ln_f; Llama's final norm, plus lm_head when untied (L1)."""
+    return {n: p for n, p in model.named_parameters() if parameter_role(n)[0] == "head_set"}
 
 
 def count(model: nn.Module, names: Iterable[str]) -> int:
