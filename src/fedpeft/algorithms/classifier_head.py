@@ -5,6 +5,9 @@ DeBERTa's classifier is trained in full and averaged over all clients; its poole
 `out_proj` (the classifier) trained by every client and D_i-averaged over all of them, `dense`
 (the pooler) frozen at the common initialisation and sent once. fedpeft does not put LoRA on the
 head's dense: on DeBERTaV3-Base that is 12,288 of FedLoRA's 1,340,930 parameters.
+
+A decoder (`CausalLM`, generation tasks) has no classifier: its LM head is part of the frozen
+backbone, so every hook here is a no-op there and the methods train only their adapters or biases.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class ClassifierHead:
         """Client memory, float32: every parameter held (the backbone's unused pooler aside) plus
         gradients and AdamW moments of the trained ones (3 × trained); activations not included."""
         model = self.runtime.model
+        if not self.has_head:
+            held = sum(p.numel() for p in model.parameters())
+            return {"peak_client_memory_bytes": 4 * held + 4 * 3 * self.trained_numel(rnd)}
         head = model.head(self.federation[0].num_labels)
         held = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("heads.", "encoder.pooler.")))
         held += sum(p.numel() for p in head.parameters())
@@ -43,11 +49,15 @@ class ClassifierHead:
         return {**state["head_init"][num_labels], **state["heads"].get(("all", num_labels), {})}
 
     def head_download(self, state: dict[str, Any], info: ClientInfo, group: Any = "all") -> dict[str, torch.Tensor]:
+        if not self.has_head:
+            return {}
         head = self.global_head(state, info.num_labels)
         keys = CLASSIFIER if is_synced(state, info.client_id) else tuple(head)
         return prefixed(HEAD_PREFIX, {k: head[k] for k in keys})
 
     def load_head(self, instruction: Message, client) -> None:
+        if not self.has_head:
+            return
         head = {**client.store.get("head", {}), **unprefixed(HEAD_PREFIX, instruction.tensors)}
         if set(head) != set(self.head_inits()[client.info.num_labels]):
             raise RuntimeError(f"client {client.cid} has no full head: the first instruction must carry it")
@@ -55,6 +65,8 @@ class ClassifierHead:
         self.runtime.model.use_head(client.info.num_labels, head, trainable=False)
 
     def head_params(self) -> list[torch.nn.Parameter]:
+        if not self.has_head:
+            return []
         head = self.runtime.model.head(self.runtime.model.num_labels)
         params = [head.out_proj.weight, head.out_proj.bias]
         for p in params:
@@ -62,10 +74,14 @@ class ClassifierHead:
         return params
 
     def keep_head(self, client) -> dict[str, torch.Tensor]:
+        if not self.has_head:
+            return {}
         client.store["head"] = self.runtime.model.head_state()
         return prefixed(HEAD_PREFIX, {k: client.store["head"][k] for k in CLASSIFIER})
 
     def aggregate_heads(self, state: dict[str, Any], replies: Mapping[int, Message], group_of=None) -> None:
+        if not self.has_head:
+            return
         buckets: dict[int, list[int]] = {}
         for cid in replies:
             buckets.setdefault(self.federation[cid].num_labels, []).append(cid)

@@ -2,7 +2,9 @@
 
 Every bias inside the blocks (query, key, value, attention output, intermediate, output and both
 LayerNorm biases) plus the classifier is trained, sent both ways and D_i-averaged; the pooler is not
-trained (classifier_head.py).
+trained (classifier_head.py). On GPT-2 (spec §5): the biases of c_attn, attn.c_proj, c_fc,
+mlp.c_proj, ln_1 and ln_2 in every block, plus ln_f's bias (the LM head is tied and frozen). Llama-
+style decoders have no bias parameters (Table 5: "no biases"), so FedBitFit refuses them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from fedpeft.algorithms.base import Algorithm, Message, Runtime, mark_synced, prefixed, unprefixed, weighted_mean
 from fedpeft.algorithms.classifier_head import ClassifierHead
 from fedpeft.algorithms.leff.structure import parameter_role
+from fedpeft.errors import FedPeftError
 from fedpeft.models.task_model import TaskModel
 
 BIAS_PREFIX = "bias."
@@ -25,9 +28,14 @@ class FedBitFit(ClassifierHead, Algorithm):
         encoder = copy.deepcopy(backbone.model)
         for p in encoder.parameters():
             p.requires_grad_(False)
-        model = TaskModel(encoder, backbone.hidden_size, backbone.pooling)
+        causal = getattr(backbone, "kind", "encoder") == "causal"
+        model = self.wrap_model(encoder, backbone) if causal else TaskModel(encoder, backbone.hidden_size, backbone.pooling)
         biases = {n: p for n, p in encoder.named_parameters()
-                  if parameter_role(n)[0] == "block" and n.endswith(".bias")}
+                  if n.endswith(".bias") and (parameter_role(n)[0] == "block"
+                                              or (causal and parameter_role(n)[0] == "head_set"))}
+        if not biases:
+            raise FedPeftError(f"{self.name} trains bias parameters and {backbone.model_type} model "
+                               f"{backbone.name!r} has none (Llama-style models have no biases): use another method")
         return Runtime(model, [], {"biases": biases})
 
     def biases(self) -> dict[str, Any]:

@@ -7,7 +7,9 @@ Transition: for each target, ΔW = scatter(δ̄) is truncated to rank r by SVD, 
 LoRA factors start at B = U_r Σ_r^½ / √s, A = Σ_r^½ V_rᵀ / √s with s = α/r, so s·BA is the
 truncation; W is reset to W_0 (δ = 0). Stage 2 is FedLoRA from there.
 
-Encoder (nn.Linear, weight d_out × d_in) targets; GPT-2's Conv1D stores the transpose.
+An nn.Linear stores W as d_out × d_in; GPT-2's Conv1D stores its transpose (d_in × d_out), so the
+mask and δ live on the stored layout and ΔW is transposed to d_out × d_in before the SVD, the layout
+of PEFT's factors (A: r × d_in, B: d_out × r) for both kinds of module.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def svd_lora_init(delta_w: torch.Tensor, rank: int, scaling: float) -> tuple[tor
     b = u[:, :rank] * root / math.sqrt(scaling)
     a = root[:, None] * vh[:rank] / math.sqrt(scaling)
     return a.to(delta_w.dtype), b.to(delta_w.dtype)
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    """GPT-2's Conv1D keeps its weight as (d_in, d_out), the transpose of nn.Linear's (a
+    parametrized module is an instance of a subclass, `ParametrizedConv1D`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
 
 
 class SLoRA(FedLoRA):
@@ -119,8 +129,11 @@ class SLoRA(FedLoRA):
         for site in self.runtime.sites:
             key = lora_key(site.layer, site.module, "delta")
             mod = self.sparse()[key]
-            shape = site.lora.base_layer.parametrizations.weight.original.shape
+            base = site.lora.base_layer
+            shape = base.parametrizations.weight.original.shape
             delta_w = torch.zeros(shape).reshape(-1).index_add(0, mod.index, state["sparse"][key]).view(shape)
+            if stores_transposed(base):
+                delta_w = delta_w.T
             a, b = svd_lora_init(delta_w, self.lora_rank(), scaling)
             state["lora"][lora_key(site.layer, site.module, "A")] = a
             state["lora"][lora_key(site.layer, site.module, "B")] = b

@@ -113,6 +113,8 @@ def load_backbone(name: str, kind: str = "encoder", quantization: str = "none") 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "causal":
+        if name in TINY_DECODERS and quantization == "none":
+            return _tiny_decoder_cached(name)
         return _load_causal_cached(name, quantization)
     if name == "tiny-bert" and quantization == "none":
         return _tiny_cached()
@@ -129,6 +131,11 @@ def load_backbone(name: str, kind: str = "encoder", quantization: str = "none") 
 @lru_cache(maxsize=1)
 def _tiny_cached() -> Backbone:
     return tiny_bert_backbone(seed=0)
+
+
+@lru_cache(maxsize=2)
+def _tiny_decoder_cached(name: str) -> Backbone:
+    return TINY_DECODERS[name](seed=0)
 
 
 @lru_cache(maxsize=2)
@@ -284,3 +291,27 @@ def tiny_llama_backbone(seed: int = 0, *, hidden: int = 16, layers: int = 2) -> 
         p.requires_grad_(False)
     return Backbone(name="tiny-llama", model=model, tokenizer=tokenizer, model_type="llama",
                     hidden_size=hidden, num_layers=layers, kind="causal")
+
+
+def tiny_gpt2_backbone(seed: int = 0, *, hidden: int = 32, layers: int = 4, heads: int = 2) -> Backbone:
+    """A random-weight GPT-2 (4 layers, hidden 32, 2 heads, tied LM head) with the byte-level
+    tokenizer: for tests (GPT-2's own weights and vocabulary are not available offline)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedpeft.models.tiny_tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=len(tokenizer), n_positions=512,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Backbone(name="tiny-gpt2", model=model, tokenizer=tokenizer, model_type="gpt2",
+                    hidden_size=hidden, num_layers=layers, kind="causal")
+
+
+# Random-weight decoders reachable by name (CLI runs and Flower subprocesses of tests), seed 0.
+TINY_DECODERS = {"tiny-llama": tiny_llama_backbone, "tiny-gpt2": tiny_gpt2_backbone}
