@@ -545,3 +545,32 @@ def test_cli_runs_leff_on_tiny_llama_e2e_offline(tmp_path, data_root, capsys, mo
     assert main(bad) == 2
     err = capsys.readouterr().err.strip()
     assert "'webnlg' has no local train split" in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------- bench
+def test_leff_nlg_suite_and_its_e2e_report(gpt2, data_root, tmp_path):
+    from fedpeft.bench.matrix import bench
+    from fedpeft.bench.suites import Entry, Suite, get_suite
+
+    suite = get_suite("leff-nlg")
+    assert [suite.config(e, 1).method for e in suite.entries] == ["leff", "fedavg-full", "fedlora"]
+    for entry, seed in suite.plan([1]):
+        cfg = suite.config(entry, seed, output_dir="x")
+        cfg.check_runnable()
+        assert (cfg.tasks, cfg.model_name, cfg.proxy_dataset, cfg.partition, cfg.e2e_partition_key) == (
+            ["e2e"] * 4, "smollm2", "webnlg", "dirichlet_cut", "food")
+    tiny = Suite(name="leff-nlg-tiny", description="tiny", extra={"report": "leff"},
+                 base=dict(tasks=["e2e"] * 3, data_dir=str(data_root), partition="dirichlet_cut", alpha=1.0,
+                           train_samples=12, test_samples=2, global_rounds=1, batch_size=4, max_length=48,
+                           max_new_tokens=4, proxy_dataset="webnlg", distill_steps=1, distill_examples=20,
+                           importance_examples=8, rank=2, quiet=True),
+                 entries=(Entry("leff", {"method": "leff"}), Entry("fedavg-full", {"method": "fedavg-full"}),
+                          Entry("fedlora", {"method": "fedlora"})))
+    files = bench(tiny, [1], tmp_path, backbone=gpt2, say=lambda _m: None)
+    text = files["md"].read_text()
+    assert "| label | BLEU | NIST | METEOR | ROUGE-L | CIDEr | Avg |" in text
+    assert "0.5799/8.0296/0.4064/0.6346/1.7521" in text  # the paper's LEFF row next to ours
+    row = next(line for line in text.splitlines() if line.startswith("| leff |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    values = [float(c) for c in cells[1:6]]
+    assert float(cells[6]) == pytest.approx(sum(values) / 5, abs=1e-4)  # Avg = mean of the five raw values

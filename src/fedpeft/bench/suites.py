@@ -209,6 +209,40 @@ SUITES["leff-cpu"] = Suite(
 )
 
 
+# LEFF on a decoder (shared/specs/leff.md L8, L13, L14, §5): E2E with the Dirichlet cut on the MR's
+# `food` (α = 0.05, Table 1) over 4 clients, WebNLG references as the proxy (distillation and the
+# importance batch), the global model scored after every round by greedy generation with the E2E
+# metrics. SmolLM2-135M (30 Llama blocks, tied embeddings) stands in for GPT-2 Medium, whose weights
+# are not available offline; FedBitFit does not apply (Llama has no biases) and FedLoRA puts r = 8 on
+# all seven Llama linears (§5). CPU-sized: 16 train examples per client, 8 test MRs per client
+# (32 in all), 96 tokens, 2 rounds, batch 4, 5 distillation steps on 64 proxy texts, 16 importance
+# texts. The optimiser is leff-cpu's (lr 1e-4 for every method, constant, weight decay 0.01, no
+# clipping), fixed before any run.
+_LEFF_NLG_BASE: dict[str, Any] = dict(
+    tasks=["e2e"] * 4, model_name="smollm2", partition="dirichlet_cut", alpha=0.05, e2e_partition_key="food",
+    train_samples=16, test_samples=8, max_length=96, global_rounds=2, local_epochs=1, batch_size=4,
+    eval_batch_size=16, lr=1e-4, weight_decay=0.01, max_grad_norm=0.0, constant_lr=True, rank=8,
+    lora_alpha=16.0, lora_dropout=0.05, layer_budgets=["1"], compression_rate=0.5, distill_steps=5,
+    distill_examples=64, distill_batch_size=8, importance_examples=16, proxy_dataset="webnlg", num_beams=1,
+    max_new_tokens=48, gen_batch_size=16, quiet=True, threads=1,
+)
+
+SUITES["leff-nlg"] = Suite(
+    name="leff-nlg",
+    description="LEFF vs FedAvg-full and FedLoRA (r = 8) on a decoder: E2E, 4 clients, Dirichlet alpha = 0.05 on "
+                "the MR's food over 4 x 16 train examples, 8 test MRs per client, SmolLM2-135M (30 blocks), "
+                "96 tokens, 2 rounds, greedy decoding, WebNLG proxy; BLEU, NIST, METEOR, ROUGE-L, CIDEr of the "
+                "global model after the last round",
+    base=_LEFF_NLG_BASE,
+    entries=(
+        Entry("leff", {"method": "leff"}),
+        Entry("fedavg-full", {"method": "fedavg-full"}),
+        Entry("fedlora", {"method": "fedlora"}),
+    ),
+    extra={"report": "leff"},
+)
+
+
 def get_suite(name: str) -> Suite:
     if name not in SUITES:
         raise FedPeftError(f"unknown suite {name!r}: choose one of {', '.join(SUITES)}")
