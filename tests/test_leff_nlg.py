@@ -372,6 +372,25 @@ def test_a_round_leaves_untrained_layers_bitwise(nlg_cfg, gpt2):
         torch.testing.assert_close(t, want.float())
 
 
+@pytest.mark.parametrize("start", [0, 1, L - 1])
+def test_decoder_bytes_match_the_closed_form(nlg_cfg, gpt2, start):
+    """§4: down = 4((L_i + m_pre + m_suf)·P_blk + P_𝒜) (+ 4·P_emb the first time), up = 4(L_i·P_blk + P_𝒜)."""
+    alg, clients = bound(nlg_cfg(sampling="round_robin", global_rounds=20), gpt2)
+    state = alg.init()
+    p_blk = sum(p.numel() for p in alg.blocks()[0].parameters())
+    p_aset = sum(p.numel() for p in alg.aset().values())
+    p_emb = 259 * 32 + 512 * 32  # wte + wpe of the tiny GPT-2 (the tied LM head is wte: counted once)
+    assert sum(p.numel() for p in alg.runtime.extra["emb_params"].values()) == p_emb
+    m_pre, m_suf = math.ceil(start * 0.5), math.ceil((L - start - 1) * 0.5)
+    for rnd, first in ((start + 1, True), (start + 1 + L, False)):
+        msgs = alg.configure(state, rnd)
+        assert msgs[0].config["block_start"] == start
+        assert msgs[0].nbytes == 4 * ((1 + m_pre + m_suf) * p_blk + p_aset) + (4 * p_emb if first else 0)
+        replies = {c.cid: alg.fit(msgs[c.cid], c) for c in clients}
+        assert replies[0].nbytes == 4 * (p_blk + p_aset)
+        state = alg.aggregate(state, rnd, replies)
+
+
 # ----------------------------------------------------------------------------------------- runs (L12, L14)
 def _final_state(run_dir):
     return torch.load(run_dir / "checkpoint.pt", weights_only=False)["server_state"]
