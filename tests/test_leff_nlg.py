@@ -297,7 +297,13 @@ def test_lm_importance_uses_proxy_texts_disjoint_from_distillation_and_has_no_si
     assert len(scores) == L and all(s > 0 for s in scores)
     for n, p in alg.runtime.model.named_parameters():
         assert torch.equal(p, before[n]) and p.grad is None and p.requires_grad == flags[n]
-    # The micro-batches add up to the whole batch's gradient: one batch of all gives the same scores.
+    # The micro-batch parts add up to the mean LM loss over the batch's target tokens ...
+    from fedpeft.training import lm_mean_loss
+
+    with torch.no_grad():
+        parts = sum(float(x) for x in alg._lm_losses(alg._server_batch))
+    assert parts == pytest.approx(lm_mean_loss(alg.runtime.model, alg._server_batch, batch_size=64), rel=1e-5)
+    # ... and to the whole batch's gradient: one batch of all gives the same scores.
     alg2, _ = bound(nlg_cfg(eval_batch_size=64), decoder)
     np.testing.assert_allclose(alg2.importance(alg2.init()), scores, rtol=1e-4)
 

@@ -283,7 +283,8 @@ class LEFF(Algorithm):
 
         from fedpeft.data.batching import collate
 
-        total = max(1, data.target_tokens - sum(1 for p in data.prompt_lengths if p == 0))
+        # Targets of a row: positions max(p, 1).. (position 0 has no context to predict it from).
+        total = max(1, sum(len(x) - max(int(p), 1) for x, p in zip(data.input_ids, data.prompt_lengths)))
         size = self.cfg.eval_batch_size
         for start in range(0, len(data), size):
             batch = collate(data, list(range(start, min(start + size, len(data)))))
