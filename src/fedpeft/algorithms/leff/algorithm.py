@@ -14,8 +14,9 @@ onto BERT's), trained and averaged over all participants: the head policy `share
 --no-train-head-set), whatever --head-policy says. On a decoder (GPT-2, Llama; generation tasks such
 as E2E) the model is a `CausalLM`, 𝒜 is the final norm (+ an untied lm_head), the embeddings (and a
 tied LM head) are frozen, the loss is the LM loss on the target tokens, the importance batch is
-proxy text (L4) and the global model is scored by generation with the task's NLG metrics (L14). With L_i = L for every client there is one
-block, no student, and a round is exactly FedAvg-full (L12): `FedAvgFull` is this class with L_i = L.
+proxy text (L4) and the global model is scored by generation with the task's NLG metrics (L14).
+With L_i = L for every client there is one block, no student, and a round is exactly FedAvg-full
+(L12): `FedAvgFull` is this class with L_i = L.
 """
 
 from __future__ import annotations
