@@ -19,7 +19,8 @@ How many examples of each class a client gets (`partition`, `label_split`):
   example of the subsample lands in exactly one client and client sizes vary. Every client must get
   at least `min_train` examples (one local batch); otherwise the draw is repeated, up to 100
   times, then an error names the task, α, N and the smallest size. Test sets are IID samples of
-  `test_samples` each (the LEFF family scores the global model).
+  `test_samples` each (the LEFF family scores the global model). Generation tasks are cut on
+  `GenExample.group` (E2E: the MR's `food`, or the attribute `e2e_key` names; WebNLG: the category).
 - `partition="iid"`: a uniform random sample of the pool, ignoring labels (natural proportions in
   expectation).
 
