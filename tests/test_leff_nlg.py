@@ -578,7 +578,8 @@ def test_leff_nlg_suite_and_its_e2e_report(gpt2, data_root, tmp_path):
     from fedpeft.bench.suites import Entry, Suite, get_suite
 
     suite = get_suite("leff-nlg")
-    assert [suite.config(e, 1).method for e in suite.entries] == ["leff", "fedavg-full", "fedlora"]
+    assert [suite.config(e, 1).method for e in suite.entries] == ["leff", "fedavg-full", "fedlora", "leff"]
+    assert len(suite.plan([1, 2])) == 3 * 2 + 1
     for entry, seed in suite.plan([1]):
         cfg = suite.config(entry, seed, output_dir="x")
         cfg.check_runnable()
