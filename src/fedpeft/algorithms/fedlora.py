@@ -20,6 +20,9 @@ BLOCK_LINEARS = {
     "roberta": ["query", "key", "value", "intermediate.dense", "output.dense"],
     "deberta-v2": ["query_proj", "key_proj", "value_proj", "intermediate.dense", "output.dense"],
     "gpt2": ["c_attn", "attn.c_proj", "mlp.c_proj"],
+    # Llama (SmolLM2): all seven linears, not only q/k/v/o: the spec's §5 says so and it is what
+    # reproduces Table 5's FedLoRA count for Llama-3.1-8B (32 × 655,360 = 20,971,520 at r = 8;
+    # q/k/v/o alone would give 32 × 212,992).
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
