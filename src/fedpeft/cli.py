@@ -49,6 +49,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                            metavar=None if f.metadata.get("choices") else f.name.split("_")[-1].upper(), **kw)
 
 
+def _suite(args: argparse.Namespace):
+    """The bench/tune suite, with its task swap resolved (and said)."""
+    from fedpeft.bench.suites import get_suite, with_swap
+
+    suite, said = with_swap(get_suite(args.suite), args.fourth_task, args.data_dir)
+    if said:
+        print(said, file=sys.stderr, flush=True)
+    return suite
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fedpeft.bench.suites import SUITES
 
@@ -85,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data root laid out like shared/data (default: $FEDPEFT_DATA_DIR)")
     bench.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads per run (e.g. 1 to run two benches side by side)")
+    bench.add_argument("--fourth-task", default="auto", metavar="auto|cola|qqp",
+                       help="glue4 suites: QQP (the paper's) instead of CoLA when its data can be had (auto, the "
+                            "default: a local QQP folder, else a reachable hub), or force one")
     bench.add_argument("--report-only", action="store_true",
                        help="run nothing: tabulate the finished runs of the matrix and list the others")
     tune = sub.add_parser("tune", help="choose a setting per method on a validation carve-out (never on test)",
@@ -104,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
                       help="data root laid out like shared/data (default: $FEDPEFT_DATA_DIR)")
     tune.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
+    tune.add_argument("--fourth-task", default="auto", metavar="auto|cola|qqp", help="as for bench")
     tune.add_argument("--report-only", action="store_true", help="run nothing: tabulate the finished grid points")
     flower = sub.add_parser("flower", help="files for a multi-machine Flower deployment (see README)",
                             description="Write the files a Flower deployment needs; the README's "
@@ -198,16 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             from fedpeft.bench.matrix import bench as run_bench
-            from fedpeft.bench.suites import get_suite
 
-            run_bench(get_suite(args.suite), args.seeds, args.out, labels=args.methods, data_dir=args.data_dir,
+            run_bench(_suite(args), args.seeds, args.out, labels=args.methods, data_dir=args.data_dir,
                       threads=args.threads, report_only=args.report_only)
             return 0
         if args.command == "tune":
-            from fedpeft.bench.suites import get_suite
-            from fedpeft.bench.tune import tune as run_tune
+            from fedpeft.bench.tune import parse_values, tune as run_tune
 
-            run_tune(get_suite(args.suite), args.param, args.values, fraction=args.validation_fraction,
+            parse_values(args.param, args.values)  # a bad grid fails before anything is said or probed
+            run_tune(_suite(args), args.param, args.values, fraction=args.validation_fraction,
                      seeds=args.seeds, out=args.out, labels=args.methods, data_dir=args.data_dir,
                      threads=args.threads, report_only=args.report_only)
             return 0
