@@ -117,7 +117,7 @@ def test_mean_std_on_known_numbers(tmp_path):
 
 def test_suites_are_well_formed():
     for suite in SUITES.values():
-        if suite.name in ("leff-cpu", "nlg-cpu"):  # their own shapes: test_leff_baselines.py, below
+        if suite.name in ("leff-cpu", "nlg-cpu", "glue4-cpu-tuned"):  # their own shapes: elsewhere, below
             continue
         plan = suite.plan([1, 2, 3])
         assert len(plan) == 6 * 3 + 5  # six main methods x 3 seeds, five ablations on seed 1
@@ -205,3 +205,12 @@ def test_glue4_runs_qqp_instead_of_cola_when_its_data_can_be_had(monkeypatch, tm
     with pytest.raises(FedPeftError, match="no task swap"):
         with_swap(get_suite("leff-cpu"), "qqp", None)
     assert get_suite("glue4-cpu").swap == ("cola", "qqp")  # the registry itself is untouched
+
+
+def test_tuned_suite_is_glue4_cpu_with_each_methods_picked_lr_only():
+    base, tuned = get_suite("glue4-cpu"), get_suite("glue4-cpu-tuned")
+    assert tuned.labels and set(tuned.labels) <= set(base.labels[:6])
+    for entry in tuned.entries:
+        a = base.config(next(e for e in base.entries if e.label == entry.label), 1).to_dict()
+        b = tuned.config(entry, 1).to_dict()
+        assert {k for k in a if a[k] != b[k]} <= {"lr"}
