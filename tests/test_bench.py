@@ -117,7 +117,7 @@ def test_mean_std_on_known_numbers(tmp_path):
 
 def test_suites_are_well_formed():
     for suite in SUITES.values():
-        if suite.name in ("leff-cpu", "nlg-cpu", "leff-nlg"):  # their own shapes: test_leff_baselines.py, test_leff_nlg.py, below
+        if suite.name in ("leff-cpu", "nlg-cpu", "leff-nlg", "glue4-cpu-tuned"):  # their own shapes: elsewhere, below
             continue
         plan = suite.plan([1, 2, 3])
         assert len(plan) == 6 * 3 + 5  # six main methods x 3 seeds, five ablations on seed 1
@@ -179,3 +179,38 @@ def test_report_only_tabulates_finished_runs_and_names_the_rest(tmp_path, tiny_b
     rows = list(csv.DictReader(open(files["csv"])))
     assert [(r["label"], r["seed"]) for r in rows] == [("fedit", "1")]
     assert "not finished" in said[-2] and "fedit seed 2" in said[-2] and "fedlease-top1 seed 1" in said[-2]
+
+
+def test_glue4_runs_qqp_instead_of_cola_when_its_data_can_be_had(monkeypatch, tmp_path):
+    from fedpeft.bench.suites import with_swap
+
+    (tmp_path / "glue").mkdir()
+    monkeypatch.setattr("fedpeft.hub.hub_reachable", lambda *a, **k: True)
+    # a local data root without QQP: the hub is not asked (the loader would not use it), CoLA runs
+    suite, said = with_swap(get_suite("glue4-cpu"), "auto", str(tmp_path))
+    assert suite.name == "glue4-cpu" and "cola" in suite.base["tasks"] and "qqp" in said
+    # no local root and a reachable hub: QQP replaces CoLA, in a suite folder of its own
+    monkeypatch.delenv("FEDPEFT_DATA_DIR", raising=False)
+    suite, said = with_swap(get_suite("glue4-cpu"), "auto", None)
+    assert suite.name == "glue4-cpu-qqp" and "QQP" in suite.description and "CoLA" not in suite.description
+    assert suite.base["tasks"].count("qqp") == 4 and "cola" not in suite.base["tasks"]
+    assert not any(x.startswith("cola=") for x in suite.base["task_samples"])
+    assert suite.config(suite.entries[0], 1).tasks[-1] == "qqp"
+    # unreachable hub: CoLA, and forcing either side works without asking
+    monkeypatch.setattr("fedpeft.hub.hub_reachable", lambda *a, **k: False)
+    assert with_swap(get_suite("glue4-mini"), "auto", None)[0].name == "glue4-mini"
+    assert with_swap(get_suite("glue4-mini"), "qqp", None)[0].name == "glue4-mini-qqp"
+    with pytest.raises(FedPeftError, match="auto, cola or qqp"):
+        with_swap(get_suite("glue4-mini"), "mnli", None)
+    with pytest.raises(FedPeftError, match="no task swap"):
+        with_swap(get_suite("leff-cpu"), "qqp", None)
+    assert get_suite("glue4-cpu").swap == ("cola", "qqp")  # the registry itself is untouched
+
+
+def test_tuned_suite_is_glue4_cpu_with_each_methods_picked_lr_only():
+    base, tuned = get_suite("glue4-cpu"), get_suite("glue4-cpu-tuned")
+    assert tuned.labels and set(tuned.labels) <= set(base.labels[:6])
+    for entry in tuned.entries:
+        a = base.config(next(e for e in base.entries if e.label == entry.label), 1).to_dict()
+        b = tuned.config(entry, 1).to_dict()
+        assert {k for k in a if a[k] != b[k]} <= {"lr"}

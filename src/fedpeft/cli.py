@@ -49,7 +49,20 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                            metavar=None if f.metadata.get("choices") else f.name.split("_")[-1].upper(), **kw)
 
 
+def _suite(args: argparse.Namespace):
+    """The bench/tune suite, with its task swap resolved (and said)."""
+    from fedpeft.bench.suites import get_suite, with_swap
+
+    suite, said = with_swap(get_suite(args.suite), args.fourth_task, args.data_dir)
+    if said:
+        print(said, file=sys.stderr, flush=True)
+    return suite
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fedpeft.bench.suites import SUITES
+
+    _SUITES = ", ".join(SUITES)
     parser = argparse.ArgumentParser(
         prog="fedpeft", description="Federated parameter-efficient fine-tuning: FedLEASE, LEFF and their baselines.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a method matrix on one federation and tabulate it",
                            description="Run a suite's method matrix into OUT/SUITE/LABEL-seedK/ (finished runs "
                                        "are skipped, stopped ones resumed) and write results.md, results.csv "
-                                       "and results.png there. Suites: glue4-cpu, glue4-mini, paper, leff-cpu.")
-    bench.add_argument("--suite", required=True, help="glue4-cpu, glue4-mini, paper or leff-cpu")
+                                       "and results.png there. Suites: " + _SUITES + ".")
+    bench.add_argument("--suite", required=True, help=_SUITES)
     bench.add_argument("--seeds", type=int, nargs="+", default=[1], metavar="K",
                        help="seeds to repeat the main methods with (ablations: the first only); default 1")
     bench.add_argument("--out", default="bench", help="results root (default: ./bench)")
@@ -82,8 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data root laid out like shared/data (default: $FEDPEFT_DATA_DIR)")
     bench.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads per run (e.g. 1 to run two benches side by side)")
+    bench.add_argument("--fourth-task", default="auto", metavar="auto|cola|qqp",
+                       help="glue4 suites: QQP (the paper's) instead of CoLA when its data can be had (auto, the "
+                            "default: a local QQP folder, else a reachable hub), or force one")
     bench.add_argument("--report-only", action="store_true",
                        help="run nothing: tabulate the finished runs of the matrix and list the others")
+    tune = sub.add_parser("tune", help="choose a setting per method on a validation carve-out (never on test)",
+                          description="Run each main method of a suite once per value of one setting, every run "
+                                      "scored on a stratified hold-out of each client's training data "
+                                      "(--validation-fraction), and write OUT/SUITE-tune/tune.md and tune.csv "
+                                      "with the best value per method. Finished grid points are skipped.")
+    tune.add_argument("--suite", required=True, help=_SUITES)
+    tune.add_argument("--param", required=True, help="the setting to grid over, e.g. lr")
+    tune.add_argument("--values", required=True, nargs="+", metavar="V", help="its values, e.g. 1e-3 3e-3 1e-2")
+    tune.add_argument("--validation-fraction", type=float, default=0.2,
+                      help="share of each client's training data held out for scoring (default 0.2)")
+    tune.add_argument("--seeds", type=int, nargs="+", default=[1], metavar="K", help="seeds per grid point (default 1)")
+    tune.add_argument("--methods", nargs="+", default=None, metavar="LABEL",
+                      help="suite labels to tune (default: the main methods, not the ablations)")
+    tune.add_argument("--out", default="bench", help="results root (default: ./bench)")
+    tune.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
+                      help="data root laid out like shared/data (default: $FEDPEFT_DATA_DIR)")
+    tune.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
+    tune.add_argument("--fourth-task", default="auto", metavar="auto|cola|qqp", help="as for bench")
+    tune.add_argument("--report-only", action="store_true", help="run nothing: tabulate the finished grid points")
     flower = sub.add_parser("flower", help="files for a multi-machine Flower deployment (see README)",
                             description="Write the files a Flower deployment needs; the README's "
                                         "'Multi-machine (Flower)' section gives the commands around them.")
@@ -177,10 +212,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             from fedpeft.bench.matrix import bench as run_bench
-            from fedpeft.bench.suites import get_suite
 
-            run_bench(get_suite(args.suite), args.seeds, args.out, labels=args.methods, data_dir=args.data_dir,
+            run_bench(_suite(args), args.seeds, args.out, labels=args.methods, data_dir=args.data_dir,
                       threads=args.threads, report_only=args.report_only)
+            return 0
+        if args.command == "tune":
+            from fedpeft.bench.tune import parse_values, tune as run_tune
+
+            parse_values(args.param, args.values)  # a bad grid fails before anything is said or probed
+            run_tune(_suite(args), args.param, args.values, fraction=args.validation_fraction,
+                     seeds=args.seeds, out=args.out, labels=args.methods, data_dir=args.data_dir,
+                     threads=args.threads, report_only=args.report_only)
             return 0
         cfg = demo_config(args) if args.command == "demo" else config_from_args(args)
         from fedpeft.runner import run
@@ -192,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = ("run the same `fedpeft bench` command again to continue" if args.command == "bench"
+        hint = (f"run the same `fedpeft {args.command}` command again to continue" if args.command in ("bench", "tune")
                 else "continue with `fedpeft run --resume RUN_DIR`")
         print(f"fedpeft: interrupted; {hint}", file=sys.stderr)
         return 130
