@@ -319,6 +319,12 @@ def test_webnlg_proxy_errors(tmp_path, data_root):
                                    importance_examples=20))
     with pytest.raises(FedPeftError, match="unknown --proxy-dataset 'sst3'"):
         proxy_texts(RunConfig(proxy_dataset="sst3", data_dir=str(data_root)))
+    # auto (the default) is the paper's pairing: WebNLG for generation tasks, WNLI for GLUE
+    assert RunConfig().proxy_dataset == "auto"
+    with pytest.raises(FedPeftError, match="'webnlg' has no local train split"):
+        proxy_texts(RunConfig(tasks=["e2e", "e2e"], data_dir=str(tmp_path)))
+    with pytest.raises(FedPeftError, match="WNLI"):
+        proxy_texts(RunConfig(tasks=["sst2", "sst2"], data_dir=str(tmp_path)))
 
 
 # ----------------------------------------------------------------------------------------- client (L9, §8 10, 14-16)

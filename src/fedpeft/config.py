@@ -113,7 +113,7 @@ class RunConfig:
     distill_lr: float = _f(1e-4, "LEFF: distillation AdamW learning rate", group="leff")
     distill_batch_size: int = _f(16, "LEFF: distillation batch size", group="leff")
     distill_examples: int = _f(512, "LEFF: proxy texts used for distillation", group="leff")
-    proxy_dataset: str = _f("wnli", "LEFF: public proxy texts for distillation (and, on a decoder, the importance batch): a GLUE task folder (wnli), 'webnlg' (WebNLG train references, for E2E on a decoder) or 'demo' (the bundled synthetic texts)", group="leff")
+    proxy_dataset: str = _f("auto", "LEFF: public proxy texts for distillation (and, on a decoder, the importance batch): 'auto' (the paper's pairing: webnlg for generation tasks, wnli otherwise), a GLUE task folder (wnli), 'webnlg' (WebNLG train references, for E2E on a decoder) or 'demo' (the bundled synthetic texts)", group="leff")
     importance_examples: int = _f(64, "LEFF family: labelled server examples held out of every client's pool, for the importance pass", group="leff")
     sampling: str = _f("importance", "LEFF: block selection per round", choices=LEFF_SAMPLINGS, group="leff")
     blocks: str = _f("sliding", "LEFF: candidate blocks: every start (sliding) or non-overlapping starts (disjoint)", choices=LEFF_BLOCKS, group="leff")

@@ -25,7 +25,7 @@ def importance_batch(cfg: RunConfig, task: str, tokenizer) -> Encoded:
     return encode([pool[j] for j in ids], tokenizer, cfg.max_length, regression=get_task(task).is_regression)
 
 
-PROXY_DATASETS = ("wnli", "webnlg", "demo")
+PROXY_DATASETS = ("auto", "wnli", "webnlg", "demo")
 
 
 def proxy_corpus(cfg: RunConfig) -> list[str]:
@@ -34,6 +34,8 @@ def proxy_corpus(cfg: RunConfig) -> list[str]:
     from fedpeft.data.sources import has_local_split, load_examples
 
     name = cfg.proxy_dataset
+    if name == "auto":  # the paper's pairing (L8): WebNLG for a decoder on E2E, WNLI for GLUE encoders
+        name = "webnlg" if any(get_task(t).is_generation for t in cfg.tasks) else "wnli"
     if name == "demo":
         from fedpeft.data.tasks import DEMO_TASKS
 
