@@ -105,11 +105,11 @@ class FlowerEngine(LocalEngine):
         self._first_error = FedPeftError(f"round {rnd}: no client replied (see the warnings above)")
         return replies, info
 
-    def _evaluate_all(self, rnd, phase, broadcast, replies, fit_info):
+    def _evaluate_all(self, rnd, phase, broadcast, evaluation, replies, fit_info):
         if self.progress:
             self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): {len(self.clients)} clients evaluating")
         asked = [c for c in self.clients if c.cid not in self._gone]  # a client that crashed in fit still scores
-        contents, _ = self._send("evaluate", rnd, {c.cid: to_records(broadcast[c.cid], self._control("evaluate", rnd))
+        contents, _ = self._send("evaluate", rnd, {c.cid: to_records(evaluation[c.cid], self._control("evaluate", rnd))
                                                    for c in asked})
         records = []
         for c in self.clients:
@@ -118,7 +118,7 @@ class FlowerEngine(LocalEngine):
             if c.cid in contents:
                 self._audit(rnd, c.cid, "evaluate", contents[c.cid])
                 rec.update(dict(contents[c.cid][METRICS]))
-            records.append(client_record(rec, reply, broadcast[c.cid], fit_info.get(c.cid)))
+            records.append(client_record(rec, reply, broadcast[c.cid], fit_info.get(c.cid), evaluation[c.cid]))
         return records
 
     def _audit(self, rnd: int, cid: int, stage: str, content) -> None:
