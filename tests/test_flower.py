@@ -389,12 +389,13 @@ def test_server_loop_on_an_in_process_grid_equals_local(tmp_path, tiny_backbone)
     assert_wire_is_upload_only(run_dir, set(tiny_backbone.model.state_dict()))
 
 
-@pytest.mark.parametrize("method", ["fedavg-full", "fedbitfit"])
-def test_leff_family_on_an_in_process_grid_equals_local(tmp_path, tiny_backbone, method):
+@pytest.mark.parametrize("method, over", [("fedavg-full", {}), ("fedbitfit", {}),
+                                          ("slora", {"slora_stage1_fraction": 0.5})])  # round 1 sparse, then LoRA
+def test_leff_family_on_an_in_process_grid_equals_local(tmp_path, tiny_backbone, method, over):
     """The server and every client hold separate algorithm objects and models: the client scores what
     the evaluate message carries (FedAvg-full: the global model, L14) on the data local cuts."""
-    local = _local(tmp_path, "local", method=method, **LEFF_FAMILY)
-    run_dir = _serve(tmp_path, InProcessGrid(3, tmp_path), tiny_backbone, method=method, **LEFF_FAMILY)
+    local = _local(tmp_path, "local", method=method, **LEFF_FAMILY, **over)
+    run_dir = _serve(tmp_path, InProcessGrid(3, tmp_path), tiny_backbone, method=method, **LEFF_FAMILY, **over)
     assert_same_metrics(local, run_dir)
     records, _ = _records(run_dir)
     assert (records[(1, 0)].get("bytes_eval_down", 0) > 0) == (method == "fedavg-full")
