@@ -325,10 +325,10 @@ class LEFF(Algorithm):
     def configure_evaluate(self, state, rnd, broadcast):
         """Θ_g for every client to score (L14): all blocks, 𝒜 and the global head, plus the frozen
         embeddings to a client that never received them. Counted as `bytes_eval_down`."""
-        n = self.federation[0].num_labels
         tensors = {block_key(l, k): t for l, blk in state["blocks"].items() for k, t in blk.items()}
         tensors.update(prefixed(ASET_PREFIX, state["aset"]))
-        tensors.update(prefixed(HEAD_PREFIX, self.global_head(state, n)))
+        if self.has_head:
+            tensors.update(prefixed(HEAD_PREFIX, self.global_head(state, self.federation[0].num_labels)))
         emb = prefixed(EMB_PREFIX, {k: p.detach() for k, p in self.runtime.extra["embeddings"].named_parameters()})
         return {c.client_id: Message({**tensors, **({} if is_synced(state, c.client_id) else emb)}, {"round": rnd})
                 for c in self.federation}
@@ -394,7 +394,8 @@ class LEFF(Algorithm):
         for l, blk in enumerate(self.blocks()):
             load_params(blk, unprefixed(f"block.{l}.", tensors), f"global block {l}")
         self.set_aset(unprefixed(ASET_PREFIX, tensors))
-        self.runtime.model.use_head(client.info.num_labels, unprefixed(HEAD_PREFIX, tensors), trainable=False)
+        if self.has_head:
+            self.runtime.model.use_head(client.info.num_labels, unprefixed(HEAD_PREFIX, tensors), trainable=False)
         self._runtime_holds = None
 
     def fit(self, instruction: Message, client: Client) -> Message:
