@@ -1,5 +1,5 @@
 """The Flower engine: wire translation, client stores, flower-sim = local, loopback deployment
-(1 SuperLink with TLS and SuperNode authentication + 3 SuperNodes), a SuperNode killed mid-run.
+(1 SuperLink with TLS and SuperNode authentication + 4 SuperNodes), a SuperNode killed mid-run.
 
 Everything runs on the tiny random BERT ("tiny-bert", reachable by name from subprocesses) and the
 bundled demo data. Skipped when Flower is not installed (`pip install fedpeft[flower]`).
@@ -10,6 +10,7 @@ import logging
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -247,28 +248,27 @@ def _settings_file(path, **over):
     return path
 
 
-DEPLOY_TASKS = ["demo-sentiment", "demo-topic", "demo-topic"]
-
-
 @pytest.fixture(scope="module")
 def tls_deployment(tmp_path_factory):
     """One federation on this machine serving several tests: a SuperLink with TLS and SuperNode
-    authentication, 3 registered SuperNodes, and an unregistered intruder claiming partition-id 0
-    (were it let in, the run would stop: two nodes claim one partition). It runs a FedLEASE run of
-    3 clients (Flower starts a process per message: every client costs 5 process starts)."""
+    authentication, 4 registered SuperNodes, and an unregistered intruder claiming partition-id 0
+    (were it let in, the run would stop: two nodes claim one partition). It runs the FedLEASE run.
+    Its wall time is Flower's latency per message (a new ClientApp process, 3 s polls on both ends),
+    so the registrations run side by side and one federation serves the tests."""
     from fedpeft.engines.flower.deploy import write_node_key
     from fedpeft.engines.flower.loopback import Loopback, wait_for_file
 
     tmp = tmp_path_factory.mktemp("deploy")
-    out = {"local": _local(tmp, "local", tasks=DEPLOY_TASKS), "run_dir": tmp / "run"}
-    settings = _settings_file(tmp / "run.toml", tasks=DEPLOY_TASKS, round_timeout=300.0)
+    out = {"local": _local(tmp, "local"), "run_dir": tmp / "run"}
+    settings = _settings_file(tmp / "run.toml", round_timeout=300.0)
     with Loopback(tmp / "deploy", tls=True, auth=True) as lb:
         lb.start_superlink()
         out["superlink_log"] = lb.tail("superlink")
-        for i in range(len(DEPLOY_TASKS)):
-            key, pub = write_node_key(tmp / "keys" / f"node{i}")
-            reg = lb.register(pub)
-            assert reg.returncode == 0, reg.stdout + reg.stderr
+        keys = [write_node_key(tmp / "keys" / f"node{i}") for i in range(len(TASKS))]
+        with ThreadPoolExecutor(len(keys)) as pool:
+            for reg in pool.map(lb.register, [pub for _, pub in keys]):
+                assert reg.returncode == 0, reg.stdout + reg.stderr
+        for i, (key, _) in enumerate(keys):
             lb.start_supernode(i, {"partition-id": i, "state-dir": str(tmp / f"node{i}")}, key=key)
         bad, _ = write_node_key(tmp / "keys" / "bad")
         intruder = lb.start_supernode(4, {"partition-id": 0}, key=bad, name="bad")
@@ -280,7 +280,7 @@ def tls_deployment(tmp_path_factory):
     return out
 
 
-def test_loopback_deployment_fedlease_gives_the_local_numbers(tls_deployment, tiny_backbone):
+def test_loopback_deployment_4_supernodes_fedlease_gives_the_local_numbers(tls_deployment, tiny_backbone):
     run_dir = tls_deployment["run_dir"]
     assert_same_metrics(tls_deployment["local"], run_dir)  # the same algorithm code, across processes
     records, data = _records(run_dir)
@@ -293,7 +293,7 @@ def test_tls_and_supernode_authentication_refuse_an_unregistered_node(tls_deploy
     assert "insecure" not in tls_deployment["superlink_log"].lower()
     assert tls_deployment["intruder_exit"] != 0  # refused: not registered
     assert "Failed to initialize the connection" in tls_deployment["intruder_log"]
-    assert len(tls_deployment["nodes"]) == len(DEPLOY_TASKS)
+    assert len(tls_deployment["nodes"]) == len(TASKS)
 
 
 def test_loopback_killed_supernode_round_completes_and_is_logged(tmp_path):
