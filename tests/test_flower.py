@@ -1,5 +1,5 @@
 """The Flower engine: wire translation, client stores, flower-sim = local, loopback deployment
-(1 SuperLink + 4 SuperNodes), a SuperNode killed mid-run, TLS and SuperNode authentication.
+(1 SuperLink with TLS and SuperNode authentication + 4 SuperNodes), a SuperNode killed mid-run.
 
 Everything runs on the tiny random BERT ("tiny-bert", reachable by name from subprocesses) and the
 bundled demo data. Skipped when Flower is not installed (`pip install fedpeft[flower]`).
@@ -10,6 +10,7 @@ import logging
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -23,8 +24,12 @@ from fedpeft.engines.flower.records import (  # noqa: E402
 pytestmark = pytest.mark.flower
 
 TASKS = ["demo-sentiment", "demo-sentiment", "demo-topic", "demo-topic"]
-METRICS = ("accuracy", "f1", "matthews", "loss", "train_loss", "bytes_up", "bytes_down", "experts_per_token")
+METRICS = ("accuracy", "f1", "matthews", "loss", "train_loss", "bytes_up", "bytes_down", "bytes_eval_down",
+           "experts_per_token")
 UPLOAD_PREFIXES = ("lora.", "moe.", "head.")
+# LEFF and its baselines on the tiny 2-layer BERT: one task, the server's proxy texts from the demo data
+LEFF_FAMILY = dict(tasks=["demo-sentiment"] * 3, proxy_dataset="demo", distill_steps=2, distill_examples=64,
+                   importance_examples=16, layer_budgets=["1"])
 
 
 def _settings(**over):
@@ -178,28 +183,60 @@ def local_fedlease(tmp_path_factory):
     return _local(tmp_path_factory.mktemp("local"), "run", global_rounds=3)
 
 
-def test_flower_sim_gives_the_local_numbers_and_sends_only_uploads(local_fedlease, tmp_path, tiny_backbone):
-    from fedpeft.config import RunConfig
-    from fedpeft.runner import run
+@pytest.fixture(scope="class")
+def one_ray_instance():
+    """The class's flower-sim runs share one Ray instance: the first run starts it as every user run
+    does (Flower's backend starts Ray when none runs, with fedpeft's init args) and Flower's shutdown
+    at the end of each run is held back until the class is done. Every run still starts and ends its
+    own actors, so no client process is shared between runs."""
+    import ray
 
-    res = run(RunConfig(**_settings(global_rounds=3), engine="flower-sim", client_cpus=1.0,
-                        output_dir=str(tmp_path / "sim")))
-    assert_same_metrics(local_fedlease, res.run_dir)
-    _, data = _records(res.run_dir)
-    assert [e["kind"] for e in data["events"]] == [e["kind"] for e in _records(local_fedlease)[1]["events"]]
-    assert {"checkpoint.pt", "metrics.csv", "summary.md", "clustering.json"} <= {p.name for p in res.run_dir.iterdir()}
-    assert_wire_is_upload_only(res.run_dir, set(tiny_backbone.model.state_dict()))
+    shutdown = ray.shutdown
+    ray.shutdown = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        ray.shutdown = shutdown
+        shutdown()
 
 
-def test_flower_sim_resumes_after_the_server_stopped(local_fedlease, tmp_path):
-    from fedpeft.config import RunConfig
-    from fedpeft.runner import run
+@pytest.mark.usefixtures("one_ray_instance")
+class TestSimulation:
+    def test_flower_sim_gives_the_local_numbers_and_sends_only_uploads(self, local_fedlease, tmp_path, tiny_backbone):
+        from fedpeft.config import RunConfig
+        from fedpeft.runner import run
 
-    out = tmp_path / "sim"
-    run(RunConfig(**_settings(global_rounds=3), engine="flower-sim", output_dir=str(out)), stop_after=2)
-    assert len(_records(out)[1]["rounds"]) == 3  # rounds 0..2
-    run(RunConfig(resume=str(out), quiet=True))
-    assert_same_metrics(local_fedlease, out)
+        res = run(RunConfig(**_settings(global_rounds=3), engine="flower-sim", client_cpus=1.0,
+                            output_dir=str(tmp_path / "sim")))
+        assert_same_metrics(local_fedlease, res.run_dir)
+        _, data = _records(res.run_dir)
+        assert [e["kind"] for e in data["events"]] == [e["kind"] for e in _records(local_fedlease)[1]["events"]]
+        assert {"checkpoint.pt", "metrics.csv", "summary.md", "clustering.json"} <= {p.name for p in res.run_dir.iterdir()}
+        assert_wire_is_upload_only(res.run_dir, set(tiny_backbone.model.state_dict()))
+
+    def test_flower_sim_resumes_after_the_server_stopped(self, local_fedlease, tmp_path):
+        from fedpeft.config import RunConfig
+        from fedpeft.runner import run
+
+        out = tmp_path / "sim"
+        run(RunConfig(**_settings(global_rounds=3), engine="flower-sim", output_dir=str(out)), stop_after=2)
+        assert len(_records(out)[1]["rounds"]) == 3  # rounds 0..2
+        run(RunConfig(resume=str(out), quiet=True))
+        assert_same_metrics(local_fedlease, out)
+
+    def test_flower_sim_leff_scores_the_global_model_as_local_does(self, tmp_path):
+        """LEFF scores Θ_g (spec L14), which the training broadcast does not carry: the evaluate message
+        does, so the Ray clients score what the local engine scores (FedAvg-full is this class, L_i = L)."""
+        from fedpeft.config import RunConfig
+        from fedpeft.runner import run
+
+        local = _local(tmp_path, "local", method="leff", **LEFF_FAMILY)
+        res = run(RunConfig(**_settings(method="leff", **LEFF_FAMILY), engine="flower-sim",
+                            output_dir=str(tmp_path / "sim")))
+        assert_same_metrics(local, res.run_dir)
+        records, data = _records(res.run_dir)
+        assert records[(1, 0)]["bytes_eval_down"] > 0
+        assert [e["kind"] for e in data["events"]] == [e["kind"] for e in _records(local)[1]["events"]]
 
 
 # ------------------------------------------------------------ deployment on loopback
@@ -211,73 +248,82 @@ def _settings_file(path, **over):
     return path
 
 
-def test_loopback_deployment_4_supernodes_fedlease(tmp_path, tiny_backbone):
+@pytest.fixture(scope="module")
+def tls_deployment(tmp_path_factory):
+    """One federation on this machine serving several tests: a SuperLink with TLS and SuperNode
+    authentication, 4 registered SuperNodes, and an unregistered intruder claiming partition-id 0
+    (were it let in, the run would stop: two nodes claim one partition). It runs the FedLEASE run.
+    Its wall time is Flower's latency per message (a new ClientApp process, 3 s polls on both ends),
+    so the registrations run side by side and one federation serves the tests."""
+    from fedpeft.engines.flower.deploy import write_node_key
     from fedpeft.engines.flower.loopback import Loopback, wait_for_file
 
-    local = _local(tmp_path, "local")
-    settings = _settings_file(tmp_path / "run.toml", round_timeout=300.0)
-    with Loopback(tmp_path / "deploy") as lb:
+    tmp = tmp_path_factory.mktemp("deploy")
+    out = {"local": _local(tmp, "local"), "run_dir": tmp / "run"}
+    settings = _settings_file(tmp / "run.toml", round_timeout=300.0)
+    with Loopback(tmp / "deploy", tls=True, auth=True) as lb:
         lb.start_superlink()
-        for i in range(4):
-            lb.start_supernode(i, {"partition-id": i, "state-dir": str(tmp_path / f"node{i}")})
-        lb.submit({"config": str(settings), "output-dir": str(tmp_path / "run")})
-        wait_for_file(tmp_path / "run" / "summary.md", 900, alive=lb)
-    run_dir = tmp_path / "run"
-    assert_same_metrics(local, run_dir)  # the same algorithm code, across processes
+        out["superlink_log"] = lb.tail("superlink")
+        keys = [write_node_key(tmp / "keys" / f"node{i}") for i in range(len(TASKS))]
+        with ThreadPoolExecutor(len(keys)) as pool:
+            for reg in pool.map(lb.register, [pub for _, pub in keys]):
+                assert reg.returncode == 0, reg.stdout + reg.stderr
+        for i, (key, _) in enumerate(keys):
+            lb.start_supernode(i, {"partition-id": i, "state-dir": str(tmp / f"node{i}")}, key=key)
+        bad, _ = write_node_key(tmp / "keys" / "bad")
+        intruder = lb.start_supernode(4, {"partition-id": 0}, key=bad, name="bad")
+        lb.submit({"config": str(settings), "output-dir": str(out["run_dir"])})
+        out["intruder_exit"] = intruder.wait(timeout=120)
+        out["intruder_log"] = lb.tail("bad")
+        wait_for_file(out["run_dir"] / "summary.md", 900, alive=lb)
+        out["nodes"] = json.loads(lb.flwr("supernode", "list", "loopback", "--format", "json").stdout)["nodes"]
+    return out
+
+
+def test_loopback_deployment_4_supernodes_fedlease_gives_the_local_numbers(tls_deployment, tiny_backbone):
+    run_dir = tls_deployment["run_dir"]
+    assert_same_metrics(tls_deployment["local"], run_dir)  # the same algorithm code, across processes
     records, data = _records(run_dir)
     assert all(r["participated"] for (rnd, _), r in records.items() if rnd > 0)
     assert not [e for e in data["events"] if e["kind"] == "missing_clients"]
     assert_wire_is_upload_only(run_dir, set(tiny_backbone.model.state_dict()))
 
 
+def test_tls_and_supernode_authentication_refuse_an_unregistered_node(tls_deployment):
+    assert "insecure" not in tls_deployment["superlink_log"].lower()
+    assert tls_deployment["intruder_exit"] != 0  # refused: not registered
+    assert "Failed to initialize the connection" in tls_deployment["intruder_log"]
+    assert len(tls_deployment["nodes"]) == len(TASKS)
+
+
 def test_loopback_killed_supernode_round_completes_and_is_logged(tmp_path):
+    """SIGKILL a SuperNode once it joined (plain gRPC, no TLS here). Its node heartbeat is 10 s, so
+    the SuperLink fails its messages within 20 s of the kill; the round timeout stays long enough for
+    the live client on a loaded machine."""
     from fedpeft.engines.flower.loopback import Loopback, wait_for_file
 
-    settings = _settings_file(tmp_path / "run.toml", method="fedit", tasks=TASKS[:3], round_timeout=60.0)
+    settings = _settings_file(tmp_path / "run.toml", method="fedit", tasks=TASKS[:2], round_timeout=120.0)
     run_dir = tmp_path / "run"
     with Loopback(tmp_path / "deploy") as lb:
         lb.start_superlink()
-        for i in range(3):
-            lb.start_supernode(i, {"partition-id": i})
+        for i in range(2):
+            lb.start_supernode(i, {"partition-id": i}, heartbeat=10)
         lb.submit({"config": str(settings), "output-dir": str(run_dir)})
         log = run_dir / "training_log.txt"
         deadline = time.time() + 300
-        while not (log.is_file() and "client 2 " in log.read_text()):  # the node has joined: the run is on
+        while not (log.is_file() and "client 1 " in log.read_text()):  # the node has joined: the run is on
             assert time.time() < deadline, lb.tail("superlink")
-            time.sleep(0.5)
-        lb.kill("supernode2")
+            time.sleep(0.2)
+        lb.kill("supernode1")
         wait_for_file(run_dir / "summary.md", 900, alive=lb)
     records, data = _records(run_dir)
     missing = [e for e in data["events"] if e["kind"] == "missing_clients"]
-    assert missing and missing[0]["round"] == 1 and missing[0]["clients"] == [2]
+    assert missing and missing[0]["round"] == 1 and missing[0]["clients"] == [1]
     assert {r["round"] for r in data["rounds"]} == {0, 1, 2}
-    assert records[(1, 0)]["participated"] and not records[(1, 2)]["participated"]
-    assert "no reply from clients [2]" in log.read_text()
-
-
-def test_tls_and_supernode_authentication_refuse_an_unregistered_node(tmp_path):
-    from fedpeft.engines.flower.deploy import write_node_key
-    from fedpeft.engines.flower.loopback import Loopback, wait_for_file
-
-    settings = _settings_file(tmp_path / "run.toml", method="fedit", tasks=TASKS[:1], global_rounds=1,
-                              round_timeout=300.0)
-    with Loopback(tmp_path / "deploy", tls=True, auth=True) as lb:
-        lb.start_superlink()
-        assert "insecure" not in lb.tail("superlink").lower()
-        good, good_pub = write_node_key(tmp_path / "keys" / "good")
-        bad, _ = write_node_key(tmp_path / "keys" / "bad")
-        reg = lb.register(good_pub)
-        assert reg.returncode == 0, reg.stdout + reg.stderr
-        lb.start_supernode(0, {"partition-id": 0}, key=good, name="good")
-        intruder = lb.start_supernode(1, {"partition-id": 0}, key=bad, name="bad")
-        assert intruder.wait(timeout=120) != 0  # refused: not registered
-        assert "Failed to initialize the connection" in lb.tail("bad")
-        lb.submit({"config": str(settings), "output-dir": str(tmp_path / "run")})
-        wait_for_file(tmp_path / "run" / "summary.md", 600, alive=lb)
-        nodes = json.loads(lb.flwr("supernode", "list", "loopback", "--format", "json").stdout)["nodes"]
-    assert len(nodes) == 1
-    records, _ = _records(tmp_path / "run")
-    assert records[(1, 0)]["participated"] and "accuracy" in records[(1, 0)]
+    assert records[(1, 0)]["participated"] and not records[(1, 1)]["participated"]
+    assert records[(2, 0)]["participated"] and "accuracy" in records[(2, 0)]
+    text = log.read_text()
+    assert "no reply from clients [1]" in text and "within 120 s" not in text  # noticed by heartbeat, not by timeout
 
 
 # ------------------------------------------------------------ the server loop on an in-process grid (fast)
@@ -341,6 +387,18 @@ def test_server_loop_on_an_in_process_grid_equals_local(tmp_path, tiny_backbone)
     run_dir = _serve(tmp_path, InProcessGrid(4, tmp_path), tiny_backbone, method="fedit")
     assert_same_metrics(local, run_dir)
     assert_wire_is_upload_only(run_dir, set(tiny_backbone.model.state_dict()))
+
+
+@pytest.mark.parametrize("method, over", [("fedavg-full", {}), ("fedbitfit", {}),
+                                          ("slora", {"slora_stage1_fraction": 0.5})])  # round 1 sparse, then LoRA
+def test_leff_family_on_an_in_process_grid_equals_local(tmp_path, tiny_backbone, method, over):
+    """The server and every client hold separate algorithm objects and models: the client scores what
+    the evaluate message carries (FedAvg-full: the global model, L14) on the data local cuts."""
+    local = _local(tmp_path, "local", method=method, **LEFF_FAMILY, **over)
+    run_dir = _serve(tmp_path, InProcessGrid(3, tmp_path), tiny_backbone, method=method, **LEFF_FAMILY, **over)
+    assert_same_metrics(local, run_dir)
+    records, _ = _records(run_dir)
+    assert (records[(1, 0)].get("bytes_eval_down", 0) > 0) == (method == "fedavg-full")
 
 
 def test_missing_crashed_and_returning_clients(tmp_path, tiny_backbone):

@@ -447,7 +447,7 @@ def test_leff_evaluates_the_global_model_not_the_client_model(nlg_cfg, gpt2):
     state = alg.init()
     msgs = alg.configure(state, 1)
     alg.fit(msgs[0], clients[0])  # leaves a client's blocks in the runtime
-    alg.load_for_eval(msgs[1], clients[1])
+    alg.load_for_eval(alg.configure_evaluate(state, 1, msgs)[1], clients[1])
     batch = texts_batch(gpt2.tokenizer, TEXTS)
     got = alg.runtime.model.full_logits(**batch)
     ref_alg, _ = bound(nlg_cfg(), gpt2)

@@ -1,7 +1,8 @@
 """The Algorithm contract: what every federated method implements, whatever engine carries it.
 
 Server side (pure, deterministic given the seed): `init`, `configure`, `aggregate`.
-Client side (where the data is): `fit`, `evaluate`.
+Client side (where the data is): `fit`, `evaluate`. Between them, `configure_evaluate` (server side)
+says what each client scores.
 
 `Message` (an Instruction down, a Reply up) is a dict of named tensors plus a dict of plain values:
 exactly what a Flower ArrayRecord + ConfigRecord hold. Per-client state that persists across rounds
@@ -131,6 +132,15 @@ class Algorithm:
 
     def aggregate(self, state: dict[str, Any], rnd: int, replies: dict[int, Message]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def configure_evaluate(self, state: dict[str, Any], rnd: int,
+                           broadcast: dict[int, Message]) -> dict[int, Message]:
+        """The message each client scores after round `rnd`, made after aggregation. Default: the
+        broadcast of round rnd + 1, so a client is scored with the state it trains with next (D16).
+        A method that scores a model the broadcast does not carry (LEFF: the global Θ_g, spec L14)
+        returns it here; `evaluate` must need nothing but this message and the client's store, so
+        every engine (client and server in one process or not) gets the same numbers."""
+        return broadcast
 
     # ------------------------------------------------------------ client side
     def fit(self, instruction: Message, client: Client) -> Message:

@@ -20,7 +20,9 @@ def encode_client_data(task, examples, tokenizer, max_length: int):
     return encode(examples, tokenizer, max_length, regression=task.is_regression)
 
 
-def prepare_clients(cfg: RunConfig, tokenizer) -> tuple[list[ClientInfo], list[Client]]:
+def federation_parts(cfg: RunConfig):
+    """Every client's examples (partition.ClientData), as every engine must cut them: the server's
+    reserve held out of every pool (LEFF family), the validation hold-out applied."""
     for t in cfg.tasks:
         get_task(t)  # unknown task: one clear error before any loading
     train_n, test_n = cfg.samples_for_tasks()
@@ -32,18 +34,25 @@ def prepare_clients(cfg: RunConfig, tokenizer) -> tuple[list[ClientInfo], list[C
     if cfg.validation_fraction > 0:
         parts = [hold_out_validation(p, cfg.validation_fraction, cfg.seed, get_task(p.task).num_labels)
                  for p in parts]
+    return parts
+
+
+def make_client(cfg: RunConfig, part, tokenizer) -> Client:
+    """One client from its examples, tokenized."""
+    task = get_task(part.task)
+    info = ClientInfo(part.client_id, part.task, task.num_labels, len(part.train))
+    return Client(info, encode_client_data(task, part.train, tokenizer, cfg.max_length),
+                  encode_client_data(task, part.test, tokenizer, cfg.max_length), task.is_regression)
+
+
+def prepare_clients(cfg: RunConfig, tokenizer) -> tuple[list[ClientInfo], list[Client]]:
+    parts = federation_parts(cfg)
+    if cfg.validation_fraction > 0:
         log.info("scoring on a validation hold-out of %.0f%% of each client's training data, not on the test split",
                  100 * cfg.validation_fraction)
-    infos, clients = [], []
-    for part in parts:
-        task = get_task(part.task)
-        info = ClientInfo(part.client_id, part.task, task.num_labels, len(part.train))
-        train = encode_client_data(task, part.train, tokenizer, cfg.max_length)
-        test = encode_client_data(task, part.test, tokenizer, cfg.max_length)
-        infos.append(info)
-        clients.append(Client(info, train, test, task.is_regression))
+    clients = [make_client(cfg, part, tokenizer) for part in parts]
     import sklearn.metrics  # noqa: F401  (a 1-2 s import: pay it here, not inside round 1's timing)
 
     log.info("federation: %d clients; %s", len(clients),
              ", ".join(f"{t} × {cfg.tasks.count(t)}" for t in dict.fromkeys(cfg.tasks)))
-    return infos, clients
+    return [c.info for c in clients], clients

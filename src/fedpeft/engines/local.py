@@ -2,8 +2,9 @@
 
 Each round: the broadcast computed after the previous aggregation goes to every client, each client
 fits (its adapter and head state swapped into the shared model), the server aggregates, the new
-broadcast is computed once, and every client is evaluated with exactly the state it will train
-with next (D16). Bytes are counted per client per round; a checkpoint is written after each round.
+broadcast is computed once, and every client is evaluated on the message the algorithm's
+`configure_evaluate` makes: by default exactly the state it will train with next (D16). Bytes are
+counted per client per round; a checkpoint is written after each round.
 
 Byte convention (spec §4): a round's `bytes_down` is the broadcast made after that round's
 aggregation; the very first broadcast is recorded as round 0.
@@ -64,7 +65,8 @@ class LocalEngine:
             state = alg.aggregate(state, rnd, replies)
             agg_seconds = time.perf_counter() - t_agg
             broadcast = alg.configure(state, rnd + 1)
-            records = self._evaluate_all(rnd, phase, broadcast, replies, fit_info)
+            evaluation = alg.configure_evaluate(state, rnd, broadcast)
+            records = self._evaluate_all(rnd, phase, broadcast, evaluation, replies, fit_info)
             entry = self.history.add_round(rnd, phase, records, {
                 "seconds": time.perf_counter() - t0, "aggregate_seconds": agg_seconds,
                 "missing": missing, **getattr(alg, "round_info", lambda r: {})(rnd)})
@@ -97,14 +99,15 @@ class LocalEngine:
             info[c.cid] = time.perf_counter() - t0
         return replies, info
 
-    def _evaluate_all(self, rnd, phase, broadcast, replies, fit_info):
+    def _evaluate_all(self, rnd, phase, broadcast, evaluation, replies, fit_info):
         records = []
         for i, c in enumerate(self.clients):
             if self.progress:
                 self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): client {i + 1}/{len(self.clients)} evaluating")
-            metrics = self.alg.evaluate(broadcast[c.cid], c)
+            metrics = self.alg.evaluate(evaluation[c.cid], c)
             rec = {"round": rnd, "phase": phase, "client": c.cid, "task": c.info.task, **metrics}
-            records.append(client_record(rec, replies.get(c.cid), broadcast[c.cid], fit_info.get(c.cid)))
+            records.append(client_record(rec, replies.get(c.cid), broadcast[c.cid], fit_info.get(c.cid),
+                                         evaluation[c.cid]))
         return records
 
     def _report(self, rnd, rounds, phase, entry):
@@ -116,11 +119,16 @@ class LocalEngine:
             self.progress.advance_round()
 
 
-def client_record(rec: dict[str, Any], reply: Message | None, instruction: Message, fit_seconds: float | None) -> dict[str, Any]:
+def client_record(rec: dict[str, Any], reply: Message | None, instruction: Message, fit_seconds: float | None,
+                  evaluation: Message | None = None) -> dict[str, Any]:
     """Add a client's round bookkeeping to its evaluation record: bytes both ways, whether it
-    replied, and what its fit reported. Every engine writes records through this."""
+    replied, and what its fit reported. Every engine writes records through this. An evaluate
+    message other than the broadcast (`Algorithm.configure_evaluate`) is counted apart, as
+    `bytes_eval_down`: `bytes_down` stays the training broadcast of spec §4."""
     rec.update({"bytes_up": reply.nbytes if reply else 0, "bytes_down": instruction.nbytes,
                 "participated": reply is not None})
+    if evaluation is not None and evaluation is not instruction:
+        rec["bytes_eval_down"] = evaluation.nbytes
     if reply is not None:
         rec["train_loss"] = reply.config.get("train_loss")
         rec["fit_seconds"] = fit_seconds

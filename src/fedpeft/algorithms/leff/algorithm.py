@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fedpeft.algorithms.base import (HEAD_PREFIX, Algorithm, Client, Message, Runtime, is_synced, mark_synced,
-                                     weighted_mean)
+                                     prefixed, unprefixed, weighted_mean)
 from fedpeft.algorithms.leff.distill import distill_segment, is_causal_stack, student_depth
 from fedpeft.algorithms.leff.sampling import (block_probabilities, block_scores, block_starts, draw_block,
                                               layer_importance)
@@ -124,7 +124,6 @@ class LEFF(Algorithm):
         self._info: dict[int, dict[str, Any]] = {}
         self._server_batch = None
         self._proxy = None
-        self._eval_state = None
         self._runtime_holds: Any = None  # which global state the runtime model holds now
 
     # ------------------------------------------------------------ model
@@ -316,7 +315,6 @@ class LEFF(Algorithm):
         return self._students[key]
 
     def configure(self, state, rnd):
-        self._eval_state = state
         if rnd > self.num_rounds:  # the engine's look-ahead after the last round: nothing to train
             return {c.client_id: Message({}, {"round": rnd, "participate": False}) for c in self.federation}
         self._students = {k: v for k, v in self._students.items() if k[0] == rnd}
@@ -369,6 +367,17 @@ class LEFF(Algorithm):
                                    client_memory_bytes=memory)
         log.info("round %d: blocks %s", rnd, " ".join(f"c{cid}:{k}-{k + b - 1}" for cid, (k, b) in assigned.items()))
         return out
+
+    def configure_evaluate(self, state, rnd, broadcast):
+        """Θ_g for every client to score (L14): all blocks, 𝒜 and the global head, plus the frozen
+        embeddings to a client that never received them. Counted as `bytes_eval_down`."""
+        tensors = {block_key(l, k): t for l, blk in state["blocks"].items() for k, t in blk.items()}
+        tensors.update(prefixed(ASET_PREFIX, state["aset"]))
+        if self.has_head:
+            tensors.update(prefixed(HEAD_PREFIX, self.global_head(state, self.federation[0].num_labels)))
+        emb = prefixed(EMB_PREFIX, {k: p.detach() for k, p in self.runtime.extra["emb_params"].items()})
+        return {c.client_id: Message({**tensors, **({} if is_synced(state, c.client_id) else emb)}, {"round": rnd})
+                for c in self.federation}
 
     def client_memory(self, budget: int, student_layers: int) -> int:
         """Client model memory, float32: parameters held + gradients and AdamW moments of the trained
@@ -424,9 +433,18 @@ class LEFF(Algorithm):
 
     # ------------------------------------------------------------ client
     def load_for_eval(self, instruction, client):
-        """LEFF scores the global model Θ_g (L14), not a client's compressed model: in-process the
-        evaluation reads the server's current global state (a Flower engine evaluates it server-side)."""
-        self.load_global(self._eval_state)
+        """LEFF scores the global model Θ_g (L14), not a client's compressed model: every block, 𝒜
+        and the head, from the evaluate message `configure_evaluate` made (nothing else is read)."""
+        tensors = instruction.tensors
+        emb = unprefixed(EMB_PREFIX, tensors)
+        if emb:
+            load_params(self.runtime.extra["emb_params"], emb, "embeddings")
+        for l, blk in enumerate(self.blocks()):
+            load_params(blk, unprefixed(f"block.{l}.", tensors), f"global block {l}")
+        self.set_aset(unprefixed(ASET_PREFIX, tensors))
+        if self.has_head:
+            self.runtime.model.use_head(client.info.num_labels, unprefixed(HEAD_PREFIX, tensors), trainable=False)
+        self._runtime_holds = None
 
     def fit(self, instruction: Message, client: Client) -> Message:
         conf = instruction.config

@@ -119,25 +119,14 @@ def _setup(cfg, pid: int, ctl: dict[str, Any]):
 
 
 def build_client(cfg, tokenizer, pid: int):
-    """Client `pid` of the federation `cfg` describes, from this machine's data (same partition code
-    and seed as the local engine, so the same examples)."""
-    from fedpeft.algorithms.base import Client, ClientInfo
-    from fedpeft.data.batching import encode
-    from fedpeft.data.partition import build_federation
-    from fedpeft.data.tasks import get_task
+    """Client `pid` of the federation `cfg` describes, from this machine's data: the local engine's
+    partition code and seed (server reserve and validation hold-out included), so the same examples."""
+    from fedpeft.engines.common import federation_parts, make_client
     from fedpeft.errors import FedPeftError
 
     if not 0 <= pid < len(cfg.tasks):
         raise FedPeftError(f"partition-id {pid} is out of range: the run has {len(cfg.tasks)} clients (0..{len(cfg.tasks) - 1})")
-    train_n, test_n = cfg.samples_for_tasks()
-    parts = build_federation(cfg.tasks, train_samples=train_n, test_samples=test_n, partition=cfg.partition,
-                             label_split=cfg.label_split, alpha=cfg.alpha, seed=cfg.seed,
-                             data_dir=cfg.resolved_data_dir(), carve_out=cfg.carve_out)
-    part = parts[pid]
-    task = get_task(part.task)
-    info = ClientInfo(part.client_id, part.task, task.num_labels, len(part.train))
-    return Client(info, encode(part.train, tokenizer, cfg.max_length, regression=task.is_regression),
-                  encode(part.test, tokenizer, cfg.max_length, regression=task.is_regression), task.is_regression)
+    return make_client(cfg, federation_parts(cfg)[pid], tokenizer)
 
 
 # ------------------------------------------------------------ the store across messages

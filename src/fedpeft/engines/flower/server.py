@@ -55,8 +55,13 @@ class FlowerEngine(LocalEngine):
             cid_of[node] = cid
         t0 = time.time()
         out, seconds, answered = {}, {}, set()
-        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
-            cid = cid_of.get(reply.metadata.src_node_id)
+        replies = self.grid.send_and_receive(msgs, timeout=self.timeout)
+        # An error the SuperLink makes for a message (its node stopped sending heartbeats, the reply
+        # expired) comes from the SuperLink, not the node: find its client by the message it answers.
+        cid_of_msg = {m.metadata.message_id: cid_of[m.metadata.dst_node_id] for m in msgs if m.metadata.message_id}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            cid = cid_of.get(node, cid_of_msg.get(reply.metadata.reply_to_message_id))
             if cid is None:
                 continue
             answered.add(cid)
@@ -64,6 +69,8 @@ class FlowerEngine(LocalEngine):
                 reason = (reply.error.reason or "").strip().splitlines()
                 log.warning("round %d: client %d failed during %s: %s", rnd, cid, stage,
                             reason[-1] if reason else f"Flower error {reply.error.code}")
+                if node not in cid_of:  # no word from the node itself: gone, not asked again this round
+                    self._gone.add(cid)
                 continue
             out[cid] = reply.content
             seconds[cid] = reply.metadata.created_at - t0
@@ -105,11 +112,11 @@ class FlowerEngine(LocalEngine):
         self._first_error = FedPeftError(f"round {rnd}: no client replied (see the warnings above)")
         return replies, info
 
-    def _evaluate_all(self, rnd, phase, broadcast, replies, fit_info):
+    def _evaluate_all(self, rnd, phase, broadcast, evaluation, replies, fit_info):
         if self.progress:
             self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): {len(self.clients)} clients evaluating")
         asked = [c for c in self.clients if c.cid not in self._gone]  # a client that crashed in fit still scores
-        contents, _ = self._send("evaluate", rnd, {c.cid: to_records(broadcast[c.cid], self._control("evaluate", rnd))
+        contents, _ = self._send("evaluate", rnd, {c.cid: to_records(evaluation[c.cid], self._control("evaluate", rnd))
                                                    for c in asked})
         records = []
         for c in self.clients:
@@ -118,7 +125,7 @@ class FlowerEngine(LocalEngine):
             if c.cid in contents:
                 self._audit(rnd, c.cid, "evaluate", contents[c.cid])
                 rec.update(dict(contents[c.cid][METRICS]))
-            records.append(client_record(rec, reply, broadcast[c.cid], fit_info.get(c.cid)))
+            records.append(client_record(rec, reply, broadcast[c.cid], fit_info.get(c.cid), evaluation[c.cid]))
         return records
 
     def _audit(self, rnd: int, cid: int, stage: str, content) -> None:
