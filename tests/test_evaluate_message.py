@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tests.leff_helpers import bound as _bound
 
 L = 4
 
@@ -23,14 +24,6 @@ def _leff_cfg(tiny_cfg, **kw):
     return tiny_cfg(**{**base, **kw})
 
 
-def _bound(cfg, backbone):
-    from fedpeft.algorithms import get_algorithm
-    from fedpeft.engines.common import prepare_clients
-
-    infos, clients = prepare_clients(cfg, backbone.tokenizer)
-    alg = get_algorithm(cfg)
-    alg.bind(alg.build_runtime(backbone), infos)
-    return alg, clients
 
 
 def _one_round(alg, clients):

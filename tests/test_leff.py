@@ -14,6 +14,7 @@ from fedpeft.algorithms.leff.distill import (distill_loss, distill_segment, eage
 from fedpeft.algorithms.leff.sampling import (block_probabilities, block_scores, block_starts, draw_block,
                                               layer_importance)
 from fedpeft.errors import FedPeftError
+from tests.leff_helpers import bound
 
 L = 4  # layers of the tiny model
 
@@ -37,15 +38,6 @@ def leff_cfg(tiny_cfg):
     return make
 
 
-def bound(cfg, backbone):
-    """An algorithm bound to its runtime and federation, with the clients."""
-    from fedpeft.algorithms import get_algorithm
-    from fedpeft.engines.common import prepare_clients
-
-    infos, clients = prepare_clients(cfg, backbone.tokenizer)
-    alg = get_algorithm(cfg)
-    alg.bind(alg.build_runtime(backbone), infos)
-    return alg, clients
 
 
 def logits_of(alg, clients):

@@ -14,6 +14,7 @@ import torch
 from fedpeft.algorithms.leff.distill import (causal_embed, distill_loss, distill_segment, eager_attention,
                                              prefix_hidden, run_blocks)
 from fedpeft.errors import FedPeftError
+from tests.leff_helpers import bound
 
 L = 4
 FOODS = ["Chinese", "English", "French", None]
@@ -100,14 +101,6 @@ def nlg_cfg(tmp_path, data_root):
     return make
 
 
-def bound(cfg, backbone):
-    from fedpeft.algorithms import get_algorithm
-    from fedpeft.engines.common import prepare_clients
-
-    infos, clients = prepare_clients(cfg, backbone.tokenizer)
-    alg = get_algorithm(cfg)
-    alg.bind(alg.build_runtime(backbone), infos)
-    return alg, clients
 
 
 def texts_batch(tok, texts, side="right"):

@@ -207,6 +207,13 @@ SUITES["glue4-cpu-tuned"] = dataclasses.replace(
     entries=tuple(Entry(e.label, {**e.overrides, "lr": _TUNED_LR[e.label]}) for e in _matrix(ablations=False)
                   if e.label in _TUNED_LR))
 
+# The LEFF suites' shared entries: LEFF against FedAvg-full and FedLoRA on every seed, and LEFF at
+# r_c = 1 on the first: no compression (the students are the global layers, the Fig. 5 end of the
+# sweep), which separates the cost of compression from that of training one block.
+_LEFF_MAIN = (Entry("leff", {"method": "leff"}), Entry("fedavg-full", {"method": "fedavg-full"}),
+              Entry("fedlora", {"method": "fedlora"}))
+_LEFF_R1 = Entry("leff-r1.0", {"method": "leff", "compression_rate": 1.0}, "first")
+
 SUITES["leff-cpu"] = Suite(
     name="leff-cpu",
     description="LEFF vs FedAvg-full, FedLoRA (r = 8), FedBitFit (and SLoRA, LEFF with budgets 1 2 4, LEFF "
@@ -215,15 +222,11 @@ SUITES["leff-cpu"] = Suite(
                 "about 30 minutes on 1 thread of a busy 2-core machine (2-6 min per run, LEFF's "
                 "distillation the largest part)",
     base=_LEFF_BASE,
-    entries=(
-        Entry("leff", {"method": "leff"}),
-        Entry("fedavg-full", {"method": "fedavg-full"}),
-        Entry("fedlora", {"method": "fedlora"}),
+    entries=_LEFF_MAIN + (
         Entry("fedbitfit", {"method": "fedbitfit"}),
         Entry("slora", {"method": "slora"}, "first"),
         Entry("leff-budgets-1-2-4", {"method": "leff", "layer_budgets": ["1", "2", "4"]}, "first"),
-        # r_c = 1: no compression (the students are the global layers), the Fig. 5 end of the sweep.
-        Entry("leff-r1.0", {"method": "leff", "compression_rate": 1.0}, "first"),
+        _LEFF_R1,
     ),
     extra={"report": "leff"},
 )
@@ -254,14 +257,7 @@ SUITES["leff-nlg"] = Suite(
                 "96 tokens, 2 rounds, greedy decoding, WebNLG proxy; BLEU, NIST, METEOR, ROUGE-L, CIDEr of the "
                 "global model after the last round",
     base=_LEFF_NLG_BASE,
-    entries=(
-        Entry("leff", {"method": "leff"}),
-        Entry("fedavg-full", {"method": "fedavg-full"}),
-        Entry("fedlora", {"method": "fedlora"}),
-        # r_c = 1: the students are the global layers, so the client trains its block in the true
-        # context; against `leff` this separates the cost of compression from that of training one block.
-        Entry("leff-r1.0", {"method": "leff", "compression_rate": 1.0}, "first"),
-    ),
+    entries=_LEFF_MAIN + (_LEFF_R1,),
     extra={"report": "leff"},
 )
 
