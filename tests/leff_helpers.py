@@ -10,3 +10,10 @@ def bound(cfg, backbone):
     alg = get_algorithm(cfg)
     alg.bind(alg.build_runtime(backbone), infos)
     return alg, clients
+
+
+def final_state(run_dir):
+    """The server state a finished run checkpointed last."""
+    import torch
+
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["server_state"]

@@ -14,7 +14,7 @@ from fedpeft.algorithms.leff.distill import (distill_loss, distill_segment, eage
 from fedpeft.algorithms.leff.sampling import (block_probabilities, block_scores, block_starts, draw_block,
                                               layer_importance)
 from fedpeft.errors import FedPeftError
-from tests.leff_helpers import bound
+from tests.leff_helpers import bound, final_state
 
 L = 4  # layers of the tiny model
 
@@ -369,16 +369,12 @@ def test_a_round_leaves_untrained_layers_bitwise_and_averages_the_head_over_all(
 
 
 # ----------------------------------------------------------------------------------------- equivalence, e2e (19-20)
-def _final_state(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["server_state"]
-
-
 def test_leff_with_full_budgets_is_fedavg_full_bitwise(leff_cfg, bb4, tmp_path):
     from fedpeft.runner import run
 
     a = run(leff_cfg(layer_budgets=[str(L)], output_dir=str(tmp_path / "leff")), backbone=bb4)
     b = run(leff_cfg(method="fedavg-full", output_dir=str(tmp_path / "fedavg")), backbone=bb4)
-    sa, sb = _final_state(a.run_dir), _final_state(b.run_dir)
+    sa, sb = final_state(a.run_dir), final_state(b.run_dir)
     for l in range(L):
         for n, t in sa["blocks"][l].items():
             assert torch.equal(t, sb["blocks"][l][n])
@@ -578,7 +574,7 @@ def test_resume_equals_uninterrupted(leff_cfg, bb4, tmp_path):
                 for r in sorted(res.history.records, key=lambda r: (r["round"], r["client"]))]
 
     assert summary(full) == summary(resumed)
-    sa, sb = _final_state(full.run_dir), _final_state(resumed.run_dir)
+    sa, sb = final_state(full.run_dir), final_state(resumed.run_dir)
     assert all(torch.equal(t, sb["blocks"][l][n]) for l in range(L) for n, t in sa["blocks"][l].items())
 
 

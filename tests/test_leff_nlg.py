@@ -14,7 +14,7 @@ import torch
 from fedpeft.algorithms.leff.distill import (causal_embed, distill_loss, distill_segment, eager_attention,
                                              prefix_hidden, run_blocks)
 from fedpeft.errors import FedPeftError
-from tests.leff_helpers import bound
+from tests.leff_helpers import bound, final_state
 
 L = 4
 FOODS = ["Chinese", "English", "French", None]
@@ -397,16 +397,12 @@ def test_decoder_bytes_match_the_closed_form(nlg_cfg, gpt2, start):
 
 
 # ----------------------------------------------------------------------------------------- runs (L12, L14)
-def _final_state(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["server_state"]
-
-
 def test_leff_with_full_budgets_is_fedavg_full_bitwise_on_gpt2(nlg_cfg, gpt2, tmp_path):
     from fedpeft.runner import run
 
     a = run(nlg_cfg(layer_budgets=[str(L)], output_dir=str(tmp_path / "leff")), backbone=gpt2)
     b = run(nlg_cfg(method="fedavg-full", output_dir=str(tmp_path / "fedavg")), backbone=gpt2)
-    sa, sb = _final_state(a.run_dir), _final_state(b.run_dir)
+    sa, sb = final_state(a.run_dir), final_state(b.run_dir)
     for l in range(L):
         assert all(torch.equal(t, sb["blocks"][l][n]) for n, t in sa["blocks"][l].items())
     assert all(torch.equal(t, sb["aset"][n]) for n, t in sa["aset"].items())
