@@ -707,3 +707,20 @@ def test_client_failing_at_the_warmup_upload_joins_late(tiny_cfg, tiny_backbone,
     # Its warmup optimiser state is freed like everyone else's (D3).
     stores = load_checkpoint(result.run_dir)["client_stores"]
     assert all("warmup_optimizer" not in s for s in stores.values())
+
+
+def test_task_oracle_clustering_groups_clients_by_task(tiny_cfg, tiny_backbone):
+    """`--clustering task` (a diagnostic): one expert per task whatever the B matrices say."""
+    import numpy as np
+
+    from fedpeft.algorithms.fedlease.clustering import task_clusters
+    from fedpeft.runner import run
+
+    res = task_clusters(["qnli", "sst2", "qnli", "cola", "sst2"], np.zeros((5, 5)))
+    assert res.labels == [0, 1, 0, 2, 1] and res.num_clusters == 3 and res.clusters() == [[0, 2], [1, 4], [3]]
+    tasks = ["demo-topic", "demo-sentiment", "demo-topic", "demo-sentiment"]
+    out = run(tiny_cfg(method="fedlease", tasks=tasks, warmup_rounds=1, global_rounds=2, clustering="task"),
+              backbone=tiny_backbone)
+    event = next(e for e in out.history.events if e["kind"] == "clustering")
+    assert event["num_experts"] == 2
+    assert event["client_to_expert"] == {"0": 0, "1": 1, "2": 0, "3": 1}

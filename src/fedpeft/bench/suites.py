@@ -205,7 +205,11 @@ SUITES["glue4-cpu-tuned"] = dataclasses.replace(
     SUITES["glue4-cpu"], name="glue4-cpu-tuned",
     description=SUITES["glue4-cpu"].description + "; each method at its learning rate picked on validation",
     entries=tuple(Entry(e.label, {**e.overrides, "lr": _TUNED_LR[e.label]}) for e in _matrix(ablations=False)
-                  if e.label in _TUNED_LR))
+                  if e.label in _TUNED_LR) + (
+        # A diagnostic, not a method of the paper: FedLEASE with the oracle partition (one expert per
+        # task). Against `fedlease` it measures what the B-matrix clustering costs at this scale.
+        Entry("fedlease-oracle", {"method": "fedlease", "lr": _TUNED_LR["fedlease"], "clustering": "task"}, "first"),
+    ))
 
 # The LEFF suites' shared entries: LEFF against FedAvg-full and FedLoRA on every seed, and LEFF at
 # r_c = 1 on the first: no compression (the students are the global layers, the Fig. 5 end of the

@@ -107,16 +107,19 @@ class FedLEASE(FedIT):
         return state
 
     def _cluster(self, state, rnd, uploads: dict[int, Message]) -> None:
-        from fedpeft.algorithms.fedlease.clustering import b_distance_matrix, cluster_clients
+        from fedpeft.algorithms.fedlease.clustering import b_distance_matrix, cluster_clients, task_clusters
 
         cids = sorted(uploads)
         loras = {cid: unprefixed(LORA_PREFIX, uploads[cid].tensors) for cid in cids}
         b_only = [{k: v for k, v in loras[cid].items() if k.endswith(".B")} for cid in cids]
         distance = b_distance_matrix(b_only)
-        with warnings.catch_warnings():  # its warnings come back in result.warnings and are logged below
-            warnings.simplefilter("ignore")
-            result = cluster_clients(distance, max_clusters=self.cfg.max_clusters, method=self.cfg.clustering,
-                                     pair_split_threshold=self.cfg.pair_split_threshold, seed=self.cfg.seed)
+        if self.cfg.clustering == "task":
+            result = task_clusters([self.federation[c].task for c in cids], distance)
+        else:
+            with warnings.catch_warnings():  # its warnings come back in result.warnings and are logged below
+                warnings.simplefilter("ignore")
+                result = cluster_clients(distance, max_clusters=self.cfg.max_clusters, method=self.cfg.clustering,
+                                         pair_split_threshold=self.cfg.pair_split_threshold, seed=self.cfg.seed)
         for w in result.warnings:
             log.warning("clustering: %s", w)
         cluster_of = {cid: int(label) for cid, label in zip(cids, result.labels)}
@@ -183,6 +186,9 @@ class FedLEASE(FedIT):
             members = sorted(state["cluster_of"])
             dist = b_distance_matrix([b_new] + [state["warmup_b"][c] for c in members])[0, 1:]
             j = assign_late_client(dist, [state["cluster_of"][c] for c in members])
+            if self.cfg.clustering == "task":  # the oracle: the expert of a client with the same task, if any
+                task = self.federation[cid].task
+                j = next((state["cluster_of"][c] for c in members if self.federation[c].task == task), j)
             state["cluster_of"][cid] = j
             state["warmup_b"][cid] = b_new
             log.info("round %d: late client %d joins expert %d (D12)", rnd, cid, j)

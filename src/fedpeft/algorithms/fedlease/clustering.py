@@ -225,6 +225,15 @@ def cluster_clients(
     return result(partitions[m])
 
 
+def task_clusters(tasks: Sequence[str], distance: Any) -> ClusteringResult:
+    """The oracle partition (`--clustering task`, a diagnostic, not the paper's method): one cluster
+    per task, clients grouped by the task they hold. It bounds what the B-matrix clustering can
+    give; an independent re-run of the official code used it (shared/specs/fedlease.md §6)."""
+    order = list(dict.fromkeys(tasks))
+    labels = canonical_labels([order.index(t) for t in tasks])
+    return ClusteringResult(labels, max(labels) + 1, {}, "task", [], _check_distance(distance))
+
+
 def assign_late_client(distances_to_members: Any, labels: Sequence[int]) -> int:
     """Cluster of a late-joining client (D12): argmin_j of its mean Eq. 2 distance to C_j; ties -> smallest j.
 
