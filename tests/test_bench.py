@@ -214,3 +214,25 @@ def test_tuned_suite_is_glue4_cpu_with_each_methods_picked_lr_only():
         a = base.config(next(e for e in base.entries if e.label == entry.label.removesuffix("-oracle")), 1).to_dict()
         b = tuned.config(entry, 1).to_dict()
         assert {k for k in a if a[k] != b[k]} <= ({"lr", "clustering"} if "oracle" in entry.label else {"lr"})
+
+
+def test_a_default_that_became_auto_still_matches_runs_saved_before(tmp_path):
+    """proxy_dataset went from 'wnli' to 'auto' (which resolves to wnli on GLUE): old runs are reused."""
+    import json
+
+    from fedpeft.bench.matrix import check_same_settings
+
+    suite = get_suite("glue4-mini")
+    cfg = suite.config(suite.entries[0], 1)
+    saved = {**cfg.to_dict(), "proxy_dataset": "wnli"}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_same_settings(tmp_path, cfg)  # no error
+    # for a FedLEASE run LEFF's settings are moot ...
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "proxy_dataset": "webnlg", "distill_steps": 7}))
+    check_same_settings(tmp_path, cfg)
+    # ... for a LEFF run they are not
+    leff = get_suite("leff-cpu")
+    lcfg = leff.config(leff.entries[0], 1)
+    (tmp_path / "config.json").write_text(json.dumps({**lcfg.to_dict(), "proxy_dataset": "webnlg"}))
+    with pytest.raises(FedPeftError, match="proxy_dataset"):
+        check_same_settings(tmp_path, lcfg)

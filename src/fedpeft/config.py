@@ -251,6 +251,14 @@ class RunConfig:
     def resolved_data_dir(self) -> str | None:
         return self.data_dir or os.environ.get("FEDPEFT_DATA_DIR") or None
 
+    def resolved_proxy_dataset(self) -> str:
+        """LEFF's proxy corpus: `auto` is the paper's pairing (L8), WebNLG for generation tasks, WNLI otherwise."""
+        if self.proxy_dataset != "auto":
+            return self.proxy_dataset
+        from fedpeft.data.tasks import get_task
+
+        return "webnlg" if any(get_task(t).is_generation for t in self.tasks) else "wnli"
+
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

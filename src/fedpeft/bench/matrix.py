@@ -58,8 +58,19 @@ def check_same_settings(run_dir: Path, cfg) -> None:
         saved = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return
+    import dataclasses
+
+    from fedpeft.config import LEFF_FAMILY, RunConfig
+
     planned = cfg.to_dict()
+    # LEFF's settings do not touch another method's run (a new LEFF default must not orphan old runs)
+    unused = set() if cfg.method in LEFF_FAMILY else {
+        f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("group") == "leff"}
+    # a default that became `auto` still means the same run when it resolves to the saved value
+    same = {"proxy_dataset": {planned["proxy_dataset"], cfg.resolved_proxy_dataset()}}
     for key in sorted(planned):
+        if key in unused or (key in same and saved.get(key) in same[key]):
+            continue
         if key not in _IGNORED and key in saved and saved[key] != planned[key]:
             raise FedPeftError(f"{run_dir} was run with {key}={saved[key]!r}, but the suite now says "
                                f"{planned[key]!r}: remove that folder or use another --out")

@@ -33,9 +33,7 @@ def proxy_corpus(cfg: RunConfig) -> list[str]:
     sentences (GLUE, L8), WebNLG's train references (E2E on a decoder, L8) or the bundled demo texts."""
     from fedpeft.data.sources import has_local_split, load_examples
 
-    name = cfg.proxy_dataset
-    if name == "auto":  # the paper's pairing (L8): WebNLG for a decoder on E2E, WNLI for GLUE encoders
-        name = "webnlg" if any(get_task(t).is_generation for t in cfg.tasks) else "wnli"
+    name = cfg.resolved_proxy_dataset()
     if name == "demo":
         from fedpeft.data.tasks import DEMO_TASKS
 
