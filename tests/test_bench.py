@@ -209,11 +209,21 @@ def test_glue4_runs_qqp_instead_of_cola_when_its_data_can_be_had(monkeypatch, tm
 
 def test_tuned_suite_is_glue4_cpu_with_each_methods_picked_lr_only():
     base, tuned = get_suite("glue4-cpu"), get_suite("glue4-cpu-tuned")
-    assert tuned.labels[-1] == "fedlease-oracle" and set(tuned.labels[:-1]) <= set(base.labels[:6])
+    main = [e.label for e in tuned.entries if e.seeds == "all"]
+    assert main[-1] == "fedlease-oracle" and set(main[:-1]) <= set(base.labels[:6])
+    # the ablations on the first seed: glue4-cpu's (but single-r, which is FedIT) and fixed top-k over the oracle
+    firsts = [e.label for e in tuned.entries if e.seeds == "first"]
+    assert set(firsts) == set(base.labels[6:]) - {"fedlease-single-r"} | {"fedlease-oracle-top1", "fedlease-oracle-top2"}
+    fedlease_lr = tuned.config(next(e for e in tuned.entries if e.label == "fedlease"), 1).lr
     for entry in tuned.entries:
-        a = base.config(next(e for e in base.entries if e.label == entry.label.removesuffix("-oracle")), 1).to_dict()
+        twin = entry.label.replace("-oracle", "")
+        a = base.config(next(e for e in base.entries if e.label == twin), 1).to_dict()
         b = tuned.config(entry, 1).to_dict()
         assert {k for k in a if a[k] != b[k]} <= ({"lr", "clustering"} if "oracle" in entry.label else {"lr"})
+        if entry.seeds == "first":
+            assert b["lr"] == fedlease_lr
+        if "oracle" in entry.label:
+            assert b["clustering"] == "task"
 
 
 def test_a_default_that_became_auto_still_matches_runs_saved_before(tmp_path):

@@ -211,6 +211,18 @@ SUITES["glue4-cpu-tuned"] = dataclasses.replace(
         # A diagnostic, not a method of the paper: FedLEASE with the oracle partition (one expert per
         # task). Against `fedlease` it measures what the B-matrix clustering costs at this scale.
         Entry("fedlease-oracle", {"method": "fedlease", "lr": _TUNED_LR["fedlease"], "clustering": "task"}),
+    ) + tuple(
+        # The ablations at FedLEASE's picked lr, on the first seed (single expert r is FedIT at that lr,
+        # exactly: spec item 28, tested, so it is not run twice) ...
+        Entry(e.label, {**e.overrides, "lr": _TUNED_LR["fedlease"]}, "first") for e in _matrix()
+        if e.seeds == "first" and e.label != "fedlease-single-r"
+    ) + (
+        # ... and fixed top-k over the oracle clusters: "clustered experts without adaptive top-M" with
+        # clusters that are right, so the routing step is measured apart from the clustering's failures.
+        Entry("fedlease-oracle-top1", {"method": "fedlease", "lr": _TUNED_LR["fedlease"], "clustering": "task",
+                                       "routing": "fixed_topk", "top_k": 1}, "first"),
+        Entry("fedlease-oracle-top2", {"method": "fedlease", "lr": _TUNED_LR["fedlease"], "clustering": "task",
+                                       "routing": "fixed_topk", "top_k": 2}, "first"),
     ))
 
 # The LEFF suites' shared entries: LEFF against FedAvg-full and FedLoRA on every seed, and LEFF at
