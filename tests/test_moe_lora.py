@@ -214,7 +214,10 @@ def test_item6_vectorised_equals_reference_loop(m, renormalize):
         got = layer(x)
         assert got.shape == (*x.shape[:-1], 12)
         ref = reference_forward(layer, x, renormalize)
-        assert torch.allclose(got.double(), ref, atol=1e-6, rtol=0), (got.double() - ref).abs().max()
+        # float32 forward against a float64 reference: outputs are O(1) and sum over D, r and M terms, so
+        # rounding alone reaches ~1e-6 on some CPUs (1.02e-6 measured on a Xeon); a wrong slot, gate or
+        # expert is off by O(0.1)
+        assert torch.allclose(got.double(), ref, atol=1e-5, rtol=0), (got.double() - ref).abs().max()
 
 
 def test_item7_each_expert_evaluated_once_per_forward():
