@@ -60,6 +60,11 @@ def test_tune_runs_scores_on_validation_picks_the_best_and_resumes(tmp_path, tin
     again = tune(tiny_suite(), "lr", ["1e-4", "5e-3"], fraction=0.25, out=tmp_path, labels=["fedit"],
                  backbone=tiny_backbone, runner=runner, say=said.append)
     assert len(calls) == 2 and again["picks"] == out["picks"]
+    # a grid over another setting writes its own table beside the first, which stays as it was
+    other = tune(tiny_suite(), "rank", ["2"], fraction=0.25, out=tmp_path, labels=["fedit"],
+                 backbone=tiny_backbone, runner=runner, say=said.append)
+    assert out["md"].name == "tune-lr.md" and other["md"].name == "tune-rank.md"
+    assert out["md"].read_text() == md and other["picks"] == {"fedit": 2}
 
 
 def test_cli_tune_bad_param_is_one_line_exit_2(capsys):

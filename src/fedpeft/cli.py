@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="choose a setting per method on a validation carve-out (never on test)",
                           description="Run each main method of a suite once per value of one setting, every run "
                                       "scored on a stratified hold-out of each client's training data "
-                                      "(--validation-fraction), and write OUT/SUITE-tune/tune.md and tune.csv "
+                                      "(--validation-fraction), and write OUT/SUITE-tune/tune-PARAM.md and .csv "
                                       "with the best value per method. Finished grid points are skipped.")
     tune.add_argument("--suite", required=True, help=_SUITES)
     tune.add_argument("--param", required=True, help="the setting to grid over, e.g. lr")

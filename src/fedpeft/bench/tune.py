@@ -4,7 +4,7 @@ The FedLEASE paper picks each method's learning rate from a grid; doing that on 
 flatter every method. Here every grid point of every method runs with `--validation-fraction F` (a
 stratified hold-out of each client's own training data replaces the test split), and the pick is the
 value with the best last-round validation overall, mean over the seeds given. The suite's test runs
-then use the picked value (an entry override in bench/suites.py, with a comment citing tune.md).
+then use the picked value (an entry override in bench/suites.py, with a comment citing the table).
 
 The grid is an ordinary derived suite (`<suite>-tune`, entries `<label>-<key>=<value>`), so finished
 points are skipped, stopped ones resumed and edited settings refused exactly as in `fedpeft bench`.
@@ -82,7 +82,7 @@ def tune(suite: Suite, key: str, raw_values: list[str], *, fraction: float = 0.2
          out: str | Path = "bench", labels: list[str] | None = None, data_dir: str | None = None,
          threads: int | None = None, report_only: bool = False, backbone=None, runner: Callable | None = None,
          say: Callable[[str], None] = _say) -> dict[str, Any]:
-    """Run (or resume) the grid, then write tune.md and tune.csv; returns {"picks", "md", "csv"}."""
+    """Run (or resume) the grid, then write tune-<key>.md and .csv; returns {"picks", "md", "csv"}."""
     values = parse_values(key, raw_values)
     seeds = list(seeds or [1])
     derived, origin = tune_suite(suite, key, values, fraction, labels)
@@ -109,7 +109,8 @@ def tune(suite: Suite, key: str, raw_values: list[str], *, fraction: float = 0.2
              for label, by_v in scores.items()}
     dest = Path(out) / derived.name
     dest.mkdir(parents=True, exist_ok=True)
-    md, csv_path = dest / "tune.md", dest / "tune.csv"
+    # one table per tuned setting: grids over lr and then warmup_rounds share the derived folder
+    md, csv_path = dest / f"tune-{key}.md", dest / f"tune-{key}.csv"
     _write(md, csv_path, suite, key, values, fraction, seeds, scores, picks)
     say(f"tune {suite.name}: picks {', '.join(f'{lbl} {key}={v}' for lbl, v in picks.items())}; table in {md}")
     return {"picks": picks, "md": md, "csv": csv_path}
