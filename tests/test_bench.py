@@ -71,6 +71,33 @@ def test_matrix_runs_every_label_and_seed_writes_reports_and_resumes(tmp_path, t
         run_matrix(edited, [1], tmp_path, backbone=tiny_backbone, runner=counting_runner(calls), say=said.append)
 
 
+def test_a_run_another_process_is_training_is_skipped_and_a_stale_lock_taken_over(tmp_path, tiny_backbone):
+    """Two bench commands sharing an --out must not train one run folder at the same time."""
+    import os
+    import subprocess
+    import sys
+
+    from fedpeft.bench.matrix import LOCK
+
+    suite, calls, said = tiny_suite(), [], []
+    busy_dir = run_dir_for(tmp_path, suite, "fedit", 1)
+    busy_dir.mkdir(parents=True)
+    (busy_dir / LOCK).write_text(str(os.getppid()))  # a live process that is not this one
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale_dir = run_dir_for(tmp_path, suite, "fedlease", 1)
+    stale_dir.mkdir(parents=True)
+    (stale_dir / LOCK).write_text(gone.stdout.strip())  # its process has exited
+    files = bench(suite, [1], tmp_path, labels=["fedit", "fedlease"], backbone=tiny_backbone,
+                  runner=counting_runner(calls), say=said.append)
+    assert [(m, s) for m, s, _ in calls] == [("fedlease", 1)]
+    assert any(f"being run by another process (pid {os.getppid()})" in line for line in said)
+    assert any("still running elsewhere" in line and "fedit seed 1" in line for line in said)
+    assert not is_finished(busy_dir) and (busy_dir / LOCK).read_text() == str(os.getppid())  # left alone
+    assert is_finished(stale_dir) and not (stale_dir / LOCK).exists()  # released after the run
+    with open(files["csv"]) as fh:
+        assert [r["label"] for r in csv.DictReader(fh)] == ["fedlease"]
+
+
 def synthetic_history(overall_by_round, per_task_last, *, clients=4, warmup=0, up=1000, down=2000, seconds=2.0):
     rounds = [{"round": 0, "phase": "init", "overall": None, "per_task": {}, "bytes_up": 0, "bytes_down": 9999,
                "seconds": 0.0}]

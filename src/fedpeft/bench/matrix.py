@@ -5,12 +5,18 @@ last round (round == global_rounds). A folder whose config.json differs from the
 (an edited suite) is an error rather than a silent reuse. A folder with a checkpoint but no summary is resumed from the
 checkpoint (`--resume`); anything else is run from the start. One log line per run started and
 finished (with its headline), and one per run skipped.
+
+Two `bench` commands may share an --out (e.g. one per core): a run folder being trained holds a
+`.bench.lock` with its process id, and the other command skips that run instead of training it into
+the same folder at the same time. A lock whose process is gone is taken over. Process ids are local,
+so this guards commands on one machine only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +34,7 @@ class RunRef:
     seed: int
     method: str
     run_dir: Path
-    status: str  # "ran", "resumed", "skipped"
+    status: str  # "ran", "resumed", "skipped", "busy" (another process is running it)
 
 
 def run_dir_for(out: Path, suite: Suite, label: str, seed: int) -> Path:
@@ -74,6 +80,45 @@ def check_same_settings(run_dir: Path, cfg) -> None:
         if key not in _IGNORED and key in saved and saved[key] != planned[key]:
             raise FedPeftError(f"{run_dir} was run with {key}={saved[key]!r}, but the suite now says "
                                f"{planned[key]!r}: remove that folder or use another --out")
+
+
+LOCK = ".bench.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's live process
+        return True
+    return True
+
+
+def claim(run_dir: Path) -> int | None:
+    """Take run_dir's lock for this process; return the pid of the live process holding it instead, if any."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip())
+            except (OSError, ValueError):  # being written, or garbage: look again, then take it over
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                return holder
+            lock.unlink(missing_ok=True)  # left by a process that is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return None
+    raise FedPeftError(f"cannot take the lock {lock}: another process keeps recreating it")
+
+
+def release(run_dir: Path) -> None:
+    (run_dir / LOCK).unlink(missing_ok=True)
 
 
 def _headline_text(history) -> str:
@@ -126,14 +171,26 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
             say(f"{tag}: finished earlier, skipped ({run_dir})")
             refs.append(RunRef(entry.label, seed, cfg.method, run_dir, "skipped"))
             continue
-        status = "ran"
-        if (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.json").is_file():
-            cfg.resume, status = str(run_dir), "resumed"
-        say(f"{tag}: {'resuming' if cfg.resume else 'started'} -> {run_dir}")
-        start = time.perf_counter()
-        result = runner(cfg, backbone=backbone)
-        say(f"{tag}: finished in {time.perf_counter() - start:.0f} s, {_headline_text(result.history)}")
-        refs.append(RunRef(entry.label, seed, cfg.method, run_dir, status))
+        holder = claim(run_dir)
+        if holder is not None:
+            say(f"{tag}: being run by another process (pid {holder}), skipped ({run_dir})")
+            refs.append(RunRef(entry.label, seed, cfg.method, run_dir, "busy"))
+            continue
+        try:
+            if is_finished(run_dir):  # finished by another command while this one waited its turn
+                say(f"{tag}: finished earlier, skipped ({run_dir})")
+                refs.append(RunRef(entry.label, seed, cfg.method, run_dir, "skipped"))
+                continue
+            status = "ran"
+            if (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.json").is_file():
+                cfg.resume, status = str(run_dir), "resumed"
+            say(f"{tag}: {'resuming' if cfg.resume else 'started'} -> {run_dir}")
+            start = time.perf_counter()
+            result = runner(cfg, backbone=backbone)
+            say(f"{tag}: finished in {time.perf_counter() - start:.0f} s, {_headline_text(result.history)}")
+            refs.append(RunRef(entry.label, seed, cfg.method, run_dir, status))
+        finally:
+            release(run_dir)
     return refs
 
 
@@ -162,6 +219,10 @@ def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] 
         refs = run_matrix(suite, seeds, out, labels=labels, data_dir=data_dir, backbone=backbone,
                           runner=runner, say=say, threads=threads)
     dest = Path(out) / suite.name
+    busy = [f"{r.label} seed {r.seed}" for r in refs if r.status == "busy"]
+    if busy:
+        say(f"bench {suite.name}: still running elsewhere, left out of the report: {', '.join(busy)}")
+        refs = [r for r in refs if r.status != "busy"]
     rows = load_rows(refs)
     if not rows:
         raise FedPeftError(f"no finished runs to report in {dest}")
