@@ -167,17 +167,13 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
             cfg.threads = threads  # not a setting of the run: wall times are, so the report says it
         tag = f"[{i}/{len(plan)}] {entry.label} seed {seed}"
         check_same_settings(run_dir, cfg)
-        if is_finished(run_dir):
-            say(f"{tag}: finished earlier, skipped ({run_dir})")
-            refs.append(RunRef(entry.label, seed, cfg.method, run_dir, "skipped"))
-            continue
         holder = claim(run_dir)
         if holder is not None:
             say(f"{tag}: being run by another process (pid {holder}), skipped ({run_dir})")
             refs.append(RunRef(entry.label, seed, cfg.method, run_dir, "busy"))
             continue
         try:
-            if is_finished(run_dir):  # finished by another command while this one waited its turn
+            if is_finished(run_dir):  # checked under the lock: another command may have just finished it
                 say(f"{tag}: finished earlier, skipped ({run_dir})")
                 refs.append(RunRef(entry.label, seed, cfg.method, run_dir, "skipped"))
                 continue
