@@ -203,6 +203,8 @@ _TUNED_LR = {
     "fedsa-lora": 3e-3,  # validation overall 38.98 / 45.10 / 41.74: the common lr, so glue4-cpu's runs are these
     "ifca": 3e-3,  # validation overall — / 52.92 / 46.00 (1e-3 not run: the lowest for every method above)
 }
+# FedLEASE at its picked lr over the oracle partition (one expert per task): a diagnostic, see below
+_ORACLE = {"method": "fedlease", "lr": _TUNED_LR["fedlease"], "clustering": "task"}
 SUITES["glue4-cpu-tuned"] = dataclasses.replace(
     SUITES["glue4-cpu"], name="glue4-cpu-tuned",
     description=SUITES["glue4-cpu"].description + "; each method at its learning rate picked on validation",
@@ -210,7 +212,7 @@ SUITES["glue4-cpu-tuned"] = dataclasses.replace(
                   if e.label in _TUNED_LR) + (
         # A diagnostic, not a method of the paper: FedLEASE with the oracle partition (one expert per
         # task). Against `fedlease` it measures what the B-matrix clustering costs at this scale.
-        Entry("fedlease-oracle", {"method": "fedlease", "lr": _TUNED_LR["fedlease"], "clustering": "task"}),
+        Entry("fedlease-oracle", _ORACLE),
     ) + tuple(
         # The ablations at FedLEASE's picked lr, on the first seed (single expert r is FedIT at that lr,
         # exactly: spec item 28, tested, so it is not run twice) ...
@@ -219,10 +221,8 @@ SUITES["glue4-cpu-tuned"] = dataclasses.replace(
     ) + (
         # ... and fixed top-k over the oracle clusters: "clustered experts without adaptive top-M" with
         # clusters that are right, so the routing step is measured apart from the clustering's failures.
-        Entry("fedlease-oracle-top1", {"method": "fedlease", "lr": _TUNED_LR["fedlease"], "clustering": "task",
-                                       "routing": "fixed_topk", "top_k": 1}, "first"),
-        Entry("fedlease-oracle-top2", {"method": "fedlease", "lr": _TUNED_LR["fedlease"], "clustering": "task",
-                                       "routing": "fixed_topk", "top_k": 2}, "first"),
+        Entry("fedlease-oracle-top1", {**_ORACLE, "routing": "fixed_topk", "top_k": 1}, "first"),
+        Entry("fedlease-oracle-top2", {**_ORACLE, "routing": "fixed_topk", "top_k": 2}, "first"),
     ))
 
 # The LEFF suites' shared entries: LEFF against FedAvg-full and FedLoRA on every seed, and LEFF at
