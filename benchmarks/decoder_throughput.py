@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import bench_matmul, cpu_model, median, pct, table  # noqa: E402
 
-from fedpeft.algorithms import get_algorithm  # noqa: E402
+from fedpeft.algorithms.registry import get_algorithm  # noqa: E402
 from fedpeft.algorithms.base import Client, ClientInfo  # noqa: E402
 from fedpeft.config import RunConfig  # noqa: E402
 from fedpeft.data.batching import EncodedLM, encode_generation  # noqa: E402

@@ -26,7 +26,7 @@ from fedpeft.algorithms.fedit import FedIT
 from fedpeft.algorithms.fedlease.algorithm import FedLEASE
 from fedpeft.algorithms.fedlease.clustering import b_distance_matrix, cluster_clients
 from fedpeft.config import RunConfig
-from fedpeft.engines.common import prepare_clients
+from fedpeft.run.federation import prepare_clients
 from fedpeft.models.backbone import load_backbone
 
 

@@ -46,7 +46,7 @@ def phases(run_dir: Path) -> dict:
 
 def run_local(out: Path, model: str, engine: str) -> tuple[float, Path]:
     from fedpeft.config import RunConfig
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     t0 = time.perf_counter()
     res = run(RunConfig(**settings(model), engine=engine, output_dir=str(out / engine)))
@@ -73,7 +73,7 @@ def run_deployment(out: Path, model: str) -> tuple[float, Path, float]:
 
 def cold_client_start(model: str) -> float:
     """What every deployed message pays: a fresh Python importing the ClientApp, torch, transformers."""
-    code = ("import fedpeft.engines.flower.apps, fedpeft.algorithms.fedlease, sklearn.metrics; "
+    code = ("import fedpeft.flower_app, fedpeft.algorithms.fedlease, sklearn.metrics; "
             f"from fedpeft.models.backbone import load_backbone; load_backbone({model!r})")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -44,15 +44,15 @@ import numpy as np
 import torch
 
 from fedpeft import metrics, training
-from fedpeft.algorithms import get_algorithm
+from fedpeft.algorithms.registry import get_algorithm
 from fedpeft.algorithms.base import Client, ClientInfo
 from fedpeft.config import RunConfig
 from fedpeft.data.batching import Encoded, train_batches
-from fedpeft.engines.common import prepare_clients
+from fedpeft.run.federation import prepare_clients
 from fedpeft.engines.local import LocalEngine
 from fedpeft.models.backbone import load_backbone
-from fedpeft.run.history import RunHistory
-from fedpeft.runner import run
+from fedpeft.records.history import RunHistory
+from fedpeft.run import run
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "minilm"
@@ -327,7 +327,6 @@ def bench_fedit_round(data_dir: str, settings: Settings) -> dict[str, Any]:
     # Snapshot the per-hook totals at each round boundary: wrap add_round, called at the end of a round.
     with tempfile.TemporaryDirectory() as tmp:
         history = RunHistory(Path(tmp), {"method": cfg.method})
-        alg.history = history
         add_round = history.add_round
         last = dict(totals)
 

@@ -3,13 +3,9 @@
 
 def bound(cfg, backbone):
     """(algorithm, clients) for `cfg` on `backbone`: the local engine's data cut and binding."""
-    from fedpeft.algorithms import get_algorithm
-    from fedpeft.engines.common import prepare_clients
+    from fedpeft.run import bound as assemble
 
-    infos, clients = prepare_clients(cfg, backbone.tokenizer)
-    alg = get_algorithm(cfg)
-    alg.bind(alg.build_runtime(backbone), infos)
-    return alg, clients
+    return assemble(cfg, backbone)
 
 
 def final_state(run_dir):

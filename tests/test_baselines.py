@@ -5,25 +5,27 @@ import logging
 import pytest
 import torch
 
-from fedpeft.algorithms import algorithm_classes
-from fedpeft.algorithms.base import Message, weighted_mean
+from fedpeft.algorithms.registry import algorithm_class
+from fedpeft.algorithms.base import Message
+from fedpeft.algorithms.tensors import weighted_mean
 from fedpeft.algorithms.feddpa import GLOBAL, LOCAL, FedDPA
 from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
 from fedpeft.algorithms.fedprox import FedProx
 from fedpeft.algorithms.fedsa_lora import FedSALoRA
 from fedpeft.algorithms.ffa_lora import FFALoRA
 from fedpeft.algorithms.ifca import IFCA, cluster_prefix
-from fedpeft.engines.common import prepare_clients
+from fedpeft.run.assemble import build_algorithm
+from fedpeft.run.federation import prepare_clients
 from fedpeft.models.adapters import get_lora_state, lora_parameters, set_lora_state
-from fedpeft.runner import run
+from fedpeft.run import run
 
 HIDDEN, LAYERS = 16, 2  # tiny BERT; LoRA on query and value
 
 
 def _setup(cls, cfg, backbone):
-    alg = cls(cfg)
     infos, clients = prepare_clients(cfg, backbone.tokenizer)
-    alg.bind(alg.build_runtime(backbone), infos)
+    alg = build_algorithm(cfg, backbone, infos)
+    assert type(alg) is cls
     return alg, clients
 
 
@@ -44,9 +46,19 @@ def _hand_replies(state_lora, factors, values_and_sizes):
 
 
 def test_baselines_are_registered():
-    classes = algorithm_classes()
-    assert classes["ffa-lora"] is FFALoRA and classes["fedsa-lora"] is FedSALoRA
-    assert classes["fedprox"] is FedProx and classes["feddpa"] is FedDPA and classes["ifca"] is IFCA
+    assert algorithm_class("ffa-lora") is FFALoRA and algorithm_class("fedsa-lora") is FedSALoRA
+    assert algorithm_class("fedprox") is FedProx and algorithm_class("feddpa") is FedDPA
+    assert algorithm_class("ifca") is IFCA
+
+
+def test_every_catalogue_entry_builds_its_named_class():
+    """methods.py names each class by a string: a typo there must fail here, not in a user's run."""
+    from fedpeft.algorithms.base import Algorithm
+    from fedpeft.methods import CATALOGUE
+
+    for spec in CATALOGUE:
+        cls = algorithm_class(spec.name)
+        assert issubclass(cls, Algorithm) and cls.name == spec.name, spec
 
 
 # ------------------------------------------------------------------ bytes (spec §4 table)
@@ -383,7 +395,7 @@ def test_ifca_client_picks_the_lowest_loss_cluster_ties_to_lower_k(tiny_cfg, tin
     cands = [{k: torch.randn(v.shape, generator=gen) for k, v in state["clusters"][0].items()} for _ in range(3)]
     state["clusters"] = cands
     ins = alg.configure(state, 1)[c.cid]
-    alg.load_head(ins, c)
+    alg.heads.load(ins, c)
     losses = alg.cluster_losses(ins, c)
     order = sorted(range(3), key=lambda i: losses[i])
     assert losses[order[0]] < losses[order[1]]  # distinguishable candidates
@@ -418,7 +430,7 @@ def test_ifca_aggregates_each_cluster_over_its_choosers_only(tiny_cfg, tiny_back
     assert all(torch.equal(v, torch.full_like(v, 0.25 * 1.0 + 0.75 * 3.0)) for v in state["clusters"][1].values())
     assert all(torch.equal(state["clusters"][2][k], v) for k, v in before[2].items())  # unchosen: unchanged
     assert state["assign"] == {0: 1, 1: 1, 2: 0}
-    assert alg.round_info(1) == {"ifca_choice": {"0": 1, "1": 1, "2": 0}}  # recorded in the history
+    assert alg.round_info(state, 1) == {"ifca_choice": {"0": 1, "1": 1, "2": 0}}  # recorded in the history
 
 
 def test_ifca_shared_heads_are_grouped_by_chosen_cluster(tiny_cfg, tiny_backbone):

@@ -23,7 +23,7 @@ def tiny_suite():
 
 
 def counting_runner(calls):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     def runner(cfg, backbone=None):
         calls.append((cfg.method, cfg.seed, cfg.resume))
@@ -181,7 +181,7 @@ def test_threads_reach_every_run_without_changing_its_settings(tmp_path, tiny_ba
     seen = []
 
     def runner(cfg, backbone=None):
-        from fedpeft.runner import run
+        from fedpeft.run import run
 
         seen.append(cfg.threads)
         return run(cfg, backbone=backbone)

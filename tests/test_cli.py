@@ -100,7 +100,7 @@ def test_resume_of_a_folder_without_a_run(capsys, tmp_path):
 
 
 def test_report_prints_a_finished_run(capsys, tiny_cfg, tiny_backbone):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     result = run(tiny_cfg(global_rounds=1), backbone=tiny_backbone)
     (result.run_dir / "summary.md").unlink()  # report re-renders it from the history

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from decoder_helpers import make_clients, register
-from fedpeft.algorithms import get_algorithm
-from fedpeft.algorithms.base import weighted_mean
+from fedpeft.run.assemble import build_algorithm
+from fedpeft.algorithms.tensors import weighted_mean
 from fedpeft.algorithms.fedit import LORA_PREFIX
 from fedpeft.config import RunConfig
 from fedpeft.data.batching import IGNORE_INDEX, collate_lm, encode_generation, prompt_batches
@@ -21,7 +21,7 @@ from fedpeft.engines.local import LocalEngine
 from fedpeft.errors import FedPeftError
 from fedpeft.models.adapters import lora_sites
 from fedpeft.models.causal_model import CausalLM
-from fedpeft.run.history import RunHistory
+from fedpeft.records.history import RunHistory
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +40,17 @@ def _cfg(tmp_path, **kw):
 
 
 def _run(cfg, backbone, tmp_path):
-    alg = get_algorithm(cfg)
     infos, clients = make_clients(backbone.tokenizer, tasks=cfg.tasks)
-    alg.bind(alg.build_runtime(backbone), infos)
+    alg = build_algorithm(cfg, backbone, infos)
     history = RunHistory(tmp_path, {"method": cfg.method})
-    alg.history = history
     state = LocalEngine(alg, clients, history, tmp_path).run()
     return alg, clients, history, state
 
 
 # ------------------------------------------------------------------ model and encoding
-def test_lora_defaults_to_q_proj_and_v_proj(tiny_llama, tmp_path):
-    alg = get_algorithm(_cfg(tmp_path))
-    rt = alg.build_runtime(tiny_llama)
+def test_lora_defaults_to_q_proj_and_v_proj(tiny_llama, tmp_path, monkeypatch):
+    register(monkeypatch)
+    rt = build_algorithm(_cfg(tmp_path), tiny_llama).runtime
     assert isinstance(rt.model, CausalLM) and not rt.model.has_head
     assert sorted({(s.layer, s.module) for s in lora_sites(rt.model.encoder)}) == [
         (0, "q_proj"), (0, "v_proj"), (1, "q_proj"), (1, "v_proj")]
@@ -112,9 +110,8 @@ def test_prompt_batches_are_left_padded(tiny_llama):
 def test_fedit_round_trains_the_target_loss_and_averages(tiny_llama, tmp_path, monkeypatch):
     register(monkeypatch)
     cfg = _cfg(tmp_path, global_rounds=1, local_epochs=3)
-    alg = get_algorithm(cfg)
     infos, clients = make_clients(tiny_llama.tokenizer, tasks=cfg.tasks)
-    alg.bind(alg.build_runtime(tiny_llama), infos)
+    alg = build_algorithm(cfg, tiny_llama, infos)
     from fedpeft.training import lm_mean_loss
 
     state = alg.init()
@@ -312,8 +309,8 @@ def test_runner_trains_a_generation_federation_end_to_end(tiny_llama, tmp_path, 
     from decoder_helpers import examples
 
     from fedpeft.data.partition import ClientData
-    from fedpeft.engines import common
-    from fedpeft.runner import run
+    from fedpeft.run import federation as common
+    from fedpeft.run import run
 
     register(monkeypatch)
 

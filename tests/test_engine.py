@@ -6,16 +6,18 @@ import logging
 import pytest
 import torch
 
-from fedpeft.algorithms.base import Message, weighted_mean
+from fedpeft.algorithms.base import Message
+from fedpeft.algorithms.tensors import weighted_mean
 from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
-from fedpeft.engines.common import prepare_clients
-from fedpeft.runner import run
+from fedpeft.run.assemble import build_algorithm
+from fedpeft.run.federation import prepare_clients
+from fedpeft.run import run
 
 
 def _setup(cfg, backbone):
-    alg = FedIT(cfg)
     infos, clients = prepare_clients(cfg, backbone.tokenizer)
-    alg.bind(alg.build_runtime(backbone), infos)
+    alg = build_algorithm(cfg, backbone, infos)
+    assert isinstance(alg, FedIT)
     return alg, clients
 
 

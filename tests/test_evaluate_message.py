@@ -49,7 +49,7 @@ def test_a_fresh_client_process_scores_what_the_server_process_scores(tiny_cfg, 
     # the remote model now holds Θ_g exactly: every block, and the aggregated head
     for l, blk in enumerate(remote.blocks()):
         assert all(torch.equal(p, state["blocks"][l][n]) for n, p in blk.named_parameters())
-    head = server.global_head(state, 2)
+    head = server.heads.global_head(state, 2)
     assert all(torch.equal(t, head[k]) for k, t in remote.runtime.model.head_state().items())
 
 
@@ -60,7 +60,7 @@ def test_leff_evaluate_message_is_the_global_model_and_embeddings_go_once(tiny_c
     synced = set(state["synced"])
     assert len(synced) == 2  # ceil(0.5 · 3) participants
     p_blk = sum(p.numel() for p in alg.blocks()[0].parameters())
-    p_head = sum(t.numel() for t in alg.global_head(state, 2).values())
+    p_head = sum(t.numel() for t in alg.heads.global_head(state, 2).values())
     p_emb = sum(p.numel() for p in alg.runtime.extra["embeddings"].parameters())
     for cid, msg in evaluation.items():
         assert {int(k.split(".")[1]) for k in msg.tensors if k.startswith("block.")} == set(range(L))
@@ -68,12 +68,12 @@ def test_leff_evaluate_message_is_the_global_model_and_embeddings_go_once(tiny_c
 
 
 def test_eval_bytes_are_counted_apart_from_the_broadcast(tiny_cfg, bb4, tmp_path):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     cfg = _leff_cfg(tiny_cfg, output_dir=str(tmp_path / "leff"))
     alg, _ = _bound(cfg, bb4)
     p_blk = sum(p.numel() for p in alg.blocks()[0].parameters())
-    p_head = sum(t.numel() for t in alg.head_inits()[2].values())
+    p_head = sum(t.numel() for t in alg.heads.inits()[2].values())
     leff = run(cfg, backbone=bb4).history.records
     fedit = run(tiny_cfg(output_dir=str(tmp_path / "fedit")), backbone=bb4).history.records
     trained = [r for r in leff if r["round"] >= 1]

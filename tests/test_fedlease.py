@@ -2,7 +2,7 @@
 failures and resume. The mixture layer (items 1-9, 30) and the clustering (13-18) have their own files.
 
 Server-side items (19-24) drive `configure` / `aggregate` directly with hand-made replies; client-side
-items use real `fit` calls; run-level items use `fedpeft.runner.run`.
+items use real `fit` calls; run-level items use `fedpeft.run.run`.
 """
 
 from __future__ import annotations
@@ -15,18 +15,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedpeft.algorithms import get_algorithm
-from fedpeft.algorithms.base import HEAD_PREFIX, Message, unprefixed, weighted_mean
+from fedpeft.algorithms.registry import get_algorithm
+from fedpeft.algorithms.base import Message
+from fedpeft.algorithms.heads import HEAD_PREFIX
+from fedpeft.algorithms.tensors import unprefixed, weighted_mean
 from fedpeft.algorithms.fedit import LORA_PREFIX
 from fedpeft.algorithms.fedlease import clustering
-from fedpeft.algorithms.fedlease.algorithm import MOE_PREFIX, FedLEASE, SingleSharedExpert
+from fedpeft.algorithms.fedlease.algorithm import MOE_PREFIX, FedLEASE
+from fedpeft.algorithms.fedlease.single_expert import SingleSharedExpert
 from fedpeft.algorithms.fedlease.comm import closed_form_bytes, head_param_count, lora_module_dims, param_counts
 from fedpeft.data.batching import num_batches, train_batches
-from fedpeft.engines.common import prepare_clients
+from fedpeft.run.assemble import build_algorithm
+from fedpeft.run.federation import prepare_clients
 from fedpeft.models.adapters import get_lora_state, lora_key, lora_parameters
 from fedpeft.models.moe_lora import moe_key, moe_layers, parse_moe_key
-from fedpeft.run.checkpoint import load_checkpoint
-from fedpeft.runner import run
+from fedpeft.records.checkpoint import load_checkpoint
+from fedpeft.run import run
 from fedpeft.seeding import derive_seed
 from fedpeft.training import train_local
 
@@ -38,9 +42,8 @@ MODULES = [(layer, module) for layer in range(2) for module in ("query", "value"
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _setup(cfg, backbone):
-    alg = get_algorithm(cfg)
     infos, clients = prepare_clients(cfg, backbone.tokenizer)
-    alg.bind(alg.build_runtime(backbone), infos)
+    alg = build_algorithm(cfg, backbone, infos)
     return alg, clients
 
 
@@ -116,10 +119,12 @@ def force_clusters(monkeypatch):
 @pytest.fixture
 def no_plots(monkeypatch):
     """Skip matplotlib in runs whose plots are not under test (they dominate a tiny run's time)."""
-    from fedpeft.run import plots
+    from fedpeft.algorithms.fedlease import plots
+    from fedpeft.records import plots as run_plots
 
-    for name in ("plot_dendrogram", "plot_mds", "plot_distance_heatmap", "plot_silhouette", "plot_learning_curves"):
+    for name in ("plot_dendrogram", "plot_mds", "plot_distance_heatmap", "plot_silhouette", "plot_expert_usage"):
         monkeypatch.setattr(plots, name, lambda *a, **k: None)
+    monkeypatch.setattr(run_plots, "plot_learning_curves", lambda *a, **k: None)
 
 
 @pytest.fixture
@@ -714,7 +719,7 @@ def test_task_oracle_clustering_groups_clients_by_task(tiny_cfg, tiny_backbone):
     import numpy as np
 
     from fedpeft.algorithms.fedlease.clustering import task_clusters
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     res = task_clusters(["qnli", "sst2", "qnli", "cola", "sst2"], np.zeros((5, 5)))
     assert res.labels == [0, 1, 0, 2, 1] and res.num_clusters == 3 and res.clusters() == [[0, 2], [1, 4], [3]]

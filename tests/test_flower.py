@@ -42,7 +42,7 @@ def _settings(**over):
 
 def _local(tmp_path, name, **over):
     from fedpeft.config import RunConfig
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     return run(RunConfig(**_settings(**over), output_dir=str(tmp_path / name))).run_dir
 
@@ -133,12 +133,12 @@ def test_client_store_follows_the_local_sequence_and_survives_a_new_context(tmp_
 
 def test_reply_with_nan_crossing_the_wire_is_rejected(tiny_cfg, tiny_backbone, caplog):
     from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
-    from fedpeft.engines.common import prepare_clients
+    from fedpeft.run.assemble import build_algorithm
+    from fedpeft.run.federation import prepare_clients
 
     cfg = tiny_cfg()
-    alg = FedIT(cfg)
     infos, _ = prepare_clients(cfg, tiny_backbone.tokenizer)
-    alg.bind(alg.build_runtime(tiny_backbone), infos)
+    alg = build_algorithm(cfg, tiny_backbone, infos)
     state = alg.init()
     before = {k: v.clone() for k, v in state["lora"].items()}
     bad = {LORA_PREFIX + k: torch.full_like(v, float("inf")) for k, v in state["lora"].items()}
@@ -165,14 +165,14 @@ def test_partition_id_out_of_range_is_a_user_error(tiny_backbone):
 def test_engine_flower_is_started_by_flwr_run_not_fedpeft_run(tmp_path):
     from fedpeft.config import RunConfig
     from fedpeft.errors import FedPeftError
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     with pytest.raises(FedPeftError, match="flwr run"):
         run(RunConfig(**_settings(), engine="flower", output_dir=str(tmp_path / "x")))
 
 
 def test_import_fedpeft_does_not_import_flower():
-    code = ("import sys, fedpeft, fedpeft.config, fedpeft.runner, fedpeft.cli, fedpeft.engines.flower; "
+    code = ("import sys, fedpeft, fedpeft.config, fedpeft.run, fedpeft.cli, fedpeft.engines.flower; "
             "assert 'flwr' not in sys.modules and 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -204,7 +204,7 @@ def one_ray_instance():
 class TestSimulation:
     def test_flower_sim_gives_the_local_numbers_and_sends_only_uploads(self, local_fedlease, tmp_path, tiny_backbone):
         from fedpeft.config import RunConfig
-        from fedpeft.runner import run
+        from fedpeft.run import run
 
         res = run(RunConfig(**_settings(global_rounds=3), engine="flower-sim", client_cpus=1.0,
                             output_dir=str(tmp_path / "sim")))
@@ -216,7 +216,7 @@ class TestSimulation:
 
     def test_flower_sim_resumes_after_the_server_stopped(self, local_fedlease, tmp_path):
         from fedpeft.config import RunConfig
-        from fedpeft.runner import run
+        from fedpeft.run import run
 
         out = tmp_path / "sim"
         run(RunConfig(**_settings(global_rounds=3), engine="flower-sim", output_dir=str(out)), stop_after=2)
@@ -228,7 +228,7 @@ class TestSimulation:
         """LEFF scores Θ_g (spec L14), which the training broadcast does not carry: the evaluate message
         does, so the Ray clients score what the local engine scores (FedAvg-full is this class, L_i = L)."""
         from fedpeft.config import RunConfig
-        from fedpeft.runner import run
+        from fedpeft.run import run
 
         local = _local(tmp_path, "local", method="leff", **LEFF_FAMILY)
         res = run(RunConfig(**_settings(method="leff", **LEFF_FAMILY), engine="flower-sim",
@@ -356,6 +356,7 @@ class InProcessGrid:
 
         from fedpeft.engines.flower.client import handle
         from fedpeft.engines.flower.records import control_of
+        from fedpeft.run.flower import node_setup
 
         out = []
         for msg in messages:
@@ -366,7 +367,7 @@ class InProcessGrid:
             try:
                 if (ctl["stage"], ctl.get("round"), node) in self.fail_at:
                     raise self.fail_at[(ctl["stage"], ctl.get("round"), node)]
-                out.append(handle(msg, self.nodes[node]))
+                out.append(handle(msg, self.nodes[node], node_setup))
             except Exception as exc:
                 out.append(FlowerMessage(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
         return out
@@ -374,10 +375,12 @@ class InProcessGrid:
 
 def _serve(tmp_path, grid, backbone, **over):
     from fedpeft.config import RunConfig
-    from fedpeft.engines.flower.server import serve
-    from fedpeft.runner import open_run
+    from fedpeft.run.assemble import open_run_dir, settle
+    from fedpeft.run.flower import serve
 
-    cfg, run_dir, resume = open_run(RunConfig(**_settings(**over), engine="flower-sim", output_dir=str(tmp_path / "grid")))
+    cfg, backbone = settle(RunConfig(**_settings(**over), engine="flower-sim", output_dir=str(tmp_path / "grid")),
+                           backbone)
+    run_dir, resume = open_run_dir(cfg)
     serve(grid, cfg, run_dir, resume=resume, backbone=backbone)
     return run_dir
 
@@ -443,7 +446,7 @@ def test_fedpeft_flower_commands_write_valid_files(tmp_path, monkeypatch, capsys
 
     assert main(["flower", "app", str(tmp_path / "app")]) == 0
     config, _ = load_and_validate(tmp_path / "app" / "pyproject.toml")
-    assert config["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedpeft.engines.flower.apps:client_app"
+    assert config["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedpeft.flower_app:client_app"
     assert main(["flower", "certs", str(tmp_path / "certs"), "--hosts", "server.lan", "10.0.0.5"]) == 0
     ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.crt").read_bytes())
     cert = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.pem").read_bytes())

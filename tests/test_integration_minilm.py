@@ -9,7 +9,7 @@ pytestmark = pytest.mark.integration
 
 def test_fedit_on_real_sst2_mrpc_beats_majority(tmp_path):
     from fedpeft.config import RunConfig
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     data_dir = data_dir_or_skip()
     cfg = RunConfig(method="fedit", tasks=["sst2", "sst2", "mrpc", "mrpc"], model_name="minilm",
@@ -35,9 +35,9 @@ def test_fedlease_on_real_data_recovers_tasks_and_exports_to_peft(tmp_path):
 
     from fedpeft.config import RunConfig
     from fedpeft.models.backbone import packaged_model_dir
-    from fedpeft.run.checkpoint import load_checkpoint
+    from fedpeft.records.checkpoint import load_checkpoint
     from fedpeft.run.export import export_run
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     data_dir = data_dir_or_skip()
     cfg = RunConfig(method="fedlease", tasks=["sst2", "sst2", "mrpc", "mrpc"], model_name="minilm",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedpeft.algorithms.leff.runtime import assembled as assembled_model
 from fedpeft.algorithms.leff.distill import (distill_loss, distill_segment, eager_attention, init_student,
                                              run_blocks, student_depth, student_init_layers)
 from fedpeft.algorithms.leff.sampling import (block_probabilities, block_scores, block_starts, draw_block,
@@ -209,7 +210,7 @@ def test_rate_one_client_model_equals_the_global_model(leff_cfg, bb4, k):
     pre = alg.student(state, 1, 0, k - 1, []) if k > 0 else []
     suf = alg.student(state, 1, k + 1, L - 1, []) if k + 1 < L else []
     assert len(pre) + len(suf) == L - 1
-    with alg.assembled(pre + alg.blocks()[k:k + 1] + suf):
+    with assembled_model(alg.runtime, pre + alg.blocks()[k:k + 1] + suf):
         assembled = logits_of(alg, clients)
     torch.testing.assert_close(assembled, reference, rtol=0, atol=1e-6)
 
@@ -286,7 +287,7 @@ def test_students_are_cached_per_round_and_segment(leff_cfg, bb4):
     state = alg.init()
     msgs = alg.configure(state, 2)  # round 2: every client's block is start 1, so prefix [0] and suffix [2, 3]
     assert [m.config["block_start"] for m in msgs.values()] == [1, 1]
-    segments = [tuple(d["segment"]) for d in alg._info[2]["distilled"]]
+    segments = [tuple(d["segment"]) for d in state["round_info"][2]["distilled"]]
     assert sorted(segments) == [(0, 0), (2, 3)]  # each distinct segment distilled once
     a, b = msgs[0].tensors, msgs[1].tensors
     for key in a:
@@ -330,7 +331,7 @@ def test_client_trains_its_block_through_the_frozen_students(leff_cfg, bb4, budg
 
 # ----------------------------------------------------------------------------------------- aggregation (17-18)
 def test_layerwise_mean_weights_and_bounds():
-    from fedpeft.algorithms.leff.algorithm import layerwise_mean
+    from fedpeft.algorithms.leff.blocks import layerwise_mean
 
     g = {0: {"w": torch.zeros(3)}, 1: {"w": torch.full((3,), 9.0)}}
     ups = {0: {0: {"w": torch.tensor([1.0, 2.0, 3.0])}}, 1: {0: {"w": torch.tensor([5.0, 6.0, 7.0])}}}
@@ -370,7 +371,7 @@ def test_a_round_leaves_untrained_layers_bitwise_and_averages_the_head_over_all(
 
 # ----------------------------------------------------------------------------------------- equivalence, e2e (19-20)
 def test_leff_with_full_budgets_is_fedavg_full_bitwise(leff_cfg, bb4, tmp_path):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     a = run(leff_cfg(layer_budgets=[str(L)], output_dir=str(tmp_path / "leff")), backbone=bb4)
     b = run(leff_cfg(method="fedavg-full", output_dir=str(tmp_path / "fedavg")), backbone=bb4)
@@ -386,7 +387,7 @@ def test_leff_with_full_budgets_is_fedavg_full_bitwise(leff_cfg, bb4, tmp_path):
 
 
 def test_tiny_run_is_reproducible_and_logs_blocks(leff_cfg, bb4, tmp_path):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     cfg = dict(layer_budgets=["1", "2"])
     a = run(leff_cfg(**cfg, output_dir=str(tmp_path / "a")), backbone=bb4)
@@ -502,7 +503,7 @@ def test_deberta_rate_one_client_model_equals_the_global_model(leff_cfg, deb4, k
     reference = logits_of(alg, clients)
     pre = alg.student(state, 1, 0, k - 1, []) if k > 0 else []
     suf = alg.student(state, 1, k + 1, L - 1, []) if k + 1 < L else []
-    with alg.assembled(pre + alg.blocks()[k:k + 1] + suf):
+    with assembled_model(alg.runtime, pre + alg.blocks()[k:k + 1] + suf):
         assembled = logits_of(alg, clients)
     torch.testing.assert_close(assembled, reference, rtol=0, atol=1e-6)
 
@@ -553,7 +554,7 @@ def test_deberta_head_set_includes_the_relative_embedding_layernorm(leff_cfg, de
 
 
 def test_deberta_tiny_run_end_to_end(leff_cfg, deb4, tmp_path):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     result = run(leff_cfg(layer_budgets=["1", "2"], output_dir=str(tmp_path / "deb")), backbone=deb4)
     rounds = result.history.to_json()["rounds"]
@@ -562,7 +563,7 @@ def test_deberta_tiny_run_end_to_end(leff_cfg, deb4, tmp_path):
 
 
 def test_resume_equals_uninterrupted(leff_cfg, bb4, tmp_path):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     kw = dict(layer_budgets=["1", "2"], global_rounds=3)
     full = run(leff_cfg(**kw, output_dir=str(tmp_path / "a")), backbone=bb4)
@@ -593,14 +594,14 @@ def test_dirichlet_cut_bins_stsb_scores():
 
 
 def test_last_update_importance_is_data_free_and_uniform_at_first(leff_cfg, bb4):
-    from fedpeft.algorithms.leff.algorithm import update_importance
+    from fedpeft.algorithms.leff.blocks import update_importance
 
     alg, clients = bound(leff_cfg(importance_source="last_update", tasks=["demo-sentiment"] * 2), bb4)
     alg.importance = None  # must not be called: no server batch is used
     state = alg.init()
     msgs = alg.configure(state, 1)
-    assert alg._info[1]["importance"] is None
-    assert all(np.allclose(p, 1 / len(p)) for p in alg._info[1]["block_probabilities"].values())
+    assert state["round_info"][1]["importance"] is None
+    assert all(np.allclose(p, 1 / len(p)) for p in state["round_info"][1]["block_probabilities"].values())
     state = alg.aggregate(state, 1, {c.cid: alg.fit(msgs[c.cid], c) for c in clients})
     scores = state["update_scores"]
     trained = {msgs[c].config["block_start"] for c in msgs}
@@ -608,4 +609,4 @@ def test_last_update_importance_is_data_free_and_uniform_at_first(leff_cfg, bb4)
     g = {0: {"w": torch.tensor([1.0, 2.0])}}
     assert update_importance(g, {0: {"w": torch.tensor([1.5, 2.0])}}, 0.5) == [pytest.approx((1.0 * 1.5) ** 2)]
     alg.configure(state, 2)
-    assert alg._info[2]["importance"] == scores
+    assert state["round_info"][2]["importance"] == scores

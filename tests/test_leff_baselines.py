@@ -84,14 +84,13 @@ def bb3():
 @pytest.fixture
 def make(tiny_cfg, bb3):
     def build(method, **kw):
-        from fedpeft.algorithms import get_algorithm
-        from fedpeft.engines.common import prepare_clients
+        from fedpeft.run.assemble import build_algorithm
+        from fedpeft.run.federation import prepare_clients
 
         cfg = tiny_cfg(method=method, tasks=["demo-sentiment"] * 2, partition="dirichlet_cut", alpha=1.0,
                        importance_examples=16, rank=4, global_rounds=4, **kw)
         infos, clients = prepare_clients(cfg, bb3.tokenizer)
-        alg = get_algorithm(cfg)
-        alg.bind(alg.build_runtime(bb3), infos)
+        alg = build_algorithm(cfg, bb3, infos)
         return alg, clients
 
     return build
@@ -183,7 +182,7 @@ def test_slora_stages(make):
 
 @pytest.mark.parametrize("method", ["fedlora", "slora", "fedbitfit", "fedavg-full"])
 def test_baselines_run_end_to_end(tiny_cfg, bb3, method, tmp_path):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     cfg = tiny_cfg(method=method, tasks=["demo-sentiment"] * 2, partition="dirichlet_cut", alpha=1.0,
                    importance_examples=16, rank=4, global_rounds=2, output_dir=str(tmp_path / method))

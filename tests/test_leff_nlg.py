@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedpeft.algorithms.leff.runtime import assembled as assembled_model
 from fedpeft.algorithms.leff.distill import (causal_embed, distill_loss, distill_segment, eager_attention,
                                              prefix_hidden, run_blocks)
 from fedpeft.errors import FedPeftError
@@ -315,9 +316,9 @@ def test_webnlg_proxy_errors(tmp_path, data_root):
     # auto (the default) is the paper's pairing: WebNLG for generation tasks, WNLI for GLUE
     assert RunConfig().proxy_dataset == "auto"
     with pytest.raises(FedPeftError, match="'webnlg' has no local train split"):
-        proxy_texts(RunConfig(tasks=["e2e", "e2e"], data_dir=str(tmp_path)))
+        proxy_texts(RunConfig(method="leff", tasks=["e2e", "e2e"], data_dir=str(tmp_path)).resolved())
     with pytest.raises(FedPeftError, match="WNLI"):
-        proxy_texts(RunConfig(tasks=["sst2", "sst2"], data_dir=str(tmp_path)))
+        proxy_texts(RunConfig(method="leff", tasks=["sst2", "sst2"], data_dir=str(tmp_path)).resolved())
 
 
 # ----------------------------------------------------------------------------------------- client (L9, §8 10, 14-16)
@@ -331,7 +332,7 @@ def test_rate_one_client_model_equals_the_global_model(nlg_cfg, decoder, k):
     pre = alg.student(state, 1, 0, k - 1, []) if k > 0 else []
     suf = alg.student(state, 1, k + 1, L - 1, []) if k + 1 < L else []
     assert len(pre) + len(suf) == L - 1
-    with alg.assembled(pre + alg.blocks()[k:k + 1] + suf):
+    with assembled_model(alg.runtime, pre + alg.blocks()[k:k + 1] + suf):
         got = alg.runtime.model.full_logits(**batch)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
 
@@ -398,7 +399,7 @@ def test_decoder_bytes_match_the_closed_form(nlg_cfg, gpt2, start):
 
 # ----------------------------------------------------------------------------------------- runs (L12, L14)
 def test_leff_with_full_budgets_is_fedavg_full_bitwise_on_gpt2(nlg_cfg, gpt2, tmp_path):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     a = run(nlg_cfg(layer_budgets=[str(L)], output_dir=str(tmp_path / "leff")), backbone=gpt2)
     b = run(nlg_cfg(method="fedavg-full", output_dir=str(tmp_path / "fedavg")), backbone=gpt2)
@@ -412,7 +413,7 @@ def test_leff_with_full_budgets_is_fedavg_full_bitwise_on_gpt2(nlg_cfg, gpt2, tm
 
 
 def test_tiny_e2e_run_scores_the_global_model_by_generation_every_round(nlg_cfg, gpt2, tmp_path):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     cfg = nlg_cfg(layer_budgets=["1", "2"], output_dir=str(tmp_path / "a"))
     a = run(cfg, backbone=gpt2)
@@ -536,7 +537,7 @@ def test_fedbitfit_gpt2_small_count_is_table5():
 
 @pytest.mark.parametrize("method", ["fedlora", "slora", "fedbitfit", "fedavg-full"])
 def test_baselines_run_end_to_end_on_gpt2(nlg_cfg, gpt2, method, tmp_path):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     result = run(nlg_cfg(method=method, global_rounds=2, slora_stage1_fraction=0.5), backbone=gpt2)
     rounds = result.history.to_json()["rounds"]

@@ -267,7 +267,7 @@ def test_validation_hold_out_needs_examples():
 
 
 def test_run_with_validation_fraction_scores_on_held_out_training_data(tiny_backbone, tiny_cfg):
-    from fedpeft.runner import run
+    from fedpeft.run import run
 
     res = run(tiny_cfg(validation_fraction=0.25, global_rounds=1), backbone=tiny_backbone)
     clients = res.history.meta["clients"]

@@ -1,4 +1,4 @@
-"""Every figure of fedpeft.run.plots writes a non-empty PNG from small inputs."""
+"""Every figure (FedLEASE's and the run's learning curves) writes a non-empty PNG from small inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fedpeft.errors import FedPeftError
-from fedpeft.run import plots
+from fedpeft.algorithms.fedlease import plots
+from fedpeft.records.plots import plot_learning_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -74,14 +75,14 @@ def test_learning_curves(tmp_path):
         ]
     }
     out = tmp_path / "curves.png"
-    assert_png(plots.plot_learning_curves(history, out), out)
+    assert_png(plot_learning_curves(history, out), out)
     with pytest.raises(FedPeftError):
-        plots.plot_learning_curves({"rounds": []}, tmp_path / "empty.png")
+        plot_learning_curves({"rounds": []}, tmp_path / "empty.png")
 
 
 def test_importing_plots_does_not_import_matplotlib():
     import subprocess
 
-    code = "import sys, fedpeft.run.plots; print('matplotlib' in sys.modules)"
+    code = "import sys, fedpeft.records.plots, fedpeft.algorithms.fedlease.plots; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -41,7 +41,7 @@ def test_tune_runs_scores_on_validation_picks_the_best_and_resumes(tmp_path, tin
     calls, said = [], []
 
     def runner(cfg, backbone=None):
-        from fedpeft.runner import run
+        from fedpeft.run import run
 
         calls.append((cfg.method, cfg.lr, cfg.validation_fraction))
         return run(cfg, backbone=backbone)

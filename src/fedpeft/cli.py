@@ -194,14 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             if not (run_dir / "summary.md").is_file():
                 import json
 
-                from fedpeft.run.history import RunHistory
+                from fedpeft.records.history import RunHistory
 
                 RunHistory.from_json(run_dir, json.loads((run_dir / "training_history.json").read_text())).finish()
             print_summary(run_dir)
             return 0
         if args.command == "export":
             from fedpeft.run.export import export_run
-            from fedpeft.run.history import setup_logging
+            from fedpeft.records.history import setup_logging
 
             setup_logging(None, quiet=False)
             out = export_run(args.run_dir, args.out)
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                      threads=args.threads, report_only=args.report_only)
             return 0
         cfg = demo_config(args) if args.command == "demo" else config_from_args(args)
-        from fedpeft.runner import run
+        from fedpeft.run import run
 
         result = run(cfg)
         print_summary(result.run_dir)

@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import FedPeftError
+from fedpeft.methods import METHODS as _CATALOGUE, leff_family
 
-METHODS = ("fedit", "fedlease", "ffa-lora", "fedsa-lora", "feddpa", "ifca", "fedprox",
-           "leff", "fedavg-full", "fedlora", "slora", "fedbitfit")
+METHODS = tuple(_CATALOGUE)
 # LEFF and the baselines of the LEFF paper: one task per run, a server importance batch held out of
-# every client's pool (spec leff.md L4), so all five see the same client data.
-LEFF_FAMILY = ("leff", "fedavg-full", "fedlora", "slora", "fedbitfit")
+# every client's pool (docs/methods/leff.md#the-server-importance-batch), so all five see the same client data.
+LEFF_FAMILY = leff_family()
 PARTITIONS = ("task", "dirichlet", "iid", "dirichlet_cut")
 LABEL_SPLITS = ("class_balanced", "natural")
-HEAD_POLICIES = ("local", "frozen", "shared")
+# `classifier` and `none` are what RunConfig.resolved() gives the LEFF paper's PEFT baselines and
+# decoders; a user may ask for `classifier` (only out_proj trained and averaged) with any method.
+HEAD_POLICIES = ("local", "frozen", "shared", "classifier", "none")
 PRECISIONS = ("fp32", "bf16")
 ENGINES = ("local", "flower-sim", "flower")
 ROUTINGS = ("adaptive_topM", "fixed_topk")
@@ -80,7 +82,7 @@ class RunConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)", group="model")
     lora_dropout: float = _f(0.05, "LoRA dropout", group="model")
     target_modules: list[str] = _f([], "LoRA target modules (default per architecture: query/value, q_proj/v_proj)", group="model")
-    head_policy: str = _f("local", "classification head: local (trained, kept), frozen (never trained), shared (trained and averaged in the group)", choices=HEAD_POLICIES, group="model")
+    head_policy: str = _f("local", "classification head: local (trained, kept), frozen (never trained), shared (trained and averaged in the group), classifier (only out_proj trained and averaged over all); the LEFF family and decoders set their own", choices=HEAD_POLICIES, group="model")
     # Decoders and generation (generation tasks)
     quantization: str = _f("none", "load the decoder in 8 or 4 bits through bitsandbytes (needs a CUDA GPU)", choices=QUANTIZATIONS, group="generation")
     num_beams: int = _f(1, "beams for generation (1 = greedy)", group="generation")
@@ -229,7 +231,8 @@ class RunConfig:
     # ---------------------------------------------------------------- derived values
     @property
     def has_warmup(self) -> bool:
-        return self.method == "fedlease" and self.experts == "clustered"
+        """Rounds 1..warmup_rounds are a warmup (FedLEASE with clustered experts only)."""
+        return _CATALOGUE[self.method].has_warmup and self.experts == "clustered"
 
     @property
     def phase2_rounds(self) -> int:
@@ -251,13 +254,47 @@ class RunConfig:
     def resolved_data_dir(self) -> str | None:
         return self.data_dir or os.environ.get("FEDPEFT_DATA_DIR") or None
 
-    def resolved_proxy_dataset(self) -> str:
-        """LEFF's proxy corpus: `auto` is the paper's pairing (L8), WebNLG for generation tasks, WNLI otherwise."""
-        if self.proxy_dataset != "auto":
-            return self.proxy_dataset
-        from fedpeft.data.tasks import get_task
+    def resolved(self, *, model_type: str | None = None) -> "RunConfig":
+        """Every setting that has an automatic value, resolved once: the run folder's config.json
+        holds the result, and resume and export read it back from there (resolving again changes
+        nothing). `model_type` (the backbone's) decides the default LoRA targets; without it the
+        backbone is loaded to find it.
 
-        return "webnlg" if any(get_task(t).is_generation for t in self.tasks) else "wnli"
+        - `target_modules`: the architecture's attention projections, or every block linear for
+          FedLoRA and SLoRA (models/targets.py);
+        - `head_policy`: the LEFF family's trainable set decides it (`shared`, or `frozen` with
+          --no-train-head-set), the LEFF paper's PEFT baselines train only the classifier
+          (`classifier`), and a decoder has no head (`none`);
+        - `proxy_dataset`: `auto` is the LEFF paper's pairing, WebNLG for generation tasks, WNLI
+          otherwise (docs/methods/leff.md#proxy-data);
+        - `data_dir`: the flag, else $FEDPEFT_DATA_DIR.
+        """
+        from fedpeft.data.tasks import backbone_kind, get_task
+
+        spec = _CATALOGUE[self.method]
+        values = self.to_dict()
+        for t in self.tasks:
+            get_task(t)  # an unknown task: one clear error before anything loads
+        causal = bool(self.tasks) and backbone_kind(self.tasks) == "causal"
+        if spec.head == "head_set":
+            values["head_policy"] = "shared" if self.train_head_set else "frozen"
+        elif causal:
+            values["head_policy"] = "none"
+        elif spec.head == "classifier":
+            values["head_policy"] = "classifier"
+        if self.proxy_dataset == "auto":
+            values["proxy_dataset"] = "webnlg" if any(get_task(t).is_generation for t in self.tasks) else "wnli"
+        values["data_dir"] = self.resolved_data_dir()
+        if spec.lora_targets and not self.target_modules:
+            from fedpeft.models.targets import lora_targets
+
+            if model_type is None:
+                from fedpeft.models.backbone import load_backbone
+
+                model_type = load_backbone(self.model_name, kind="causal" if causal else "encoder",
+                                           quantization=self.quantization).model_type
+            values["target_modules"] = lora_targets(model_type, spec.lora_targets)
+        return RunConfig(**values)
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Every bias inside the blocks (query, key, value, attention output, intermediate, output and both
 LayerNorm biases) plus the classifier is trained, sent both ways and D_i-averaged; the pooler is not
-trained (classifier_head.py). On GPT-2 (spec §5): the biases of c_attn, attn.c_proj, c_fc,
+trained (head policy `classifier`, algorithms/heads.py). On GPT-2 (spec §5): the biases of c_attn, attn.c_proj, c_fc,
 mlp.c_proj, ln_1 and ln_2 in every block, plus ln_f's bias (the LM head is tied and frozen). Llama-
 style decoders have no bias parameters (Table 5: "no biases"), so FedBitFit refuses them.
 """
@@ -12,16 +12,19 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from fedpeft.algorithms.base import Algorithm, Message, Runtime, mark_synced, prefixed, unprefixed, weighted_mean
-from fedpeft.algorithms.classifier_head import ClassifierHead
+from fedpeft.algorithms.base import Algorithm, Message, Runtime
+from fedpeft.algorithms.client_memory import peak_client_memory
 from fedpeft.algorithms.leff.structure import parameter_role
+from fedpeft.algorithms.local_training import fit_report
+from fedpeft.algorithms.lora_runtime import wrap_model
+from fedpeft.algorithms.replies import accept
+from fedpeft.algorithms.tensors import mark_synced, prefixed, unprefixed, weighted_mean
 from fedpeft.errors import FedPeftError
-from fedpeft.models.task_model import TaskModel
 
 BIAS_PREFIX = "bias."
 
 
-class FedBitFit(ClassifierHead, Algorithm):
+class FedBitFit(Algorithm):
     name = "fedbitfit"
 
     def build_runtime(self, backbone) -> Runtime:
@@ -29,7 +32,7 @@ class FedBitFit(ClassifierHead, Algorithm):
         for p in encoder.parameters():
             p.requires_grad_(False)
         causal = getattr(backbone, "kind", "encoder") == "causal"
-        model = self.wrap_model(encoder, backbone) if causal else TaskModel(encoder, backbone.hidden_size, backbone.pooling)
+        model = wrap_model(encoder, backbone)
         biases = {n: p for n, p in encoder.named_parameters()
                   if n.endswith(".bias") and (parameter_role(n)[0] == "block"
                                               or (causal and parameter_role(n)[0] == "head_set"))}
@@ -44,20 +47,23 @@ class FedBitFit(ClassifierHead, Algorithm):
     def trained_numel(self, rnd: int) -> int:
         return sum(p.numel() for p in self.biases().values())
 
+    def round_info(self, state, rnd):
+        return peak_client_memory(self, self.trained_numel(rnd))
+
     def init(self):
         return {"bias": {n: p.detach().clone() for n, p in self.biases().items()},
-                "head_init": self.head_inits(), "heads": {}}
+                "head_init": self.heads.inits(), "heads": {}}
 
     def configure(self, state, rnd):
-        return {c.client_id: Message({**prefixed(BIAS_PREFIX, state["bias"]), **self.head_download(state, c)},
+        return {c.client_id: Message({**prefixed(BIAS_PREFIX, state["bias"]), **self.heads.download(state, c)},
                                      {"round": rnd}) for c in self.federation}
 
     def aggregate(self, state, rnd, replies):
-        ok = self.accept(rnd, replies, {BIAS_PREFIX + n: t.shape for n, t in state["bias"].items()})
+        ok = accept(self, rnd, replies, {BIAS_PREFIX + n: t.shape for n, t in state["bias"].items()})
         if ok:
             state["bias"] = weighted_mean([unprefixed(BIAS_PREFIX, r.tensors) for r in ok.values()],
                                           [r.config["num_examples"] for r in ok.values()])
-            self.aggregate_heads(state, ok)
+            self.heads.aggregate(state, ok)
             mark_synced(state, ok)
         return state
 
@@ -68,10 +74,10 @@ class FedBitFit(ClassifierHead, Algorithm):
         with torch.no_grad():
             for n, p in self.biases().items():
                 p.copy_(bias[n])
-        self.load_head(instruction, client)
+        self.heads.load(instruction, client)
 
     def fit(self, instruction, client):
         self.load_for_eval(instruction, client)
         stats = self.train_client(client, list(self.biases().values()), tag="fit", rnd=instruction.config["round"])
         up = {n: p.detach().clone() for n, p in self.biases().items()}
-        return Message({**prefixed(BIAS_PREFIX, up), **self.keep_head(client)}, self.fit_report(client, stats))
+        return Message({**prefixed(BIAS_PREFIX, up), **self.heads.keep(client)}, fit_report(client, stats))

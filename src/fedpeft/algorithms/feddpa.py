@@ -21,16 +21,15 @@ global LoRA gets 1 − w_x. Per-instance weights enter PEFT's LoRA layers as (ba
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedpeft.algorithms.base import Message, Runtime, prefixed, unprefixed
-from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT, frozen_linears_to_bf16
-from fedpeft.models.adapters import (get_lora_state, init_lora_state, inject_lora, lora_parameters, lora_sites,
-                                     set_lora_state)
+from fedpeft.algorithms.base import Message, Runtime
+from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
+from fedpeft.algorithms.lora_runtime import build_lora_runtime
+from fedpeft.algorithms.tensors import prefixed, unprefixed
+from fedpeft.models.adapters import get_lora_state, init_lora_state, lora_parameters, set_lora_state
 from fedpeft.seeding import derive_seed, torch_generator
 
 GLOBAL, LOCAL = "default", "local"
@@ -41,15 +40,7 @@ class FedDPA(FedIT):
 
     # ------------------------------------------------------------ model
     def build_runtime(self, backbone) -> Runtime:
-        encoder = copy.deepcopy(backbone.model)
-        if self.cfg.precision == "bf16":
-            frozen_linears_to_bf16(encoder)
-        targets = self.cfg.target_modules or backbone.default_targets()
-        peft_model = inject_lora(encoder, rank=self.lora_rank(), alpha=self.cfg.lora_alpha,
-                                 dropout=self.cfg.lora_dropout, targets=targets, adapter_names=(GLOBAL, LOCAL))
-        for p in peft_model.parameters():
-            p.requires_grad_(False)
-        rt = Runtime(self.wrap_model(peft_model, backbone), lora_sites(peft_model))
+        rt = build_lora_runtime(self.cfg, backbone, rank=self.lora_rank(), adapter_names=(GLOBAL, LOCAL))
         rt.extra["scale"] = {id(s.lora): s.lora.scaling[GLOBAL] for s in rt.sites}  # s = alpha / r
         return rt
 
@@ -81,13 +72,13 @@ class FedDPA(FedIT):
 
     def load_for_eval(self, instruction, client):
         self.load_lora(instruction, client)
-        self.load_head(instruction, client)
+        self.heads.load(instruction, client)
         self.use("mixture")
 
     def fit(self, instruction, client):
         rnd = instruction.config["round"]
         self.load_lora(instruction, client)
-        self.load_head(instruction, client)
+        self.heads.load(instruction, client)
         sites = self.runtime.sites
         self.use("global")
         g = self.train_client(client, lora_parameters(sites, adapter=GLOBAL), tag="fit", rnd=rnd)
@@ -95,7 +86,7 @@ class FedDPA(FedIT):
         loc = self.train_client(client, lora_parameters(sites, adapter=LOCAL), tag="fit-local", rnd=rnd)
         client.store["local_lora"] = get_lora_state(sites, adapter=LOCAL)
         up = get_lora_state(sites, adapter=GLOBAL)
-        return Message({**prefixed(LORA_PREFIX, up), **self.keep_head(client)},
+        return Message({**prefixed(LORA_PREFIX, up), **self.heads.keep(client)},
                        {"num_examples": len(client.train), "train_loss": loc.loss, "global_train_loss": g.loss,
                         "train_seconds": g.seconds + loc.seconds,
                         "compute_seconds": g.compute_seconds + loc.compute_seconds,

@@ -11,13 +11,19 @@ client downloads the head of the cluster it chose last (the head init before its
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from fedpeft.algorithms.base import Message, log, mark_synced, prefixed, unprefixed, weighted_mean
+from fedpeft.algorithms.base import Message
 from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
+from fedpeft.algorithms.local_training import fit_report
+from fedpeft.algorithms.replies import accept, reject
+from fedpeft.algorithms.tensors import mark_synced, prefixed, unprefixed, weighted_mean
 from fedpeft.models.adapters import get_lora_state, init_lora_state, lora_parameters, set_lora_state
 from fedpeft.seeding import torch_generator
 from fedpeft.training import mean_loss
+
+log = logging.getLogger("fedpeft")
 
 IFCA_B_STD = 1e-3
 
@@ -41,7 +47,7 @@ class IFCA(FedIT):
                                          rank=self.lora_rank(), b_std=IFCA_B_STD)
                          for k in range(self.num_clusters)],
             "assign": {},  # client id → cluster chosen in its last reply
-            "head_init": self.head_inits(),
+            "head_init": self.heads.inits(),
             "heads": {},
         }
 
@@ -52,17 +58,17 @@ class IFCA(FedIT):
             for k, lora in enumerate(state["clusters"]):
                 tensors.update(prefixed(cluster_prefix(k), lora))
             group = state["assign"].get(c.client_id)
-            tensors.update(self.head_download(state, c, group=group))
+            tensors.update(self.heads.download(state, c, group=group))
             out[c.client_id] = Message(tensors, {"round": rnd})
         return out
 
     def aggregate(self, state, rnd, replies):
         expected = {LORA_PREFIX + k: v.shape for k, v in state["clusters"][0].items()}
         ok = {}
-        for cid, reply in self.accept(rnd, replies, expected).items():
+        for cid, reply in accept(self, rnd, replies, expected).items():
             k = reply.config.get("cluster")
-            if not isinstance(k, int) or not 0 <= k < self.num_clusters:
-                log.warning("round %d: rejected the reply of client %d: cluster index %r", rnd, cid, k)
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.num_clusters:
+                reject(self, rnd, cid, f"cluster index {k!r}")
                 continue
             ok[cid] = reply
         for k in range(self.num_clusters):
@@ -72,18 +78,30 @@ class IFCA(FedIT):
                 state["clusters"][k] = weighted_mean(ups, [ok[c].config["num_examples"] for c in members])
         if ok:
             group_of = {cid: r.config["cluster"] for cid, r in ok.items()}
-            self.aggregate_heads(state, ok, group_of=group_of)
+            self.heads.aggregate(state, ok, group_of=group_of)
             state["assign"] = {**state["assign"], **group_of}
             mark_synced(state, ok)
             chosen = {k: [c for c in sorted(group_of) if group_of[c] == k] for k in range(self.num_clusters)}
             log.info("round %d: IFCA cluster choices %s", rnd,
                      "; ".join(f"{k}: {members}" for k, members in chosen.items() if members))
-            self._choices = {rnd: {str(c): k for c, k in group_of.items()}}
+        state["choices"] = {"round": rnd, "clusters": {str(c): r.config["cluster"] for c, r in ok.items()}}
         return state
 
-    def round_info(self, rnd: int) -> dict:
+    def export(self, state, backbone, out, base_path):
+        """One PEFT folder per cluster LoRA (cluster_<k>/), with the clients that chose it last."""
+        from fedpeft.algorithms.lora_runtime import export_lora
+
+        adapters = {}
+        for k, lora in enumerate(state["clusters"]):
+            export_lora(backbone, self.cfg, lora, out / f"cluster_{k}", base_path)
+            adapters[f"cluster_{k}"] = {"path": f"cluster_{k}",
+                                        "clients": sorted(c for c, j in state["assign"].items() if j == k)}
+        return adapters
+
+    def round_info(self, state, rnd: int) -> dict:
         """The cluster each client chose this round, in training_history.json's round entry."""
-        return {"ifca_choice": getattr(self, "_choices", {}).get(rnd, {})}
+        choices = state.get("choices", {})
+        return {"ifca_choice": choices.get("clusters", {}) if choices.get("round") == rnd else {}}
 
     # ------------------------------------------------------------ client
     def cluster_losses(self, instruction: Message, client) -> list[float]:
@@ -96,7 +114,7 @@ class IFCA(FedIT):
 
     def select(self, instruction: Message, client) -> int:
         """Load the head, then the cluster LoRA with the lowest mean training loss (ties → lower k)."""
-        self.load_head(instruction, client)
+        self.heads.load(instruction, client)
         losses = self.cluster_losses(instruction, client)
         best = min(range(len(losses)), key=lambda k: (losses[k], k))
         set_lora_state(self.runtime.sites, unprefixed(cluster_prefix(best), instruction.tensors))
@@ -111,5 +129,5 @@ class IFCA(FedIT):
         stats = self.train_client(client, lora_parameters(self.runtime.sites), tag="fit",
                                   rnd=instruction.config["round"])
         up = get_lora_state(self.runtime.sites)
-        return Message({**prefixed(LORA_PREFIX, up), **self.keep_head(client)},
-                       {**self.fit_report(client, stats), "cluster": k})
+        return Message({**prefixed(LORA_PREFIX, up), **self.heads.keep(client)},
+                       {**fit_report(client, stats), "cluster": k})

@@ -21,8 +21,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fedpeft.algorithms.base import Message, mark_synced, prefixed, unprefixed, weighted_mean
+from fedpeft.algorithms.base import Message
 from fedpeft.algorithms.fedlora import FedLoRA
+from fedpeft.algorithms.local_training import fit_report
+from fedpeft.algorithms.replies import accept
+from fedpeft.algorithms.tensors import mark_synced, prefixed, unprefixed, weighted_mean
 from fedpeft.models.adapters import lora_key
 from fedpeft.seeding import derive_seed
 
@@ -107,17 +110,17 @@ class SLoRA(FedLoRA):
     def configure(self, state, rnd):
         if rnd > self.stage1_rounds:
             return super().configure(state, rnd)
-        return {c.client_id: Message({**prefixed(SPARSE_PREFIX, state["sparse"]), **self.head_download(state, c)},
+        return {c.client_id: Message({**prefixed(SPARSE_PREFIX, state["sparse"]), **self.heads.download(state, c)},
                                      {"round": rnd, "stage": 1}) for c in self.federation}
 
     def aggregate(self, state, rnd, replies):
         if rnd > self.stage1_rounds:
             return super().aggregate(state, rnd, replies)
-        ok = self.accept(rnd, replies, {SPARSE_PREFIX + k: v.shape for k, v in state["sparse"].items()})
+        ok = accept(self, rnd, replies, {SPARSE_PREFIX + k: v.shape for k, v in state["sparse"].items()})
         if ok:
             state["sparse"] = weighted_mean([unprefixed(SPARSE_PREFIX, r.tensors) for r in ok.values()],
                                             [r.config["num_examples"] for r in ok.values()])
-            self.aggregate_heads(state, ok)
+            self.heads.aggregate(state, ok)
             mark_synced(state, ok)
         if rnd == self.stage1_rounds:
             self.transition(state)
@@ -143,7 +146,7 @@ class SLoRA(FedLoRA):
         if instruction.config.get("stage") == 1:
             self.set_sparse(unprefixed(SPARSE_PREFIX, instruction.tensors))
             self.set_zero_lora()
-            self.load_head(instruction, client)
+            self.heads.load(instruction, client)
         else:
             self.set_sparse({})
             super().load_for_eval(instruction, client)
@@ -163,4 +166,4 @@ class SLoRA(FedLoRA):
         params = [m.delta for m in self.sparse().values()]
         stats = self.train_client(client, params, tag="fit", rnd=instruction.config["round"])
         up = {k: m.delta.detach().clone() for k, m in self.sparse().items()}
-        return Message({**prefixed(SPARSE_PREFIX, up), **self.keep_head(client)}, self.fit_report(client, stats))
+        return Message({**prefixed(SPARSE_PREFIX, up), **self.heads.keep(client)}, fit_report(client, stats))

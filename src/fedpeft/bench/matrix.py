@@ -58,24 +58,28 @@ def is_finished(run_dir: Path) -> bool:
 _IGNORED = {"output_dir", "resume", "quiet", "data_dir", "threads"}
 
 
-def check_same_settings(run_dir: Path, cfg) -> None:
-    """A run folder made with other settings (an edited suite) must not be reused silently."""
-    try:
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return
+def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
+    """A run folder made with other settings (an edited suite) must not be reused silently. The
+    folder's config.json is resolved, so the plan is compared resolved too (against `backbone`'s
+    architecture when a test injects one)."""
     import dataclasses
 
     from fedpeft.config import LEFF_FAMILY, RunConfig
 
-    planned = cfg.to_dict()
+    try:
+        raw = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    model_type = getattr(backbone, "model_type", None)
+    # A folder saved before a setting became automatic holds the unresolved value: resolve both sides.
+    saved = RunConfig.from_dict(raw, source=str(run_dir / "config.json")).resolved(model_type=model_type).to_dict()
+    saved = {k: v for k, v in saved.items() if k in raw}
+    planned = cfg.resolved(model_type=model_type).to_dict()
     # LEFF's settings do not touch another method's run (a new LEFF default must not orphan old runs)
     unused = set() if cfg.method in LEFF_FAMILY else {
         f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("group") == "leff"}
-    # a default that became `auto` still means the same run when it resolves to the saved value
-    same = {"proxy_dataset": {planned["proxy_dataset"], cfg.resolved_proxy_dataset()}}
     for key in sorted(planned):
-        if key in unused or (key in same and saved.get(key) in same[key]):
+        if key in unused:
             continue
         if key not in _IGNORED and key in saved and saved[key] != planned[key]:
             raise FedPeftError(f"{run_dir} was run with {key}={saved[key]!r}, but the suite now says "
@@ -143,10 +147,10 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
     """Run (or skip, or resume) every (label, seed) of the suite; return them in suite order.
 
     `backbone` is passed to every run (tests inject a tiny model); `runner` replaces
-    fedpeft.runner.run (tests count calls).
+    fedpeft.run.run (tests count calls).
     """
     if runner is None:
-        from fedpeft.runner import run as runner
+        from fedpeft.run import run as runner
     plan = suite.plan(list(seeds), labels)
     if suite.note:
         say(f"bench {suite.name}: note: {suite.note}")
@@ -166,7 +170,7 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
         if threads is not None:
             cfg.threads = threads  # not a setting of the run: wall times are, so the report says it
         tag = f"[{i}/{len(plan)}] {entry.label} seed {seed}"
-        check_same_settings(run_dir, cfg)
+        check_same_settings(run_dir, cfg, backbone)
         holder = claim(run_dir)
         if holder is not None:
             say(f"{tag}: being run by another process (pid {holder}), skipped ({run_dir})")

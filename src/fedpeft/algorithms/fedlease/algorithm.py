@@ -17,18 +17,21 @@ and, once it arrives, assigned to the cluster at the smallest mean Eq. 2 distanc
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from typing import Any
 
 import torch
 
-from fedpeft.algorithms.base import (HEAD_PREFIX, Client, Message, is_synced, mark_synced, prefixed,
-                                     unprefixed, weighted_mean)
-from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
+from fedpeft.algorithms.base import Algorithm, Artifact, Client, Message, Runtime
+from fedpeft.algorithms.fedit import LORA_PREFIX
+from fedpeft.algorithms.heads import HEAD_PREFIX
+from fedpeft.algorithms.local_training import fit_report
+from fedpeft.algorithms.lora_runtime import build_lora_runtime
+from fedpeft.algorithms.replies import accept
+from fedpeft.algorithms.tensors import is_synced, mark_synced, prefixed, unprefixed, weighted_mean
 from fedpeft.data.batching import num_batches
-from fedpeft.models.adapters import get_lora_state, lora_parameters, parse_lora_key, set_lora_state
+from fedpeft.models.adapters import get_lora_state, init_lora_state, lora_parameters, parse_lora_key, set_lora_state
 from fedpeft.models.moe_lora import (inject_moe_lora, load_moe_state, moe_key, moe_layers, moe_state,
                                      parse_moe_key, set_own_expert, set_record_usage)
 from fedpeft.seeding import torch_generator
@@ -38,21 +41,32 @@ log = logging.getLogger("fedpeft")
 MOE_PREFIX = "moe."
 
 
-class FedLEASE(FedIT):
+class FedLEASE(Algorithm):
     name = "fedlease"
+
+    @classmethod
+    def create(cls, cfg):
+        """The ablation `--experts single_shared` is FedIT at rank r × multiplier (single_expert.py)."""
+        if cfg.experts == "single_shared":
+            from fedpeft.algorithms.fedlease.single_expert import SingleSharedExpert
+
+            return SingleSharedExpert(cfg)
+        return cls(cfg)
 
     # ------------------------------------------------------------ phases
     @property
     def warmup_rounds(self) -> int:
-        return self.cfg.warmup_rounds if self.cfg.experts == "clustered" else 0
+        return self.cfg.warmup_rounds if self.cfg.has_warmup else 0
 
     def phase(self, rnd: int) -> str:
         return "warmup" if rnd <= self.warmup_rounds else "train"
 
     # ------------------------------------------------------------ server
     def init(self) -> dict[str, Any]:
-        state = super().init()  # the common LoRA init (D2) and head inits
-        state["cluster_of"] = {}
+        # the common LoRA and head initialisations (docs/methods/fedlease.md#common-initialisation)
+        state = {"lora": init_lora_state(self.runtime.sites, torch_generator(self.cfg.seed, "lora-init"),
+                                         rank=self.cfg.rank),
+                 "head_init": self.heads.inits(), "heads": {}, "cluster_of": {}}
         if self.cfg.experts == "per_client":  # M = N, C_j = {j}: no warmup, experts start at the common init
             n = len(self.federation)
             self._start_phase2(state, {c.client_id: c.client_id for c in self.federation},
@@ -70,7 +84,7 @@ class FedLEASE(FedIT):
             if not is_synced(state, cid):  # one-time common initialisation (D2)
                 if warm or late:
                     tensors.update(prefixed(LORA_PREFIX, state["lora"]))
-                if (warm or late or self.cfg.head_policy != "shared") and self.has_head:
+                if (warm or late or not self.heads.shared) and self.has_head:
                     tensors.update(prefixed(HEAD_PREFIX, state["head_init"][c.num_labels]))
             if warm:
                 cfg["upload"] = rnd == self.warmup_rounds
@@ -82,8 +96,8 @@ class FedLEASE(FedIT):
                 tensors.update(prefixed(MOE_PREFIX, state["experts"]))
                 if self.cfg.router_aggregation == "cluster":
                     tensors.update(prefixed(MOE_PREFIX, state["routers"][j]))
-                if self.cfg.head_policy == "shared":
-                    tensors.update(self.head_download(state, c, group=j))
+                if self.heads.shared:
+                    tensors.update(self.heads.download(state, c, group=j))
             out[cid] = Message(tensors, cfg)
         return out
 
@@ -94,7 +108,7 @@ class FedLEASE(FedIT):
         uploads = {cid: r for cid, r in replies.items() if r.config.get("uploaded_warmup")}
         if uploads:
             expected = {LORA_PREFIX + k: v.shape for k, v in state["lora"].items()}
-            uploads = self.accept(rnd, uploads, expected)
+            uploads = accept(self, rnd, uploads, expected)
         if rnd == self.warmup_rounds:
             if not uploads:
                 raise RuntimeError("no client uploaded its warmup LoRA: nothing to cluster")
@@ -135,7 +149,9 @@ class FedLEASE(FedIT):
         self._start_phase2(state, cluster_of, loras, result.num_clusters,
                            heads={cid: unprefixed(HEAD_PREFIX, uploads[cid].tensors) for cid in cids},
                            sizes={cid: uploads[cid].config["num_examples"] for cid in cids})
-        self._write_clustering(state, rnd)
+        self.record_event("clustering", round=rnd, num_experts=state["num_experts"],
+                          silhouette=state["clustering"].get("silhouette"),
+                          client_to_expert={str(c): j for c, j in sorted(state["cluster_of"].items())})
 
     def _start_phase2(self, state, cluster_of: dict[int, int], loras: dict[int, dict], m: int,
                       heads: dict[int, dict] | None = None, sizes: dict[int, int] | None = None) -> None:
@@ -156,7 +172,7 @@ class FedLEASE(FedIT):
         dims = {(layer, module): a.shape[1] for key, a in state["lora"].items()
                 for layer, module, factor in [parse_lora_key(key)] if factor == "A"}
         state["routers"] = {j: self._router_init(dims, j, m) for j in range(m)}
-        if self.cfg.head_policy == "shared" and heads:
+        if self.heads.shared and heads:
             for j in range(m):
                 for labels in {self.federation[c].num_labels for c, cj in cluster_of.items() if cj == j}:
                     members = [c for c, cj in cluster_of.items() if cj == j and self.federation[c].num_labels == labels
@@ -192,7 +208,7 @@ class FedLEASE(FedIT):
             state["cluster_of"][cid] = j
             state["warmup_b"][cid] = b_new
             log.info("round %d: late client %d joins expert %d (D12)", rnd, cid, j)
-            self.history and self.history.add_event(kind="late_join", round=rnd, client=cid, expert=j)
+            self.record_event("late_join", round=rnd, client=cid, expert=j)
 
     def _aggregate_experts(self, state, rnd, replies) -> None:
         """F6/F7: expert j and router j from cluster j's replies only; an empty cluster keeps its values."""
@@ -200,7 +216,7 @@ class FedLEASE(FedIT):
             members = {cid: r for cid, r in replies.items() if state["cluster_of"].get(cid) == j}
             if not members:
                 continue
-            ok = self.accept(rnd, members, self._upload_shapes(state, j))
+            ok = accept(self, rnd, members, self._upload_shapes(state, j))
             if not ok:
                 continue
             weights = [r.config["num_examples"] for r in ok.values()]
@@ -211,7 +227,7 @@ class FedLEASE(FedIT):
                     state["routers"][j][key] = tensor
                 else:
                     state["experts"][key] = tensor
-            self.aggregate_heads(state, ok, group_of={cid: j for cid in ok})
+            self.heads.aggregate(state, ok, group_of={cid: j for cid in ok})
 
     def _upload_shapes(self, state, j: int) -> dict[str, torch.Size]:
         shapes = {MOE_PREFIX + k: t.shape for k, t in state["experts"].items() if parse_moe_key(k)[2] == j}
@@ -220,58 +236,69 @@ class FedLEASE(FedIT):
         return shapes
 
     # ------------------------------------------------------------ outputs
-    def finish(self) -> None:
-        """expert_usage.png: mean distinct experts per token, per client and layer, last round (Fig. 6)."""
-        history = self.history
-        if history is None or not history.records:
-            return
-        last = max(r["round"] for r in history.records)
-        usage = {}
-        for r in sorted((r for r in history.records if r["round"] == last), key=lambda r: r["client"]):
-            layers = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("experts_per_token/")}
-            if layers:
-                usage[f"client {r['client']} ({r['task']})"] = layers
-        if usage:
-            from fedpeft.run.plots import plot_expert_usage
+    def artifacts(self, state, rnd, records):
+        """After the clustering round: the client map, clustering.json and the clustering figures;
+        after the last round: expert_usage.png (mean distinct experts per token, the paper's Fig. 6)."""
+        from fedpeft.algorithms.fedlease import plots
 
-            try:
-                plot_expert_usage(usage, history.run_dir / "expert_usage.png")
-            except Exception as exc:  # plots never lose a run
-                log.warning("could not draw the expert usage: %s", exc)
-
-    def _write_clustering(self, state, rnd) -> None:
-        history = getattr(self, "history", None)
-        if history is None:
-            return
-        run_dir = history.run_dir
-        info = state["clustering"]
-        client_map = {
-            "round": rnd, "num_experts": state["num_experts"],
-            "client_to_expert": {str(c): j for c, j in sorted(state["cluster_of"].items())},
-            "experts": {str(j): [c for c, cj in sorted(state["cluster_of"].items()) if cj == j]
-                        for j in range(state["num_experts"])},
-            "tasks": {str(c.client_id): c.task for c in self.federation},
-        }
-        (run_dir / f"lora_client_map_round_{rnd}.json").write_text(json.dumps(client_map, indent=2) + "\n")
-        (run_dir / "clustering.json").write_text(json.dumps(info, indent=2, default=float) + "\n")
-        history.add_event(kind="clustering", round=rnd, num_experts=state["num_experts"],
-                          silhouette=info.get("silhouette"), client_to_expert=client_map["client_to_expert"])
-        try:
-            import numpy as np
-
-            from fedpeft.run import plots
-
-            d = np.asarray(info["distance"])
+        out = []
+        if rnd == self.warmup_rounds and "clustering" in state:
+            info = state["clustering"]
+            client_map = {
+                "round": rnd, "num_experts": state["num_experts"],
+                "client_to_expert": {str(c): j for c, j in sorted(state["cluster_of"].items())},
+                "experts": {str(j): [c for c, cj in sorted(state["cluster_of"].items()) if cj == j]
+                            for j in range(state["num_experts"])},
+                "tasks": {str(c.client_id): c.task for c in self.federation},
+            }
+            d = info["distance"]
             names = [f"{c} ({self.federation[c].task})" for c in info["clients"]]
             labels = [state["cluster_of"][c] for c in info["clients"]]
-            plots.plot_dendrogram(d, names, run_dir / "dendrogram.png")
-            plots.plot_mds(d, labels, names, run_dir / "mds.png", seed=self.cfg.seed)
-            plots.plot_distance_heatmap(d, names, run_dir / "distance_heatmap.png")
+            out += [Artifact(f"lora_client_map_round_{rnd}.json", data=client_map),
+                    Artifact("clustering.json", data=info),
+                    Artifact("dendrogram.png", draw=lambda p: plots.plot_dendrogram(d, names, p)),
+                    Artifact("mds.png", draw=lambda p: plots.plot_mds(d, labels, names, p, seed=self.cfg.seed)),
+                    Artifact("distance_heatmap.png", draw=lambda p: plots.plot_distance_heatmap(d, names, p))]
             if info.get("silhouette"):
-                plots.plot_silhouette({int(k): v for k, v in info["silhouette"].items()}, state["num_experts"],
-                                      run_dir / "silhouette.png")
-        except Exception as exc:  # plots never lose a run
-            log.warning("could not draw the clustering plots: %s", exc)
+                scores = {int(k): v for k, v in info["silhouette"].items()}
+                out.append(Artifact("silhouette.png",
+                                    draw=lambda p: plots.plot_silhouette(scores, state["num_experts"], p)))
+        if rnd == self.num_rounds:
+            usage = {}
+            for r in sorted(records, key=lambda r: r["client"]):
+                layers = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("experts_per_token/")}
+                if layers:
+                    usage[f"client {r['client']} ({r['task']})"] = layers
+            if usage:
+                out.append(Artifact("expert_usage.png", draw=lambda p: plots.plot_expert_usage(usage, p)))
+        return out
+
+    def export(self, state, backbone, out, base_path):
+        """One PEFT folder per expert (expert_<j>/) and, with cluster routers, routers_cluster_<j>.safetensors."""
+        import copy
+
+        from fedpeft.models.moe_lora import export_expert_as_peft, save_routers
+
+        if "experts" not in state:
+            from fedpeft.errors import FedPeftError
+
+            raise FedPeftError("this FedLEASE run stopped before its experts existed (during the warmup): nothing to export")
+        cfg, m = self.cfg, state["num_experts"]
+        encoder = copy.deepcopy(backbone.model)
+        inject_moe_lora(encoder, cfg.target_modules, num_experts=m, own_expert=0, rank=cfg.rank,
+                        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, routing=cfg.routing,
+                        top_k=cfg.top_k, renormalize=cfg.renormalize)
+        load_moe_state(encoder, state["experts"], strict=True, include_router=False)
+        adapters = {}
+        for j in range(m):
+            folder = export_expert_as_peft(encoder, j, out / f"expert_{j}", base_path, cfg.target_modules)
+            adapters[f"expert_{j}"] = {"path": folder.name,
+                                       "clients": sorted(c for c, cj in state["cluster_of"].items() if cj == j)}
+            if cfg.router_aggregation == "cluster":
+                load_moe_state(encoder, state["routers"][j], strict=True, experts=[], include_router=True)
+                save_routers(encoder, out / f"routers_cluster_{j}.safetensors")
+                adapters[f"expert_{j}"]["routers"] = f"routers_cluster_{j}.safetensors"
+        return adapters
 
     # ------------------------------------------------------------ client
     def _ensure_moe(self, m: int, own: int) -> None:
@@ -283,18 +310,16 @@ class FedLEASE(FedIT):
                 encoder = encoder.unload()  # drop the PEFT LoRA layers; the backbone is untouched
             else:
                 raise RuntimeError("the number of experts changed within a run")
-            targets = self.cfg.target_modules or rt.extra["targets"]
-            inject_moe_lora(encoder, targets, num_experts=m, own_expert=own, rank=self.cfg.rank,
+            inject_moe_lora(encoder, self.cfg.target_modules, num_experts=m, own_expert=own, rank=self.cfg.rank,
                             lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
                             routing=self.cfg.routing, top_k=self.cfg.top_k, renormalize=self.cfg.renormalize)
             rt.model.encoder = encoder
             rt.extra["num_experts"] = m
         set_own_expert(rt.model.encoder, own)
 
-    def build_runtime(self, backbone):
-        rt = super().build_runtime(backbone)
-        rt.extra["targets"] = self.cfg.target_modules or backbone.default_targets()
-        return rt
+    def build_runtime(self, backbone) -> Runtime:
+        """Plain LoRA for the warmup; the mixture replaces it when the experts exist (_ensure_moe)."""
+        return build_lora_runtime(self.cfg, backbone, rank=self.cfg.rank)
 
     def _load_phase2(self, instruction: Message, client: Client) -> int:
         m, j = instruction.config["num_experts"], instruction.config["own_expert"]
@@ -307,7 +332,7 @@ class FedLEASE(FedIT):
                 client.store["router"] = self._router_init(dims, j, m)
             sent.update(client.store["router"])
         load_moe_state(model, sent, strict=True)
-        self.load_head(instruction, client)
+        self.heads.load(instruction, client)
         return j
 
     def load_for_eval(self, instruction, client):
@@ -334,7 +359,7 @@ class FedLEASE(FedIT):
             raise RuntimeError("warmup after the mixture was built")
         state = client.store.get("lora") or unprefixed(LORA_PREFIX, instruction.tensors)
         set_lora_state(self.runtime.sites, state)
-        self.load_head(instruction, client)
+        self.heads.load(instruction, client)
 
     def fit(self, instruction, client):
         phase = instruction.config["phase"]
@@ -360,7 +385,7 @@ class FedLEASE(FedIT):
         client.store["warmup_optimizer"] = stats.optimizer_state
         client.store["warmup_step"] = stats.end_step
         client.store["lora"] = get_lora_state(rt.sites)
-        head = self.keep_head(client)
+        head = self.heads.keep(client)
         if instruction.config.get("upload"):
             client.store.pop("warmup_optimizer", None)  # warmup is over: free the optimiser state
             return self._warmup_reply(client, uploaded=True, stats=stats, head=head)
@@ -372,7 +397,7 @@ class FedLEASE(FedIT):
             tensors = {**prefixed(LORA_PREFIX, client.store["lora"]), **(head or {})}
         cfg = {"num_examples": len(client.train), "uploaded_warmup": uploaded}
         if stats is not None:
-            cfg.update(self.fit_report(client, stats))
+            cfg.update(fit_report(client, stats))
         return Message(tensors, cfg)
 
     def _fit_phase2(self, instruction, client):
@@ -388,14 +413,5 @@ class FedLEASE(FedIT):
         up = moe_state(model, experts=[j], include_router=share_router)
         if not share_router:
             client.store["router"] = {k: v for k, v in moe_state(model, experts=[], include_router=True).items()}
-        return Message({**prefixed(MOE_PREFIX, up), **self.keep_head(client)},
-                       {**self.fit_report(client, stats), "own_expert": j})
-
-
-class SingleSharedExpert(FedIT):
-    """FedLEASE ablation `experts = single_shared`: M = 1, no warmup or clustering: FedIT at rank r × multiplier."""
-
-    name = "fedlease"
-
-    def lora_rank(self) -> int:
-        return self.cfg.rank * self.cfg.single_rank_multiplier
+        return Message({**prefixed(MOE_PREFIX, up), **self.heads.keep(client)},
+                       {**fit_report(client, stats), "own_expert": j})

@@ -21,12 +21,8 @@ With L_i = L for every client there is one block, no student, and a round is exa
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import dataclasses
 import logging
 import math
-import re
 import time
 from typing import Any
 
@@ -34,130 +30,40 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpeft.algorithms.base import (HEAD_PREFIX, Algorithm, Client, Message, Runtime, is_synced, mark_synced,
-                                     prefixed, unprefixed, weighted_mean)
-from fedpeft.algorithms.leff.distill import distill_segment, is_causal_stack, student_depth
+from fedpeft.algorithms.base import Algorithm, Client, Message, Runtime
+from fedpeft.algorithms.heads import HEAD_PREFIX
+from fedpeft.algorithms.leff.blocks import (ASET_PREFIX, EMB_PREFIX, block_key, layerwise_mean, load_params,
+                                            module_params, parse_block_key, update_importance)
+from fedpeft.algorithms.leff.distill import distill_segment, student_depth
+from fedpeft.algorithms.leff.runtime import assembled, build_leff_runtime, scratch_blocks
 from fedpeft.algorithms.leff.sampling import (block_probabilities, block_scores, block_starts, draw_block,
                                               layer_importance)
-from fedpeft.algorithms.leff.structure import (block_list, embedding_parameters, head_set_parameters,
-                                               parameter_role)
+from fedpeft.algorithms.local_training import fit_report
+from fedpeft.algorithms.replies import accept
+from fedpeft.algorithms.tensors import is_synced, mark_synced, prefixed, unprefixed, weighted_mean
 from fedpeft.errors import FedPeftError
-from fedpeft.models.task_model import TaskModel
 from fedpeft.seeding import derive_seed
 
 log = logging.getLogger("fedpeft")
-
-EMB_PREFIX = "emb."
-ASET_PREFIX = "aset."  # 𝒜 members inside the backbone (DeBERTa's encoder-level LayerNorm); the head is "head."
-_BLOCK_KEY = re.compile(r"^block\.(\d+)\.(.+)$")
-
-
-def block_key(layer: int, name: str) -> str:
-    return f"block.{layer}.{name}"
-
-
-def parse_block_key(key: str) -> tuple[int, str]:
-    m = _BLOCK_KEY.match(key)
-    if not m:
-        raise FedPeftError(f"{key!r} is not a block tensor key (block.<layer>.<parameter>)")
-    return int(m.group(1)), m.group(2)
-
-
-def module_params(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
-
-
-def load_params(module: nn.Module | dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Copy tensors into exactly the module's parameters (or a name → Parameter dict): same names, same shapes."""
-    own = dict(module) if isinstance(module, dict) else dict(module.named_parameters())
-    if set(own) != set(tensors):
-        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        raise FedPeftError(f"{what} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    with torch.no_grad():
-        for name, p in own.items():
-            if tensors[name].shape != p.shape:
-                raise FedPeftError(f"{what} tensor {name} has shape {tuple(tensors[name].shape)}, "
-                                   f"the model expects {tuple(p.shape)}")
-            p.copy_(tensors[name])
-
-
-def layerwise_mean(blocks: dict[int, dict[str, torch.Tensor]], uploads: dict[int, dict[int, dict[str, torch.Tensor]]],
-                   sizes: dict[int, float]) -> dict[int, dict[str, torch.Tensor]]:
-    """Eq. 8: each layer l becomes the D_i-weighted mean over S_l (the clients that uploaded it),
-    w_i = D_i / Σ_{j∈S_l} D_j, in float64; a layer nobody trained is returned as it was (the same tensors)."""
-    out = dict(blocks)
-    for layer in blocks:
-        contributors = sorted(c for c in uploads if layer in uploads[c])
-        if contributors:
-            out[layer] = weighted_mean([uploads[c][layer] for c in contributors], [sizes[c] for c in contributors])
-    return out
-
-
-def update_importance(old: dict[int, dict[str, torch.Tensor]], new: dict[int, dict[str, torch.Tensor]],
-                      lr: float) -> list[float]:
-    """L4's data-free option: I_l = Σ (g·θ)² with g ≈ −ΔΘ_l / η from the last aggregation, θ the new global."""
-    scores = []
-    for layer in sorted(new):
-        total = 0.0
-        for name, theta in new[layer].items():
-            g = -(theta.double() - old[layer][name].double()) / lr
-            total += float((g * theta.double()).pow(2).sum())
-        scores.append(total)
-    return scores
 
 
 class LEFF(Algorithm):
     name = "leff"
 
     def __init__(self, cfg):
-        # 𝒜 is trained by every client and averaged over all participants (L1/L10): the `shared`
-        # head policy with one group; `frozen` when the head set is switched off.
-        policy = "shared" if cfg.train_head_set else "frozen"
-        if cfg.head_policy != policy:
-            log.info("%s: the head set follows --train-head-set (head policy %s), not --head-policy %s",
-                     self.name, policy, cfg.head_policy)
-            cfg = dataclasses.replace(cfg, head_policy=policy)
+        # The head is part of 𝒜, trained by every client and averaged over all participants: the
+        # resolved head policy is `shared` (`frozen` with --no-train-head-set), RunConfig.resolved().
         super().__init__(cfg)
         self.budgets: list[int] = []
-        self._students: dict[tuple[int, int, int], list[nn.Module]] = {}
-        self._assigned: dict[int, dict[int, tuple[int, int]]] = {}
-        self._info: dict[int, dict[str, Any]] = {}
-        self._server_batch = None
-        self._proxy = None
+        # Caches, rebuilt on demand (server state lives in `state` only):
+        self._students: dict[tuple[int, int, int], list[nn.Module]] = {}  # (round, a, b) → distilled student
+        self._server_batch = None  # the encoded importance batch
+        self._proxy = None  # the encoded proxy texts
         self._runtime_holds: Any = None  # which global state the runtime model holds now
 
     # ------------------------------------------------------------ model
     def build_runtime(self, backbone) -> Runtime:
-        encoder = copy.deepcopy(backbone.model)  # the cached backbone stays pristine
-        for p in encoder.parameters():
-            p.requires_grad_(False)
-        owner, attr = block_list(encoder)
-        blocks = list(getattr(owner, attr))
-        if getattr(backbone, "kind", "encoder") == "causal":
-            return self._decoder_runtime(encoder, backbone, owner, attr, blocks)
-        model = TaskModel(encoder, backbone.hidden_size, backbone.pooling)
-        embeddings = getattr(encoder, "embeddings", None)
-        if embeddings is None:
-            raise FedPeftError(f"{self.name} runs on encoder models with an `embeddings` module (BERT family) "
-                               f"in this version; {backbone.model_type} is not supported yet")
-        # 𝒜 inside the backbone: non-block, non-embedding parameters on the forward path (the
-        # backbone's own pooler is not: TaskModel's head replaces it).
-        aset = {n: p for n, p in encoder.named_parameters()
-                if parameter_role(n)[0] == "head_set" and not n.startswith("pooler.")}
-        return Runtime(model, blocks, {"tokenizer": backbone.tokenizer, "block_owner": (owner, attr),
-                                       "embeddings": embeddings, "emb_params": dict(embeddings.named_parameters()),
-                                       "scratch": [], "aset": aset, "causal": False})
-
-    def _decoder_runtime(self, lm, backbone, owner, attr, blocks) -> Runtime:
-        """A causal LM: embeddings → blocks → final norm (→ lm_head), all inside the decoder's own
-        forward, which runs whatever block list `assembled` puts in place."""
-        if not is_causal_stack(owner):
-            raise FedPeftError(f"{self.name} runs on GPT-2- and Llama-style decoders; the blocks of "
-                               f"{backbone.model_type} sit in {type(owner).__name__}, which has neither a GPT-2 "
-                               "position table nor rotary position embeddings: use another method")
-        return Runtime(self.wrap_model(lm, backbone), blocks, {
-            "tokenizer": backbone.tokenizer, "block_owner": (owner, attr), "embeddings": None,
-            "emb_params": embedding_parameters(lm), "scratch": [], "aset": head_set_parameters(lm), "causal": True})
+        return build_leff_runtime(backbone, self.name)
 
     @property
     def is_causal(self) -> bool:
@@ -192,31 +98,11 @@ class LEFF(Algorithm):
     def blocks(self) -> list[nn.Module]:
         return self.runtime.sites
 
-    @contextlib.contextmanager
-    def assembled(self, modules: list[nn.Module]):
-        """The runtime model with its block list replaced by `modules` (shared, not copied)."""
-        owner, attr = self.runtime.extra["block_owner"]
-        original = getattr(owner, attr)
-        setattr(owner, attr, nn.ModuleList(modules))
-        try:
-            yield
-        finally:
-            setattr(owner, attr, original)
-
-    def _scratch(self, count: int, offset: int) -> list[nn.Module]:
-        pool = self.runtime.extra["scratch"]
-        while len(pool) < offset + count:
-            blk = copy.deepcopy(self.blocks()[0])
-            for p in blk.parameters():
-                p.requires_grad_(False)
-            pool.append(blk)
-        return pool[offset:offset + count]
-
     # ------------------------------------------------------------ server
     def init(self) -> dict[str, Any]:
         return {"blocks": {l: module_params(b) for l, b in enumerate(self.blocks())},
                 "aset": {n: p.detach().clone() for n, p in self.aset().items()},
-                "head_init": self.head_inits(), "heads": {}}
+                "head_init": self.heads.inits(), "heads": {}}
 
     def aset(self) -> dict[str, nn.Parameter]:
         return self.runtime.extra["aset"]
@@ -235,9 +121,6 @@ class LEFF(Algorithm):
         rng = np.random.default_rng(derive_seed(self.cfg.seed, "leff-participation", rnd))
         return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
 
-    def global_head(self, state, num_labels: int) -> dict[str, torch.Tensor]:
-        return state["heads"].get(("all", num_labels)) or state["head_init"][num_labels]
-
     def load_global(self, state) -> None:
         """Put Θ_g (blocks and the head set) into the runtime model."""
         if self._runtime_holds is state:
@@ -247,7 +130,7 @@ class LEFF(Algorithm):
         self.set_aset(state["aset"])
         if self.has_head:
             n = self.federation[0].num_labels
-            self.runtime.model.use_head(n, self.global_head(state, n), trainable=False)
+            self.runtime.model.use_head(n, self.heads.global_head(state, n), trainable=False)
         self._runtime_holds = state
 
     def importance(self, state) -> list[float]:
@@ -345,7 +228,7 @@ class LEFF(Algorithm):
             for tag, student in (("pre", pre), ("suf", suf)):
                 for j, blk in enumerate(student):
                     tensors.update({f"{tag}.{j}.{n}": p.detach() for n, p in blk.named_parameters()})
-            tensors.update(self.head_download(state, c))
+            tensors.update(self.heads.download(state, c))
             if self.cfg.train_head_set:
                 tensors.update({ASET_PREFIX + n: t for n, t in state["aset"].items()})
             if not is_synced(state, cid):  # the frozen embeddings, once per client (§4)
@@ -354,17 +237,21 @@ class LEFF(Algorithm):
                                          "m_pre": len(pre), "m_suf": len(suf)})
             assigned[cid] = (k, b)
             memory[cid] = self.client_memory(b, len(pre) + len(suf))
-        self._assigned[rnd] = assigned
-        self._info[rnd] = {
+        # What aggregate(rnd) must check the replies against, and what round_info(rnd) reports:
+        # kept in the state, for this round and the one before (the engine configures r + 1 before
+        # it records round r).
+        state["assigned"] = {r: a for r, a in state.get("assigned", {}).items() if r >= rnd - 1}
+        state["assigned"][rnd] = assigned
+        state["round_info"] = {r: i for r, i in state.get("round_info", {}).items() if r >= rnd - 1}
+        state["round_info"][rnd] = {
             "blocks": {cid: [k, k + b - 1] for cid, (k, b) in assigned.items()},
             "budgets": {cid: b for cid, (_, b) in assigned.items()},
             "importance": scores, "block_probabilities": {b: p.tolist() for b, p in probs.items()},
             "importance_seconds": t_imp, "distill_seconds": time.perf_counter() - t1, "distilled": distilled,
             "client_memory_bytes": memory, "peak_client_memory_bytes": max(memory.values(), default=0),
         }
-        if self.history is not None:
-            self.history.add_event(kind="leff_blocks", round=rnd, blocks=self._info[rnd]["blocks"],
-                                   client_memory_bytes=memory)
+        self.record_event("leff_blocks", round=rnd, blocks=state["round_info"][rnd]["blocks"],
+                          client_memory_bytes=memory)
         log.info("round %d: blocks %s", rnd, " ".join(f"c{cid}:{k}-{k + b - 1}" for cid, (k, b) in assigned.items()))
         return out
 
@@ -374,7 +261,7 @@ class LEFF(Algorithm):
         tensors = {block_key(l, k): t for l, blk in state["blocks"].items() for k, t in blk.items()}
         tensors.update(prefixed(ASET_PREFIX, state["aset"]))
         if self.has_head:
-            tensors.update(prefixed(HEAD_PREFIX, self.global_head(state, self.federation[0].num_labels)))
+            tensors.update(prefixed(HEAD_PREFIX, self.heads.global_head(state, self.federation[0].num_labels)))
         emb = prefixed(EMB_PREFIX, {k: p.detach() for k, p in self.runtime.extra["emb_params"].items()})
         return {c.client_id: Message({**tensors, **({} if is_synced(state, c.client_id) else emb)}, {"round": rnd})
                 for c in self.federation}
@@ -387,17 +274,17 @@ class LEFF(Algorithm):
         n = self.federation[0].num_labels
         p_head = sum(p.numel() for p in self.aset().values())
         if self.has_head:
-            p_head += sum(v.numel() for v in self.head_inits()[n].values())
+            p_head += sum(v.numel() for v in self.heads.inits()[n].values())
         trained = budget * p_blk + (p_head if self.cfg.head_policy == "shared" else 0)
         return 4 * (p_emb + (budget + student_layers) * p_blk + p_head) + 4 * 3 * trained
 
-    def round_info(self, rnd: int) -> dict[str, Any]:
-        info = dict(self._info.get(rnd, {}))
+    def round_info(self, state, rnd: int) -> dict[str, Any]:
+        info = dict(state.get("round_info", {}).get(rnd, {}))
         info.pop("client_memory_bytes", None)  # per client: in the round's leff_blocks event
         return info
 
     def aggregate(self, state, rnd, replies):
-        assigned = self._assigned.get(rnd, {})
+        assigned = state.get("assigned", {}).get(rnd, {})
         ok = {}
         for cid, reply in sorted(replies.items()):
             if not reply.config.get("participated", True):
@@ -409,7 +296,7 @@ class LEFF(Algorithm):
             expected = {block_key(l, n): t.shape for l in range(k, k + b) for n, t in state["blocks"][l].items()}
             if self.cfg.train_head_set:
                 expected.update({ASET_PREFIX + n: t.shape for n, t in state["aset"].items()})
-            ok.update(self.accept(rnd, {cid: reply}, expected))
+            ok.update(accept(self, rnd, {cid: reply}, expected))
         if not ok:
             return state
         uploads = {cid: {} for cid in ok}
@@ -423,7 +310,7 @@ class LEFF(Algorithm):
         state["blocks"] = layerwise_mean(old, uploads, {c: r.config["num_examples"] for c, r in ok.items()})
         if self.cfg.importance_source == "last_update":
             state["update_scores"] = update_importance(old, state["blocks"], self.cfg.lr)
-        self.aggregate_heads(state, ok)
+        self.heads.aggregate(state, ok)
         if self.cfg.train_head_set and state["aset"]:  # 𝒜 over all participants (L10)
             state["aset"] = weighted_mean([{n[len(ASET_PREFIX):]: t for n, t in r.tensors.items() if n.startswith(ASET_PREFIX)}
                                            for r in ok.values()], [r.config["num_examples"] for r in ok.values()])
@@ -465,34 +352,25 @@ class LEFF(Algorithm):
         aset = {k[len(ASET_PREFIX):]: v for k, v in tensors.items() if k.startswith(ASET_PREFIX)}
         if aset:
             self.set_aset(aset)
-        self.load_head(instruction, client)
+        self.heads.load(instruction, client)
         for p in self.runtime.model.parameters():
             p.requires_grad_(False)
         params = [p for blk in blocks for p in blk.parameters()]
         if self.cfg.train_head_set:
             params += list(self.aset().values())
-        for p in self.head_params():
+        for p in self.heads.params():
             p.requires_grad_(True)
-        with self.assembled(pre + blocks + suf):
-            stats = self.train_client(client, params, tag="fit", rnd=conf["round"], constant_lr=self.cfg.constant_lr)
+        with assembled(self.runtime, pre + blocks + suf):
+            stats = self.train_client(client, params, tag="fit", rnd=conf["round"])
         up = {block_key(k + i, n): p.detach().clone() for i, blk in enumerate(blocks) for n, p in blk.named_parameters()}
         if self.cfg.train_head_set:
             up.update({ASET_PREFIX + n: p.detach().clone() for n, p in self.aset().items()})
-        return Message({**up, **self.keep_head(client)}, {**self.fit_report(client, stats), "block_start": k, "budget": b})
+        return Message({**up, **self.heads.keep(client)}, {**fit_report(client, stats), "block_start": k, "budget": b})
 
     def _load_student(self, tensors, tag: str, count: int, offset: int) -> list[nn.Module]:
-        student = self._scratch(count, offset)
+        student = scratch_blocks(self.runtime, count, offset)
         for j, blk in enumerate(student):
             prefix = f"{tag}.{j}."
             load_params(blk, {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)},
                         f"student {tag} block {j}")
         return student
-
-
-class FedAvgFull(LEFF):
-    """FedAvg over every block and 𝒜, embeddings frozen (McMahan et al. 2017): LEFF with L_i = L (L12)."""
-
-    name = "fedavg-full"
-
-    def client_budgets(self) -> list[int]:
-        return [self.num_layers] * len(self.federation)

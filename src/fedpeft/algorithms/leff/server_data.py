@@ -33,7 +33,9 @@ def proxy_corpus(cfg: RunConfig) -> list[str]:
     sentences (GLUE, L8), WebNLG's train references (E2E on a decoder, L8) or the bundled demo texts."""
     from fedpeft.data.sources import has_local_split, load_examples
 
-    name = cfg.resolved_proxy_dataset()
+    name = cfg.proxy_dataset
+    if name == "auto":
+        raise RuntimeError("proxy_dataset is 'auto': the run's settings must be resolved (RunConfig.resolved) first")
     if name == "demo":
         from fedpeft.data.tasks import DEMO_TASKS
 

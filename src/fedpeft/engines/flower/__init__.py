@@ -1,5 +1,5 @@
 """The Flower engine: the same Algorithm objects on Flower's Simulation Engine (`--engine flower-sim`)
-or across machines (SuperLink + SuperNodes running the fedpeft ServerApp / ClientApp, see `apps.py`).
+or across machines (SuperLink + SuperNodes running the fedpeft ServerApp / ClientApp, see fedpeft/flower_app.py).
 
 Flower is an optional extra (`pip install fedpeft[flower]`); nothing here is imported by
 `import fedpeft`. Flower's (and Ray's) telemetry stays off unless the user set the variables.

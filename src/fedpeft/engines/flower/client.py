@@ -27,7 +27,6 @@ from fedpeft.engines.flower.records import (
 log = logging.getLogger("fedpeft")
 
 STATE_RECORD = "fedpeft.store"
-_CACHE: dict[tuple, Any] = {}  # per process: (run key, partition) → (algorithm, client)
 
 
 def run_key(cfg_dict: dict[str, Any], run_dir) -> str:
@@ -39,15 +38,36 @@ def run_key(cfg_dict: dict[str, Any], run_dir) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def handle(message, context):
+def make_client_app(setup):
+    """A Flower ClientApp whose every message goes to `handle` with `setup(control, node_config)`,
+    the run layer's function that returns this node's (algorithm, client) for the run."""
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.query()
+    def _query(message, context):
+        return handle(message, context, setup)
+
+    @app.train()
+    def _train(message, context):
+        return handle(message, context, setup)
+
+    @app.evaluate()
+    def _evaluate(message, context):
+        return handle(message, context, setup)
+
+    return app
+
+
+def handle(message, context, setup):
     """Every message type of the fedpeft ClientApp lands here."""
     from flwr.app import Message as FlowerMessage, MetricRecord, RecordDict
 
     ctl = control_of(message.content)
     stage, rnd = ctl["stage"], int(ctl.get("round", 0))
     pid = partition_id(context.node_config)
-    cfg = client_config(ctl["config"], context.node_config)
-    alg, client = _setup(cfg, pid, ctl)
+    alg, client = setup(ctl, context.node_config)
     if stage == "query":
         info = client.info
         reply = {"client_id": info.client_id, "task": info.task, "num_labels": info.num_labels,
@@ -75,58 +95,6 @@ def partition_id(node_config) -> int:
         raise FedPeftError("this SuperNode has no partition-id: start it with --node-config 'partition-id=K' "
                            "(K = the client's index in --tasks)")
     return int(node_config["partition-id"])
-
-
-def client_config(cfg_dict: dict[str, Any], node_config):
-    """The server's RunConfig with this machine's data root and threads."""
-    from fedpeft.config import RunConfig
-
-    cfg = RunConfig.from_dict({**cfg_dict, "resume": None}, source="the server's run config")
-    if node_config.get("data-dir"):
-        cfg.data_dir = str(node_config["data-dir"])
-    if node_config.get("threads"):
-        cfg.threads = int(node_config["threads"])
-    return cfg
-
-
-def _setup(cfg, pid: int, ctl: dict[str, Any]):
-    """The algorithm (one per process and run: one model in memory, as in the local engine) and this
-    client's data, built once per process."""
-    key = ctl["run_key"]
-    if (key, pid) not in _CACHE:
-        import torch
-
-        from fedpeft.algorithms import get_algorithm
-        from fedpeft.models.backbone import load_backbone
-
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        from fedpeft.data.tasks import backbone_kind
-
-        # the same backbone as on the local engine: encoder or decoder, by the run's tasks
-        backbone = load_backbone(cfg.model_name, kind=backbone_kind(cfg.tasks), quantization=cfg.quantization)
-        alg = next((a for (k, _), (a, _) in _CACHE.items() if k == key), None)
-        if alg is None:
-            alg = get_algorithm(cfg)
-            alg.runtime = alg.build_runtime(backbone)
-        _CACHE[(key, pid)] = (alg, build_client(cfg, backbone.tokenizer, pid))
-    alg, client = _CACHE[(key, pid)]
-    if ctl.get("federation"):
-        from fedpeft.algorithms.base import ClientInfo
-
-        alg.bind(alg.runtime, [ClientInfo(**i) for i in ctl["federation"]])
-    return alg, client
-
-
-def build_client(cfg, tokenizer, pid: int):
-    """Client `pid` of the federation `cfg` describes, from this machine's data: the local engine's
-    partition code and seed (server reserve and validation hold-out included), so the same examples."""
-    from fedpeft.engines.common import federation_parts, make_client
-    from fedpeft.errors import FedPeftError
-
-    if not 0 <= pid < len(cfg.tasks):
-        raise FedPeftError(f"partition-id {pid} is out of range: the run has {len(cfg.tasks)} clients (0..{len(cfg.tasks) - 1})")
-    return make_client(cfg, federation_parts(cfg)[pid], tokenizer)
 
 
 # ------------------------------------------------------------ the store across messages

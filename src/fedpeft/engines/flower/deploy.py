@@ -31,8 +31,8 @@ packages = ["."]
 publisher = "fedpeft"
 
 [tool.flwr.app.components]
-serverapp = "fedpeft.engines.flower.apps:server_app"
-clientapp = "fedpeft.engines.flower.apps:client_app"
+serverapp = "fedpeft.flower_app:server_app"
+clientapp = "fedpeft.flower_app:client_app"
 
 [tool.flwr.app.config]
 # config: a fedpeft settings file (TOML, the keys of `fedpeft run --help`) on the server machine.

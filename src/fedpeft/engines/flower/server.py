@@ -6,9 +6,8 @@ they send one Flower message per client and take the replies that arrive within 
 A reply with an error, or none at all (node killed, disconnected, timed out), makes the client
 missing for that step. Every reply's records are written to `wire.jsonl` (the payload audit).
 
-`serve(grid, cfg, run_dir, resume=...)` is the whole server: find the nodes, ask each for its
-ClientInfo (a "query" message; the client id is the node's `partition-id`), bind the algorithm and
-run the rounds. The Simulation Engine and the deployed ServerApp both call it.
+`discover` finds the nodes and asks each for its ClientInfo (a "query" message; the client id is the
+node's `partition-id`); the run layer (run/flower.py) binds the algorithm and runs this engine.
 """
 
 from __future__ import annotations
@@ -183,40 +182,3 @@ def discover(grid, cfg, control: dict[str, Any], timeout: float) -> tuple[dict[i
                                    "with --node-config 'partition-id=K', or raise --round-timeout")
             time.sleep(0.5)
     return node_of, [infos[i] for i in range(n)]
-
-
-def serve(grid, cfg, run_dir: Path, *, resume: bool, stop_after: int | None = None, state_dir: str | None = None,
-          backbone=None, quiet: bool | None = None):
-    """The whole server side of a Flower run; returns the RunHistory."""
-    from fedpeft.algorithms import get_algorithm
-    from fedpeft.run.history import RunHistory
-    from fedpeft.run.progress import Progress
-
-    algorithm = get_algorithm(cfg)
-    if backbone is None:
-        from fedpeft.models.backbone import load_backbone
-
-        from fedpeft.data.tasks import backbone_kind
-
-        # the same backbone as on the local engine: encoder or decoder, by the run's tasks
-        backbone = load_backbone(cfg.model_name, kind=backbone_kind(cfg.tasks), quantization=cfg.quantization)
-    control = {"config": cfg.to_dict() | {"output_dir": None, "resume": None}, "run_key": run_key(cfg.to_dict(), run_dir)}
-    if state_dir:
-        control["state_dir"] = state_dir
-    node_of, infos = discover(grid, cfg, control, cfg.round_timeout)
-    control["federation"] = [vars(i) for i in infos]
-    algorithm.bind(algorithm.build_runtime(backbone), infos)
-    meta = {"method": cfg.method, "model_name": cfg.model_name, "tasks": cfg.tasks, "seed": cfg.seed,
-            "clients": [vars(i) for i in infos], "engine": cfg.engine}
-    history = RunHistory.open(run_dir, meta, resume=resume)
-    algorithm.history = history
-    progress = Progress(algorithm.num_rounds, enabled=not (cfg.quiet if quiet is None else quiet))
-    try:
-        FlowerEngine(algorithm, grid, node_of, control, history, run_dir, timeout=cfg.round_timeout,
-                     progress=progress).run(resume=resume, stop_after=stop_after)
-    finally:
-        progress.close()
-        history.save()
-    algorithm.finish()
-    history.finish()
-    return history

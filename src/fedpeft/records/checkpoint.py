@@ -6,22 +6,21 @@ stores and the round number are all that a resumed run needs to reach the same n
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedpeft.errors import FedPeftError
+from fedpeft.records.atomic import atomic_write_with
 
 NAME = "checkpoint.pt"
 
 
 def save_checkpoint(run_dir: Path, rnd: int, server_state: dict[str, Any], stores: dict[int, dict[str, Any]]) -> None:
-    path = run_dir / NAME
-    tmp = run_dir / (NAME + ".tmp")
-    torch.save({"round": rnd, "server_state": server_state, "client_stores": stores}, tmp)
-    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+    # written atomically: a crash mid-save leaves the previous checkpoint intact
+    atomic_write_with(run_dir / NAME, lambda fh: torch.save({"round": rnd, "server_state": server_state,
+                                                             "client_stores": stores}, fh))
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:

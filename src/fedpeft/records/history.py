@@ -7,12 +7,15 @@ learning_curves.png (and whatever a method adds, e.g. FedLEASE's client maps).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from fedpeft.records.atomic import atomic_write, atomic_write_json
 
 log = logging.getLogger("fedpeft")
 
@@ -89,15 +92,16 @@ class RunHistory:
         return h
 
     def save(self) -> None:
-        _atomic_write(self.run_dir / "training_history.json", json.dumps(self.to_json(), indent=1, default=_plain))
+        atomic_write_json(self.run_dir / "training_history.json", self.to_json(), indent=1)
         keys = [k for k in RECORD_ORDER if any(k in r for r in self.records)]
         # Per-layer detail ("name/part" keys) stays in the JSON; the CSV keeps one column per metric.
         keys += sorted({k for r in self.records for k in r if "/" not in k} - set(keys))
-        with open(self.run_dir / "metrics.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
-            writer.writeheader()
-            for r in sorted(self.records, key=lambda r: (r["round"], r["client"])):
-                writer.writerow({k: _fmt(r.get(k)) for k in keys})
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        for r in sorted(self.records, key=lambda r: (r["round"], r["client"])):
+            writer.writerow({k: _fmt(r.get(k)) for k in keys})
+        atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
 
     def headline(self) -> dict[str, Any] | None:
         """The last scored non-warmup round (D16: the headline figure is the last round)."""
@@ -138,9 +142,9 @@ class RunHistory:
 
     def finish(self) -> None:
         self.save()
-        (self.run_dir / "summary.md").write_text(self.summary_markdown())
+        atomic_write(self.run_dir / "summary.md", self.summary_markdown())
         try:
-            from fedpeft.run.plots import plot_learning_curves
+            from fedpeft.records.plots import plot_learning_curves
 
             plot_learning_curves(self.to_json(), self.run_dir / "learning_curves.png")
         except Exception as exc:  # a plot must never lose a finished run
@@ -155,15 +159,3 @@ def _primary(task: str, metrics: dict[str, float]) -> float | None:
 
 def _fmt(v: Any) -> Any:
     return f"{v:.6g}" if isinstance(v, float) else v
-
-
-def _plain(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

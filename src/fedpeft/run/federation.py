@@ -1,4 +1,5 @@
-"""What every engine needs before round 1: the federation's data, tokenized once per client."""
+"""The federation's clients, built from the run's settings: every example cut as every engine must cut
+it (the same partition code and seed on a laptop and on a SuperNode), tokenized once per client."""
 
 from __future__ import annotations
 

@@ -1,45 +1,16 @@
-"""Figures of a run folder: clustering (dendrogram, MDS, heat-map, silhouette), expert usage, learning curves.
-
-Each function writes one PNG and returns its path. matplotlib is imported inside the functions, so
-importing this module is cheap. Figures are drawn on the Agg canvas directly (no pyplot), so nothing
-changes the process-wide backend or leaks open figures.
-"""
+"""FedLEASE's figures: the clustering (dendrogram, MDS, distance heat-map, silhouette per k) and the
+expert usage per client and layer (the paper's Fig. 6). Each function writes one PNG and returns its path;
+`FedLEASE.artifacts` hands them to the run layer, which draws them into the run folder."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
 from fedpeft.errors import FedPeftError
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
-
-
-def _square(distance: Any, labels: Sequence[str] | None = None) -> np.ndarray:
-    d = np.asarray(distance, dtype=np.float64)
-    if d.ndim != 2 or d.shape[0] != d.shape[1]:
-        raise FedPeftError(f"A client distance matrix must be square, but it has shape {d.shape}.")
-    if labels is not None and len(labels) != d.shape[0]:
-        raise FedPeftError(f"Got {len(labels)} client labels for a {d.shape[0]}x{d.shape[0]} distance matrix.")
-    return d
-
+from fedpeft.figures import figure as _figure, save as _save, square as _square
 
 def plot_dendrogram(distance: Any, client_labels: list[str], path: str | Path) -> Path:
     """Average-linkage dendrogram of the clients on the Eq. 2 distance."""
@@ -145,43 +116,4 @@ def plot_expert_usage(usage: Mapping[str, Mapping[str, float]], path: str | Path
     ax.set_title("Expert usage per client and layer")
     ax.set_xlabel("layer")
     ax.set_ylabel("client")
-    return _save(fig, path)
-
-
-def plot_learning_curves(history: Mapping[str, Any], path: str | Path, metric_key: str = "primary") -> Path:
-    """Per-task and overall metric vs round from `training_history.json`; warmup rounds dashed and shaded."""
-    rounds = sorted(history.get("rounds", []), key=lambda r: r["round"])
-    if not rounds:
-        raise FedPeftError("The training history has no rounds to plot.")
-    tasks = sorted({t for r in rounds for t in (r.get("per_task") or {})})
-
-    fig = _figure(7.5, 4.5)
-    ax = fig.add_subplot()
-    warmup = [r["round"] for r in rounds if r.get("phase") == "warmup"]
-    if warmup:
-        ax.axvspan(min(warmup) - 0.5, max(warmup) + 0.5, color="0.9", label="warmup (local LoRA only)")
-
-    def value(v: Any) -> float | None:  # a float, or a {metric: float} mapping
-        return v.get(metric_key) if isinstance(v, Mapping) else v
-
-    def draw(get, label: str, color: str, width: float) -> None:
-        segments = {}
-        for phase in ("warmup", "train"):
-            pts = [(r["round"], value(get(r))) for r in rounds if r.get("phase", "train") == phase]
-            segments[phase] = [(x, y) for x, y in pts if y is not None]
-        legend_phase = "train" if segments["train"] else "warmup"  # one legend entry per curve
-        for phase, style in (("warmup", "--"), ("train", "-")):
-            if segments[phase]:
-                x, y = zip(*segments[phase])
-                ax.plot(x, y, style, marker="o", markersize=3, color=color, linewidth=width,
-                        label=label if phase == legend_phase else None)
-
-    for i, task in enumerate(tasks):
-        draw(lambda r, t=task: (r.get("per_task") or {}).get(t), task, f"C{i % 10}", 1.2)
-    draw(lambda r: r.get("overall"), "overall (mean of tasks)", "black", 2.2)
-
-    ax.set_title(f"Learning curves ({metric_key} metric; warmup dashed)")
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"{metric_key} metric")
-    ax.legend(loc="best", fontsize=8)
     return _save(fig, path)

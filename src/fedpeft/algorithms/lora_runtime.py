@@ -1,0 +1,62 @@
+"""The runtime of the LoRA methods: a private copy of the backbone with PEFT LoRA on the run's targets."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from fedpeft.algorithms.base import Runtime
+from fedpeft.models.adapters import inject_lora, lora_sites
+
+
+def frozen_linears_to_bf16(model: torch.nn.Module) -> None:
+    """Store the frozen backbone's Linear layers in bfloat16 for `--precision bf16`.
+
+    CPU autocast would cast these weights to bf16 on every forward anyway (it caches only tensors
+    that require grad), so the matmuls see the same values; only the repeated casts go away.
+    LayerNorms and embeddings stay float32; adapters are created in float32 afterwards. A decoder's
+    LM head tied to its input embeddings (SmolLM2) stays float32 too: converting it would convert
+    the shared embedding matrix, and with it the residual stream.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in embeddings:
+            module.to(torch.bfloat16)
+
+
+def wrap_model(peft_model, backbone):
+    """The model the methods drive: an encoder + heads (`TaskModel`), or a decoder (`CausalLM`)."""
+    if getattr(backbone, "kind", "encoder") == "causal":
+        from fedpeft.models.causal_model import CausalLM
+
+        return CausalLM(peft_model, backbone.tokenizer, backbone.hidden_size)
+    from fedpeft.models.task_model import TaskModel
+
+    return TaskModel(peft_model, backbone.hidden_size, backbone.pooling)
+
+
+def build_lora_runtime(cfg, backbone, *, rank: int, adapter_names: tuple[str, ...] = ("default",)) -> Runtime:
+    """Backbone copy (the cached backbone stays pristine) + LoRA of `rank` on cfg.target_modules,
+    every parameter frozen; the methods switch on what they train."""
+    encoder = copy.deepcopy(backbone.model)
+    if cfg.precision == "bf16":
+        frozen_linears_to_bf16(encoder)
+    peft_model = inject_lora(encoder, rank=rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                             targets=list(cfg.target_modules), adapter_names=adapter_names)
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+    return Runtime(wrap_model(peft_model, backbone), lora_sites(peft_model))
+
+
+def export_lora(backbone, cfg, lora_state: dict[str, torch.Tensor], folder, base_path: str) -> None:
+    """One LoRA state (structured keys) as a PEFT adapter folder loadable with PeftModel.from_pretrained."""
+    from fedpeft.models.adapters import set_lora_state
+
+    rank = next(v for k, v in lora_state.items() if k.endswith(".A")).shape[0]
+    model = inject_lora(copy.deepcopy(backbone.model), rank=rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        targets=list(cfg.target_modules))
+    set_lora_state(lora_sites(model), lora_state)
+    model.peft_config["default"].base_model_name_or_path = base_path
+    with torch.no_grad():
+        model.save_pretrained(str(folder))

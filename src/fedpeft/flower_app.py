@@ -1,0 +1,24 @@
+"""The fedpeft ServerApp and ClientApp, as Flower loads them in a deployment (`flwr run`).
+
+The Flower App folder (`fedpeft flower app DIR`) names `fedpeft.flower_app:server_app` and
+`fedpeft.flower_app:client_app` as its components. Run config of the app (set with `flwr run -c`):
+`config` (a fedpeft TOML/JSON settings file on the server machine), `output-dir` (run folder on the
+server machine) and `resume` (a run folder to continue). Both apps are assembled by the run layer
+(run/flower.py), as every run is.
+"""
+
+from __future__ import annotations
+
+import fedpeft.engines.flower  # noqa: F401  (telemetry defaults before flwr is imported)
+from flwr.serverapp import ServerApp
+
+from fedpeft.engines.flower.client import make_client_app
+from fedpeft.run.flower import node_setup, serve_deployment
+
+client_app = make_client_app(node_setup)
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid, context) -> None:
+    serve_deployment(grid, context.run_config)
