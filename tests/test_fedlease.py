@@ -24,7 +24,8 @@ from fedpeft.algorithms.fedlease.comm import closed_form_bytes, head_param_count
 from fedpeft.data.batching import num_batches, train_batches
 from fedpeft.engines.common import prepare_clients
 from fedpeft.models.adapters import get_lora_state, lora_key, lora_parameters
-from fedpeft.models.moe_lora import moe_key, moe_layers, parse_moe_key
+from fedpeft.models.moe.layer import moe_layers
+from fedpeft.models.moe.state import moe_key, parse_moe_key
 from fedpeft.run.checkpoint import load_checkpoint
 from fedpeft.runner import run
 from fedpeft.seeding import derive_seed

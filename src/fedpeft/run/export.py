@@ -48,7 +48,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     if "experts" in state:
         import copy
 
-        from fedpeft.models.moe_lora import export_expert_as_peft, inject_moe_lora, load_moe_state, save_routers
+        from fedpeft.models.moe.export import export_expert_as_peft, save_routers
+        from fedpeft.models.moe.layer import inject_moe_lora
+        from fedpeft.models.moe.state import load_moe_state
 
         m = state["num_experts"]
         encoder = copy.deepcopy(backbone.model)

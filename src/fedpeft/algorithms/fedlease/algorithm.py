@@ -29,8 +29,8 @@ from fedpeft.algorithms.base import (HEAD_PREFIX, Client, Message, is_synced, ma
 from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
 from fedpeft.data.batching import num_batches
 from fedpeft.models.adapters import get_lora_state, lora_parameters, parse_lora_key, set_lora_state
-from fedpeft.models.moe_lora import (inject_moe_lora, load_moe_state, moe_key, moe_layers, moe_state,
-                                     parse_moe_key, set_own_expert, set_record_usage)
+from fedpeft.models.moe.layer import inject_moe_lora, moe_layers, set_own_expert, set_record_usage
+from fedpeft.models.moe.state import load_moe_state, moe_key, moe_state, parse_moe_key
 from fedpeft.seeding import torch_generator
 
 log = logging.getLogger("fedpeft")
