@@ -1,7 +1,7 @@
 """Partitioning: which examples each client holds.
 
 One client per entry of `tasks`; client i works on task `tasks[i]`. Each task has a train pool and
-a test pool (`sources.load_federation_pools`: the train and validation splits, or a carve-out).
+a test pool (`pools.load_federation_pools`: the train and validation splits, or a carve-out).
 Clients of the same task draw **disjoint** samples from these pools: train from the train pool,
 test from the test pool, so train ∩ test = ∅ by construction and no example is used twice (D15).
 
@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import rel_entr
 
-from fedpeft.data.sources import load_federation_pools
+from fedpeft.data.pools import load_federation_pools
 from fedpeft.data.tasks import Example, TaskSpec, get_task
 from fedpeft.errors import FedPeftError
 
