@@ -311,7 +311,7 @@ def test_runner_trains_a_generation_federation_end_to_end(tiny_llama, tmp_path, 
     """`run` with generation tasks: the decoder tokenizer encodes GenExamples, the run folder is scored."""
     from decoder_helpers import examples
 
-    from fedpeft.data.partition import ClientData
+    from fedpeft.data.partition.client import ClientData
     from fedpeft.engines import common
     from fedpeft.runner import run
 

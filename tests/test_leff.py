@@ -163,7 +163,8 @@ def test_importance_is_zero_when_every_gradient_is_zero(bb4):
 
 
 def test_server_batch_is_disjoint_from_every_client(leff_cfg):
-    from fedpeft.data.partition import partition_pools, reserved_ids
+    from fedpeft.data.partition.common import reserved_ids
+    from fedpeft.data.partition.federation import partition_pools
     from fedpeft.data.pools import load_federation_pools
 
     pools = {"demo-sentiment": load_federation_pools("demo-sentiment", None)}
@@ -427,7 +428,8 @@ def test_bytes_match_the_closed_form(leff_cfg, bb4, start):
 
 # ----------------------------------------------------------------------------------------- data (21), config
 def test_dirichlet_cut_partition_rules():
-    from fedpeft.data.partition import label_skew, partition_pools
+    from fedpeft.data.partition.client import label_skew
+    from fedpeft.data.partition.federation import partition_pools
     from fedpeft.data.pools import load_federation_pools
 
     pools = {"demo-sentiment": load_federation_pools("demo-sentiment", None)}
@@ -579,7 +581,7 @@ def test_resume_equals_uninterrupted(leff_cfg, bb4, tmp_path):
 
 
 def test_dirichlet_cut_bins_stsb_scores():
-    from fedpeft.data.partition import partition_pools
+    from fedpeft.data.partition.federation import partition_pools
     from fedpeft.data.tasks import Example
 
     rng = np.random.default_rng(0)
