@@ -5,8 +5,10 @@ import math
 
 import pytest
 
-from fedpeft.bench.matrix import bench, is_finished, run_matrix, run_dir_for
-from fedpeft.bench.report import aggregate, markdown, mean_std, row_from_history, write_report
+from fedpeft.bench.matrix import bench, run_matrix
+from fedpeft.bench.report import aggregate, markdown, row_from_history, write_report
+from fedpeft.bench.runs import is_finished, run_dir_for
+from fedpeft.bench.tables import mean_std
 from fedpeft.bench.suites import SUITES, Entry, Suite, get_suite
 from fedpeft.errors import FedPeftError
 

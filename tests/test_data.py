@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 
 from fedpeft.data import sources
-from fedpeft.data.sources import (
-    ENV_DATA_DIR,
-    load_examples,
-    load_federation_pools,
-    read_task_tsv,
-)
+from fedpeft.data.pools import load_federation_pools
+from fedpeft.data.root import ENV_DATA_DIR
+from fedpeft.data.sources import load_examples, read_task_tsv
 from fedpeft.data.tasks import DEMO_TASKS, GLUE_TASKS, TASKS, Example, get_task
 from fedpeft.errors import FedPeftError
 

@@ -133,7 +133,7 @@ def test_fedit_round_trains_the_target_loss_and_averages(tiny_llama, tmp_path, m
 
 
 def test_fedlease_warmup_clusters_b_and_routes_experts_on_q_v(tiny_llama, tmp_path, monkeypatch):
-    from fedpeft.models.moe_lora import moe_layers
+    from fedpeft.models.moe.layer import moe_layers
 
     register(monkeypatch)
     cfg = _cfg(tmp_path, method="fedlease", global_rounds=2, warmup_rounds=1, max_clusters=2)
@@ -308,7 +308,7 @@ def test_runner_trains_a_generation_federation_end_to_end(tiny_llama, tmp_path, 
     """`run` with generation tasks: the decoder tokenizer encodes GenExamples, the run folder is scored."""
     from decoder_helpers import examples
 
-    from fedpeft.data.partition import ClientData
+    from fedpeft.data.partition.client import ClientData
     from fedpeft.run import federation as common
     from fedpeft.run import run
 

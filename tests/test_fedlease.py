@@ -28,7 +28,8 @@ from fedpeft.data.batching import num_batches, train_batches
 from fedpeft.run.assemble import build_algorithm
 from fedpeft.run.federation import prepare_clients
 from fedpeft.models.adapters import get_lora_state, lora_key, lora_parameters
-from fedpeft.models.moe_lora import moe_key, moe_layers, parse_moe_key
+from fedpeft.models.moe.layer import moe_layers
+from fedpeft.models.moe.state import moe_key, parse_moe_key
 from fedpeft.records.checkpoint import load_checkpoint
 from fedpeft.run import run
 from fedpeft.seeding import derive_seed

@@ -35,7 +35,7 @@ def _lora_model(backbone, seed=0):
 
 
 def _moe_model(backbone, m=3):
-    from fedpeft.models.moe_lora import inject_moe_lora, moe_layers
+    from fedpeft.models.moe.layer import inject_moe_lora, moe_layers
 
     lm = copy.deepcopy(backbone.model)
     inject_moe_lora(lm, ["q_proj", "v_proj"], num_experts=m, own_expert=1, rank=2, lora_alpha=8, lora_dropout=0.0)

@@ -164,8 +164,9 @@ def test_importance_is_zero_when_every_gradient_is_zero(bb4):
 
 
 def test_server_batch_is_disjoint_from_every_client(leff_cfg):
-    from fedpeft.data.partition import partition_pools, reserved_ids
-    from fedpeft.data.sources import load_federation_pools
+    from fedpeft.data.partition.common import reserved_ids
+    from fedpeft.data.partition.federation import partition_pools
+    from fedpeft.data.pools import load_federation_pools
 
     pools = {"demo-sentiment": load_federation_pools("demo-sentiment", None)}
     train = pools["demo-sentiment"][0]
@@ -428,8 +429,9 @@ def test_bytes_match_the_closed_form(leff_cfg, bb4, start):
 
 # ----------------------------------------------------------------------------------------- data (21), config
 def test_dirichlet_cut_partition_rules():
-    from fedpeft.data.partition import label_skew, partition_pools
-    from fedpeft.data.sources import load_federation_pools
+    from fedpeft.data.partition.client import label_skew
+    from fedpeft.data.partition.federation import partition_pools
+    from fedpeft.data.pools import load_federation_pools
 
     pools = {"demo-sentiment": load_federation_pools("demo-sentiment", None)}
     kw = dict(train_samples=40, test_samples=8, partition="dirichlet_cut", seed=5, min_train=4)
@@ -580,7 +582,7 @@ def test_resume_equals_uninterrupted(leff_cfg, bb4, tmp_path):
 
 
 def test_dirichlet_cut_bins_stsb_scores():
-    from fedpeft.data.partition import partition_pools
+    from fedpeft.data.partition.federation import partition_pools
     from fedpeft.data.tasks import Example
 
     rng = np.random.default_rng(0)

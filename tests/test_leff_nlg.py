@@ -447,8 +447,9 @@ def test_leff_evaluates_the_global_model_not_the_client_model(nlg_cfg, gpt2):
 
 # ----------------------------------------------------------------------------------------- partition (L13)
 def test_e2e_dirichlet_cut_on_food_and_on_another_attribute(data_root):
-    from fedpeft.data.partition import build_federation, regroup_e2e
-    from fedpeft.data.sources import load_federation_pools
+    from fedpeft.data.partition.federation import build_federation
+    from fedpeft.data.partition.generation import regroup_e2e
+    from fedpeft.data.pools import load_federation_pools
 
     kw = dict(train_samples=12, test_samples=2, partition="dirichlet_cut", alpha=0.1, seed=3,
               data_dir=str(data_root), reserve=8, min_train=2)

@@ -18,23 +18,18 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from fedpeft.errors import FedPeftError
-from fedpeft.models.moe_lora import (
+from fedpeft.models.adapters import layer_index_of
+from fedpeft.models.moe.export import export_expert_as_peft, load_routers, save_routers
+from fedpeft.models.moe.layer import (
     MoELoRALinear,
-    export_expert_as_peft,
     inject_moe_lora,
-    layer_index_of,
-    load_moe_state,
-    load_routers,
     moe_disabled,
-    moe_key,
     moe_layers,
-    moe_state,
-    parse_moe_key,
     remove_moe_lora,
-    save_routers,
     set_own_expert,
     set_record_usage,
 )
+from fedpeft.models.moe.state import load_moe_state, moe_key, moe_state, parse_moe_key
 
 D = 16
 R = 2

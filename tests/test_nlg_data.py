@@ -16,8 +16,8 @@ from fedpeft.data.nlg_sources import (
     read_webnlg_split,
     webnlg_split_of,
 )
-from fedpeft.data.partition import build_federation, partition_pools
-from fedpeft.data.sources import load_federation_pools
+from fedpeft.data.partition.federation import build_federation, partition_pools
+from fedpeft.data.pools import load_federation_pools
 from fedpeft.data.tasks import GENERATION_TASKS, GenExample, get_task
 from fedpeft.errors import FedPeftError
 

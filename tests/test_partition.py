@@ -8,13 +8,9 @@ import logging
 import numpy as np
 import pytest
 
-from fedpeft.data.partition import (
-    ClientData,
-    build_federation,
-    label_skew,
-    largest_remainder,
-    partition_pools,
-)
+from fedpeft.data.partition.client import ClientData, label_skew
+from fedpeft.data.partition.common import largest_remainder
+from fedpeft.data.partition.federation import build_federation, partition_pools
 from fedpeft.data.tasks import Example
 from fedpeft.errors import FedPeftError
 
@@ -240,7 +236,8 @@ def test_carve_out_federation_is_disjoint(tmp_path):
 
 
 def test_validation_hold_out_is_disjoint_stratified_and_seeded():
-    from fedpeft.data.partition import ClientData, hold_out_validation
+    from fedpeft.data.partition.client import ClientData
+    from fedpeft.data.partition.validation import hold_out_validation
     from fedpeft.data.tasks import Example
 
     train = [Example(f"t{i}", None, i % 2) for i in range(40)] + [Example(f"x{i}", None, 0) for i in range(10)]
@@ -257,7 +254,8 @@ def test_validation_hold_out_is_disjoint_stratified_and_seeded():
 
 
 def test_validation_hold_out_needs_examples():
-    from fedpeft.data.partition import ClientData, hold_out_validation
+    from fedpeft.data.partition.client import ClientData
+    from fedpeft.data.partition.validation import hold_out_validation
     from fedpeft.data.tasks import Example
     from fedpeft.errors import FedPeftError
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fedpeft.bench.report import mean_std, task_columns
+from fedpeft.bench.tables import mean_std, task_columns
 
 # shared/specs/leff.md §7.2 (Table 1, ×100) and §7.6 (Table 5, DeBERTaV3-Base peak client memory, GB).
 PAPER_TABLE1 = {
@@ -41,7 +41,7 @@ def nlg_values(row: dict[str, Any]) -> dict[str, float] | None:
     """The last scored round's NLG metrics of the row's run (a generation task), or None."""
     from pathlib import Path
 
-    from fedpeft.bench.matrix import read_history
+    from fedpeft.bench.runs import read_history
     from fedpeft.data.tasks import TASKS, get_task
 
     if not row.get("run_dir") or not Path(row["run_dir"], "training_history.json").is_file():

@@ -20,8 +20,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+from fedpeft.bench.runs import is_finished, run_dir_for
 from fedpeft.bench.suites import Suite
 from fedpeft.errors import FedPeftError
 
@@ -35,23 +36,6 @@ class RunRef:
     method: str
     run_dir: Path
     status: str  # "ran", "resumed", "skipped", "busy" (another process is running it)
-
-
-def run_dir_for(out: Path, suite: Suite, label: str, seed: int) -> Path:
-    return Path(out) / suite.name / f"{label}-seed{seed}"
-
-
-def is_finished(run_dir: Path) -> bool:
-    run_dir = Path(run_dir)
-    if not ((run_dir / "summary.md").is_file() and (run_dir / "training_history.json").is_file()
-            and (run_dir / "config.json").is_file()):
-        return False
-    try:
-        rounds = json.loads((run_dir / "training_history.json").read_text())["rounds"]
-        total = json.loads((run_dir / "config.json").read_text())["global_rounds"]
-    except (ValueError, KeyError, OSError):
-        return False
-    return any(r.get("round") == total for r in rounds)
 
 
 # Fields that may differ between a finished run and the suite without making it a different run.
@@ -229,10 +213,3 @@ def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] 
     files = write_report(rows, dest, suite=suite, seeds=list(seeds))
     say(f"bench {suite.name}: {len(refs)} runs; results in {files['md']}, {files['csv']}, {files['png']}")
     return files
-
-
-def read_history(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(run_dir) / "training_history.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise FedPeftError(f"cannot read {run_dir}/training_history.json: {exc}") from None

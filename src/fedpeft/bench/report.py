@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
+from fedpeft.bench.tables import FIXED_COLUMNS, TAIL_COLUMNS, mean_std, task_columns
 from fedpeft.errors import FedPeftError
 
 # §6.2 of shared/specs/fedlease.md: RoBERTa-large, 16 clients (SST-2, QNLI, MRPC, QQP x 4), accuracy %.
@@ -37,12 +38,6 @@ PAPER_ABLATION: dict[str, tuple[float, str]] = {
     "fedlease-top1": (85.91, "*"),
     "fedlease-top2": (85.91, "*"),
 }
-
-FIXED_COLUMNS = ["label", "method", "seed"]
-TAIL_COLUMNS = ["overall", "best_round", "best_overall", "bytes_up_per_client_round",
-                "bytes_down_per_client_round", "seconds_per_round", "total_seconds", "rounds", "run_dir",
-                "peak_client_memory_bytes", "client_compute_seconds", "steady_bytes_up_per_client_round",
-                "steady_bytes_down_per_client_round"]
 
 
 def row_from_history(label: str, seed: int, history: dict[str, Any], run_dir: str | Path = "") -> dict[str, Any]:
@@ -85,28 +80,9 @@ def row_from_history(label: str, seed: int, history: dict[str, Any], run_dir: st
 
 def load_rows(refs: Iterable[Any]) -> list[dict[str, Any]]:
     """Rows for RunRefs (label, seed, run_dir) of finished runs."""
-    from fedpeft.bench.matrix import read_history
+    from fedpeft.bench.runs import read_history
 
     return [row_from_history(r.label, r.seed, read_history(r.run_dir), r.run_dir) for r in refs]
-
-
-def task_columns(rows: list[dict[str, Any]]) -> list[str]:
-    known = set(FIXED_COLUMNS) | set(TAIL_COLUMNS)
-    tasks: list[str] = []
-    for row in rows:
-        tasks += [k for k in row if k not in known and k not in tasks]
-    return tasks
-
-
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample std (ddof = 1); std is None for a single value."""
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return math.nan, None
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

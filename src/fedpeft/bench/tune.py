@@ -18,7 +18,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from fedpeft.bench.matrix import _say, is_finished, read_history, run_dir_for, run_matrix
+from fedpeft.bench.matrix import _say, run_matrix
+from fedpeft.bench.runs import is_finished, read_history, run_dir_for
 from fedpeft.bench.suites import Entry, Suite
 from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError

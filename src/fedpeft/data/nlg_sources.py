@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpeft.data import prompts
-from fedpeft.data.sources import ENV_DATA_DIR, load_examples, resolve_data_root
+from fedpeft.data.root import ENV_DATA_DIR, resolve_data_root
+from fedpeft.data.sources import load_examples
 from fedpeft.data.tasks import GenExample, TaskSpec, get_task
 from fedpeft.errors import FedPeftError
 from fedpeft.hub import hub_reachable

@@ -18,9 +18,10 @@ unparsable score raises a `FedPeftError` naming the file and line. Each file is 
 process (cached on path, modification time and size); the returned `Example`s are shared and
 frozen.
 
-`load_federation_pools` returns the (train pool, test pool) pair a federation draws from; when a
-local folder has no train split (QNLI in the shared offline data) it can carve both pools out of
-the validation split (see its docstring for the exact rule).
+`load_classification_pools` returns the (train pool, test pool) pair a federation draws from
+(`pools.load_federation_pools` dispatches to it); when a local folder has no train split (QNLI in
+the shared offline data) it can carve both pools out of the validation split (see its docstring for
+the exact rule). The local root itself is resolved in `root.py`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpeft.data.root import ENV_DATA_DIR, resolve_data_root
 from fedpeft.data.tasks import DEMO_TASKS, Example, TaskSpec, get_task
 from fedpeft.errors import FedPeftError
 from fedpeft.hub import hub_reachable
@@ -43,7 +45,6 @@ from fedpeft.hub import hub_reachable
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
-ENV_DATA_DIR = "FEDPEFT_DATA_DIR"
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
 CARVE_OUT_TEST_FRACTION = 0.2
@@ -201,20 +202,6 @@ def _read_cached(task: str, path: str, mtime_ns: int, size: int) -> tuple[Exampl
 # Resolution
 
 
-def resolve_data_root(data_dir: str | os.PathLike | None) -> Path | None:
-    """The local data root: `data_dir`, else `$FEDPEFT_DATA_DIR`, else None (use the hub)."""
-    root = data_dir if data_dir not in (None, "") else os.environ.get(ENV_DATA_DIR) or None
-    if root is None:
-        return None
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FedPeftError(
-            f"The data directory {root} does not exist; pass --data-dir (or set {ENV_DATA_DIR}) "
-            "to a folder holding GLUE-format task folders."
-        )
-    return root
-
-
 def _task_dir(spec: TaskSpec, root: Path) -> Path:
     tried = [root / "glue" / spec.glue_dir, root / spec.glue_dir]
     for candidate in tried:
@@ -316,17 +303,16 @@ def _load_from_hub(task: str, split: str) -> tuple[Example, ...]:
 # Federation pools and the carve-out
 
 
-def load_federation_pools(
+def load_classification_pools(
     task: str,
     data_dir: str | os.PathLike | None = None,
     *,
     carve_out: bool = False,
     seed: int = CARVE_OUT_SEED,
 ) -> tuple[list[Example], list[Example]]:
-    """Return (train_pool, test_pool) for `task`: the pools clients draw their train and test sets from.
+    """(train_pool, test_pool) of a classification task (`pools.load_federation_pools` for one).
 
-    Normally the train pool is the train split and the test pool the validation split. A
-    generation task's pools are `GenExample`s from `nlg_sources.load_generation_pools`.
+    Normally the train pool is the train split and the test pool the validation split.
 
     Carve-out (only when the local folder has no train split and `carve_out` is True): the
     validation split is divided per class. Within each class c with n_c examples, the examples
@@ -340,10 +326,6 @@ def load_federation_pools(
     2,162 / 2,209 examples.
     """
     spec = get_task(task)
-    if spec.is_generation:  # fixed train/evaluation files, no carve-out (see nlg_sources.py)
-        from fedpeft.data.nlg_sources import load_generation_pools
-
-        return load_generation_pools(spec.name, data_dir)
     local_train = has_local_split(spec.name, "train", data_dir)
     if local_train is False and carve_out:
         validation = load_examples(spec.name, "validation", data_dir)
@@ -366,7 +348,7 @@ def load_federation_pools(
 def carve_out_split(
     spec: TaskSpec, examples: list[Example], *, seed: int = CARVE_OUT_SEED
 ) -> tuple[list[Example], list[Example]]:
-    """Split `examples` into (train_pool, test_pool) by the carve-out rule of `load_federation_pools`."""
+    """Split `examples` into (train_pool, test_pool) by the carve-out rule of `load_classification_pools`."""
     rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
     if spec.is_regression:
         groups = [list(range(len(examples)))]

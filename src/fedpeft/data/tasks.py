@@ -1,7 +1,7 @@
 """The task registry: what each task is, how it is labelled and how it is scored.
 
 A `TaskSpec` is plain data. Readers (`sources.py`) turn a task's files into `Example`s, the
-partitioner (`partition.py`) hands them to clients, and `metrics.py` scores predictions with the
+partitioner (`partition/`) hands them to clients, and `metrics.py` scores predictions with the
 metrics listed here. Label ids follow GLUE and the Hugging Face `glue` dataset, so a model trained
 on local TSV files and one trained on the hub data agree on what label 0 means.
 

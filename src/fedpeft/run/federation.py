@@ -8,7 +8,8 @@ import logging
 from fedpeft.algorithms.base import Client, ClientInfo
 from fedpeft.config import RunConfig
 from fedpeft.data.batching import encode, encode_generation
-from fedpeft.data.partition import build_federation, hold_out_validation
+from fedpeft.data.partition.federation import build_federation
+from fedpeft.data.partition.validation import hold_out_validation
 from fedpeft.data.tasks import get_task
 
 log = logging.getLogger("fedpeft")

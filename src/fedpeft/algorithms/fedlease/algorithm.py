@@ -32,8 +32,8 @@ from fedpeft.algorithms.replies import accept
 from fedpeft.algorithms.tensors import is_synced, mark_synced, prefixed, unprefixed, weighted_mean
 from fedpeft.data.batching import num_batches
 from fedpeft.models.adapters import get_lora_state, init_lora_state, lora_parameters, parse_lora_key, set_lora_state
-from fedpeft.models.moe_lora import (inject_moe_lora, load_moe_state, moe_key, moe_layers, moe_state,
-                                     parse_moe_key, set_own_expert, set_record_usage)
+from fedpeft.models.moe.layer import inject_moe_lora, moe_layers, set_own_expert, set_record_usage
+from fedpeft.models.moe.state import load_moe_state, moe_key, moe_state, parse_moe_key
 from fedpeft.seeding import torch_generator
 
 log = logging.getLogger("fedpeft")
@@ -277,7 +277,7 @@ class FedLEASE(Algorithm):
         """One PEFT folder per expert (expert_<j>/) and, with cluster routers, routers_cluster_<j>.safetensors."""
         import copy
 
-        from fedpeft.models.moe_lora import export_expert_as_peft, save_routers
+        from fedpeft.models.moe.export import export_expert_as_peft, save_routers
 
         if "experts" not in state:
             from fedpeft.errors import FedPeftError

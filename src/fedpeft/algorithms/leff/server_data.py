@@ -17,8 +17,8 @@ from fedpeft.seeding import derive_seed
 
 def importance_batch(cfg: RunConfig, task: str, tokenizer) -> Encoded:
     """The `importance_examples` labelled train examples held out of every client (`reserved_ids`)."""
-    from fedpeft.data.partition import reserved_ids
-    from fedpeft.data.sources import load_federation_pools
+    from fedpeft.data.partition.common import reserved_ids
+    from fedpeft.data.pools import load_federation_pools
 
     pool = load_federation_pools(task, cfg.resolved_data_dir(), carve_out=cfg.carve_out)[0]
     ids = reserved_ids(task, len(pool), cfg.importance_examples, cfg.seed)
