@@ -7,13 +7,21 @@ how to work offline.
 A backbone is an "encoder" (classification tasks: AutoModel + a head) or a "causal" language model
 (generation tasks: AutoModelForCausalLM, its own LM head). `smollm2` is the packaged decoder
 (see `models/decoders.py`).
+
+A name of the form `module:function` is a *model factory*: `function` in the importable module
+`module` is called with no arguments and returns a `Backbone` (any model, tokenizer and kind the
+caller builds). It is loaded once per process and cached by name. Every process that loads the model
+must be able to import `module` (on `PYTHONPATH` or installed): with the Flower engine that is the
+server, and each client's process (Ray workers, SuperNodes).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -109,9 +117,11 @@ def load_backbone(name: str, kind: str = "encoder", quantization: str = "none") 
     """Load the model and tokenizer once per process (cached by name, kind and quantization).
 
     "tiny-bert" is the random-weight test model (seed 0): subprocesses of tests (Flower SuperNodes)
-    reach it by name."""
+    reach it by name. `module:function` names a model factory (see the module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if is_model_factory(name):
+        return _factory_backbone(name, kind, quantization)
     if kind == "causal":
         if name in TINY_DECODERS and quantization == "none":
             return _tiny_decoder_cached(name)
@@ -126,6 +136,62 @@ def load_backbone(name: str, kind: str = "encoder", quantization: str = "none") 
         raise FedPeftError(f"{name!r} is a decoder (a causal language model): use it with generation tasks, "
                            f"or --model_name minilm for classification")
     return _load_backbone_cached(name)
+
+
+# ------------------------------------------------------------------ model factories (module:function)
+_FACTORY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def is_model_factory(name: str) -> bool:
+    """True for `module:function` (dotted module, Python identifiers), unless a folder of that name exists."""
+    return bool(_FACTORY.fullmatch(name)) and not os.path.exists(name)
+
+
+def _factory_backbone(name: str, kind: str, quantization: str) -> Backbone:
+    if quantization != "none":
+        raise FedPeftError(f"--quantization does not apply to the model factory {name!r}: the factory builds "
+                           f"the model, so quantize it there and use --quantization none")
+    backbone = _factory_cached(name)
+    if backbone.kind != kind:
+        if kind == "causal":
+            raise FedPeftError(f"the model factory {name!r} returned an encoder (kind {backbone.kind!r}): "
+                               f"generation tasks need a decoder (kind 'causal')")
+        raise FedPeftError(f"the model factory {name!r} returned a decoder (kind {backbone.kind!r}): "
+                           f"classification tasks need an encoder (kind 'encoder')")
+    return backbone
+
+
+@lru_cache(maxsize=4)
+def _factory_cached(name: str) -> Backbone:
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if isinstance(exc, ModuleNotFoundError) and missing and (module_name + ".").startswith(missing + "."):
+            raise FedPeftError(f"the model factory {name!r} names the module {module_name!r}, which is not "
+                               f"importable here ({exc}): its folder must be on PYTHONPATH (or the module "
+                               f"installed) in every process that loads the model") from None
+        raise FedPeftError(f"importing the module {module_name!r} of the model factory {name!r} failed: "
+                           f"{type(exc).__name__}: {exc}") from None
+    where = getattr(module, "__file__", None) or "built in"
+    if not hasattr(module, attr):
+        raise FedPeftError(f"the module {module_name!r} ({where}) has no function {attr!r} "
+                           f"for the model factory {name!r}")
+    factory = getattr(module, attr)
+    if not callable(factory):
+        raise FedPeftError(f"{name!r} is not a model factory: {attr!r} in the module {module_name!r} ({where}) "
+                           f"is a {type(factory).__name__}, not a function")
+    backbone = factory()
+    if not isinstance(backbone, Backbone):
+        raise FedPeftError(f"the model factory {name!r} returned {type(backbone).__name__}, not a "
+                           f"fedpeft.models.backbone.Backbone")
+    if backbone.kind not in KINDS:
+        raise FedPeftError(f"the model factory {name!r} returned a Backbone of kind {backbone.kind!r}: "
+                           f"the kind must be one of {KINDS}")
+    log.info("loaded backbone %s from the model factory %s (%s, kind %s)", backbone.name, name,
+             backbone.model_type, backbone.kind)
+    return backbone
 
 
 @lru_cache(maxsize=1)
