@@ -32,7 +32,7 @@ from fedpeft.training import train_local
 
 TASKS4 = ["demo-sentiment", "demo-sentiment", "demo-topic", "demo-topic"]
 TASKS3 = ["demo-sentiment", "demo-sentiment", "demo-topic"]
-HIDDEN = 16  # tiny_bert_backbone: hidden 16, 2 layers, query/value targets
+HIDDEN = 16  # tiny_models.tiny_bert: hidden 16, 2 layers, query/value targets
 MODULES = [(layer, module) for layer in range(2) for module in ("query", "value")]
 
 

@@ -1,8 +1,9 @@
 """The Flower engine: wire translation, client stores, flower-sim = local, loopback deployment
 (1 SuperLink with TLS and SuperNode authentication + 4 SuperNodes), a SuperNode killed mid-run.
 
-Everything runs on the tiny random BERT ("tiny-bert", reachable by name from subprocesses) and the
-bundled demo data. Skipped when Flower is not installed (`pip install fedpeft[flower]`).
+Everything runs on the tiny random BERT (the model factory "tiny_models:tiny_bert": subprocesses reach
+it through the PYTHONPATH conftest.py sets) and the bundled demo data. Skipped when Flower is not
+installed (`pip install fedpeft[flower]`).
 """
 
 import json
@@ -33,9 +34,9 @@ LEFF_FAMILY = dict(tasks=["demo-sentiment"] * 3, proxy_dataset="demo", distill_s
 
 
 def _settings(**over):
-    base = dict(method="fedlease", model_name="tiny-bert", tasks=TASKS, train_samples=24, test_samples=16,
-                global_rounds=2, warmup_rounds=1, local_epochs=1, batch_size=8, eval_batch_size=32, max_length=32,
-                rank=2, lr=5e-3, threads=1, quiet=True)
+    base = dict(method="fedlease", model_name="tiny_models:tiny_bert", tasks=TASKS, train_samples=24,
+                test_samples=16, global_rounds=2, warmup_rounds=1, local_epochs=1, batch_size=8, eval_batch_size=32,
+                max_length=32, rank=2, lr=5e-3, threads=1, quiet=True)
     base.update(over)
     return base
 

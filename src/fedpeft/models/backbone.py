@@ -116,18 +116,13 @@ def _offline_message(name: str) -> str:
 def load_backbone(name: str, kind: str = "encoder", quantization: str = "none") -> Backbone:
     """Load the model and tokenizer once per process (cached by name, kind and quantization).
 
-    "tiny-bert" is the random-weight test model (seed 0): subprocesses of tests (Flower SuperNodes)
-    reach it by name. `module:function` names a model factory (see the module docstring)."""
+    `module:function` names a model factory (see the module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if is_model_factory(name):
         return _factory_backbone(name, kind, quantization)
     if kind == "causal":
-        if name in TINY_DECODERS and quantization == "none":
-            return _tiny_decoder_cached(name)
         return _load_causal_cached(name, quantization)
-    if name == "tiny-bert" and quantization == "none":
-        return _tiny_cached()
     if quantization != "none":
         raise FedPeftError("--quantization applies to decoders (generation tasks) only: use --quantization none")
     from fedpeft.models.decoders import PACKAGED_DECODERS
@@ -192,16 +187,6 @@ def _factory_cached(name: str) -> Backbone:
     log.info("loaded backbone %s from the model factory %s (%s, kind %s)", backbone.name, name,
              backbone.model_type, backbone.kind)
     return backbone
-
-
-@lru_cache(maxsize=1)
-def _tiny_cached() -> Backbone:
-    return tiny_bert_backbone(seed=0)
-
-
-@lru_cache(maxsize=2)
-def _tiny_decoder_cached(name: str) -> Backbone:
-    return TINY_DECODERS[name](seed=0)
 
 
 @lru_cache(maxsize=2)
@@ -298,86 +283,3 @@ def sentence_transformers_pooling(path: str) -> str:
         except ValueError:
             pass
     return "first"
-
-
-def tiny_bert_backbone(seed: int = 0, *, hidden: int = 16, layers: int = 2, vocab: int = 200) -> Backbone:
-    """A random-weight BERT built from a config, with a word-level tokenizer: for tests."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from fedpeft.models.tiny_tokenizer import tiny_tokenizer
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=2 * hidden, vocab_size=vocab, max_position_embeddings=128)
-    model = BertModel(cfg, add_pooling_layer=False).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return Backbone(name="tiny-bert", model=model, tokenizer=tiny_tokenizer(vocab), model_type="bert",
-                    hidden_size=hidden, num_layers=layers)
-
-
-def tiny_deberta_backbone(seed: int = 0, *, hidden: int = 32, layers: int = 4, vocab: int = 200) -> Backbone:
-    """A random-weight DeBERTa-v3-style encoder (relative attention, p2c + c2p, no absolute positions)
-    built from a config, with the word-level test tokenizer: for tests."""
-    import torch
-    from transformers import DebertaV2Config, DebertaV2Model
-
-    from fedpeft.models.tiny_tokenizer import tiny_tokenizer
-
-    torch.manual_seed(seed)
-    cfg = DebertaV2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                          intermediate_size=2 * hidden, vocab_size=vocab, max_position_embeddings=128,
-                          relative_attention=True, position_buckets=16, norm_rel_ebd="layer_norm",
-                          pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False,
-                          share_att_key=True, type_vocab_size=0)
-    model = DebertaV2Model(cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return Backbone(name="tiny-deberta", model=model, tokenizer=tiny_tokenizer(vocab), model_type="deberta-v2",
-                    hidden_size=hidden, num_layers=layers)
-
-
-def tiny_llama_backbone(seed: int = 0, *, hidden: int = 16, layers: int = 2) -> Backbone:
-    """A random-weight Llama (2 layers, hidden 16) with a byte-level tokenizer: for tests."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fedpeft.models.tiny_tokenizer import byte_tokenizer
-
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer),
-                      max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return Backbone(name="tiny-llama", model=model, tokenizer=tokenizer, model_type="llama",
-                    hidden_size=hidden, num_layers=layers, kind="causal")
-
-
-def tiny_gpt2_backbone(seed: int = 0, *, hidden: int = 32, layers: int = 4, heads: int = 2) -> Backbone:
-    """A random-weight GPT-2 (4 layers, hidden 32, 2 heads, tied LM head) with the byte-level
-    tokenizer: for tests (GPT-2's own weights and vocabulary are not available offline)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from fedpeft.models.tiny_tokenizer import byte_tokenizer
-
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=len(tokenizer), n_positions=512,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id)
-    model = GPT2LMHeadModel(cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return Backbone(name="tiny-gpt2", model=model, tokenizer=tokenizer, model_type="gpt2",
-                    hidden_size=hidden, num_layers=layers, kind="causal")
-
-
-# Random-weight decoders reachable by name (CLI runs and Flower subprocesses of tests), seed 0.
-TINY_DECODERS = {"tiny-llama": tiny_llama_backbone, "tiny-gpt2": tiny_gpt2_backbone}
