@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-# The tiny random BERT (tiny_models.py, the default --model) is test scaffolding: it lives in the
-# repository's tests/ folder, not in the fedpeft package. That folder goes on sys.path for this process,
-# and on PYTHONPATH for the processes the runs start (Ray workers, SuperLink, SuperNodes, the cold-start
-# probe), which load the model by its factory name.
+# The loopback deployment harness (flower_loopback.py) and the tiny random BERT (tiny_models.py, the
+# default --model) are test scaffolding: they live in the repository's tests/ folder, not in the
+# fedpeft package. That folder goes on sys.path for this process, and on PYTHONPATH for the processes
+# the runs start (Ray workers, SuperLink, SuperNodes, the cold-start probe), which load the model by
+# its factory name.
 TESTS_DIR = str(Path(__file__).resolve().parents[1] / "tests")
 sys.path.insert(0, TESTS_DIR)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), TESTS_DIR) if p)
@@ -62,7 +63,7 @@ def run_local(out: Path, model: str, engine: str) -> tuple[float, Path]:
 
 
 def run_deployment(out: Path, model: str) -> tuple[float, Path, float]:
-    from fedpeft.engines.flower.loopback import Loopback, wait_for_file
+    from flower_loopback import Loopback, wait_for_file
 
     root = out / "deploy"
     toml = out / "run.toml"
