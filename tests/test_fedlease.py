@@ -20,7 +20,6 @@ from fedpeft.algorithms.base import HEAD_PREFIX, Message, unprefixed, weighted_m
 from fedpeft.algorithms.fedit import LORA_PREFIX
 from fedpeft.algorithms.fedlease import clustering
 from fedpeft.algorithms.fedlease.algorithm import MOE_PREFIX, FedLEASE, SingleSharedExpert
-from fedpeft.algorithms.fedlease.comm import closed_form_bytes, head_param_count, lora_module_dims, param_counts
 from fedpeft.data.batching import num_batches, train_batches
 from fedpeft.engines.common import prepare_clients
 from fedpeft.models.adapters import get_lora_state, lora_key, lora_parameters
@@ -29,6 +28,8 @@ from fedpeft.run.checkpoint import load_checkpoint
 from fedpeft.runner import run
 from fedpeft.seeding import derive_seed
 from fedpeft.training import train_local
+
+from fedlease_comm import closed_form_bytes, head_param_count, lora_module_dims, param_counts
 
 TASKS4 = ["demo-sentiment", "demo-sentiment", "demo-topic", "demo-topic"]
 TASKS3 = ["demo-sentiment", "demo-sentiment", "demo-topic"]
