@@ -156,3 +156,19 @@ def test_bad_model_factory_is_one_line(capsys, tmp_path, name, words):
                           "--output_dir", str(tmp_path / "r"), "--quiet"])
     assert name in err and words in err, err
 
+
+def test_python_m_fedpeft_is_the_cli():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import fedpeft
+
+    src = str(Path(fedpeft.__file__).resolve().parents[1])  # the fedpeft under test, not another install
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    res = subprocess.run([sys.executable, "-m", "fedpeft", "--help"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: fedpeft "), res.stdout
+    assert "COMMAND" in res.stdout.splitlines()[0]
