@@ -2,7 +2,7 @@
 engine, on Flower's Simulation Engine and on a loopback deployment (1 SuperLink + 4 SuperNodes), and
 where Flower's overhead goes. Prints a table.
 
-    PYTHONPATH=src python benchmarks/flower_overhead.py [--model tiny-bert|minilm] [--out /tmp/flower-bench]
+    PYTHONPATH=src python benchmarks/flower_overhead.py [--model tiny_models:tiny_bert|minilm] [--out /tmp/flower-bench]
 
 Phases come from the run log's timestamps: "start" is process/engine start-up until the server
 knows every client (Ray start and actors for flower-sim; SuperLink, SuperNodes, `flwr run` and the
@@ -20,6 +20,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+# The loopback deployment harness (flower_loopback.py) and the tiny random BERT (tiny_models.py, the
+# default --model) are test scaffolding: they live in the repository's tests/ folder, not in the
+# fedpeft package. That folder goes on sys.path for this process, and on PYTHONPATH for the processes
+# the runs start (Ray workers, SuperLink, SuperNodes, the cold-start probe), which load the model by
+# its factory name.
+TESTS_DIR = str(Path(__file__).resolve().parents[1] / "tests")
+sys.path.insert(0, TESTS_DIR)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), TESTS_DIR) if p)
 
 TASKS = ["demo-sentiment", "demo-sentiment", "demo-topic", "demo-topic"]
 
@@ -54,7 +63,7 @@ def run_local(out: Path, model: str, engine: str) -> tuple[float, Path]:
 
 
 def run_deployment(out: Path, model: str) -> tuple[float, Path, float]:
-    from fedpeft.engines.flower.loopback import Loopback, wait_for_file
+    from flower_loopback import Loopback, wait_for_file
 
     root = out / "deploy"
     toml = out / "run.toml"
@@ -99,7 +108,7 @@ def serialization(model: str) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny-bert")
+    ap.add_argument("--model", default="tiny_models:tiny_bert")
     ap.add_argument("--out", default="/tmp/fedpeft-flower-bench")
     ap.add_argument("--skip", nargs="*", default=[], help="local, flower-sim, deployment")
     args = ap.parse_args()

@@ -1,16 +1,26 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# tests/ on the import path of this process and of every process it starts (Ray workers, SuperLink and
+# SuperNodes of the Flower tests, CLI subprocesses): they load the tiny random models by their model
+# factory names, e.g. --model_name tiny_models:tiny_bert (tiny_models.py, beside this file).
+TESTS_DIR = str(Path(__file__).resolve().parent)
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+if TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), TESTS_DIR) if p)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from fedpeft.models.backbone import tiny_bert_backbone
+    from tiny_models import tiny_bert
 
-    return tiny_bert_backbone(seed=0)
+    return tiny_bert(seed=0)
 
 
 @pytest.fixture

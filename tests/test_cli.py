@@ -5,6 +5,7 @@ import json
 import pytest
 
 from fedpeft.cli import build_parser, config_from_args, main
+from fedpeft.errors import FedPeftError
 
 
 def _cfg(argv):
@@ -115,3 +116,59 @@ def test_task_samples_override_per_task_sizes(capsys, tmp_path):
     assert cfg.samples_for_tasks() == ({"mrpc": 500, "sst2": 1000}, {"mrpc": 64, "sst2": 200})
     err = _error(capsys, ["run", "--tasks", "mrpc", "--task-samples", "mrpc=500", "--output_dir", str(tmp_path)])
     assert "TASK=TRAIN:TEST" in err
+
+
+def test_model_factory_loads_once_per_process_and_runs(tmp_path, tiny_backbone):
+    """--model_name module:function: a function of an importable module that returns a Backbone (here the
+    tiny random models of tests/tiny_models.py, which conftest.py puts on the import path)."""
+    import torch
+
+    from fedpeft.models.backbone import Backbone, load_backbone
+
+    bb = load_backbone("tiny_models:tiny_bert")
+    assert isinstance(bb, Backbone) and (bb.model_type, bb.kind) == ("bert", "encoder")
+    assert load_backbone("tiny_models:tiny_bert") is bb  # loaded once, cached by name
+    ref = tiny_backbone.model.state_dict()  # called with no arguments: seed 0
+    assert all(torch.equal(v, ref[k]) for k, v in bb.model.state_dict().items())
+    assert load_backbone("tiny_models:tiny_llama", kind="causal").kind == "causal"
+    with pytest.raises(FedPeftError, match="generation tasks need a decoder"):
+        load_backbone("tiny_models:tiny_bert", kind="causal")
+    with pytest.raises(FedPeftError, match="classification tasks need an encoder"):
+        load_backbone("tiny_models:tiny_llama")
+    with pytest.raises(FedPeftError, match="--quantization does not apply"):
+        load_backbone("tiny_models:tiny_llama", kind="causal", quantization="8bit")
+    out = tmp_path / "r"
+    assert main(["run", "--method", "fedit", "--tasks", "demo-sentiment", "demo-topic", "--model_name",
+                 "tiny_models:tiny_bert", "--train-samples", "8", "--test-samples", "4", "--global-rounds", "1",
+                 "--local-epochs", "1", "--batch-size", "8", "--max-length", "16", "--rank", "2",
+                 "--output_dir", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_name"] == "tiny_models:tiny_bert"
+
+
+@pytest.mark.parametrize("name, words", [
+    ("no_such_module_here:model", "names the module 'no_such_module_here', which is not importable"),
+    ("tiny_models:no_such_model", "has no function 'no_such_model'"),
+    ("os:sep", "is a str, not a function"),
+    ("os:getcwd", "returned str, not a fedpeft.models.backbone.Backbone"),
+])
+def test_bad_model_factory_is_one_line(capsys, tmp_path, name, words):
+    err = _error(capsys, ["run", "--tasks", "demo-sentiment", "--model_name", name,
+                          "--output_dir", str(tmp_path / "r"), "--quiet"])
+    assert name in err and words in err, err
+
+
+def test_python_m_fedpeft_is_the_cli():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import fedpeft
+
+    src = str(Path(fedpeft.__file__).resolve().parents[1])  # the fedpeft under test, not another install
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    res = subprocess.run([sys.executable, "-m", "fedpeft", "--help"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: fedpeft "), res.stdout
+    assert "COMMAND" in res.stdout.splitlines()[0]

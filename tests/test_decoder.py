@@ -26,9 +26,9 @@ from fedpeft.records.history import RunHistory
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from fedpeft.models.backbone import tiny_llama_backbone
+    import tiny_models
 
-    return tiny_llama_backbone(seed=0)
+    return tiny_models.tiny_llama(seed=0)
 
 
 def _cfg(tmp_path, **kw):
@@ -324,10 +324,10 @@ def test_runner_trains_a_generation_federation_end_to_end(tiny_llama, tmp_path, 
     assert head["phase"] == "train" and set(head["per_task"]) == {"tiny-copy", "tiny-reverse"}
     assert 0.0 <= head["overall"] <= 1.0
     assert (result.run_dir / "metrics.csv").read_text().count("\n") == 1 + 4 * 3  # header + rounds 0..2
-    from fedpeft.models.backbone import tiny_bert_backbone
+    from tiny_models import tiny_bert
 
     with pytest.raises(FedPeftError, match="need a causal"):
-        run(_cfg(tmp_path / "b"), backbone=tiny_bert_backbone())
+        run(_cfg(tmp_path / "b"), backbone=tiny_bert())
 
 
 def test_a_smollm2_cache_that_does_not_load_is_rebuilt_once(tiny_llama, tmp_path, monkeypatch):

@@ -13,9 +13,9 @@ L = 4
 
 @pytest.fixture(scope="module")
 def bb4():
-    from fedpeft.models.backbone import tiny_bert_backbone
+    from tiny_models import tiny_bert
 
-    return tiny_bert_backbone(seed=0, layers=L)
+    return tiny_bert(seed=0, layers=L)
 
 
 def _leff_cfg(tiny_cfg, **kw):

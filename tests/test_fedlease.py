@@ -23,7 +23,6 @@ from fedpeft.algorithms.fedit import LORA_PREFIX
 from fedpeft.algorithms.fedlease import clustering
 from fedpeft.algorithms.fedlease.algorithm import MOE_PREFIX, FedLEASE
 from fedpeft.algorithms.fedlease.single_expert import SingleSharedExpert
-from fedpeft.algorithms.fedlease.comm import closed_form_bytes, head_param_count, lora_module_dims, param_counts
 from fedpeft.data.batching import num_batches, train_batches
 from fedpeft.run.assemble import build_algorithm
 from fedpeft.run.federation import prepare_clients
@@ -35,9 +34,11 @@ from fedpeft.run import run
 from fedpeft.seeding import derive_seed
 from fedpeft.training import train_local
 
+from fedlease_comm import closed_form_bytes, head_param_count, lora_module_dims, param_counts
+
 TASKS4 = ["demo-sentiment", "demo-sentiment", "demo-topic", "demo-topic"]
 TASKS3 = ["demo-sentiment", "demo-sentiment", "demo-topic"]
-HIDDEN = 16  # tiny_bert_backbone: hidden 16, 2 layers, query/value targets
+HIDDEN = 16  # tiny_models.tiny_bert: hidden 16, 2 layers, query/value targets
 MODULES = [(layer, module) for layer in range(2) for module in ("query", "value")]
 
 

@@ -1,8 +1,9 @@
 """The Flower engine: wire translation, client stores, flower-sim = local, loopback deployment
 (1 SuperLink with TLS and SuperNode authentication + 4 SuperNodes), a SuperNode killed mid-run.
 
-Everything runs on the tiny random BERT ("tiny-bert", reachable by name from subprocesses) and the
-bundled demo data. Skipped when Flower is not installed (`pip install fedpeft[flower]`).
+Everything runs on the tiny random BERT (the model factory "tiny_models:tiny_bert": subprocesses reach
+it through the PYTHONPATH conftest.py sets) and the bundled demo data. Skipped when Flower is not
+installed (`pip install fedpeft[flower]`).
 """
 
 import json
@@ -33,9 +34,9 @@ LEFF_FAMILY = dict(tasks=["demo-sentiment"] * 3, proxy_dataset="demo", distill_s
 
 
 def _settings(**over):
-    base = dict(method="fedlease", model_name="tiny-bert", tasks=TASKS, train_samples=24, test_samples=16,
-                global_rounds=2, warmup_rounds=1, local_epochs=1, batch_size=8, eval_batch_size=32, max_length=32,
-                rank=2, lr=5e-3, threads=1, quiet=True)
+    base = dict(method="fedlease", model_name="tiny_models:tiny_bert", tasks=TASKS, train_samples=24,
+                test_samples=16, global_rounds=2, warmup_rounds=1, local_epochs=1, batch_size=8, eval_batch_size=32,
+                max_length=32, rank=2, lr=5e-3, threads=1, quiet=True)
     base.update(over)
     return base
 
@@ -256,7 +257,7 @@ def tls_deployment(tmp_path_factory):
     Its wall time is Flower's latency per message (a new ClientApp process, 3 s polls on both ends),
     so the registrations run side by side and one federation serves the tests."""
     from fedpeft.engines.flower.deploy import write_node_key
-    from fedpeft.engines.flower.loopback import Loopback, wait_for_file
+    from flower_loopback import Loopback, wait_for_file
 
     tmp = tmp_path_factory.mktemp("deploy")
     out = {"local": _local(tmp, "local"), "run_dir": tmp / "run"}
@@ -300,7 +301,7 @@ def test_loopback_killed_supernode_round_completes_and_is_logged(tmp_path):
     """SIGKILL a SuperNode once it joined (plain gRPC, no TLS here). Its node heartbeat is 10 s, so
     the SuperLink fails its messages within 20 s of the kill; the round timeout stays long enough for
     the live client on a loaded machine."""
-    from fedpeft.engines.flower.loopback import Loopback, wait_for_file
+    from flower_loopback import Loopback, wait_for_file
 
     settings = _settings_file(tmp_path / "run.toml", method="fedit", tasks=TASKS[:2], round_timeout=120.0)
     run_dir = tmp_path / "run"
@@ -486,7 +487,7 @@ def test_missing_flower_is_a_user_error(monkeypatch):
 def test_loopback_server_stopped_and_resumed_gives_the_local_numbers(tmp_path):
     """`flwr stop` the run after round 2 of 3, submit it again with resume=RUN_DIR: the SuperNodes
     (still running, new Flower run so new Contexts) continue from their state-dir stores."""
-    from fedpeft.engines.flower.loopback import Loopback, wait_for_file
+    from flower_loopback import Loopback, wait_for_file
 
     over = dict(tasks=["demo-sentiment", "demo-topic", "demo-topic"], global_rounds=3)
     local = _local(tmp_path, "local", **over)

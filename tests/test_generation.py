@@ -18,9 +18,9 @@ PROMPTS = ["copy: red cat =>", "a =>", "reverse: sun moon tree =>", "sky sea", "
 
 @pytest.fixture(scope="module")
 def backbone():
-    from fedpeft.models.backbone import tiny_llama_backbone
+    from tiny_models import tiny_llama
 
-    return tiny_llama_backbone(seed=1, hidden=32)
+    return tiny_llama(seed=1, hidden=32)
 
 
 def _lora_model(backbone, seed=0):

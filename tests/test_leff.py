@@ -22,9 +22,9 @@ L = 4  # layers of the tiny model
 
 @pytest.fixture(scope="module")
 def bb4():
-    from fedpeft.models.backbone import tiny_bert_backbone
+    from tiny_models import tiny_bert
 
-    return tiny_bert_backbone(seed=0, layers=L)
+    return tiny_bert(seed=0, layers=L)
 
 
 @pytest.fixture
@@ -492,9 +492,9 @@ def test_partial_participation_trains_only_the_sampled_clients(leff_cfg, bb4):
 # ----------------------------------------------------------------------------------------- DeBERTa-v2/v3
 @pytest.fixture(scope="module")
 def deb4():
-    from fedpeft.models.backbone import tiny_deberta_backbone
+    from tiny_models import tiny_deberta
 
-    return tiny_deberta_backbone(seed=0, layers=L)
+    return tiny_deberta(seed=0, layers=L)
 
 
 @pytest.mark.parametrize("k", [0, 1, L - 1])

@@ -76,9 +76,9 @@ def test_llama_counts_from_config():
 # ------------------------------------------------------------------------------------ runtime behaviour
 @pytest.fixture(scope="module")
 def bb3():
-    from fedpeft.models.backbone import tiny_bert_backbone
+    from tiny_models import tiny_bert
 
-    return tiny_bert_backbone(seed=1, layers=3)
+    return tiny_bert(seed=1, layers=3)
 
 
 @pytest.fixture

@@ -51,9 +51,9 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gpt2():
-    from fedpeft.models.backbone import tiny_gpt2_backbone
+    from tiny_models import tiny_gpt2
 
-    return tiny_gpt2_backbone(seed=0, layers=L)
+    return tiny_gpt2(seed=0, layers=L)
 
 
 def tiny_llama4(tied: bool = True):
@@ -61,7 +61,7 @@ def tiny_llama4(tied: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedpeft.models.backbone import Backbone
-    from fedpeft.models.tiny_tokenizer import byte_tokenizer
+    from tiny_tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     torch.manual_seed(1)
@@ -91,7 +91,7 @@ def nlg_cfg(tmp_path, data_root):
     from fedpeft.config import RunConfig
 
     def make(**kw):
-        base = dict(method="leff", tasks=["e2e"] * 3, model_name="tiny-gpt2", data_dir=str(data_root),
+        base = dict(method="leff", tasks=["e2e"] * 3, model_name="tiny_models:tiny_gpt2", data_dir=str(data_root),
                     partition="dirichlet_cut", alpha=1.0, train_samples=16, test_samples=3, global_rounds=2,
                     batch_size=4, eval_batch_size=8, max_length=48, max_new_tokens=6, proxy_dataset="webnlg",
                     distill_steps=2, distill_examples=40, distill_batch_size=8, importance_examples=12,
@@ -155,7 +155,7 @@ def test_real_gpt2_client_trains_table5_count():
     from fedpeft.algorithms.leff.algorithm import LEFF
     from fedpeft.config import RunConfig
     from fedpeft.models.backbone import Backbone
-    from fedpeft.models.tiny_tokenizer import byte_tokenizer
+    from tiny_tokenizer import byte_tokenizer
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config())
@@ -527,7 +527,7 @@ def test_fedbitfit_gpt2_small_count_is_table5():
     from fedpeft.algorithms.fedbitfit import FedBitFit
     from fedpeft.config import RunConfig
     from fedpeft.models.backbone import Backbone
-    from fedpeft.models.tiny_tokenizer import byte_tokenizer
+    from tiny_tokenizer import byte_tokenizer
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config())
@@ -551,7 +551,7 @@ def test_cli_runs_leff_on_tiny_llama_e2e_offline(tmp_path, data_root, capsys, mo
     from fedpeft.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    args = ["run", "--method", "leff", "--tasks", "e2e", "e2e", "e2e", "e2e", "--model_name", "tiny-llama",
+    args = ["run", "--method", "leff", "--tasks", "e2e", "e2e", "e2e", "e2e", "--model_name", "tiny_models:tiny_llama",
             "--data-dir", str(data_root), "--partition", "dirichlet_cut", "--alpha", "1.0", "--train-samples", "12",
             "--test-samples", "2", "--global-rounds", "1", "--batch-size", "4", "--max-length", "48",
             "--max-new-tokens", "4", "--proxy-dataset", "webnlg", "--distill-steps", "1", "--distill-examples", "20",

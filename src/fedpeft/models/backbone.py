@@ -7,13 +7,21 @@ how to work offline.
 A backbone is an "encoder" (classification tasks: AutoModel + a head) or a "causal" language model
 (generation tasks: AutoModelForCausalLM, its own LM head). `smollm2` is the packaged decoder
 (see `models/decoders.py`).
+
+A name of the form `module:function` is a *model factory*: `function` in the importable module
+`module` is called with no arguments and returns a `Backbone` (any model, tokenizer and kind the
+caller builds). It is loaded once per process and cached by name. Every process that loads the model
+must be able to import `module` (on `PYTHONPATH` or installed): with the Flower engine that is the
+server, and each client's process (Ray workers, SuperNodes).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -95,16 +103,13 @@ def _offline_message(name: str) -> str:
 def load_backbone(name: str, kind: str = "encoder", quantization: str = "none") -> Backbone:
     """Load the model and tokenizer once per process (cached by name, kind and quantization).
 
-    "tiny-bert" is the random-weight test model (seed 0): subprocesses of tests (Flower SuperNodes)
-    reach it by name."""
+    `module:function` names a model factory (see the module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if is_model_factory(name):
+        return _factory_backbone(name, kind, quantization)
     if kind == "causal":
-        if name in TINY_DECODERS and quantization == "none":
-            return _tiny_decoder_cached(name)
         return _load_causal_cached(name, quantization)
-    if name == "tiny-bert" and quantization == "none":
-        return _tiny_cached()
     if quantization != "none":
         raise FedPeftError("--quantization applies to decoders (generation tasks) only: use --quantization none")
     from fedpeft.models.decoders import PACKAGED_DECODERS
@@ -115,14 +120,60 @@ def load_backbone(name: str, kind: str = "encoder", quantization: str = "none") 
     return _load_backbone_cached(name)
 
 
-@lru_cache(maxsize=1)
-def _tiny_cached() -> Backbone:
-    return tiny_bert_backbone(seed=0)
+# ------------------------------------------------------------------ model factories (module:function)
+_FACTORY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
-@lru_cache(maxsize=2)
-def _tiny_decoder_cached(name: str) -> Backbone:
-    return TINY_DECODERS[name](seed=0)
+def is_model_factory(name: str) -> bool:
+    """True for `module:function` (dotted module, Python identifiers), unless a folder of that name exists."""
+    return bool(_FACTORY.fullmatch(name)) and not os.path.exists(name)
+
+
+def _factory_backbone(name: str, kind: str, quantization: str) -> Backbone:
+    if quantization != "none":
+        raise FedPeftError(f"--quantization does not apply to the model factory {name!r}: the factory builds "
+                           f"the model, so quantize it there and use --quantization none")
+    backbone = _factory_cached(name)
+    if backbone.kind != kind:
+        if kind == "causal":
+            raise FedPeftError(f"the model factory {name!r} returned an encoder (kind {backbone.kind!r}): "
+                               f"generation tasks need a decoder (kind 'causal')")
+        raise FedPeftError(f"the model factory {name!r} returned a decoder (kind {backbone.kind!r}): "
+                           f"classification tasks need an encoder (kind 'encoder')")
+    return backbone
+
+
+@lru_cache(maxsize=4)
+def _factory_cached(name: str) -> Backbone:
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if isinstance(exc, ModuleNotFoundError) and missing and (module_name + ".").startswith(missing + "."):
+            raise FedPeftError(f"the model factory {name!r} names the module {module_name!r}, which is not "
+                               f"importable here ({exc}): its folder must be on PYTHONPATH (or the module "
+                               f"installed) in every process that loads the model") from None
+        raise FedPeftError(f"importing the module {module_name!r} of the model factory {name!r} failed: "
+                           f"{type(exc).__name__}: {exc}") from None
+    where = getattr(module, "__file__", None) or "built in"
+    if not hasattr(module, attr):
+        raise FedPeftError(f"the module {module_name!r} ({where}) has no function {attr!r} "
+                           f"for the model factory {name!r}")
+    factory = getattr(module, attr)
+    if not callable(factory):
+        raise FedPeftError(f"{name!r} is not a model factory: {attr!r} in the module {module_name!r} ({where}) "
+                           f"is a {type(factory).__name__}, not a function")
+    backbone = factory()
+    if not isinstance(backbone, Backbone):
+        raise FedPeftError(f"the model factory {name!r} returned {type(backbone).__name__}, not a "
+                           f"fedpeft.models.backbone.Backbone")
+    if backbone.kind not in KINDS:
+        raise FedPeftError(f"the model factory {name!r} returned a Backbone of kind {backbone.kind!r}: "
+                           f"the kind must be one of {KINDS}")
+    log.info("loaded backbone %s from the model factory %s (%s, kind %s)", backbone.name, name,
+             backbone.model_type, backbone.kind)
+    return backbone
 
 
 @lru_cache(maxsize=2)
@@ -219,86 +270,3 @@ def sentence_transformers_pooling(path: str) -> str:
         except ValueError:
             pass
     return "first"
-
-
-def tiny_bert_backbone(seed: int = 0, *, hidden: int = 16, layers: int = 2, vocab: int = 200) -> Backbone:
-    """A random-weight BERT built from a config, with a word-level tokenizer: for tests."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from fedpeft.models.tiny_tokenizer import tiny_tokenizer
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=2 * hidden, vocab_size=vocab, max_position_embeddings=128)
-    model = BertModel(cfg, add_pooling_layer=False).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return Backbone(name="tiny-bert", model=model, tokenizer=tiny_tokenizer(vocab), model_type="bert",
-                    hidden_size=hidden, num_layers=layers)
-
-
-def tiny_deberta_backbone(seed: int = 0, *, hidden: int = 32, layers: int = 4, vocab: int = 200) -> Backbone:
-    """A random-weight DeBERTa-v3-style encoder (relative attention, p2c + c2p, no absolute positions)
-    built from a config, with the word-level test tokenizer: for tests."""
-    import torch
-    from transformers import DebertaV2Config, DebertaV2Model
-
-    from fedpeft.models.tiny_tokenizer import tiny_tokenizer
-
-    torch.manual_seed(seed)
-    cfg = DebertaV2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                          intermediate_size=2 * hidden, vocab_size=vocab, max_position_embeddings=128,
-                          relative_attention=True, position_buckets=16, norm_rel_ebd="layer_norm",
-                          pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False,
-                          share_att_key=True, type_vocab_size=0)
-    model = DebertaV2Model(cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return Backbone(name="tiny-deberta", model=model, tokenizer=tiny_tokenizer(vocab), model_type="deberta-v2",
-                    hidden_size=hidden, num_layers=layers)
-
-
-def tiny_llama_backbone(seed: int = 0, *, hidden: int = 16, layers: int = 2) -> Backbone:
-    """A random-weight Llama (2 layers, hidden 16) with a byte-level tokenizer: for tests."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fedpeft.models.tiny_tokenizer import byte_tokenizer
-
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer),
-                      max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return Backbone(name="tiny-llama", model=model, tokenizer=tokenizer, model_type="llama",
-                    hidden_size=hidden, num_layers=layers, kind="causal")
-
-
-def tiny_gpt2_backbone(seed: int = 0, *, hidden: int = 32, layers: int = 4, heads: int = 2) -> Backbone:
-    """A random-weight GPT-2 (4 layers, hidden 32, 2 heads, tied LM head) with the byte-level
-    tokenizer: for tests (GPT-2's own weights and vocabulary are not available offline)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from fedpeft.models.tiny_tokenizer import byte_tokenizer
-
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=len(tokenizer), n_positions=512,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id)
-    model = GPT2LMHeadModel(cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return Backbone(name="tiny-gpt2", model=model, tokenizer=tokenizer, model_type="gpt2",
-                    hidden_size=hidden, num_layers=layers, kind="causal")
-
-
-# Random-weight decoders reachable by name (CLI runs and Flower subprocesses of tests), seed 0.
-TINY_DECODERS = {"tiny-llama": tiny_llama_backbone, "tiny-gpt2": tiny_gpt2_backbone}

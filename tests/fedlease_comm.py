@@ -11,6 +11,8 @@ P_R = Σ_l (2M−1)·d_in^l (`adaptive_topM`) or M·d_in^l (`fixed_topk`), P_H t
 
 Warmup rounds before W exchange nothing. Everything here is pure arithmetic on module shapes, so
 it works on a model built on the meta device (e.g. RoBERTa-large from its config, no weights).
+
+The tests check the bytes the algorithm counts against it (tests/test_fedlease.py).
 """
 
 from __future__ import annotations

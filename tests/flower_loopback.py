@@ -1,10 +1,11 @@
 """A whole Flower deployment on this machine: one SuperLink and N SuperNodes as separate processes,
 driven with Flower's own commands (the README's multi-machine steps, on 127.0.0.1).
 
-For the deployment tests and benchmarks/flower_overhead.py. Every process is started in its own
-session and stopped with its descendants (Flower detaches its SuperExec processes). The SuperExecs
-look for new tasks every 0.1 s instead of Flower's 1 s (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`): Flower
-starts one process per message, so this is paid on every message.
+For the deployment tests (test_flower.py) and benchmarks/flower_overhead.py, which imports it from
+this folder (it is not part of the fedpeft package). Every process is started in its own session and
+stopped with its descendants (Flower detaches its SuperExec processes). The SuperExecs look for new
+tasks every 0.1 s instead of Flower's 1 s (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`): Flower starts one
+process per message, so this is paid on every message.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A small word-level BERT tokenizer built in memory, so tests need no vocabulary file."""
+"""Tokenizers of the tiny test models (tiny_models.py), built in memory so tests need no vocabulary file:
+a word-level BERT tokenizer and a byte-level one for the decoders."""
 
 from __future__ import annotations
 
