@@ -153,12 +153,13 @@ def test_reply_with_nan_crossing_the_wire_is_rejected(tiny_cfg, tiny_backbone, c
 
 def test_partition_id_out_of_range_is_a_user_error(tiny_backbone):
     from fedpeft.config import RunConfig
-    from fedpeft.engines.flower.client import build_client, partition_id
+    from fedpeft.engines.flower.client import partition_id
     from fedpeft.errors import FedPeftError
+    from fedpeft.run.flower import node_setup
 
     cfg = RunConfig(**_settings())
     with pytest.raises(FedPeftError, match="partition-id 7 is out of range"):
-        build_client(cfg, tiny_backbone.tokenizer, 7)
+        node_setup({"run_key": "k", "config": cfg.to_dict()}, {"partition-id": 7})
     with pytest.raises(FedPeftError, match="--node-config"):
         partition_id({})
 

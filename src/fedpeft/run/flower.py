@@ -51,14 +51,14 @@ def node_setup(ctl: dict[str, Any], node_config, *, simulated: bool = False):
     key, pid = ctl["run_key"], partition_id(node_config)
     if (key, pid) not in _NODE_CACHE:
         cfg = node_config_of(ctl["config"], node_config, simulated=simulated)
+        if not 0 <= pid < len(cfg.tasks):
+            raise FedPeftError(f"partition-id {pid} is out of range: the run has {len(cfg.tasks)} clients "
+                               f"(0..{len(cfg.tasks) - 1})")
         if cfg.threads:
             import torch
 
             torch.set_num_threads(cfg.threads)
         backbone = load_run_backbone(cfg)
-        if not 0 <= pid < len(cfg.tasks):
-            raise FedPeftError(f"partition-id {pid} is out of range: the run has {len(cfg.tasks)} clients "
-                               f"(0..{len(cfg.tasks) - 1})")
         alg = next((a for (k, _), (a, _) in _NODE_CACHE.items() if k == key), None)
         if alg is None:
             alg = build_algorithm(cfg, backbone)
