@@ -29,7 +29,8 @@ class ClassificationHead(nn.Module):
 
 
 def init_head_state(hidden: int, num_labels: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The shared head initialisation for one head shape (D2): same seed, same tensors."""
+    """The common head initialisation for one head shape: same seed, same tensors, so every client
+    starts from the same head (docs/methods/fedlease.md#common-initialisation)."""
     std = 0.02
     return {
         "dense.weight": torch.randn(hidden, hidden, generator=generator) * std,

@@ -1,25 +1,28 @@
-"""The adaptive top-M mixture-of-LoRA-experts layer of FedLEASE (spec §2.5, D6–D8, D13).
+"""The adaptive top-M mixture-of-LoRA-experts layer of FedLEASE (docs/methods/fedlease.md#mixture-layer).
 
 One `MoELoRALinear` wraps a frozen `nn.Linear` W0 and holds M LoRA experts (A_e, B_e) and a router G.
-For every token x (labels F1–F5 of the spec):
+For every token x, in five steps:
 
-    (F1) ω̂ = softmax(G x)                     float32, also under autocast; G sees the UN-dropped x
-    (F2) slot p → expert π(p): slots 0..M−1 → own expert j; slots M..2M−2 → the other experts, ascending
-    (F3) S = the M largest slots (stable descending sort: ties go to the lower slot, i.e. to own slots)
-    (F4) γ_e = Σ_{p∈S, π(p)=e} ω̂_p, renormalised to Σ_e γ_e = 1 when `renormalize` (the default)
-    (F5) y = W0 x + s · Σ_e γ_e · B_e A_e dropout(x),  s = lora_alpha / r
+    (1) ω̂ = softmax(G x)                     float32, also under autocast; G sees the UN-dropped x
+    (2) slot p → expert π(p): slots 0..M−1 → own expert j; slots M..2M−2 → the other experts, ascending
+    (3) S = the M largest slots (stable descending sort: ties go to the lower slot, i.e. to own slots)
+    (4) γ_e = Σ_{p∈S, π(p)=e} ω̂_p, renormalised to Σ_e γ_e = 1 when `renormalize` (the default)
+    (5) y = W0 x + s · Σ_e γ_e · B_e A_e dropout(x),  s = lora_alpha / r
 
-`routing="fixed_topk"` is the ablation of D13: a router of width M (slot e → expert e), exactly `top_k`
-experts per token, the own expert not forced.
+The own expert holds M of the 2M−1 slots, so every token selects it. `routing="fixed_topk"` is the
+fixed top-k routing ablation (docs/methods/fedlease.md#ablations): a router of width M (slot e → expert e),
+exactly `top_k` experts per token, the own expert not forced.
 
 Every expert is evaluated once per forward (one fused call, `_MixExperts`): the gate is applied in rank
 space, y = Σ_e B_e (γ_e · A_e x), so nothing of size M² or [M, tokens, d_out] is formed. The forward runs
-one matmul pair per expert, so a one-hot γ reproduces that expert's plain LoRA bit for bit (spec §7.5);
-the backward works on the concatenated factors and skips weight gradients of frozen experts. M = 1 takes
-the plain LoRA path (W0 x + s·B A dropout(x)), so it is plain LoRA exactly.
+one matmul pair per expert, so a one-hot γ reproduces that expert's plain LoRA bit for bit (with equal
+probabilities, e.g. a zero router, the own slots win and γ_own = 1); the backward works on the concatenated
+factors and skips weight gradients of frozen experts. M = 1 takes the plain LoRA path
+(W0 x + s·B A dropout(x)), so it is plain LoRA exactly.
 
-Gradient isolation (D8): each expert factor is its own `nn.Parameter` in an `nn.ParameterList`; only the
-own expert has `requires_grad=True`, so the others get `grad is None` and no optimiser can move them.
+Gradient isolation (Phase 2 trains only the own expert, docs/methods/fedlease.md#phase-2-training): each
+expert factor is its own `nn.Parameter` in an `nn.ParameterList`; only the own expert has
+`requires_grad=True`, so the others get `grad is None` and no optimiser can move them.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ class MoELoRALinear(nn.Module):
     # -- set-up ---------------------------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """A Kaiming-uniform (a = √5), B = 0 (PEFT's LoRA init); router Kaiming-uniform (D7)."""
+        """A Kaiming-uniform (a = √5), B = 0 (PEFT's LoRA init); the router Kaiming-uniform (a = √5) too."""
         with torch.no_grad():
             for a in self.lora_A:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -140,7 +143,7 @@ class MoELoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
 
     def set_own_expert(self, own_expert: int) -> None:
-        """Make `own_expert` the trainable expert and lay the router slots out per F2 (cheap)."""
+        """Make `own_expert` the trainable expert and lay the router slots out: own expert first (cheap)."""
         _check_int("own_expert", own_expert, 0)
         if own_expert >= self.num_experts:
             raise FedPeftError(f"own_expert must be below num_experts = {self.num_experts}, got {own_expert}.")
@@ -154,7 +157,7 @@ class MoELoRALinear(nn.Module):
         self.slot_to_expert.copy_(torch.tensor(self.slot_experts(), dtype=torch.long))
 
     def slot_experts(self) -> list[int]:
-        """π as a list: π[p] is the expert behind router slot p (F2; identity under fixed_topk)."""
+        """π as a list: π[p] is the expert behind router slot p (step 2; identity under fixed_topk)."""
         m, j = self.num_experts, self.own_expert
         if self.routing == "fixed_topk":
             return list(range(m))
@@ -188,24 +191,26 @@ class MoELoRALinear(nn.Module):
             + f", renormalize={self.renormalize}"
         )
 
-    # -- routing (F1–F4) ------------------------------------------------------------------------------
+    # -- routing (steps 1–4) --------------------------------------------------------------------------
 
     def router_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """F1: float32 softmax of the router logits, autocast disabled. x: [..., d_in] (un-dropped)."""
+        """Step 1: float32 softmax of the router logits, autocast disabled, so half precision cannot create
+        ties; x: [..., d_in], un-dropped, so dropout does not change the routing."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = self.router(x.to(self.router.weight.dtype))
         return torch.softmax(logits.float(), dim=-1)
 
     def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """F3: the k largest slots by a stable descending sort (ties → lower slot); returns (slots, probs)."""
+        """Step 3: the k largest slots by a stable descending sort (ties → lower slot, i.e. own slots);
+        returns (slots, probs)."""
         k = self.num_experts if self.routing == "adaptive_topM" else self.top_k
         values, slots = torch.sort(probs, dim=-1, descending=True, stable=True)
         return slots[..., :k], values[..., :k]
 
     def gates(self, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """F4: γ ∈ [..., M], selected weights scatter-added per expert, then optionally renormalised.
+        """Step 4: γ ∈ [..., M], selected weights scatter-added per expert, then optionally renormalised.
 
-        Renormalising γ after the scatter equals renormalising the selected weights first (F3) and
+        Renormalising γ after the scatter equals renormalising the selected weights first and
         makes a one-hot γ exactly 1.
         """
         experts = self.slot_to_expert[slots]
@@ -220,7 +225,7 @@ class MoELoRALinear(nn.Module):
             return torch.ones(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
         return self.gates(*self.select(self.router_probs(x)))
 
-    # -- forward (F5) ---------------------------------------------------------------------------------
+    # -- forward (step 5) -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
