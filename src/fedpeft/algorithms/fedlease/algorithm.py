@@ -1,5 +1,5 @@
 """FedLEASE (Wang et al., NeurIPS 2025): LoRA experts allocated by clustering, selected by an
-adaptive top-M router. Spec: shared/specs/fedlease.md; its "Decisions for fedpeft" are followed.
+adaptive top-M router, as docs/methods/fedlease.md states it (each rule with its reason).
 
 Rounds 1..W (warmup): every client trains one LoRA from the server's common initialisation, as one
 AdamW run spanning all warmup rounds; nothing is aggregated; each client uploads its LoRA once, at
@@ -9,10 +9,12 @@ and one router per cluster, and broadcasts all experts (the transition broadcast
 
 Rounds W+1..W+T: client i of cluster j trains only expert j and its router (and its head if the head
 policy trains it) inside the adaptive top-M mixture; uploads expert j (+ router, + head if shared).
-The server averages expert j over cluster j's replies only (F6) and routers within the cluster (F7).
+The server averages expert j and router j, n_i-weighted, over cluster j's replies only; a cluster
+with no reply keeps both (docs/methods/fedlease.md#aggregation-within-the-cluster).
 
-A client that misses the warmup upload joins late (D12): it is asked for its warmup LoRA each round
-and, once it arrives, assigned to the cluster at the smallest mean Eq. 2 distance.
+A client that misses the warmup upload joins late (docs/methods/fedlease.md#late-join): it is asked for
+its warmup LoRA each round and, once it arrives, assigned to the cluster at the smallest mean Eq. 2
+distance; M does not change, since the clustering runs only once.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class FedLEASE(Algorithm):
             warm = rnd <= self.warmup_rounds
             late = not warm and cid not in state["cluster_of"]
             tensors: dict[str, torch.Tensor] = {}
-            if not is_synced(state, cid):  # one-time common initialisation (D2)
+            if not is_synced(state, cid):  # the common initialisation, until the client first replies
                 if warm or late:
                     tensors.update(prefixed(LORA_PREFIX, state["lora"]))
                 if (warm or late or not self.heads.shared) and self.has_head:
@@ -89,7 +91,7 @@ class FedLEASE(Algorithm):
             if warm:
                 cfg["upload"] = rnd == self.warmup_rounds
             elif late:
-                cfg.update(phase="late_upload", upload=True)  # D12: send your warmup LoRA
+                cfg.update(phase="late_upload", upload=True)  # late join: send your warmup LoRA, train nothing
             else:
                 j = state["cluster_of"][cid]
                 cfg.update(num_experts=state["num_experts"], own_expert=j)
@@ -104,7 +106,7 @@ class FedLEASE(Algorithm):
     def aggregate(self, state, rnd, replies):
         mark_synced(state, replies)  # they hold the common initialisation now
         if rnd < self.warmup_rounds:
-            return state  # D3: no aggregation, no payload during warmup
+            return state  # warmup: nothing aggregated or sent until the one upload at the end of round W
         uploads = {cid: r for cid, r in replies.items() if r.config.get("uploaded_warmup")}
         if uploads:
             expected = {LORA_PREFIX + k: v.shape for k, v in state["lora"].items()}
@@ -155,9 +157,10 @@ class FedLEASE(Algorithm):
 
     def _start_phase2(self, state, cluster_of: dict[int, int], loras: dict[int, dict], m: int,
                       heads: dict[int, dict] | None = None, sizes: dict[int, int] | None = None) -> None:
-        """Eq. 3 experts (n-weighted cluster means), one router per cluster from (seed, j) (D6, D7).
+        """Eq. 3 experts (n-weighted means of the members' warmup LoRAs), one router per cluster from
+        (seed, j), so all members of a cluster start identical.
 
-        `sizes`: the n_i uploaded with the warmup LoRAs (D3); the federation's sizes by default."""
+        `sizes`: the n_i uploaded with the warmup LoRAs; the federation's sizes by default."""
         n = sizes or {cid: self.num_examples(cid) for cid in cluster_of}
         state["num_experts"] = m
         state["cluster_of"] = dict(cluster_of)
@@ -182,7 +185,7 @@ class FedLEASE(Algorithm):
                                                                     [n[c] for c in members])
 
     def _router_init(self, dims: dict[tuple[int, str], int], j: int, m: int) -> dict[str, torch.Tensor]:
-        """Cluster j's initial routers from (seed, j) (D7); `dims` maps (layer, module) to its d_in.
+        """Cluster j's initial routers (Kaiming-uniform) from (seed, j); `dims` maps (layer, module) to its d_in.
 
         The server (cluster routers) and a client (local routers) call it with the same dims and
         get the same tensors."""
@@ -207,11 +210,11 @@ class FedLEASE(Algorithm):
                 j = next((state["cluster_of"][c] for c in members if self.federation[c].task == task), j)
             state["cluster_of"][cid] = j
             state["warmup_b"][cid] = b_new
-            log.info("round %d: late client %d joins expert %d (D12)", rnd, cid, j)
+            log.info("round %d: late client %d (missed the warmup upload) joins expert %d", rnd, cid, j)
             self.record_event("late_join", round=rnd, client=cid, expert=j)
 
     def _aggregate_experts(self, state, rnd, replies) -> None:
-        """F6/F7: expert j and router j from cluster j's replies only; an empty cluster keeps its values."""
+        """Expert j and router j from cluster j's replies only; an empty cluster keeps its values."""
         for j in range(state["num_experts"]):
             members = {cid: r for cid, r in replies.items() if state["cluster_of"].get(cid) == j}
             if not members:
@@ -327,7 +330,7 @@ class FedLEASE(Algorithm):
         sent = unprefixed(MOE_PREFIX, instruction.tensors)
         model = self.runtime.model.encoder
         if self.cfg.router_aggregation == "local":
-            if "router" not in client.store:  # D7: the cluster's initial router, generated where it is used
+            if "router" not in client.store:  # the cluster's initial router from (seed, j), made here, never sent
                 dims = {(mod.layer_index, mod.module_name): mod.in_features for _, mod in moe_layers(model)}
                 client.store["router"] = self._router_init(dims, j, m)
             sent.update(client.store["router"])
@@ -373,7 +376,7 @@ class FedLEASE(Algorithm):
         return self._fit_phase2(instruction, client)
 
     def _fit_warmup(self, instruction, client):
-        """D3: W·E epochs as ONE AdamW run (state and LR schedule carried across warmup rounds)."""
+        """The warmup's W·E epochs as ONE AdamW run (state and LR schedule carried across warmup rounds)."""
         self._load_warmup(instruction, client)
         rt = self.runtime
         params = lora_parameters(rt.sites)

@@ -1,4 +1,5 @@
-"""FedLEASE client clustering: Eq. 2 distance on the LoRA B matrices, and the choice of M (spec D4, D5).
+"""FedLEASE client clustering: Eq. 2 distance on the LoRA B matrices, and the choice of M by silhouette
+(docs/methods/fedlease.md#client-distance, #choosing-m-by-silhouette).
 
 Pure numpy/scipy/scikit-learn. Tensors may be torch tensors or numpy arrays; torch is never imported.
 scikit-learn is imported inside the functions that need it, so importing this module stays cheap.
@@ -17,8 +18,9 @@ from scipy.spatial.distance import squareform
 from fedpeft.errors import FedPeftError
 
 METHODS = ("hierarchical", "spectral")
-TIE_TOL = 1e-9  # silhouette scores this close count as equal; the smaller k wins (D5)
-IDENTICAL_TOL = 1e-12  # all off-diagonal distances at or below this: silhouette undefined (D5)
+TIE_TOL = 1e-9  # silhouette scores this close count as equal; the smaller k (fewer experts) wins
+IDENTICAL_TOL = 1e-12  # all off-diagonal distances at or below this: silhouette undefined, M = 1; also
+#                        the tie tolerance of a late client's mean distances
 
 
 def _as_float64(x: Any) -> np.ndarray:
@@ -33,7 +35,7 @@ def _as_float64(x: Any) -> np.ndarray:
 
 
 def b_distance_matrix(b_by_client: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """D[i, j] = mean over modules l of (1 - cos(vec B_i^l, vec B_j^l)), in float64 (Eq. 2, D4).
+    """D[i, j] = mean over modules l of (1 - cos(vec B_i^l, vec B_j^l)), in float64 (Eq. 2).
 
     `b_by_client[i]` maps a module key (e.g. "layer.3.query") to client i's B matrix. Every client
     must have the same keys and shapes. A zero-norm B has cosine 0 with everything (distance 1).
@@ -170,10 +172,12 @@ def cluster_clients(
     pair_split_threshold: float = 0.5,
     seed: int = 42,
 ) -> ClusteringResult:
-    """Partition the clients and choose M = argmax_k S(k) over k in {2, ..., min(M_max, N-1)} (§4.1, D5).
+    """Partition the clients and choose M = argmax_k S(k) over k in {2, ..., min(M_max, N-1)} (the paper's
+    §4.1; docs/methods/fedlease.md#choosing-m-by-silhouette).
 
-    Hierarchical: average linkage on D, each k cut to exactly k clusters. Spectral (D13): affinity
-    1 - D/2. Either way S(k) is the silhouette on D; ties within 1e-9 go to the smallest k.
+    Hierarchical: average linkage on D, each k cut to exactly k clusters. Spectral (the clustering
+    ablation): affinity 1 - D/2. Either way S(k) is the silhouette on D; ties within 1e-9 go to the
+    smallest k. Cluster ids are ordered by their smallest member, so client 0 is in cluster 0.
     """
     if method not in METHODS:
         raise FedPeftError(f"Unknown clustering method '{method}'; choose one of {', '.join(METHODS)}.")
@@ -194,7 +198,8 @@ def cluster_clients(
         notes.append(message)
         warnings.warn(message, UserWarning, stacklevel=3)
 
-    # Small federations (D5): no silhouette is needed, or none is defined.
+    # Small federations: no silhouette is needed, or none is defined. N = 1 or M_max = 1 gives M = 1;
+    # N = 2 splits only above the threshold (0.5 by default); all-identical distances give M = 1.
     if n == 1 or max_clusters == 1:
         return result([0] * n)
     if n == 2:
@@ -228,14 +233,15 @@ def cluster_clients(
 def task_clusters(tasks: Sequence[str], distance: Any) -> ClusteringResult:
     """The oracle partition (`--clustering task`, a diagnostic, not the paper's method): one cluster
     per task, clients grouped by the task they hold. It bounds what the B-matrix clustering can
-    give; an independent re-run of the official code used it (shared/specs/fedlease.md §6)."""
+    give; an independent re-run of the official code used it (docs/methods/fedlease.md#oracle-clustering)."""
     order = list(dict.fromkeys(tasks))
     labels = canonical_labels([order.index(t) for t in tasks])
     return ClusteringResult(labels, max(labels) + 1, {}, "task", [], _check_distance(distance))
 
 
 def assign_late_client(distances_to_members: Any, labels: Sequence[int]) -> int:
-    """Cluster of a late-joining client (D12): argmin_j of its mean Eq. 2 distance to C_j; ties -> smallest j.
+    """Cluster of a late-joining client: argmin_j of its mean Eq. 2 distance to C_j (the average-linkage
+    criterion that built the clusters); ties -> smallest j. M is unchanged.
 
     `distances_to_members[i]` is d(new, i) for every existing client i, and `labels[i]` its cluster.
     """
