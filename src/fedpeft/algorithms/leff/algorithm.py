@@ -1,7 +1,7 @@
 """LEFF (Shen et al., NeurIPS 2025): layer-wise federated fine-tuning of full transformer blocks.
 
-Each round (shared/specs/leff.md §2.7): the server scores the global blocks on its importance batch,
-draws for every participant a block 𝓛_i of L_i consecutive layers, distils the layers before and
+Each round (docs/methods/leff.md#round-overview): the server scores the global blocks on its importance
+batch, draws for every participant a block 𝓛_i of L_i consecutive layers, distils the layers before and
 after it into students, and sends Θ_i = (students, the global blocks 𝓛_i, 𝒜); the client trains
 𝓛_i and 𝒜 with the students and embeddings frozen and uploads 𝓛_i (keyed by global layer index)
 and 𝒜; the server averages each layer over the clients that trained it (Eq. 8) and 𝒜 over all.
@@ -14,9 +14,10 @@ onto BERT's), trained and averaged over all participants: the head policy `share
 --no-train-head-set), whatever --head-policy says. On a decoder (GPT-2, Llama; generation tasks such
 as E2E) the model is a `CausalLM`, 𝒜 is the final norm (+ an untied lm_head), the embeddings (and a
 tied LM head) are frozen, the loss is the LM loss on the target tokens, the importance batch is
-proxy text (L4) and the global model is scored by generation with the task's NLG metrics (L14).
-With L_i = L for every client there is one block, no student, and a round is exactly FedAvg-full
-(L12): `FedAvgFull` is this class with L_i = L.
+proxy text (the texts right after the distillation subset) and the global model is scored by
+generation with the task's NLG metrics. With L_i = L for every client there is one block, no student,
+and a round is exactly a D_i-weighted FedAvg-full round: `FedAvgFull` is this class with L_i = L, so the
+two share one code path (docs/methods/leff.md#reduction-to-fedavg-full).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class LEFF(Algorithm):
         super().bind(runtime, federation)
         tasks = sorted({c.task for c in federation})
         if len(tasks) != 1:
-            raise FedPeftError(f"{self.name} runs one task per federation (spec L14); the clients have "
-                               f"{', '.join(tasks)}: give the same task to every client")
+            raise FedPeftError(f"{self.name} runs one task per federation (it trains and scores one global "
+                               f"model); the clients have {', '.join(tasks)}: give the same task to every client")
         self.budgets = self.client_budgets()
         too_big = [b for b in self.budgets if b > self.num_layers]
         if too_big:
@@ -86,7 +87,8 @@ class LEFF(Algorithm):
                                f"give budgets between 1 and {self.num_layers}")
 
     def client_budgets(self) -> list[int]:
-        """L_i per client: the list cycled over the clients, or uniform:a-b drawn once per client (L2)."""
+        """L_i per client: the list cycled over the clients, or uniform:a-b drawn once per client
+        from the seed and fixed for the run."""
         spec = self.cfg.parse_layer_budgets()
         n = len(self.federation)
         if isinstance(spec, tuple):
@@ -113,7 +115,7 @@ class LEFF(Algorithm):
                 p.copy_(values[n])
 
     def participants(self, rnd: int) -> list[int]:
-        """ceil(f·N) clients, uniformly without replacement, from (seed, round) (L11)."""
+        """ceil(f·N) clients, uniformly without replacement, from (seed, round); f = 1 (all) by default."""
         n = len(self.federation)
         k = math.ceil(self.cfg.participation * n - 1e-9)
         if k >= n:
@@ -134,7 +136,8 @@ class LEFF(Algorithm):
         self._runtime_holds = state
 
     def importance(self, state) -> list[float]:
-        """I_l (Eq. 4) of every block on the server batch (L4): task loss on held-out labelled
+        """I_l (Eq. 4) of every block on the server batch, held out of every client's pool
+        (docs/methods/leff.md#server-importance-batch): task loss on held-out labelled
         examples for a classifier, LM loss on proxy texts (disjoint from the distillation ones) for a
         decoder, the latter over micro-batches whose gradients add up to the whole batch's."""
         from fedpeft.data.batching import collate
@@ -182,7 +185,8 @@ class LEFF(Algorithm):
         return self._proxy
 
     def student(self, state, rnd: int, a: int, b: int, infos: list) -> list[nn.Module]:
-        """The student of global blocks a..b for this round, distilled once and shared (L8 caching)."""
+        """The student of global blocks a..b for this round: distilled once per (round, segment) and shared
+        by every client that needs it."""
         key = (rnd, a, b)
         if key not in self._students:
             self.load_global(state)
@@ -231,7 +235,7 @@ class LEFF(Algorithm):
             tensors.update(self.heads.download(state, c))
             if self.cfg.train_head_set:
                 tensors.update({ASET_PREFIX + n: t for n, t in state["aset"].items()})
-            if not is_synced(state, cid):  # the frozen embeddings, once per client (§4)
+            if not is_synced(state, cid):  # the frozen embeddings, until the client first replies
                 tensors.update({EMB_PREFIX + n: p.detach() for n, p in self.runtime.extra["emb_params"].items()})
             out[cid] = Message(tensors, {"round": rnd, "participate": True, "block_start": k, "budget": b,
                                          "m_pre": len(pre), "m_suf": len(suf)})
@@ -256,8 +260,9 @@ class LEFF(Algorithm):
         return out
 
     def configure_evaluate(self, state, rnd, broadcast):
-        """Θ_g for every client to score (L14): all blocks, 𝒜 and the global head, plus the frozen
-        embeddings to a client that never received them. Counted as `bytes_eval_down`."""
+        """Θ_g for every client to score after every round (LEFF scores the global model): all blocks,
+        𝒜 and the global head, plus the frozen embeddings to a client that never received them.
+        Counted as `bytes_eval_down`."""
         tensors = {block_key(l, k): t for l, blk in state["blocks"].items() for k, t in blk.items()}
         tensors.update(prefixed(ASET_PREFIX, state["aset"]))
         if self.has_head:
@@ -311,7 +316,7 @@ class LEFF(Algorithm):
         if self.cfg.importance_source == "last_update":
             state["update_scores"] = update_importance(old, state["blocks"], self.cfg.lr)
         self.heads.aggregate(state, ok)
-        if self.cfg.train_head_set and state["aset"]:  # 𝒜 over all participants (L10)
+        if self.cfg.train_head_set and state["aset"]:  # 𝒜: D_i-weighted over all participants
             state["aset"] = weighted_mean([{n[len(ASET_PREFIX):]: t for n, t in r.tensors.items() if n.startswith(ASET_PREFIX)}
                                            for r in ok.values()], [r.config["num_examples"] for r in ok.values()])
         mark_synced(state, ok)
@@ -320,8 +325,9 @@ class LEFF(Algorithm):
 
     # ------------------------------------------------------------ client
     def load_for_eval(self, instruction, client):
-        """LEFF scores the global model Θ_g (L14), not a client's compressed model: every block, 𝒜
-        and the head, from the evaluate message `configure_evaluate` made (nothing else is read)."""
+        """LEFF scores the global model Θ_g, not a client's compressed model
+        (docs/methods/leff.md#evaluating-the-global-model): every block, 𝒜 and the head, from the
+        evaluate message `configure_evaluate` made (nothing else is read)."""
         tensors = instruction.tensors
         emb = unprefixed(EMB_PREFIX, tensors)
         if emb:

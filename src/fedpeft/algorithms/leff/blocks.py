@@ -59,7 +59,8 @@ def layerwise_mean(blocks: dict[int, dict[str, torch.Tensor]], uploads: dict[int
 
 def update_importance(old: dict[int, dict[str, torch.Tensor]], new: dict[int, dict[str, torch.Tensor]],
                       lr: float) -> list[float]:
-    """L4's data-free option: I_l = Σ (g·θ)² with g ≈ −ΔΘ_l / η from the last aggregation, θ the new global."""
+    """The data-free importance option, for a server without a batch: I_l = Σ (g·θ)² with
+    g ≈ −ΔΘ_l / η from the last aggregation, θ the new global."""
     scores = []
     for layer in sorted(new):
         total = 0.0

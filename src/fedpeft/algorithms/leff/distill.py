@@ -1,4 +1,5 @@
-"""LEFF step 2: server-side compression of the unselected layers by distillation (Eq. 7, L7-L8).
+"""LEFF step 2: server-side compression of the unselected layers by distillation (Eq. 7;
+docs/methods/leff.md#students, #distillation).
 
 A contiguous segment [a, b] of n teacher blocks becomes a student of m = ⌈n·r_c⌉ blocks of the same
 class, initialised from evenly spaced teacher blocks and distilled on proxy text with
@@ -29,7 +30,7 @@ from fedpeft.data.batching import Encoded, collate
 
 
 def student_depth(n: int, rate: float) -> int:
-    """m = ⌈n·r_c⌉ (L7); a float guard keeps e.g. 10 × 0.3 from becoming 4."""
+    """m = ⌈n·r_c⌉ blocks for a segment of n; a float guard keeps e.g. 10 × 0.3 from becoming 4."""
     return max(1, math.ceil(n * rate - 1e-9)) if n > 0 else 0
 
 
@@ -121,7 +122,7 @@ def run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor, mask: torch.Te
 
     BERT-style blocks are called as `block(hidden, additive_mask)`, the probabilities taken by a hook
     on the last block's self-attention (eager attention returns them). A DeBERTa-v2 encoder `owner`
-    runs the blocks itself, with its relative-position table and LayerNorm (the global model's, L8).
+    runs the blocks itself, with its relative-position table and LayerNorm (the global model's).
     A decoder `owner` (`is_causal_stack`) runs them as causal layers (module docstring)."""
     if owner is not None and hasattr(owner, "get_rel_pos"):
         if not blocks:
@@ -154,7 +155,7 @@ def run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor, mask: torch.Te
 
 def distill_loss(h_t: torch.Tensor, a_t: torch.Tensor, h_s: torch.Tensor, a_s: torch.Tensor,
                  mask: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Eq. 7: (1 − α)·MSE + α·KL(A_t ‖ A_s) (L8).
+    """Eq. 7: (1 − α)·MSE + α·KL(A_t ‖ A_s), on proxy text, no labels.
 
     MSE: mean over non-padding tokens and hidden units. KL: over non-padding keys for each head and
     non-padding query row, A_s clamped at 1e-12 inside the log; mean over heads, rows and batch."""

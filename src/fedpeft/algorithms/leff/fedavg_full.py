@@ -1,6 +1,6 @@
 """FedAvg-full (McMahan et al. 2017) as the LEFF paper runs it: every block and 𝒜 trained and averaged,
 embeddings frozen. It is LEFF with L_i = L for every client: one block, no student, nothing
-sampled (docs/methods/leff.md#fedavg-full-is-leff-with-every-layer)."""
+sampled (docs/methods/leff.md#reduction-to-fedavg-full)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fedpeft.algorithms.leff.algorithm import LEFF
 
 
 class FedAvgFull(LEFF):
-    """FedAvg over every block and 𝒜, embeddings frozen (McMahan et al. 2017): LEFF with L_i = L (L12)."""
+    """FedAvg over every block and 𝒜, embeddings frozen (McMahan et al. 2017): LEFF with L_i = L."""
 
     name = "fedavg-full"
 

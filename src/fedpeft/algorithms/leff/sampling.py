@@ -1,7 +1,8 @@
 """LEFF step 1: layer importance (Eqs. 3-4), block scores (Eq. 5), sampling distribution (Eq. 6).
 
 Layers are 1-based in the paper; here every index is 0-based: layer l ∈ [0, L), a block is the
-window [k, k + L_i). All draws use generators seeded by (seed, round, client, purpose) (L5, L15).
+window [k, k + L_i). All draws use generators seeded by (seed, round, client, purpose), so every
+engine draws the same blocks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fedpeft.seeding import derive_seed
 
 
 def block_starts(num_layers: int, budget: int, mode: str = "sliding") -> list[int]:
-    """Candidate starts k (0-based) of blocks of `budget` consecutive layers (L3).
+    """Candidate starts k (0-based) of blocks of `budget` consecutive layers.
 
     sliding: every k in [0, L − L_i]; disjoint: 0, L_i, 2L_i, …, the last clipped to L − L_i."""
     if not 1 <= budget <= num_layers:
@@ -37,7 +38,9 @@ def block_scores(layer_scores: Sequence[float], starts: Sequence[int], budget: i
 
 
 def block_probabilities(scores: Sequence[float], *, normalise: str = "max", temperature: float = 1.0) -> np.ndarray:
-    """Eq. 6 made scale-free (L5): p_k ∝ exp(s̃_k / τ) with s̃ = s / max s; uniform when max s ≤ 0.
+    """Eq. 6 made scale-free: p_k ∝ exp(s̃_k / τ) with s̃ = s / max s, so p depends only on relative
+    importance, not on the model or loss scale (docs/methods/leff.md#sampling-distribution); uniform
+    when max s ≤ 0.
 
     `normalise="none"` applies the literal Eq. 6 to the raw scores (stabilised by subtracting the max)."""
     s = np.asarray(scores, dtype=np.float64)
@@ -57,8 +60,9 @@ def block_probabilities(scores: Sequence[float], *, normalise: str = "max", temp
 
 def draw_block(strategy: str, starts: Sequence[int], probabilities: np.ndarray | None, *, seed: int, rnd: int,
                client: int) -> int:
-    """k_i for one client and round (L5/L6). round_robin: index (rnd − 1) mod n_blocks, deterministic;
-    random: uniform; importance: from `probabilities`. Each (seed, round, client) has its own generator."""
+    """k_i for one client and round, by one of the paper's three strategies. round_robin: index
+    (rnd − 1) mod n_blocks, deterministic; random: uniform; importance: from `probabilities`. Each
+    (seed, round, client) has its own generator."""
     n = len(starts)
     if strategy == "round_robin":
         return starts[(rnd - 1) % n]
@@ -75,7 +79,7 @@ def draw_block(strategy: str, starts: Sequence[int], probabilities: np.ndarray |
 def layer_importance(model: torch.nn.Module, layer_params: Sequence[Sequence[torch.nn.Parameter]],
                      loss_fn: Callable[[], torch.Tensor | Iterable[torch.Tensor]]) -> list[float]:
     """Eqs. 3-4 on the server batch: I_l = Σ_{m ∈ layer l} (g_m · θ_m)², one forward and backward pass,
-    float32, eval mode, no optimiser step (L4).
+    float32, eval mode, no optimiser step, so the pass changes nothing.
 
     `loss_fn` returns the loss, or parts of it (micro-batches) that sum to it, each backpropagated
     as it comes, so a large server batch needs the memory of one part.

@@ -1,8 +1,9 @@
-"""What the LEFF server holds besides the model: the importance batch (L4) and the proxy texts (L8).
+"""What the LEFF server holds besides the model: the importance batch and the proxy texts
+(docs/methods/leff.md#server-importance-batch, #proxy-dataset).
 
 Classification: the importance batch is labelled train examples held out of every client. Causal LM:
 it is proxy text, the `importance_examples` texts after the distillation subset of the same seeded
-order, so the two subsets are disjoint (L4)."""
+order, so the two subsets are disjoint."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ PROXY_DATASETS = ("auto", "wnli", "webnlg", "demo")
 
 def proxy_corpus(cfg: RunConfig) -> list[str]:
     """Every distinct public proxy text, in an order fixed by the seed (never labels): WNLI's train
-    sentences (GLUE, L8), WebNLG's train references (E2E on a decoder, L8) or the bundled demo texts."""
+    sentences (GLUE), WebNLG's train references (E2E on a decoder) or the bundled demo texts."""
     from fedpeft.data.sources import has_local_split, load_examples
 
     name = cfg.proxy_dataset
@@ -79,7 +80,7 @@ def proxy_texts(cfg: RunConfig) -> list[str]:
 
 
 def importance_texts(cfg: RunConfig) -> list[str]:
-    """A decoder's importance batch (L4): the `importance_examples` proxy texts right after the
+    """A decoder's importance batch: the `importance_examples` proxy texts right after the
     distillation subset, so the two never share a text."""
     corpus = proxy_corpus(cfg)
     need = cfg.distill_examples + cfg.importance_examples

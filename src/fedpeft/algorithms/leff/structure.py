@@ -1,12 +1,13 @@
 """Where a transformer's parts are: embeddings (frozen), blocks (LEFF's "layers"), the always-trainable set 𝒜.
 
-One rule for every architecture (spec §2.6, L1): a parameter whose name contains "embeddings"
-(or is a GPT-2/Llama token or position table) is frozen; a parameter inside the block list
-(`…layer.<i>.…`, `…h.<i>.…`, `…layers.<i>.…`) belongs to block i; everything else on the forward
-path is 𝒜. For DeBERTa that leaves pooler dense, classifier and the encoder-level LayerNorm of the
-relative embeddings; for GPT-2, ln_f (the tied LM head is the frozen wte); for Llama, the final
-norm and, only when it is not tied to embed_tokens, lm_head (a tied head is the same Parameter as the
-embedding, so `named_parameters` lists it once, under the embedding's name, and it stays frozen).
+One rule for every architecture, the one that reproduces Table 5's LEFF counts
+(docs/methods/leff.md#trainable-set): a parameter whose name contains "embeddings" (or is a GPT-2/Llama
+token or position table) is frozen; a parameter inside the block list (`…layer.<i>.…`, `…h.<i>.…`,
+`…layers.<i>.…`) belongs to block i; everything else on the forward path is 𝒜. For DeBERTa that
+leaves pooler dense, classifier and the encoder-level LayerNorm of the relative embeddings; for
+GPT-2, ln_f (the tied LM head is the frozen wte); for Llama, the final norm and, only when it is not
+tied to embed_tokens, lm_head (a tied head is the same Parameter as the embedding, so
+`named_parameters` lists it once, under the embedding's name, and it stays frozen).
 
 fedpeft's BERT runtime maps 𝒜 onto its own head: `TaskModel.heads` (dense → tanh → out_proj) plays
 DeBERTa's pooler dense + classifier; BERT has no encoder-level LayerNorm (its norms are inside the
@@ -68,7 +69,7 @@ def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def head_set_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """𝒜 inside a decoder: GPT-2's ln_f; Llama's final norm, plus lm_head when untied (L1)."""
+    """𝒜 inside a decoder: GPT-2's ln_f; Llama's final norm, plus lm_head when untied."""
     return {n: p for n, p in model.named_parameters() if parameter_role(n)[0] == "head_set"}
 
 
@@ -78,7 +79,7 @@ def count(model: nn.Module, names: Iterable[str]) -> int:
 
 
 def leff_trainable_names(model: nn.Module, blocks: Iterable[int]) -> list[str]:
-    """LEFF's trained set for a client holding `blocks`: those blocks' parameters plus 𝒜 (L1)."""
+    """LEFF's trained set for a client holding `blocks`: those blocks' parameters plus 𝒜."""
     blocks = set(blocks)
     out = []
     for name, _ in model.named_parameters():
@@ -94,8 +95,8 @@ def fedavg_trainable_names(model: nn.Module) -> list[str]:
 
 
 def bitfit_trainable_names(model: nn.Module) -> list[str]:
-    """FedBitFit (spec §5): every bias inside the blocks, plus the classifier when there is one
-    (pooler not trained), otherwise the final norm's bias (GPT-2's ln_f)."""
+    """FedBitFit (docs/methods/baselines.md#fedbitfit): every bias inside the blocks, plus the
+    classifier when there is one (pooler not trained), otherwise the final norm's bias (GPT-2's ln_f)."""
     names = [n for n, _ in model.named_parameters()]
     out = [n for n in names if parameter_role(n)[0] == "block" and n.endswith(".bias")]
     classifier = [n for n in names if n.startswith("classifier.")]
