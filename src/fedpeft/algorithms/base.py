@@ -102,7 +102,7 @@ class Algorithm(abc.ABC):
                            broadcast: dict[int, Message]) -> dict[int, Message]:
         """The message each client scores after round `rnd`, made after aggregation. Default: the
         broadcast of round rnd + 1, so a client is scored with the state it trains with next
-        (docs/methods/fedlease.md#evaluation). A method that scores a model the broadcast does not
+        (docs/methods/fedlease.md#evaluation-timing). A method that scores a model the broadcast does not
         carry (LEFF scores the global model) returns it here; `evaluate` must need nothing but this
         message and the client's store, so every engine gets the same numbers."""
         return broadcast

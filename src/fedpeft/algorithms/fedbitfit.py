@@ -1,10 +1,12 @@
-"""FedBitFit (BitFit, Zaken et al. 2022, run with FedAvg), a LEFF-paper baseline (spec §5).
+"""FedBitFit (BitFit, Zaken et al. 2022, run with FedAvg), a LEFF-paper baseline
+(docs/methods/baselines.md#fedbitfit).
 
 Every bias inside the blocks (query, key, value, attention output, intermediate, output and both
 LayerNorm biases) plus the classifier is trained, sent both ways and D_i-averaged; the pooler is not
-trained (head policy `classifier`, algorithms/heads.py). On GPT-2 (spec §5): the biases of c_attn, attn.c_proj, c_fc,
-mlp.c_proj, ln_1 and ln_2 in every block, plus ln_f's bias (the LM head is tied and frozen). Llama-
-style decoders have no bias parameters (Table 5: "no biases"), so FedBitFit refuses them.
+trained (head policy `classifier`, algorithms/heads.py). On GPT-2: the biases of c_attn, attn.c_proj,
+c_fc, mlp.c_proj, ln_1 and ln_2 in every block, plus ln_f's bias (the LM head is tied and frozen).
+These sets reproduce the paper's Table 5 counts. Llama-style decoders have no bias parameters
+(Table 5: "no biases"), so FedBitFit refuses them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""FedLoRA (LoRA, Hu et al. 2022, run with FedAvg), the LEFF paper's LoRA baseline (spec §5).
+"""FedLoRA (LoRA, Hu et al. 2022, run with FedAvg), the LEFF paper's LoRA baseline
+(docs/methods/baselines.md#fedlora, #fedlora-targets).
 
 LoRA on every linear map of every block (DeBERTa: query/key/value, attention output, intermediate,
-output; GPT-2: c_attn, attn.c_proj, mlp.c_proj), A and B averaged separately with D_i weights, and
-the classifier trained and averaged (head policy `classifier`, algorithms/heads.py). The paper's rank is 8: pass --rank 8
-(the leff-cpu suite does).
+output; GPT-2: c_attn, attn.c_proj, mlp.c_proj; Llama: all seven linears: the sets whose LoRA sizes
+reproduce the paper's Table 5), A and B averaged separately with D_i weights, and the classifier
+trained and averaged (head policy `classifier`, algorithms/heads.py). The paper's rank is 8: pass
+--rank 8 (the leff-cpu suite does).
 """
 
 from __future__ import annotations

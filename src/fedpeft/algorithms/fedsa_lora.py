@@ -1,7 +1,8 @@
 """FedSA-LoRA (Guo et al., ICLR 2025): A and B trained locally, only A uploaded and averaged.
 
 B stays on its client (kept in the client's store) and never leaves it; client i's model uses
-s·B_i·Ā. The first instruction carries the whole common initialisation (A and B = 0, D2).
+s·B_i·Ā. The first instruction carries the whole common initialisation (A and B = 0), so every client
+starts from the same tensors (docs/methods/fedlease.md#common-initialisation).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
   whole federation, a FedLEASE cluster, an IFCA cluster) among heads of the same shape.
 - `classifier`: the LEFF paper's PEFT baselines (FedLoRA, SLoRA, FedBitFit): only the classifier
   (`out_proj`) is trained and averaged over all clients; the pooler (`dense`) stays at the common
-  initialisation, sent once (docs/methods/baselines.md#the-classifier-of-the-leff-baselines).
+  initialisation, sent once (docs/methods/baselines.md#classifier-of-the-leff-baselines).
 - `none`: a decoder (generation tasks) has no classification head; every hook is a no-op.
 
 Heads of different shapes (tasks with different label counts) never mix. The common initialisation

@@ -1,4 +1,5 @@
-"""SLoRA (Babakniya et al. 2023), a LEFF-paper baseline in two stages (spec §5).
+"""SLoRA (Babakniya et al. 2023), a LEFF-paper baseline in two stages
+(docs/methods/baselines.md#slora).
 
 Stage 1 (the first `slora_stage1_fraction` of rounds): a fixed random mask of density
 `slora_density` over the entries of every FedLoRA target matrix, shared by seed and never sent;
