@@ -19,9 +19,9 @@ process (cached on path, modification time and size); the returned `Example`s ar
 frozen.
 
 `load_classification_pools` returns the (train pool, test pool) pair a federation draws from
-(`pools.load_federation_pools` dispatches to it); when a local folder has no train split (QNLI in
-the shared offline data) it can carve both pools out of the validation split (see its docstring for
-the exact rule). The local root itself is resolved in `root.py`.
+(`pools.load_federation_pools` dispatches to it); when a local folder has no train split (e.g. an
+offline GLUE copy with only QNLI's dev.tsv) it can carve both pools out of the validation split (see its
+docstring for the exact rule). The local root itself is resolved in `root.py`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 - `partition="task"` (task non-IID; the FedLEASE setting), with `label_split`:
   - `"class_balanced"` (default, as in the official FedLEASE code): n / C per class;
   - `"natural"`: the pool's own class proportions;
-  - `"dirichlet"`: same as `partition="dirichlet"` (D15 lists it as a label split).
+  - `"dirichlet"`: same as `partition="dirichlet"` (the FedLEASE data split lists it among the label
+    splits, docs/methods/fedlease.md#data-split).
 - `partition="dirichlet"`: q_i ~ Dir(α·1_C), drawn once per client from its own seeded generator;
   train and test both use q_i (label skew on top of task skew).
 - `partition="iid"`: a uniform random sample of the pool, ignoring labels (natural proportions in

@@ -15,7 +15,8 @@ _SPLIT_NAMES = {0: "train", 1: "validation"}
 
 
 def reserved_ids(task: str, pool_size: int, n: int, seed: int) -> list[int]:
-    """Train-pool positions held out of every client for the server (LEFF's importance batch, L4):
+    """Train-pool positions held out of every client for the server (LEFF's importance batch, so it is
+    disjoint from all client data; docs/methods/leff.md#server-importance-batch):
     the first n of a permutation seeded by (seed, task); clients never receive them."""
     if n <= 0:
         return []

@@ -1,11 +1,11 @@
-"""`partition="dirichlet_cut"` (the LEFF spec's L13): the task's train pool (less the server's
-reserved examples, uniformly subsampled to `train_samples` × clients) is cut class by class:
-q_c ~ Dir(α·1_N) over the task's N clients, class c's shuffled examples split by q_c, so every
-example of the subsample lands in exactly one client and client sizes vary. Every client must get
-at least `min_train` examples (one local batch); otherwise the draw is repeated, up to 100
-times, then an error names the task, α, N and the smallest size. Test sets are IID samples of
-`test_samples` each (the LEFF family scores the global model). Generation tasks are cut on
-`GenExample.group` (E2E: the MR's `food`, or the attribute `e2e_key` names; WebNLG: the category).
+"""`partition="dirichlet_cut"` (LEFF's label skew, docs/methods/leff.md#data-partition): the task's train
+pool (less the server's reserved examples, uniformly subsampled to `train_samples` × clients) is cut
+class by class: q_c ~ Dir(α·1_N) over the task's N clients, class c's shuffled examples split by q_c, so
+every example of the subsample lands in exactly one client and client sizes vary. Every client must get
+at least `min_train` examples (one local batch); otherwise the draw is repeated, up to 100 times, then
+an error names the task, α, N and the smallest size. Test sets are IID samples of `test_samples` each
+(the LEFF family scores the global model). Generation tasks are cut on `GenExample.group` (E2E: the MR's
+`food`, or the attribute `e2e_key` names; WebNLG: the category).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fedpeft.errors import FedPeftError
 
 def dirichlet_cut_ids(labels: Sequence[int], num_classes: int, n_clients: int, alpha: float,
                       rng: np.random.Generator) -> list[list[int]]:
-    """One draw of the L13 cut: for each class c, q_c ~ Dir(α·1_N); class c's shuffled positions are
+    """One draw of the Dirichlet cut: for each class c, q_c ~ Dir(α·1_N); class c's shuffled positions are
     split at the cumulative q_c boundaries. Returns each client's positions (every one exactly once)."""
     labels = np.asarray(labels, dtype=np.int64)
     out: list[list[int]] = [[] for _ in range(n_clients)]
@@ -51,9 +51,9 @@ def _dirichlet_cut(tasks, pools, train_samples, test_samples, alpha, seed, min_t
         n_test = int(test_samples[task]) if isinstance(test_samples, Mapping) else int(test_samples)
         rng = np.random.default_rng([seed, zlib.crc32(task.encode()), 0xC07])
         sub = rng.permutation(len(train_pool))[: n_train * len(clients)]
-        if spec.is_regression:  # STS-B: partition on 5 label bins, floor(score) clipped to 0..4 (L13)
+        if spec.is_regression:  # STS-B: partition on 5 label bins, floor(score) clipped to 0..4
             labels, n_classes = [min(4, max(0, int(math.floor(train_pool[j].label)))) for j in sub], 5
-        elif spec.is_generation:  # E2E: the MR attribute (`food` by default), WebNLG: the category (L13)
+        elif spec.is_generation:  # E2E: the MR attribute (`food` by default), WebNLG: the category
             groups = sorted({train_pool[j].group or "" for j in sub})
             index = {g: c for c, g in enumerate(groups)}
             labels, n_classes = [index[train_pool[j].group or ""] for j in sub], len(groups)

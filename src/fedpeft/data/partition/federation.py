@@ -1,9 +1,10 @@
 """Partitioning: which examples each client holds.
 
-One client per entry of `tasks`; client i works on task `tasks[i]`. Each task has a train pool and
-a test pool (`pools.load_federation_pools`: the train and validation splits, or a carve-out).
-Clients of the same task draw **disjoint** samples from these pools: train from the train pool,
-test from the test pool, so train ∩ test = ∅ by construction and no example is used twice (D15).
+One client per entry of `tasks`; client i works on task `tasks[i]`. Each task has a train pool and a
+test pool (`pools.load_federation_pools`: the train and validation splits, or a carve-out). Clients of
+the same task draw **disjoint** samples from these pools: train from the train pool, test from the test
+pool, so train ∩ test = ∅ by construction and no example is used twice: clients' data stay private to
+them and test data unseen (docs/methods/fedlease.md#data-split).
 
 `partition` and `label_split` choose how many examples of each class a client gets: `"task"`,
 `"dirichlet"` and `"iid"` are described in `classification.py` (classification and regression
@@ -53,11 +54,12 @@ def build_federation(
 ) -> list[ClientData]:
     """Build one `ClientData` per entry of `tasks` (client i has task `tasks[i]`).
 
-    `e2e_key`: the MR attribute E2E examples are grouped on for a label-skew partition (L13's
-    `e2e_partition_key`; an MR without it is the group "missing").
+    `e2e_key`: the MR attribute E2E examples are grouped on for a label-skew partition (LEFF's
+    Dirichlet cut, `e2e_partition_key`; an MR without it is the group "missing").
 
     `train_samples` / `test_samples` are examples per client: an int for every task, or a mapping
-    task → int (e.g. D15's MRPC override of 500 / 64). Pools come from
+    task → int (e.g. the FedLEASE preset's MRPC override of 500 / 64, since MRPC's class pools are
+    too small for 1000 / 200; docs/methods/fedlease.md#mrpc-sizes). Pools come from
     `load_federation_pools(task, data_dir, carve_out=carve_out)`. See the module docstring for
     `partition`, `label_split` and `alpha`. An infeasible request raises a `FedPeftError` naming
     the task, split, class, need and supply.
