@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", nargs="+", default=None, metavar="LABEL",
                        help="only these labels of the suite (e.g. fedit fedlease)")
     bench.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
-                       help="data root laid out like shared/data (default: $FEDPEFT_DATA_DIR)")
+                       help="data root with GLUE task folders (glue/SST-2/{train,dev}.tsv, ...) and "
+                            "e2e/, webnlg/ for generation tasks (default: $FEDPEFT_DATA_DIR)")
     bench.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads per run (e.g. 1 to run two benches side by side)")
     bench.add_argument("--fourth-task", default="auto", metavar="auto|cola|qqp",
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="suite labels to tune (default: the main methods, not the ablations)")
     tune.add_argument("--out", default="bench", help="results root (default: ./bench)")
     tune.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
-                      help="data root laid out like shared/data (default: $FEDPEFT_DATA_DIR)")
+                      help="data root with GLUE task folders (glue/SST-2/{train,dev}.tsv, ...) and "
+                           "e2e/, webnlg/ for generation tasks (default: $FEDPEFT_DATA_DIR)")
     tune.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
     tune.add_argument("--fourth-task", default="auto", metavar="auto|cola|qqp", help="as for bench")
     tune.add_argument("--report-only", action="store_true", help="run nothing: tabulate the finished grid points")

@@ -18,7 +18,7 @@ from fedpeft.methods import METHODS as _CATALOGUE, leff_family
 
 METHODS = tuple(_CATALOGUE)
 # LEFF and the baselines of the LEFF paper: one task per run, a server importance batch held out of
-# every client's pool (docs/methods/leff.md#the-server-importance-batch), so all five see the same client data.
+# every client's pool (docs/methods/leff.md#server-importance-batch), so all five see the same client data.
 LEFF_FAMILY = leff_family()
 PARTITIONS = ("task", "dirichlet", "iid", "dirichlet_cut")
 LABEL_SPLITS = ("class_balanced", "natural")
@@ -54,14 +54,14 @@ class RunConfig:
     model_name: str = _f("minilm", "backbone: 'minilm' (packaged, offline), a hub id, a local path, or a model factory 'module:function' (a function, called with no arguments, of a module importable in every process that loads the model, Flower clients included, that returns a fedpeft.models.backbone.Backbone)", group="model")
     engine: str = _f("local", "execution engine: local (in-process), flower-sim (Flower's Simulation Engine); 'flower' marks runs of the deployed ServerApp (started with flwr run, see README)", choices=ENGINES)
     # Data
-    data_dir: str | None = _f(None, "data root laid out like shared/data (default: $FEDPEFT_DATA_DIR)", group="data")
+    data_dir: str | None = _f(None, "data root with GLUE task folders (glue/SST-2/{train,dev}.tsv, ...) and e2e/, webnlg/ for generation tasks (default: $FEDPEFT_DATA_DIR)", group="data")
     partition: str = _f("task", "how clients get their data", choices=PARTITIONS, group="data")
     label_split: str = _f("class_balanced", "label proportions under --partition task", choices=LABEL_SPLITS, group="data")
     alpha: float = _f(0.5, "Dirichlet concentration for --partition dirichlet", group="data")
     e2e_partition_key: str = _f("food", "E2E: the MR attribute a label-skew partition keys on (an MR without it is the category 'missing')", group="data")
     train_samples: int = _f(1000, "training examples per client", group="data")
     test_samples: int = _f(200, "test examples per client (from the task's validation split)", group="data")
-    task_samples: list[str] = _f([], "per-task sizes TASK=TRAIN:TEST overriding the two above, e.g. mrpc=500:64 (the FedLEASE preset's MRPC sizes, D15)", group="data")
+    task_samples: list[str] = _f([], "per-task sizes TASK=TRAIN:TEST overriding the two above, e.g. mrpc=500:64 (the FedLEASE preset's MRPC sizes: MRPC's class pools are too small for 4 disjoint class-balanced clients at 1000:200)", group="data")
     carve_out: bool = _f(False, "for tasks with no local train split, carve train and test pools out of the validation split", group="data")
     max_length: int = _f(128, "maximum tokens per example", group="data")
     validation_fraction: float = _f(0.0, "hold out this share of every client's training examples (stratified) and score on it instead of the test split: for choosing hyperparameters without looking at test data", group="data")
@@ -107,7 +107,7 @@ class RunConfig:
     feddpa_weighting: str = _f("fixed", "FedDPA inference: fixed (the --feddpa-lambda mixture) or instance (the paper's instance-wise dynamic weighting)", choices=FEDDPA_WEIGHTINGS, group="baselines")
     feddpa_instances: int = _f(5, "FedDPA instance weighting: local training instances compared with each test instance", group="baselines")
     feddpa_max_weight: float = _f(0.5, "FedDPA instance weighting: local weight = this × mean cosine similarity (the official code's default 0.5)", group="baselines")
-    # LEFF (shared/specs/leff.md §3)
+    # LEFF (docs/methods/leff.md)
     layer_budgets: list[str] = _f(["1"], "LEFF: layers each client can train (L_i), cycled over the clients, e.g. --layer-budgets 1 2 4; or 'uniform:a-b' drawn once per client from the seed", group="leff")
     compression_rate: float = _f(0.5, "LEFF: r_c in (0, 1]; a segment of n unselected layers becomes a student of ceil(n*r_c) layers", group="leff")
     distill_alpha: float = _f(0.5, "LEFF: weight of the attention KL in the distillation loss (1-a)*MSE + a*KL", group="leff")
@@ -124,7 +124,7 @@ class RunConfig:
     importance_temperature: float = _f(1.0, "LEFF: softmax temperature tau", group="leff")
     participation: float = _f(1.0, "LEFF family: fraction f of clients per round (ceil(f*N), uniformly from the seed)", group="leff")
     train_head_set: bool = _f(True, "LEFF / FedAvg-full: train and average the always-trainable set (the classification head)", group="leff")
-    constant_lr: bool = _f(False, "LEFF family: constant learning rate in each local run (the spec's L9) instead of linear decay", group="leff")
+    constant_lr: bool = _f(False, "LEFF family: constant learning rate in each local run (the LEFF paper states one learning rate and no schedule) instead of linear decay", group="leff")
     slora_stage1_fraction: float = _f(0.25, "SLoRA: fraction of rounds in the sparse stage 1", group="leff")
     slora_density: float = _f(0.01, "SLoRA: density of the stage-1 sparse mask", group="leff")
     # Flower engine
@@ -266,7 +266,7 @@ class RunConfig:
           --no-train-head-set), the LEFF paper's PEFT baselines train only the classifier
           (`classifier`), and a decoder has no head (`none`);
         - `proxy_dataset`: `auto` is the LEFF paper's pairing, WebNLG for generation tasks, WNLI
-          otherwise (docs/methods/leff.md#proxy-data);
+          otherwise (docs/methods/leff.md#proxy-dataset);
         - `data_dir`: the flag, else $FEDPEFT_DATA_DIR.
         """
         from fedpeft.data.tasks import backbone_kind, get_task

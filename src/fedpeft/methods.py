@@ -3,7 +3,8 @@
 Each entry names the method, its family, the class that implements it (as "module:Class", imported
 only when a run needs it, so `import fedpeft` and `fedpeft --help` stay fast) and a line of help.
 `RunConfig` validates `--method` against this list; `algorithms.registry` builds the class. Adding a
-method is one entry here plus its file under `algorithms/` (docs/add-a-method.md).
+method is one entry here plus its file under `algorithms/` implementing the contract
+(docs/architecture.md#the-algorithm-contract).
 
 Families:
 - `lora`: the FedLEASE paper's setting (LoRA on the attention projections, the run's head policy);

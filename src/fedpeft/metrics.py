@@ -1,4 +1,5 @@
-"""GLUE metrics, the generation metrics' entry point and the D16 aggregates.
+"""GLUE metrics, the generation metrics' entry point and the per-round aggregates (per-task means over
+clients, the mean of task means; docs/methods/fedlease.md#metrics-and-aggregates).
 
 `compute_metrics(task, predictions, labels)` returns every metric the task reports (see
 `TaskSpec.metrics`), computed with scikit-learn and scipy:
@@ -96,7 +97,7 @@ def compute_metrics(task: str, predictions, labels) -> dict[str, float]:
 
 
 def summarize(records: Sequence[dict]) -> dict:
-    """Aggregate one round's per-client records (D16).
+    """Aggregate one round's per-client records: per-task means, then the mean of task means.
 
     Each record is `{"client": int, "task": str, <metric>: float, ...}`; other keys (e.g.
     "round", "loss") are ignored. Returns

@@ -3,11 +3,13 @@
 Each round: the broadcast computed after the previous aggregation goes to every client, each client
 fits (its adapter and head state swapped into the shared model), the server aggregates, the new
 broadcast is computed once, and every client is evaluated on the message the algorithm's
-`configure_evaluate` makes: by default exactly the state it will train with next (D16). Bytes are
-counted per client per round; a checkpoint is written after each round.
+`configure_evaluate` makes: by default exactly the state it will train with next, so the score
+describes the model the client holds and every engine gives the same numbers
+(docs/methods/fedlease.md#evaluation-timing). Bytes are counted per client per round; a checkpoint is
+written after each round.
 
-Byte convention (spec §4): a round's `bytes_down` is the broadcast made after that round's
-aggregation; the very first broadcast is recorded as round 0.
+Byte convention (docs/methods/fedlease.md#communication): a round's `bytes_down` is the broadcast
+made after that round's aggregation; the very first broadcast is recorded as round 0.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def client_record(rec: dict[str, Any], reply: Message | None, instruction: Messa
     """Add a client's round bookkeeping to its evaluation record: bytes both ways, whether it
     replied, and what its fit reported. Every engine writes records through this. An evaluate
     message other than the broadcast (`Algorithm.configure_evaluate`) is counted apart, as
-    `bytes_eval_down`: `bytes_down` stays the training broadcast of spec §4."""
+    `bytes_eval_down`: `bytes_down` stays the training broadcast alone."""
     rec.update({"bytes_up": reply.nbytes if reply else 0, "bytes_down": instruction.nbytes,
                 "participated": reply is not None})
     if evaluation is not None and evaluation is not instruction:

@@ -104,7 +104,8 @@ class RunHistory:
         atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
 
     def headline(self) -> dict[str, Any] | None:
-        """The last scored non-warmup round (D16: the headline figure is the last round)."""
+        """The last scored non-warmup round: the headline figure is the last round, since picking the best
+        one would select on test data (docs/methods/fedlease.md#headline-figure)."""
         scored = [r for r in self.rounds if r["phase"] != "warmup" and r["overall"] is not None]
         return scored[-1] if scored else None
 
