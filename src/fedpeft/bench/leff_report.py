@@ -15,7 +15,8 @@ from typing import Any
 
 from fedpeft.bench.tables import mean_std, task_columns
 
-# shared/specs/leff.md §7.2 (Table 1, ×100) and §7.6 (Table 5, DeBERTaV3-Base peak client memory, GB).
+# The LEFF paper's Table 1 (×100) and Table 5 (DeBERTaV3-Base peak client memory, GB), as
+# docs/methods/leff.md#reference-results lists them.
 PAPER_TABLE1 = {
     "fedavg-full": {"cola": 28.36, "sst2": 81.08, "mrpc": 71.45, "stsb": 87.07, "qnli": 65.26, "rte": 52.17},
     "fedbitfit": {"cola": 4.65, "sst2": 70.30, "mrpc": 69.49, "stsb": 71.64, "qnli": 59.82, "rte": 45.90},
@@ -26,7 +27,7 @@ PAPER_TABLE1 = {
 PAPER_MEMORY_GB = {"fedavg-full": 3.841, "fedlora": 2.644, "fedbitfit": 2.198, "leff": 2.136, "slora": 2.644}
 
 
-# shared/specs/leff.md §7.2, Table 1, GPT-2 Medium on E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr.
+# The LEFF paper's Table 1, GPT-2 Medium on E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr.
 NLG_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 PAPER_E2E = {
     "fedavg-full": (0.5878, 8.0645, 0.4123, 0.6405, 1.7848),

@@ -21,7 +21,8 @@ from typing import Any, Iterable
 from fedpeft.bench.tables import FIXED_COLUMNS, TAIL_COLUMNS, mean_std, task_columns
 from fedpeft.errors import FedPeftError
 
-# §6.2 of shared/specs/fedlease.md: RoBERTa-large, 16 clients (SST-2, QNLI, MRPC, QQP x 4), accuracy %.
+# The FedLEASE paper's main GLUE table (docs/methods/fedlease.md#reference-results): RoBERTa-large,
+# 16 clients (SST-2, QNLI, MRPC, QQP x 4), accuracy %.
 PAPER_MAIN: dict[str, dict[str, float]] = {
     "fedit": {"sst2": 93.33, "qnli": 85.43, "mrpc": 76.35, "qqp": 73.82, "avg": 82.23},
     "feddpa": {"sst2": 91.90, "qnli": 83.13, "mrpc": 81.60, "qqp": 81.35, "avg": 84.49},
@@ -29,7 +30,7 @@ PAPER_MAIN: dict[str, dict[str, float]] = {
     "ifca": {"sst2": 92.95, "qnli": 85.90, "mrpc": 78.63, "qqp": 80.42, "avg": 84.48},
     "fedlease": {"sst2": 93.33, "qnli": 87.22, "mrpc": 86.93, "qqp": 83.57, "avg": 87.76},
 }
-# §6.3: ablations, GLUE average accuracy. The paper's "clustered experts without adaptive top-M"
+# The paper's ablations, GLUE average accuracy. The paper's "clustered experts without adaptive top-M"
 # does not say which k; it is shown next to both fixed top-k rows, marked with *.
 PAPER_ABLATION: dict[str, tuple[float, str]] = {
     "fedlease-single-r": (82.00, ""),
@@ -138,8 +139,8 @@ def markdown(rows: list[dict[str, Any]], *, title: str, description: str = "") -
                else "accuracy; Matthews correlation for CoLA")
     paper_note = ("Paper: FedLEASE Table 1 (RoBERTa-large on GLUE: a different experiment, listed only to place "
                   "the methods)" if generation else
-                  "Paper: Table 1 / ablation average of shared/specs/fedlease.md §6.2–6.3 "
-                  "(RoBERTa-large, QQP instead of CoLA, so not directly comparable)")
+                  "Paper: the FedLEASE paper's Table 1 / ablation averages (docs/methods/fedlease.md#reference-results; "
+                  "RoBERTa-large, QQP instead of CoLA, so not directly comparable)")
     lines += [
         "Values × 100 at the last round (the headline; the best round in its own column), mean ± sample std "
         f"over seeds. Per task: the primary metric ({primary}), mean over the "

@@ -97,9 +97,9 @@ def _matrix(ablations: bool = True) -> tuple[Entry, ...]:
 
 # Shared by every GLUE suite: MiniLM, r = 4, frozen head (the official FedLEASE code), lr 3e-3
 # (the packaged demo's and the integration tests'), QNLI carved out of its validation split
-# offline (no train split in shared/data), class-balanced test sets. MRPC's dev split has only
-# 129 negatives and CoLA's 322 ungrammatical sentences, so with 4 clients each their test sets are
-# kept at <= 64 per client (4 x 32 per class fits MRPC's 129).
+# offline (the offline GLUE data has no QNLI train split), class-balanced test sets. MRPC's dev split
+# has only 129 negatives and CoLA's 322 ungrammatical sentences, so with 4 clients each their test
+# sets are kept at <= 64 per client (4 x 32 per class fits MRPC's 129).
 _GLUE_BASE: dict[str, Any] = dict(
     tasks=_clients(GLUE4, 4), model_name="minilm", carve_out=True, rank=4, lora_alpha=16.0,
     head_policy="frozen", lr=3e-3, batch_size=16, eval_batch_size=64, max_clusters=8, quiet=True,
@@ -161,8 +161,8 @@ SUITES: dict[str, Suite] = {
     "paper": Suite(
         name="paper",
         description="the paper's setting: RoBERTa-large, 16 clients (SST-2, QNLI, MRPC, QQP x 4), "
-                    "1000 train / 200 test (MRPC 500/64, D15), 25 rounds (5 warmup), 2 local epochs, "
-                    "batch 128, r = 4, M_max = 8",
+                    "1000 train / 200 test (MRPC 500/64: its class pools are too small for 1000/200), "
+                    "25 rounds (5 warmup), 2 local epochs, batch 128, r = 4, M_max = 8",
         base=dict(tasks=_clients(("sst2", "qnli", "mrpc", "qqp"), 4), model_name="roberta-large",
                   train_samples=1000, test_samples=200, task_samples=["mrpc=500:64"], max_length=128,
                   global_rounds=25, warmup_rounds=5, local_epochs=2, batch_size=128, rank=4,
@@ -173,17 +173,18 @@ SUITES: dict[str, Suite] = {
              "25 rounds = 800,000 example passes per method; fedpeft trains on CPU, where that is "
              "roughly 2-3 days per method on 2 cores (about 0.25 s per 128-token example forward + "
              "backward); it needs the hub model 'roberta-large' (or a local copy via --model_name) "
-             "and QQP, which shared/data does not have",
+             "and QQP, which the offline GLUE data does not have (a local glue/QQP folder or the hub)",
     ),
 }
 
 
-# LEFF (shared/specs/leff.md): one GLUE task, Dirichlet label skew alpha = 0.05 (Table 1) cut over 4
+# LEFF (docs/methods/leff.md): one GLUE task, Dirichlet label skew alpha = 0.05 (Table 1) cut over 4
 # clients (at N = 8 and 2 classes a cut where every client gets a batch is too rare: 0.05 % of draws),
-# MiniLM (6 blocks), L_i = 1 (Table 5's setting), r_c = 0.5, WNLI sentences as the proxy, the spec's
-# L9 optimiser (AdamW, constant lr, weight decay 0.01, no clipping). lr: one value for every method, as
-# in the paper, but 1e-4 instead of its 1e-5: the paper runs 20 rounds over full GLUE splits, this
-# suite 6 rounds of 8 steps; fixed before any run, never looked up on the validation clients.
+# MiniLM (6 blocks), L_i = 1 (Table 5's setting), r_c = 0.5, WNLI sentences as the proxy, the LEFF local
+# optimiser: AdamW with a constant lr (the paper states one lr and no schedule), weight decay 0.01 and no
+# clipping where the paper is silent (docs/methods/leff.md#local-training). lr: one value for every
+# method, as in the paper, but 1e-4 instead of its 1e-5: the paper runs 20 rounds over full GLUE splits,
+# this suite 6 rounds of 8 steps; fixed before any run, never looked up on the validation clients.
 # Distillation: 20 steps per student instead of 200 (CPU budget).
 _LEFF_BASE: dict[str, Any] = dict(
     tasks=["sst2"] * 4, model_name="minilm", partition="dirichlet_cut", alpha=0.05, train_samples=128,
@@ -215,7 +216,7 @@ SUITES["glue4-cpu-tuned"] = dataclasses.replace(
         Entry("fedlease-oracle", _ORACLE),
     ) + tuple(
         # The ablations at FedLEASE's picked lr, on the first seed (single expert r is FedIT at that lr,
-        # exactly: spec item 28, tested, so it is not run twice) ...
+        # exactly, round by round, as a test checks, so it is not run twice) ...
         Entry(e.label, {**e.overrides, "lr": _TUNED_LR["fedlease"]}, "first") for e in _matrix()
         if e.seeds == "first" and e.label != "fedlease-single-r"
     ) + (
@@ -250,15 +251,15 @@ SUITES["leff-cpu"] = Suite(
 )
 
 
-# LEFF on a decoder (shared/specs/leff.md L8, L13, L14, §5): E2E with the Dirichlet cut on the MR's
+# LEFF on a decoder (docs/methods/leff.md#decoders): E2E with the Dirichlet cut on the MR's
 # `food` (α = 0.05, Table 1) over 4 clients, WebNLG references as the proxy (distillation and the
 # importance batch), the global model scored after every round by greedy generation with the E2E
 # metrics. SmolLM2-135M (30 Llama blocks, tied embeddings) stands in for GPT-2 Medium, whose weights
 # are not available offline; FedBitFit does not apply (Llama has no biases) and FedLoRA puts r = 8 on
-# all seven Llama linears (§5). CPU-sized: 16 train examples per client, 8 test MRs per client
-# (32 in all), 96 tokens, 2 rounds, batch 4, 5 distillation steps on 64 proxy texts, 16 importance
-# texts. The optimiser is leff-cpu's (lr 1e-4 for every method, constant, weight decay 0.01, no
-# clipping), fixed before any run.
+# all seven Llama linears (the set that reproduces Table 5's Llama count). CPU-sized: 16 train
+# examples per client, 8 test MRs per client (32 in all), 96 tokens, 2 rounds, batch 4, 5 distillation
+# steps on 64 proxy texts, 16 importance texts. The optimiser is leff-cpu's (lr 1e-4 for every method,
+# constant, weight decay 0.01, no clipping), fixed before any run.
 _LEFF_NLG_BASE: dict[str, Any] = dict(
     tasks=["e2e"] * 4, model_name="smollm2", partition="dirichlet_cut", alpha=0.05, e2e_partition_key="food",
     train_samples=16, test_samples=8, max_length=96, global_rounds=2, local_epochs=1, batch_size=4,
