@@ -93,7 +93,7 @@ class FedDPA(FedIT):
                         "real_tokens": g.real_tokens + loc.real_tokens,
                         "padded_tokens": g.padded_tokens + loc.padded_tokens})
 
-    # ------------------------------------------------------------ instance-wise weighting (paper §4.3)
+    # ------------------------------------------------------ instance-wise weighting (FedDPA paper, §4.3)
     def evaluate(self, instruction, client):
         if self.cfg.feddpa_weighting != "instance":
             return super().evaluate(instruction, client)
