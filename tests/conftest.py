@@ -42,5 +42,6 @@ def tiny_cfg(tmp_path):
 def data_dir_or_skip() -> str:
     path = os.environ.get("FEDPEFT_DATA_DIR") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
     if not path or not Path(path).is_dir():
-        pytest.skip("real GLUE data not found: set FEDPEFT_DATA_DIR to a folder laid out like shared/data")
+        pytest.skip("real GLUE data not found: set FEDPEFT_DATA_DIR to a data root laid out as "
+                    "glue/SST-2/{train,dev}.tsv (one folder per GLUE task)")
     return path

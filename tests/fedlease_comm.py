@@ -1,4 +1,4 @@
-"""FedLEASE communication accounting: the closed form of spec §4, per client.
+"""FedLEASE communication accounting: the closed form of docs/methods/fedlease.md#communication, per client.
 
 With b bytes per element, P_A = Σ_l r·d_in^l, P_B = Σ_l r·d_out^l, P_E = P_A + P_B (one expert),
 P_R = Σ_l (2M−1)·d_in^l (`adaptive_topM`) or M·d_in^l (`fixed_topk`), P_H the head's parameters,
@@ -72,7 +72,7 @@ def param_counts(module_dims: Sequence[tuple[int, int]], *, rank: int, num_exper
 def closed_form_bytes(module_dims: Sequence[tuple[int, int]], *, rank: int, num_experts: int,
                       routing: str = "adaptive_topM", router_aggregation: str = "cluster",
                       head_policy: str = "local", head_params: int = 0, bytes_per_element: int = 4) -> CommBytes:
-    """Spec §4 for one client: `head_params` is P_H of that client's head shape."""
+    """The closed form for one client: `head_params` is P_H of that client's head shape."""
     if router_aggregation not in ("cluster", "local"):
         raise ValueError(f"router_aggregation must be 'cluster' or 'local', got {router_aggregation!r}")
     p = param_counts(module_dims, rank=rank, num_experts=num_experts, routing=routing)

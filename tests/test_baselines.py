@@ -61,7 +61,8 @@ def test_every_catalogue_entry_builds_its_named_class():
         assert issubclass(cls, Algorithm) and cls.name == spec.name, spec
 
 
-# ------------------------------------------------------------------ bytes (spec §4 table)
+# ------------------------------------------------------------------ bytes per round
+# Counted bytes equal the closed forms of docs/methods/baselines.md#communication-per-round.
 @pytest.mark.parametrize("method", ["ffa-lora", "fedsa-lora", "fedprox", "feddpa", "ifca"])
 def test_bytes_match_closed_form(method, tiny_cfg, tiny_backbone):
     k = 3

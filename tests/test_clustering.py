@@ -1,4 +1,6 @@
-"""Spec §7 items 13-18: the Eq. 2 distance on B, the choice of M, and the cluster ids (D4, D5, D12, D13)."""
+"""FedLEASE clustering: the Eq. 2 distance on B, the choice of M by silhouette (ties, small federations,
+identical distances), canonical cluster ids, the spectral ablation and late clients
+(docs/methods/fedlease.md#client-distance to #canonical-cluster-ids, #late-join)."""
 
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def partition(labels):
     return sorted(sorted(i for i, x in enumerate(labels) if x == c) for c in set(labels))
 
 
-# ------------------------------------------------------------------------ item 13: Eq. 2
+# ------------------------------------------------------------------------ Eq. 2: the distance on B
 
 
 def test_eq2_symmetric_zero_diagonal_in_range():
@@ -143,7 +145,7 @@ def test_eq2_bad_inputs_name_client_and_key():
         b_distance_matrix([{}, {}])
 
 
-# ------------------------------------------------------------------------ item 14: recovery
+# ------------------------------------------------------------------------ recovery, canonical ids
 
 
 @pytest.mark.parametrize("g", [2, 3, 4])
@@ -182,7 +184,7 @@ def test_hierarchical_cut_gives_exactly_k_clusters_on_tied_heights():
     assert abs(res.silhouette[4] - res.silhouette[3]) > 1e-3
 
 
-# ------------------------------------------------------------------------ item 15: small federations
+# ------------------------------------------------------------------------ small federations
 
 
 def test_single_client():
@@ -238,7 +240,7 @@ def test_identical_b_matrices_give_one_cluster_with_a_warning():
     assert res.warnings and "undefined" in res.warnings[-1]
 
 
-# ------------------------------------------------------------------------ item 16: tie rule
+# ------------------------------------------------------------------------ silhouette ties: the smaller k
 
 
 def tie_matrix(r=2.0):
@@ -278,7 +280,7 @@ def test_tie_rule_is_sensitive():
     assert res.num_clusters == 3 and res.labels == [0, 0, 1, 2]
 
 
-# ------------------------------------------------------------------------ item 17: determinism
+# ------------------------------------------------------------------------ determinism, upload order
 
 
 def test_deterministic():
@@ -316,7 +318,7 @@ def test_permutation_of_a_generic_matrix():
     assert shuffled.silhouette == pytest.approx(res.silhouette, abs=1e-12)
 
 
-# ------------------------------------------------------------------------ item 18: spectral
+# ------------------------------------------------------------------------ the spectral clustering ablation
 
 
 @pytest.mark.parametrize("g", [2, 3, 4])

@@ -355,7 +355,7 @@ def test_demo_files_are_what_make_demo_writes(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the real shared GLUE data (optional)
+# the real GLUE data (optional)
 
 
 def _shared_root() -> Path | None:
@@ -369,7 +369,7 @@ def _shared_root() -> Path | None:
 SHARED = _shared_root()
 needs_shared = pytest.mark.skipif(
     SHARED is None,
-    reason=f"real GLUE data not found (set {ENV_DATA_DIR} or place it at ../shared/data/glue)",
+    reason=f"real GLUE data not found (set {ENV_DATA_DIR} to a data root laid out as glue/SST-2/{{train,dev}}.tsv)",
 )
 
 

@@ -87,7 +87,7 @@ def test_head_policies(policy, tiny_cfg, tiny_backbone):
     state = alg.init()
     ins = alg.configure(state, 1)
     init = {c.cid: {k: v.clone() for k, v in ins[c.cid].tensors.items() if k.startswith("head.")} for c in clients}
-    # Every client starts from the same head initialisation of its shape (D2).
+    # Every client starts from the same head initialisation of its shape (the common initialisation).
     assert all(torch.equal(init[0][k], init[1][k]) for k in init[0])
     replies = {c.cid: alg.fit(ins[c.cid], c) for c in clients}
     for c in clients:

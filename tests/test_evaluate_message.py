@@ -1,6 +1,7 @@
 """`Algorithm.configure_evaluate`: a client scores from its evaluate message (and its own store)
 alone, so an engine where server and client do not share memory (Flower) gets the local numbers.
-LEFF's message is the global model Θ_g (shared/specs/leff.md L14)."""
+LEFF's message is the global model Θ_g, which LEFF scores after every round
+(docs/methods/leff.md#evaluating-the-global-model)."""
 
 import math
 

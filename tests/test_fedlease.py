@@ -1,8 +1,11 @@
-"""FedLEASE as an algorithm on the tiny random BERT: spec §7 items 10-12, 19-25, 28, 29, 31, D3, D12,
-failures and resume. The mixture layer (items 1-9, 30) and the clustering (13-18) have their own files.
+"""FedLEASE as an algorithm on the tiny random BERT (docs/methods/fedlease.md): Phase-2 training and the
+head policy, the warmup (one upload, one AdamW run), expert and router initialisation, aggregation within
+the cluster, communication, the single-shared-expert and per-client ablations, a tiny end-to-end run, late
+join, failures and resume. The mixture layer (test_moe_lora.py) and the clustering (test_clustering.py)
+have their own files.
 
-Server-side items (19-24) drive `configure` / `aggregate` directly with hand-made replies; client-side
-items use real `fit` calls; run-level items use `fedpeft.run.run`.
+Server-side tests (initialisation, aggregation) drive `configure` / `aggregate` directly with hand-made
+replies; client-side tests use real `fit` calls; run-level tests use `fedpeft.run.run`.
 """
 
 from __future__ import annotations
@@ -147,9 +150,11 @@ def transition(tiny_cfg, tiny_backbone, force_clusters):
     return make
 
 
-# ---------------------------------------------------------------------------------------------- item 10
+# ---------------------------------------------------------------------------------------------- Phase-2 training
 @pytest.mark.parametrize("policy", ["local", "shared", "frozen"])
 def test_item10_phase2_fit_trains_only_own_expert_routers_and_head(policy, tiny_cfg, tiny_backbone, force_clusters):
+    """Phase 2 trains only the client's own expert, its router and (unless frozen) its head: those get a
+    gradient and change; the other experts and the backbone get no gradient, and nothing else changes."""
     cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=1, global_rounds=2, head_policy=policy)
     alg, clients = _setup(cfg, tiny_backbone)
     force_clusters([0, 0, 1, 1])
@@ -184,14 +189,16 @@ def test_item10_phase2_fit_trains_only_own_expert_routers_and_head(policy, tiny_
                 if not name.startswith("heads.") or id(p) in head:
                     assert p.grad is None, f"client {c.cid}: {name} has a gradient"
                 assert torch.equal(p, before[name]), f"client {c.cid}: {name} changed"
-        if policy == "frozen":  # item 11: the frozen head is still the common initialisation
+        if policy == "frozen":  # a frozen head is still the common initialisation
             for k, v in state["head_init"][c.info.num_labels].items():
                 assert torch.equal(c.store["head"][k], v)
 
 
-# ---------------------------------------------------------------------------------------------- item 11
+# ---------------------------------------------------------------------------------------------- classification head policy
 @pytest.mark.parametrize("policy", ["local", "frozen"])
 def test_item11_local_and_frozen_heads_never_travel(policy, tiny_cfg, tiny_backbone, force_clusters):
+    """Under `local` and `frozen` the head never travels except the common initialisation, once, in round 1;
+    a frozen head stays at that initialisation, a local one is trained."""
     cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=2, global_rounds=4, head_policy=policy)
     alg, clients = _setup(cfg, tiny_backbone)
     force_clusters([0, 0, 1, 1])
@@ -202,7 +209,7 @@ def test_item11_local_and_frozen_heads_never_travel(policy, tiny_cfg, tiny_backb
             assert not any(k.startswith(HEAD_PREFIX) for k in reply.tensors), (rnd, cid)
         for cid, msg in ins.items():
             heads = [k for k in msg.tensors if k.startswith(HEAD_PREFIX)]
-            assert bool(heads) == (rnd == 1), (rnd, cid)  # only the common init, once (D2)
+            assert bool(heads) == (rnd == 1), (rnd, cid)  # only the common init, until the first reply
     assert not state["heads"]
     for c in clients:
         init = state["head_init"][c.info.num_labels]
@@ -212,6 +219,9 @@ def test_item11_local_and_frozen_heads_never_travel(policy, tiny_cfg, tiny_backb
 
 def test_item11_shared_head_is_averaged_within_the_cluster_over_equal_shapes(tiny_cfg, tiny_backbone,
                                                                             force_clusters):
+    """Under `shared` a client's next head is the n_i-weighted mean over its (cluster, head shape) group
+    only: heads of other clusters or other label counts never mix, and a client alone in its group gets
+    its own head back."""
     # Cluster 0 = {0, 1 (2 labels), 2 (4 labels)}, cluster 1 = {3 (4 labels)}: client 2 shares a cluster
     # with 0 and 1 but not their head shape, and shares its shape with 3 but not its cluster.
     cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=1, global_rounds=3, head_policy="shared")
@@ -237,8 +247,11 @@ def test_item11_shared_head_is_averaged_within_the_cluster_over_equal_shapes(tin
         assert not torch.equal(head_of(nxt[0])["dense.weight"], head_of(replies[0])["dense.weight"])
 
 
-# ---------------------------------------------------------------------------------------------- item 12
+# ---------------------------------------------------------------------------------------------- warmup: one upload
 def test_item12_warmup_exchanges_nothing_until_one_upload_at_round_w(tiny_cfg, tiny_backbone):
+    """The warmup exchanges nothing until one upload at round W: round 1 carries the same common
+    initialisation (A random, B = 0, the head) to everyone, rounds 2..W carry nothing, the server's state
+    does not move, and each client uploads its whole warmup LoRA exactly once, at round W."""
     w = 3
     cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=w, global_rounds=w + 1)
     alg, clients = _setup(cfg, tiny_backbone)
@@ -248,7 +261,7 @@ def test_item12_warmup_exchanges_nothing_until_one_upload_at_round_w(tiny_cfg, t
     for rnd in range(1, w + 1):
         ins = alg.configure(state, rnd)
         assert all(m.config["phase"] == "warmup" for m in ins.values())
-        if rnd == 1:  # the common initialisation (D2): identical A, B and head tensors for everyone
+        if rnd == 1:  # the common initialisation: identical A, B and head tensors for everyone
             first = ins[0].tensors
             lora_keys = {LORA_PREFIX + lora_key(layer, module, f) for layer, module in MODULES for f in "AB"}
             assert lora_keys <= set(first)
@@ -284,7 +297,7 @@ def test_item12_warmup_exchanges_nothing_until_one_upload_at_round_w(tiny_cfg, t
     assert "experts" in state and sorted(state["cluster_of"]) == [0, 1, 2, 3]
 
 
-# ---------------------------------------------------------------------------------------------- D3
+# ---------------------------------------------------------------------------------------------- warmup: one AdamW run
 def test_d3_warmup_epochs_are_one_adamw_run(tiny_cfg, tiny_backbone):
     """W = 2, E = 1 equals ONE AdamW run with one linear schedule over 2 epochs (an independent loop
     here), and differs from two fresh runs; the optimiser state is carried in the store, then freed."""
@@ -353,8 +366,11 @@ def test_d3_warmup_epochs_are_one_adamw_run(tiny_cfg, tiny_backbone):
     assert any(not torch.allclose(restarted[k], reference[k], rtol=0, atol=1e-5) for k in reference)
 
 
-# ---------------------------------------------------------------------------------------------- item 19
+# ---------------------------------------------------------------------------------------------- expert and router initialisation
 def test_item19_eq3_experts_are_data_size_weighted_cluster_means(transition):
+    """Expert j starts as the n_i-weighted mean of its members' warmup LoRAs (Eq. 3) under exactly the
+    structured keys; each cluster's routers come from (seed, j), so the members of a cluster start
+    identical and the clusters differ."""
     alg, _, state = transition()
     assert state["num_experts"] == 2 and state["cluster_of"] == {0: 0, 1: 0, 2: 1, 3: 1}
     # n = (1, 2) in cluster 0, (3, 6) in cluster 1; every value below is exact in binary.
@@ -367,7 +383,7 @@ def test_item19_eq3_experts_are_data_size_weighted_cluster_means(transition):
         shape = state["lora"][lora_key(layer, module, f)].shape
         expected = torch.full(shape, want[(j, f)], dtype=torch.float64).to(torch.float32)
         assert t.dtype == torch.float32 and torch.equal(t, expected), key
-    # One router per cluster per module, (2M-1) × d_in, from (seed, j): members start identical (D7).
+    # One router per cluster per module, (2M-1) × d_in, from (seed, j): members start identical.
     for j in range(2):
         assert set(state["routers"][j]) == {moe_key(layer, module, None, "router") for layer, module in MODULES}
         assert all(t.shape == (3, HIDDEN) for t in state["routers"][j].values())
@@ -377,6 +393,8 @@ def test_item19_eq3_experts_are_data_size_weighted_cluster_means(transition):
 
 
 def test_item19_malformed_warmup_upload_is_rejected_not_half_used(tiny_cfg, tiny_backbone, force_clusters):
+    """A warmup upload with a missing key is rejected whole (strict loading): that client is not clustered
+    and no expert uses any of its tensors."""
     cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=1, global_rounds=2)
     alg, _ = _setup(cfg, tiny_backbone)
     force_clusters([0, 0, 1])  # three accepted uploads
@@ -390,8 +408,10 @@ def test_item19_malformed_warmup_upload_is_rejected_not_half_used(tiny_cfg, tiny
     assert all(torch.equal(t, torch.full_like(t, 7.0)) for t in _expert(state, 1).values())
 
 
-# ---------------------------------------------------------------------------------------------- items 20-24
+# ---------------------------------------------------------------------------------------------- aggregation within the cluster
 def test_item20_locality(transition):
+    """Only cluster j's members change expert j and router j: an outsider's reply, or a member of another
+    cluster claiming expert j, leaves them unchanged."""
     alg, _, state = transition()
     replies = {c: _p2_reply(state, state["cluster_of"][c], n=c + 1, seed=c) for c in range(4)}
     base = alg.aggregate(copy.deepcopy(state), 2, replies)
@@ -419,6 +439,8 @@ def test_item20_locality(transition):
 
 
 def test_item21_weights_are_exactly_the_data_sizes(transition):
+    """The aggregation weights are exactly the data sizes n_i (0.25 · 4 + 0.75 · 8 = 7 exactly), and
+    identical uploads aggregate to themselves whatever the weights."""
     alg, _, state = transition()
     # Members of C_0 with n = (1, 3): 0.25 · 4 + 0.75 · 8 = 7 exactly (experts and routers).
     replies = {0: _p2_reply(state, 0, n=1, value=4.0), 1: _p2_reply(state, 0, n=3, value=8.0)}
@@ -435,6 +457,8 @@ def test_item21_weights_are_exactly_the_data_sizes(transition):
 
 
 def test_item22_every_client_receives_bit_identical_experts(transition):
+    """After aggregation every client receives all M experts, bit-identical to the server's and to every
+    other client's, plus its own cluster's router."""
     alg, clients, state = transition()
     replies = {c: _p2_reply(state, state["cluster_of"][c], n=c + 1, seed=c) for c in range(4)}
     state = alg.aggregate(state, 2, replies)
@@ -454,6 +478,8 @@ def test_item22_every_client_receives_bit_identical_experts(transition):
 
 def test_item23_local_routers_never_travel_and_the_server_never_changes_them(tiny_cfg, tiny_backbone,
                                                                             force_clusters):
+    """Under `router_aggregation = local` routers never travel and the server never changes them: each client
+    generates its cluster's initial router from (seed, j) itself, then trains and keeps its own."""
     cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=1, global_rounds=3, router_aggregation="local")
     alg, clients = _setup(cfg, tiny_backbone)
     force_clusters([0, 0, 1, 1])
@@ -461,7 +487,7 @@ def test_item23_local_routers_never_travel_and_the_server_never_changes_them(tin
     _, _, state = _play(alg, clients, state, 1)
     routers = copy.deepcopy(state["routers"])
     ins = alg.configure(state, 2)
-    for c in clients:  # the client generates its cluster's initial router itself (D7)
+    for c in clients:  # the client generates its cluster's initial router itself, from (seed, j)
         alg.load_for_eval(ins[c.cid], c)
         _assert_same(c.store["router"], routers[state["cluster_of"][c.cid]])
     for rnd in (2, 3):
@@ -478,6 +504,7 @@ def test_item23_local_routers_never_travel_and_the_server_never_changes_them(tin
 
 
 def test_item24_empty_cluster_keeps_expert_and_router(transition):
+    """A cluster with no reply keeps its expert and router bit for bit; with no reply at all nothing changes."""
     alg, _, state = transition()
     before = copy.deepcopy(state)
     out = alg.aggregate(copy.deepcopy(state), 2, {0: _p2_reply(state, 0, n=1, seed=1),
@@ -491,8 +518,11 @@ def test_item24_empty_cluster_keeps_expert_and_router(transition):
     _assert_same(out["routers"], before["routers"])
 
 
-# ---------------------------------------------------------------------------------------------- item 25
+# ---------------------------------------------------------------------------------------------- communication
 def test_item25_roberta_large_closed_form_from_its_config_on_meta():
+    """The communication closed form on RoBERTa-large's real shapes (built on the meta device, M = 4, r = 4):
+    P_E = 393,216, P_R = 344,064, P_H = 1,051,650, and 2,949,120 B up and 7,667,712 B down per client per
+    Phase-2 round."""
     from transformers import RobertaConfig, RobertaModel
 
     config = RobertaConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
@@ -539,6 +569,9 @@ def _check_bytes(result, cfg, m, backbone):
 @pytest.mark.parametrize("rho", ["cluster", "local"])
 def test_item25_counted_bytes_equal_the_closed_form(rho, head, routing, tiny_cfg, tiny_backbone, force_clusters,
                                                     no_plots):
+    """The bytes counted on the real messages equal the closed form in every round (initialisation, warmup,
+    transition, Phase 2) for aggregated and local routers, local and shared heads, adaptive and fixed
+    routing."""
     cfg = tiny_cfg(method="fedlease", tasks=TASKS3, warmup_rounds=2, global_rounds=3, router_aggregation=rho,
                    head_policy=head, routing=routing, train_samples=16, test_samples=8)
     force_clusters([0, 0, 1])
@@ -546,9 +579,11 @@ def test_item25_counted_bytes_equal_the_closed_form(rho, head, routing, tiny_cfg
     _check_bytes(result, cfg, 2, tiny_backbone)
 
 
-# ---------------------------------------------------------------------------------------------- item 28
+# ---------------------------------------------------------------------------------------------- ablation: single shared expert
 @pytest.mark.parametrize("multiplier", [1, 2])
 def test_item28_single_shared_equals_fedit(multiplier, tiny_cfg, tiny_backbone, tmp_path, no_plots):
+    """The single-shared-expert ablation is FedIT at rank r × multiplier: identical records round by round,
+    no warmup, and b·P_E uploaded per round."""
     common = dict(tasks=TASKS4, global_rounds=2, warmup_rounds=1)
     lease = run(tiny_cfg(method="fedlease", experts="single_shared", single_rank_multiplier=multiplier, rank=2,
                          output_dir=str(tmp_path / "lease"), **common), backbone=tiny_backbone)
@@ -561,13 +596,17 @@ def test_item28_single_shared_equals_fedit(multiplier, tiny_cfg, tiny_backbone, 
 
 
 def test_item28_single_shared_algorithm_shape(tiny_cfg):
+    """`experts = single_shared` builds the single expert at rank r × multiplier; the default builds
+    FedLEASE."""
     alg = get_algorithm(tiny_cfg(method="fedlease", experts="single_shared", single_rank_multiplier=4, rank=4))
     assert isinstance(alg, SingleSharedExpert) and alg.lora_rank() == 16
     assert isinstance(get_algorithm(tiny_cfg(method="fedlease")), FedLEASE)
 
 
-# ---------------------------------------------------------------------------------------------- item 29
+# ---------------------------------------------------------------------------------------------- ablation: one expert per client
 def test_item29_per_client_experts_equal_their_single_member(tiny_cfg, tiny_backbone):
+    """With one expert per client (M = N, routers of 2N-1 slots, no warmup or clustering) each client trains
+    its own expert, and after aggregation that expert and router equal its single member's upload."""
     cfg = tiny_cfg(method="fedlease", tasks=TASKS4, experts="per_client", global_rounds=2)
     alg, clients = _setup(cfg, tiny_backbone)
     state = alg.init()
@@ -585,7 +624,7 @@ def test_item29_per_client_experts_equal_their_single_member(tiny_cfg, tiny_back
                 assert torch.equal(got, v), (rnd, c.cid, k)
 
 
-# ---------------------------------------------------------------------------------------------- item 31, resume
+# ---------------------------------------------------------------------------------------------- end to end, resume
 def _e2e_cfg(out, **kw):
     from fedpeft.config import RunConfig
 
@@ -603,6 +642,9 @@ def e2e(tiny_backbone, tmp_path_factory):
 
 
 def test_item31_tiny_end_to_end(e2e, tiny_backbone):
+    """A tiny end-to-end run is deterministic (a second run gives identical records), scores every client
+    every round, writes its clustering files, takes the last round as the headline and counts bytes as the
+    closed form says."""
     first, second = e2e
     assert _records(first) == _records(second)  # same seed, same numbers
     recs = first.history.records
@@ -684,7 +726,7 @@ def test_client_failing_at_the_warmup_upload_joins_late(tiny_cfg, tiny_backbone,
     assert [(e["round"], e["client"]) for e in late] == [(3, 3)]
     j = late[0]["expert"]
     assert 0 <= j < states[2]["num_experts"] and states[3]["cluster_of"][3] == j
-    assert states[3]["num_experts"] == states[2]["num_experts"]  # M is unchanged (D12)
+    assert states[3]["num_experts"] == states[2]["num_experts"]  # a late join does not change M
     # j* = argmin_j of the mean Eq. 2 distance to C_j's members, from the B matrices the server kept.
     b = states[3]["warmup_b"]
     members = sorted(states[2]["cluster_of"])
@@ -711,7 +753,7 @@ def test_client_failing_at_the_warmup_upload_joins_late(tiny_cfg, tiny_backbone,
     for k, v in mean.items():
         got = states[4]["routers"][j][k] if k.endswith(".router") else states[4]["experts"][k]
         assert torch.equal(got, v), k
-    # Its warmup optimiser state is freed like everyone else's (D3).
+    # Its warmup optimiser state is freed like everyone else's once the warmup LoRA is uploaded.
     stores = load_checkpoint(result.run_dir)["client_stores"]
     assert all("warmup_optimizer" not in s for s in stores.values())
 

@@ -227,8 +227,9 @@ class TestSimulation:
         assert_same_metrics(local_fedlease, out)
 
     def test_flower_sim_leff_scores_the_global_model_as_local_does(self, tmp_path):
-        """LEFF scores Θ_g (spec L14), which the training broadcast does not carry: the evaluate message
-        does, so the Ray clients score what the local engine scores (FedAvg-full is this class, L_i = L)."""
+        """LEFF scores the global model Θ_g after every round, which the training broadcast does not carry:
+        the evaluate message does, so the Ray clients score what the local engine scores (FedAvg-full is
+        this class, L_i = L)."""
         from fedpeft.config import RunConfig
         from fedpeft.run import run
 
@@ -398,7 +399,7 @@ def test_server_loop_on_an_in_process_grid_equals_local(tmp_path, tiny_backbone)
                                           ("slora", {"slora_stage1_fraction": 0.5})])  # round 1 sparse, then LoRA
 def test_leff_family_on_an_in_process_grid_equals_local(tmp_path, tiny_backbone, method, over):
     """The server and every client hold separate algorithm objects and models: the client scores what
-    the evaluate message carries (FedAvg-full: the global model, L14) on the data local cuts."""
+    the evaluate message carries (FedAvg-full: the global model) on the data local cuts."""
     local = _local(tmp_path, "local", method=method, **LEFF_FAMILY, **over)
     run_dir = _serve(tmp_path, InProcessGrid(3, tmp_path), tiny_backbone, method=method, **LEFF_FAMILY, **over)
     assert_same_metrics(local, run_dir)

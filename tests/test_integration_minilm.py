@@ -78,5 +78,5 @@ def test_official_quick_start_runs(tmp_path, capsys, monkeypatch):
     assert "--carve-out" in capsys.readouterr().err
     assert main(argv + ["--carve-out"]) == 0
     clustering = json.loads((tmp_path / "run" / "clustering.json").read_text())
-    assert clustering["num_clusters"] in (1, 2)  # N = 2: split iff d(0, 1) > 0.5 (D5)
+    assert clustering["num_clusters"] in (1, 2)  # N = 2 has no silhouette: split iff d(0, 1) > 0.5
     assert (clustering["num_clusters"] == 2) == (clustering["distance"][0][1] > 0.5)

@@ -1,4 +1,6 @@
-"""LEFF invariants (shared/specs/leff.md §8) on a tiny random BERT and the bundled demo data."""
+"""LEFF invariants (docs/methods/leff.md) on a tiny random BERT and the bundled demo data: block sampling,
+layer importance, students and distillation, the client's training, layer-wise aggregation, the
+reduction to FedAvg-full, bytes, the Dirichlet cut and configuration errors."""
 
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def logits_of(alg, clients):
         return alg.runtime.model(**batch)
 
 
-# ----------------------------------------------------------------------------------------- sampling (1-5)
+# ----------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("budget", [1, 2, 3, 6])
 def test_sliding_blocks_are_every_contiguous_window(budget):
     starts = block_starts(6, budget, "sliding")
@@ -134,7 +136,7 @@ def test_draws_are_reproducible_and_differ_across_clients():
     assert a == b and a != c
 
 
-# ----------------------------------------------------------------------------------------- importance (6-7)
+# ----------------------------------------------------------------------------------------- importance
 def test_importance_has_no_side_effects(leff_cfg, bb4):
     alg, _ = bound(leff_cfg(), bb4)
     state = alg.init()
@@ -178,7 +180,7 @@ def test_server_batch_is_disjoint_from_every_client(leff_cfg):
     assert not held & {ex for p in parts for ex in p.train}
 
 
-# ----------------------------------------------------------------------------------------- distillation (8-12)
+# ----------------------------------------------------------------------------------------- distillation
 @pytest.mark.parametrize("n,rate,m", [(1, 0.2, 1), (5, 0.5, 3), (10, 0.3, 3), (4, 1.0, 4), (11, 0.5, 6)])
 def test_student_depth(n, rate, m):
     assert student_depth(n, rate) == m
@@ -296,7 +298,7 @@ def test_students_are_cached_per_round_and_segment(leff_cfg, bb4):
             assert torch.equal(a[key], b[key])
 
 
-# ----------------------------------------------------------------------------------------- client (14-16)
+# ----------------------------------------------------------------------------------------- client
 @pytest.mark.parametrize("budgets,start", [(["1"], 0), (["1"], L - 1), (["2"], 1), ([str(L)], 0)])
 def test_client_trains_its_block_through_the_frozen_students(leff_cfg, bb4, budgets, start):
     alg, clients = bound(leff_cfg(layer_budgets=budgets, tasks=["demo-sentiment"] * 2, global_rounds=20), bb4)
@@ -330,7 +332,7 @@ def test_client_trains_its_block_through_the_frozen_students(leff_cfg, bb4, budg
         assert msg.config["m_pre"] == msg.config["m_suf"] == 0
 
 
-# ----------------------------------------------------------------------------------------- aggregation (17-18)
+# ----------------------------------------------------------------------------------------- aggregation
 def test_layerwise_mean_weights_and_bounds():
     from fedpeft.algorithms.leff.blocks import layerwise_mean
 
@@ -370,7 +372,7 @@ def test_a_round_leaves_untrained_layers_bitwise_and_averages_the_head_over_all(
             torch.testing.assert_close(state["heads"][("all", 2)][k[len("head."):]], v.float(), rtol=0, atol=1e-7)
 
 
-# ----------------------------------------------------------------------------------------- equivalence, e2e (19-20)
+# ----------------------------------------------------------------------------------------- equivalence, e2e
 def test_leff_with_full_budgets_is_fedavg_full_bitwise(leff_cfg, bb4, tmp_path):
     from fedpeft.run import run
 
@@ -406,7 +408,7 @@ def test_tiny_run_is_reproducible_and_logs_blocks(leff_cfg, bb4, tmp_path):
     assert [e["round"] for e in events if e["kind"] == "leff_blocks"] == [1, 2]
 
 
-# ----------------------------------------------------------------------------------------- bytes (23)
+# ----------------------------------------------------------------------------------------- bytes
 @pytest.mark.parametrize("start", [0, 1, L - 1])
 def test_bytes_match_the_closed_form(leff_cfg, bb4, start):
     alg, clients = bound(leff_cfg(sampling="round_robin", compression_rate=0.5, global_rounds=20), bb4)
@@ -427,7 +429,7 @@ def test_bytes_match_the_closed_form(leff_cfg, bb4, start):
         state = alg.aggregate(state, rnd, replies)
 
 
-# ----------------------------------------------------------------------------------------- data (21), config
+# ----------------------------------------------------------------------------------------- data, config
 def test_dirichlet_cut_partition_rules():
     from fedpeft.data.partition.client import label_skew
     from fedpeft.data.partition.federation import partition_pools

@@ -1,5 +1,6 @@
 """The LEFF paper's baselines: Table 5 trainable counts from real configs (meta device, no download),
-and what FedLoRA, SLoRA and FedBitFit train, send and average (shared/specs/leff.md §5, §8 item 13)."""
+and what FedLoRA, SLoRA and FedBitFit train, send and average (docs/methods/baselines.md#leff-paper-baselines,
+#fedlora-targets, #fedbitfit; LEFF's own counts: docs/methods/leff.md#trainable-set)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""LEFF and its baselines on decoders and E2E (shared/specs/leff.md L1, L4, L7-L9, L12-L14, §5, §8):
-tiny GPT-2 (4 layers, hidden 32, 2 heads) and tiny Llama built in code, a few E2E rows and WebNLG
-texts written by the tests."""
+"""LEFF and its baselines on decoders and E2E (docs/methods/leff.md#decoders): the trainable set, causal
+blocks and students, importance on proxy texts, the client's training, bytes, runs, the E2E Dirichlet cut
+and the LEFF paper's baselines, on tiny GPT-2 (4 layers, hidden 32, 2 heads) and tiny Llama built in code,
+with a few E2E rows and WebNLG texts written by the tests."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ NAMES = ["Aromi", "Alimentum", "Zizzi", "Cotto", "Wildwood", "Strada"]
 
 # ----------------------------------------------------------------------------------------- fixtures
 def write_data(root: Path, n_dev: int = 72, n_test: int = 12, n_webnlg: int = 40) -> Path:
-    """E2E (dev = train pool, test = evaluation pool) and WebNLG train files, in the shared/data layout."""
+    """E2E (dev = train pool, test = evaluation pool) and WebNLG train files, laid out as --data-dir expects
+    (e2e/*.csv, webnlg/v2.0/en/...)."""
     from test_nlg_data import entry, write_e2e, write_webnlg
 
     def rows(n, kind, offset):
@@ -57,7 +59,7 @@ def gpt2():
 
 
 def tiny_llama4(tied: bool = True):
-    """Tiny Llama with 4 layers, hidden 32, 2 heads (the test decoder of §8), tied or untied LM head."""
+    """Tiny Llama with 4 layers, hidden 32, 2 heads (the test decoder), tied or untied LM head."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedpeft.models.backbone import Backbone
@@ -127,7 +129,7 @@ def stack(bb):
     return owner, list(getattr(owner, attr))
 
 
-# ----------------------------------------------------------------------------------------- structure (L1)
+# ----------------------------------------------------------------------------------------- structure: the always-trainable set
 def test_gpt2_structure_blocks_frozen_embeddings_and_head_set(nlg_cfg, gpt2):
     alg, _ = bound(nlg_cfg(), gpt2)
     extra = alg.runtime.extra
@@ -190,7 +192,7 @@ def test_decoder_without_known_positions_is_a_clear_error():
         alg.build_runtime(Backbone("odd", NoBlocks(), None, "odd", 2, 3, kind="causal"))
 
 
-# ----------------------------------------------------------------------------------------- causal blocks (L8)
+# ----------------------------------------------------------------------------------------- causal blocks, distillation
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("eager", [False, True])
 def test_causal_blocks_reproduce_the_model_forward(decoder, side, eager):
@@ -274,7 +276,7 @@ def test_causal_distillation_reduces_the_loss_and_freezes_the_teacher(decoder, n
     assert not any(p.requires_grad for blk in student for p in blk.parameters())
 
 
-# ----------------------------------------------------------------------------------------- importance (L4)
+# ----------------------------------------------------------------------------------------- importance on proxy texts
 def test_lm_importance_uses_proxy_texts_disjoint_from_distillation_and_has_no_side_effects(nlg_cfg, decoder):
     from fedpeft.algorithms.leff.server_data import importance_texts, proxy_texts
 
@@ -321,7 +323,7 @@ def test_webnlg_proxy_errors(tmp_path, data_root):
         proxy_texts(RunConfig(method="leff", tasks=["sst2", "sst2"], data_dir=str(tmp_path)).resolved())
 
 
-# ----------------------------------------------------------------------------------------- client (L9, §8 10, 14-16)
+# ----------------------------------------------------------------------------------------- client: gradient flow, edge blocks, upload
 @pytest.mark.parametrize("k", [0, 1, L - 1])
 def test_rate_one_client_model_equals_the_global_model(nlg_cfg, decoder, k):
     alg, clients = bound(nlg_cfg(compression_rate=1.0), decoder)
@@ -380,7 +382,8 @@ def test_a_round_leaves_untrained_layers_bitwise(nlg_cfg, gpt2):
 
 @pytest.mark.parametrize("start", [0, 1, L - 1])
 def test_decoder_bytes_match_the_closed_form(nlg_cfg, gpt2, start):
-    """§4: down = 4((L_i + m_pre + m_suf)·P_blk + P_𝒜) (+ 4·P_emb the first time), up = 4(L_i·P_blk + P_𝒜)."""
+    """Counted bytes equal the closed form: down = 4((L_i + m_pre + m_suf)·P_blk + P_𝒜) (+ 4·P_emb the
+    first time), up = 4(L_i·P_blk + P_𝒜)."""
     alg, clients = bound(nlg_cfg(sampling="round_robin", global_rounds=20), gpt2)
     state = alg.init()
     p_blk = sum(p.numel() for p in alg.blocks()[0].parameters())
@@ -397,7 +400,7 @@ def test_decoder_bytes_match_the_closed_form(nlg_cfg, gpt2, start):
         state = alg.aggregate(state, rnd, replies)
 
 
-# ----------------------------------------------------------------------------------------- runs (L12, L14)
+# ----------------------------------------------------------------------------------------- runs: FedAvg-full, the global model
 def test_leff_with_full_budgets_is_fedavg_full_bitwise_on_gpt2(nlg_cfg, gpt2, tmp_path):
     from fedpeft.run import run
 
@@ -445,7 +448,7 @@ def test_leff_evaluates_the_global_model_not_the_client_model(nlg_cfg, gpt2):
     torch.testing.assert_close(got, ref_alg.runtime.model.full_logits(**batch), rtol=0, atol=0)
 
 
-# ----------------------------------------------------------------------------------------- partition (L13)
+# ----------------------------------------------------------------------------------------- partition: the Dirichlet cut on E2E
 def test_e2e_dirichlet_cut_on_food_and_on_another_attribute(data_root):
     from fedpeft.data.partition.federation import build_federation
     from fedpeft.data.partition.generation import regroup_e2e
@@ -467,7 +470,7 @@ def test_e2e_dirichlet_cut_on_food_and_on_another_attribute(data_root):
         build_federation(["e2e"] * 3, e2e_key="colour", **kw)
 
 
-# ----------------------------------------------------------------------------------------- baselines (§5)
+# ----------------------------------------------------------------------------------------- baselines of the LEFF paper
 def test_fedlora_targets_on_decoders(nlg_cfg, gpt2, llama):
     alg, _ = bound(nlg_cfg(method="fedlora"), gpt2)
     assert {s.module for s in alg.runtime.sites} == {"c_attn", "attn_c_proj", "mlp_c_proj"}

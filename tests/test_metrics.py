@@ -1,4 +1,5 @@
-"""GLUE metrics against scikit-learn / scipy, and the D16 aggregates (spec §7 item 27)."""
+"""GLUE metrics against scikit-learn / scipy, and the per-round aggregates: per-task means over clients,
+the mean of task means and the client-macro mean (docs/methods/fedlease.md#metrics-and-aggregates)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Invariants of the adaptive top-M mixture-of-LoRA layer (spec fedlease.md §7 items 1–10 and 30).
+"""Invariants of the adaptive top-M mixture-of-LoRA layer (docs/methods/fedlease.md#mixture-layer): plain
+LoRA at M = 1, the router's slots, top-M selection and gates, one evaluation per expert, the float32
+router on the un-dropped input, gradient isolation and the fixed top-k ablation.
 
 Everything runs on CPU with tiny random models built from configs. Tolerances are atol 1e-6 unless a
 check is exact (`torch.equal`).
@@ -98,7 +100,8 @@ def randomize_moe(model: nn.Module, seed: int, b_scale: float = 0.3, router_scal
 
 
 def f2_layout(m: int, own: int) -> list[int]:
-    """π of spec F2, written out independently of the implementation."""
+    """π, the slot → expert map (own expert on slots 0..M-1, the others ascending), written out
+    independently of the implementation."""
     return [own] * m + sorted(set(range(m)) - {own})
 
 
@@ -109,7 +112,8 @@ def plain_lora(layer: MoELoRALinear, x: torch.Tensor, expert: int) -> torch.Tens
 
 
 def reference_forward(layer: MoELoRALinear, x: torch.Tensor, renormalize: bool) -> torch.Tensor:
-    """Naive F1–F5: one token at a time, one selected slot at a time (float64 expert sums)."""
+    """The layer's five steps done naively: one token at a time, one selected slot at a time (float64
+    expert sums)."""
     m, own, s = layer.num_experts, layer.own_expert, ALPHA / R
     pi = f2_layout(m, own)
     rows = []
@@ -130,12 +134,13 @@ def reference_forward(layer: MoELoRALinear, x: torch.Tensor, renormalize: bool) 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1–9: the mixture layer
+# the mixture layer: slots, selection, gates, expert evaluation, router precision
 # ----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("routing", ["adaptive_topM", "fixed_topk"])
 def test_item1_m1_is_plain_lora_for_any_router(routing):
+    """M = 1 is exactly plain LoRA, W0 x + s·B A x, whatever the router's weights, for 3-D and 2-D input."""
     layer = make_layer(1, 0, routing=routing, top_k=1)
     assert layer.router.out_features == 1
     x = torch.randn(3, 5, D)
@@ -150,6 +155,8 @@ def test_item1_m1_is_plain_lora_for_any_router(routing):
 
 @pytest.mark.parametrize("m", [2, 3, 4, 5, 6])
 def test_item2_router_layout(m):
+    """The router has 2M-1 slots: slots 0..M-1 belong to the own expert, the rest to the other experts in
+    ascending order, and the forward uses that layout."""
     for own in range(m):
         layer = MoELoRALinear(nn.Linear(D, D), m, own, R, ALPHA)
         assert layer.router.out_features == 2 * m - 1
@@ -162,6 +169,8 @@ def test_item2_router_layout(m):
 
 @pytest.mark.parametrize("m", [2, 3, 5])
 def test_item3_own_expert_always_selected(m):
+    """Every token selects its own expert (it holds M of the 2M-1 slots) and uses between 1 and M distinct
+    experts."""
     for own in range(m):
         layer = make_layer(m, own, seed=own)
         with torch.no_grad():
@@ -175,6 +184,7 @@ def test_item3_own_expert_always_selected(m):
 
 @pytest.mark.parametrize("m", [2, 3, 5])
 def test_item4_gate_sums(m):
+    """With renormalisation the gates sum to 1; without it they sum to the top-M probability mass."""
     x = torch.randn(500, D)
     on = make_layer(m, 1, renormalize=True)
     assert torch.allclose(on.gate(x).sum(-1), torch.ones(500), atol=1e-6, rtol=0)
@@ -188,6 +198,8 @@ def test_item4_gate_sums(m):
 
 @pytest.mark.parametrize("m", [2, 3, 4, 5])
 def test_item5_zero_router_ties_go_to_own_expert(m):
+    """A zero router makes every slot tie; the stable sort gives the M own slots, γ_own = 1, and the layer
+    equals the own expert's plain LoRA exactly."""
     for own in range(m):
         layer = make_layer(m, own, seed=10 + own)
         with torch.no_grad():
@@ -204,6 +216,8 @@ def test_item5_zero_router_ties_go_to_own_expert(m):
 @pytest.mark.parametrize("m", [1, 2, 3, 5])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_item6_vectorised_equals_reference_loop(m, renormalize):
+    """The vectorised layer equals a naive per-token, per-slot reference of the five steps (float64), with
+    and without renormalisation."""
     layer = make_layer(m, m // 2, seed=m, renormalize=renormalize)
     for x in (torch.randn(6, D), torch.randn(2, 4, D)):
         got = layer(x)
@@ -216,6 +230,8 @@ def test_item6_vectorised_equals_reference_loop(m, renormalize):
 
 
 def test_item7_each_expert_evaluated_once_per_forward():
+    """Each expert is evaluated once per forward: one expert call per layer and forward, and FLOPs linear in
+    M (never M² expert products)."""
     model = tiny_bert()
     inject_moe_lora(model, TARGETS, 4, 1, R, ALPHA, 0.0)
     ids = torch.randint(0, 100, (2, 5))
@@ -236,6 +252,7 @@ def test_item7_each_expert_evaluated_once_per_forward():
 
 
 def test_item8_zero_b_gives_base_logits_exactly():
+    """With every B = 0 the adapted model gives the base model's logits exactly; a non-zero B changes them."""
     base = tiny_bert_cls()
     model = copy.deepcopy(base)
     inject_moe_lora(model, TARGETS, 3, 1, R, ALPHA, 0.05)
@@ -248,6 +265,8 @@ def test_item8_zero_b_gives_base_logits_exactly():
 
 
 def test_item9_router_float32_under_bf16_autocast():
+    """The router's logits and probabilities stay float32 under bf16 autocast (so half precision cannot
+    create ties), the gates equal those without autocast, and the rest of the layer runs in bf16."""
     layer = make_layer(3, 1).train()
     seen = {}
     select = layer.select
@@ -270,6 +289,8 @@ def test_item9_router_float32_under_bf16_autocast():
 
 
 def test_item9_router_sees_undropped_input():
+    """The router reads the un-dropped input, so LoRA dropout (active on the expert path) does not change the
+    routing."""
     layer = make_layer(3, 0, lora_dropout=0.9).train()
     seen = {}
     layer.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0]))
@@ -283,7 +304,7 @@ def test_item9_router_sees_undropped_input():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 10: gradient isolation and switching the own expert
+# gradient isolation and switching the own expert
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -312,6 +333,8 @@ def train_step(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("head", [True, False])
 def test_item10_gradient_isolation(head):
+    """Only the own expert, the routers and (when unfrozen) the head get gradients and move under AdamW with
+    weight decay; the other experts and the backbone get no gradient and stay bit-identical."""
     model = tiny_bert_cls()
     inject_moe_lora(model, TARGETS, 3, 1, R, ALPHA, 0.05)
     randomize_moe(model, seed=5)
@@ -377,12 +400,14 @@ def test_set_own_expert_switches_trainable_set():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 30: fixed top-k
+# the fixed top-k routing ablation
 # ----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_item30_fixed_topk(k):
+    """The fixed top-k routing ablation: a router of M slots (slot e is expert e), exactly k experts per
+    token, gates renormalised to 1, the own expert not forced, ties to the lowest expert ids."""
     m, own = 4, 2
     layer = make_layer(m, own, routing="fixed_topk", top_k=k)
     assert layer.router.out_features == m

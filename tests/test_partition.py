@@ -1,4 +1,6 @@
-"""Partitioning invariants (spec §7 item 26) on synthetic pools and the bundled demo tasks."""
+"""Partitioning invariants on synthetic pools and the bundled demo tasks: clients' samples are disjoint,
+class counts exact, the split deterministic, Dirichlet skew applied and infeasible requests refused with
+the need and the supply (docs/methods/fedlease.md#data-split)."""
 
 from __future__ import annotations
 
@@ -124,7 +126,7 @@ def test_dirichlet_train_and_test_share_proportions():
     )
     for c in clients:
         assert label_counts(c.train, 3) == label_counts(c.test, 3)
-    # label_split="dirichlet" (D15's spelling) is the same partition
+    # label_split="dirichlet" (the label-split spelling) is the same partition
     same = partition_pools(
         ["mnli"] * 3, balanced, train_samples=200, test_samples=200, label_split="dirichlet", alpha=0.3, seed=1
     )
