@@ -1,11 +1,12 @@
-"""FedLEASE cost against FedIT on the packaged MiniLM (issue 3's benchmark).
+"""FedLEASE cost against FedIT on the packaged MiniLM.
 
 Prints, from one run:
   1. wall time of one training round (configure → every client fits → aggregate) for FedIT and for a
      FedLEASE Phase-2 round with M experts, medians over repeats, and their ratio;
   2. clustering time for 16 clients (Eq. 2 + average linkage + silhouette), MiniLM and RoBERTa-large
      B-matrix shapes;
-  3. bytes up/down per client per round, counted on the real messages, against the spec's closed form.
+  3. bytes up/down per client per round, counted on the real messages, against FedLEASE's closed
+     form (docs/methods/fedlease.md#communication).
 
     python benchmarks/fedlease_round.py [--clients 8] [--samples 200] [--experts 4] [--repeats 3]
 
@@ -117,7 +118,7 @@ def main():
     for name, seconds, m in clustering_times():
         print(f"   {name:<38}{seconds * 1e3:>8.1f} ms   M = {m}   (target < 1 s)")
 
-    # Bytes per client per Phase-2 round: counted vs spec §4 closed form.
+    # Bytes per client per Phase-2 round: counted vs the closed form (docs/methods/fedlease.md#communication).
     experts = {k[len('moe.'):]: v for k, v in ins_l[0].tensors.items() if ".expert." in k}
     routers = {k[len('moe.'):]: v for k, v in ins_l[0].tensors.items() if k.endswith(".router")}
     p_e = sum(v.numel() for k, v in experts.items() if ".expert.0." in k)

@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: a 1–2 minute smoke check, not a measurement")
     ap.add_argument("--out", default="bench-results/throughput", help="folder for results.md and results.json")
-    ap.add_argument("--data-dir", default=None, help="data root with glue/SST-2 (default: $FEDPEFT_DATA_DIR, then shared/data)")
+    ap.add_argument("--data-dir", default=None, help="data root with glue/SST-2 (default: $FEDPEFT_DATA_DIR)")
     args = ap.parse_args(argv)
     logging.getLogger("fedpeft").setLevel(logging.WARNING)
     settings = QUICK if args.quick else Settings()

@@ -1,7 +1,7 @@
 """Benchmark suites as data: a base RunConfig dict plus a list of (label, overrides, seeds policy).
 
 Seeds policy: "all" runs every seed given with --seeds; "first" runs only the first one (the
-ablations run on one seed, as the issue asks).
+ablations run on one seed only).
 
 No hyperparameter here was tuned on a test split: every method shares the base settings (the
 learning rate and frozen head of the packaged demo and of the official FedLEASE code, lr 3e-3);
