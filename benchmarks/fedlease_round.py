@@ -27,6 +27,7 @@ from fedpeft.algorithms.fedit import FedIT
 from fedpeft.algorithms.fedlease.algorithm import FedLEASE
 from fedpeft.algorithms.fedlease.clustering import b_distance_matrix, cluster_clients
 from fedpeft.config import RunConfig
+from fedpeft.run.assemble import build_algorithm
 from fedpeft.run.federation import prepare_clients
 from fedpeft.models.backbone import load_backbone
 
@@ -40,9 +41,9 @@ def one_round(alg, clients, state, rnd):
 
 
 def setup(method, cfg, backbone):
-    alg = (FedIT if method == "fedit" else FedLEASE)(cfg)
     infos, clients = prepare_clients(cfg, backbone.tokenizer)
-    alg.bind(alg.build_runtime(backbone), infos)
+    alg = build_algorithm(cfg, backbone, infos)
+    assert isinstance(alg, FedIT if method == "fedit" else FedLEASE)
     return alg, clients
 
 
