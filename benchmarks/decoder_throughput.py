@@ -108,7 +108,7 @@ def bench_training(backbone, s: Settings) -> dict[str, Any]:
         data = synthetic_lm_data(s.batch_size * s.train_batches, s, backbone.tokenizer.vocab_size)
         client = Client(ClientInfo(0, "bench", 0, len(data)), data, data, False)
         alg.bind(alg.build_runtime(backbone), [client.info])
-        inst = alg.configure(alg.init(), 1)[0]
+        inst = alg.configure(alg.init(), 1, list(range(len(alg.federation))))[0]
         lm = alg.runtime.model.lm
         n_body, vh = body_params(lm), lm.get_output_embeddings().weight.numel()
         runs = []
@@ -132,7 +132,7 @@ def lora_model(backbone, s: Settings, precision: str):
                     target_modules=backbone.default_targets())
     alg = get_algorithm(cfg)
     alg.bind(alg.build_runtime(backbone), [ClientInfo(0, "bench", 0, 1)])
-    alg.load_lora(alg.configure(alg.init(), 1)[0], Client(ClientInfo(0, "bench", 0, 1), None, None, False))
+    alg.load_lora(alg.configure(alg.init(), 1, list(range(len(alg.federation))))[0], Client(ClientInfo(0, "bench", 0, 1), None, None, False))
     return alg.runtime.model
 
 

@@ -34,7 +34,7 @@ from fedpeft.models.backbone import load_backbone
 
 def one_round(alg, clients, state, rnd):
     t0 = time.perf_counter()
-    ins = alg.configure(state, rnd)
+    ins = alg.configure(state, rnd, list(range(len(alg.federation))))
     replies = {c.cid: alg.fit(ins[c.cid], c) for c in clients}
     state = alg.aggregate(state, rnd, replies)
     return time.perf_counter() - t0, ins, replies, state

@@ -151,7 +151,7 @@ def fedit_client(cfg: RunConfig):
     backbone = load_backbone(cfg.model_name)
     infos, clients = prepare_clients(cfg, backbone.tokenizer)
     alg = build_algorithm(cfg, backbone, infos)
-    broadcast = alg.configure(alg.init(), 1)
+    broadcast = alg.configure(alg.init(), 1, list(range(len(alg.federation))))
     return alg, clients, broadcast
 
 

@@ -115,7 +115,7 @@ def test_fedit_round_trains_the_target_loss_and_averages(tiny_llama, tmp_path, m
     from fedpeft.training import lm_mean_loss
 
     state = alg.init()
-    broadcast = alg.configure(state, 1)
+    broadcast = alg.configure(state, 1, list(range(len(alg.federation))))
     assert all(not any(k.startswith("head.") for k in m.tensors) for m in broadcast.values())
     alg.load_for_eval(broadcast[0], clients[0])
     before = lm_mean_loss(alg.runtime.model, clients[0].train, batch_size=8)
@@ -128,7 +128,7 @@ def test_fedit_round_trains_the_target_loss_and_averages(tiny_llama, tmp_path, m
     state = alg.aggregate(state, 1, replies)
     for key, tensor in expected.items():
         torch.testing.assert_close(state["lora"][key[len(LORA_PREFIX):]], tensor)
-    metrics = alg.evaluate(alg.configure(state, 2)[0], clients[0])
+    metrics = alg.evaluate(alg.configure(state, 2, list(range(len(alg.federation))))[0], clients[0])
     assert set(metrics) == {"token_f1", "exact_match", "loss"} and 0 <= metrics["token_f1"] <= 1
 
 

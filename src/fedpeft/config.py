@@ -65,6 +65,14 @@ class RunConfig:
     carve_out: bool = _f(False, "for tasks with no local train split, carve train and test pools out of the validation split", group="data")
     max_length: int = _f(128, "maximum tokens per example", group="data")
     validation_fraction: float = _f(0.0, "hold out this share of every client's training examples (stratified) and score on it instead of the test split: for choosing hyperparameters without looking at test data", group="data")
+    # Who takes part, and when clients are scored
+    num_clients: int | None = _f(None, "make N clients of the one task in --tasks (e.g. --tasks sst2 --num-clients 1000 --partition dirichlet)", group="federation")
+    participation: float = _f(1.0, "fraction f of the clients that train each round: ceil(f*N), drawn uniformly from the run seed per round", group="federation")
+    clients_per_round: int | None = _f(None, "train exactly K clients each round (instead of --participation)", group="federation")
+    eval_every: int = _f(1, "score every N rounds (the last round is always scored)", group="federation")
+    eval_clients: str = _f("all", "who is scored in a scored round: all clients, or the round's sampled ones (the last round always scores all)", choices=("all", "sampled"), group="federation")
+    test_source: str = _f("validation", "where test examples come from: the task's validation split, or carved out of its train split (disjoint from every client's training examples) when many clients need more test data than the validation split holds", choices=("validation", "train"), group="federation")
+    client_store: str = _f("memory", "where clients keep what persists between rounds (local heads and LoRAs, optimiser state): in memory, or on disk in the run folder, loaded when the client is sampled", choices=("memory", "disk"), group="federation")
     # Rounds and local training
     global_rounds: int = _f(25, "total rounds (warmup included, as in the official FedLEASE code)", group="training")
     warmup_rounds: int = _f(5, "warmup rounds (methods with a warmup phase only)", group="training")
@@ -122,7 +130,6 @@ class RunConfig:
     importance_source: str = _f("server_batch", "LEFF: gradients for the importance from one pass over the server batch, or data-free from the last aggregation, g = -dTheta/lr (uniform in round 1)", choices=LEFF_IMPORTANCE_SOURCES, group="leff")
     importance_normalise: str = _f("max", "LEFF: block scores divided by their max before the softmax (max) or the literal Eq. 6 (none)", choices=LEFF_NORMALISE, group="leff")
     importance_temperature: float = _f(1.0, "LEFF: softmax temperature tau", group="leff")
-    participation: float = _f(1.0, "LEFF family: fraction f of clients per round (ceil(f*N), uniformly from the seed)", group="leff")
     train_head_set: bool = _f(True, "LEFF / FedAvg-full: train and average the always-trainable set (the classification head)", group="leff")
     constant_lr: bool = _f(False, "LEFF family: constant learning rate in each local run (the LEFF paper states one learning rate and no schedule) instead of linear decay", group="leff")
     slora_stage1_fraction: float = _f(0.25, "SLoRA: fraction of rounds in the sparse stage 1", group="leff")
@@ -174,6 +181,13 @@ class RunConfig:
             raise FedPeftError(f"--feddpa-lambda must be in [0, 1], got {self.feddpa_lambda}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise FedPeftError(f"--validation-fraction must be in [0, 1), got {self.validation_fraction}")
+        if not 0.0 < self.participation <= 1.0:
+            raise FedPeftError(f"--participation must be in (0, 1], got {self.participation}")
+        for name in ("num_clients", "clients_per_round"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise FedPeftError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.eval_every < 1:
+            raise FedPeftError(f"--eval-every must be at least 1, got {self.eval_every}")
         self.samples_for_tasks()  # checks the TASK=TRAIN:TEST syntax
         self._validate_leff()
         if self.client_cpus <= 0 or self.client_gpus < 0 or self.round_timeout <= 0:
@@ -195,8 +209,6 @@ class RunConfig:
             raise E(f"--importance-examples must be at least 1, got {self.importance_examples}")
         if not self.importance_temperature > 0:
             raise E(f"--importance-temperature must be positive, got {self.importance_temperature}")
-        if not 0.0 < self.participation <= 1.0:
-            raise E(f"--participation must be in (0, 1], got {self.participation}")
         if not 0.0 <= self.slora_stage1_fraction < 1.0 or not 0.0 < self.slora_density <= 1.0:
             raise E("--slora-stage1-fraction must be in [0, 1) and --slora-density in (0, 1]")
 
@@ -222,6 +234,8 @@ class RunConfig:
         """Checks that only matter when a run starts (a config file may be partial before that)."""
         if not self.tasks:
             raise FedPeftError("no clients: give one task per client, e.g. --tasks sst2 sst2 mrpc mrpc")
+        if self.clients_per_round is not None and self.clients_per_round > len(self.tasks):
+            raise FedPeftError(f"--clients-per-round {self.clients_per_round} exceeds the {len(self.tasks)} clients")
         if self.method == "fedlease" and self.experts == "clustered" and self.phase2_rounds < 1:
             raise FedPeftError(
                 f"--global-rounds ({self.global_rounds}) must exceed --warmup-rounds "
@@ -273,8 +287,13 @@ class RunConfig:
 
         spec = _CATALOGUE[self.method]
         values = self.to_dict()
-        for t in self.tasks:
+        for t in dict.fromkeys(self.tasks):
             get_task(t)  # an unknown task: one clear error before anything loads
+        if self.num_clients is not None and len(self.tasks) != self.num_clients:
+            if len(self.tasks) != 1:
+                raise FedPeftError(f"--num-clients {self.num_clients} makes clients of ONE task; --tasks lists "
+                                   f"{len(self.tasks)}: give one task, or one task per client without --num-clients")
+            values["tasks"] = self.tasks * self.num_clients
         causal = bool(self.tasks) and backbone_kind(self.tasks) == "causal"
         if spec.head == "head_set":
             values["head_policy"] = "shared" if self.train_head_set else "frozen"

@@ -5,11 +5,12 @@ calls the hooks directly, Flower sends them across processes or machines, and a 
 give the same numbers. The hooks, in the order an engine calls them:
 
     build_runtime(backbone) → bind(runtime, federation) → init() → state
-    every round r:   configure(state, r)           server: what each client is sent
+    every round r:   configure(state, r, clients)  server: what each client sampled for round r is sent
                      fit(instruction, client)      client: local training → reply
                      aggregate(state, r, replies)  server: new state (missing/rejected clients tolerated)
-                     configure(state, r + 1)       server: the next broadcast
-                     configure_evaluate(...)       server: what each client scores (default: that broadcast)
+                     configure(state, r + 1, ...)  server: the next broadcast, to round r + 1's sample
+                     configure_evaluate(...)       server: what each scored client gets (default: its
+                                                   instruction for round r + 1, sampled or not)
                      evaluate(instruction, client) client: metrics
                      round_info(state, r), take_events(), artifacts(state, r, records)  → the run's records
 
@@ -87,25 +88,31 @@ class Algorithm(abc.ABC):
         """The server state before round 1 (common initialisations drawn from the run seed)."""
 
     @abc.abstractmethod
-    def configure(self, state: dict[str, Any], rnd: int) -> dict[int, Message]:
-        """The instruction of every client for round `rnd`. It may record in `state` what
-        `aggregate` must know about these instructions (LEFF: each client's block); it is
-        deterministic, so a resumed run makes the same instructions again. The engine also asks
-        for round num_rounds + 1, the broadcast after the last round (what clients are scored with)."""
+    def configure(self, state: dict[str, Any], rnd: int, clients: list[int]) -> dict[int, Message]:
+        """The instruction for round `rnd` of each client in `clients` (the round's sample, drawn by
+        the engine from the run seed: every client under full participation). A client may be
+        sampled for the first time in any round: until it has replied once its instruction carries
+        the common initialisation. `configure` may record in `state` what `aggregate` must know
+        about these instructions (LEFF: each client's block); it is deterministic, so a resumed run
+        makes the same instructions again. The engine also asks for round num_rounds + 1 (every
+        client): the state each client would train with next, which is what it is scored with."""
 
     @abc.abstractmethod
     def aggregate(self, state: dict[str, Any], rnd: int, replies: dict[int, Message]) -> dict[str, Any]:
         """The new state from the replies that arrived. Clients may be missing (failed, late); every
         reply is checked (`algorithms/replies.py`) and a bad one is left out, never averaged."""
 
-    def configure_evaluate(self, state: dict[str, Any], rnd: int,
+    def configure_evaluate(self, state: dict[str, Any], rnd: int, clients: list[int],
                            broadcast: dict[int, Message]) -> dict[int, Message]:
-        """The message each client scores after round `rnd`, made after aggregation. Default: the
-        broadcast of round rnd + 1, so a client is scored with the state it trains with next
+        """The message each client in `clients` scores after round `rnd`, made after aggregation.
+        Default: its instruction for round rnd + 1 (the `broadcast` when it is sampled for that
+        round, else made here), so a client is scored with the state it trains with next
         (docs/methods/fedlease.md#evaluation-timing). A method that scores a model the broadcast does not
         carry (LEFF scores the global model) returns it here; `evaluate` must need nothing but this
         message and the client's store, so every engine gets the same numbers."""
-        return broadcast
+        missing = [c for c in clients if c not in broadcast]
+        extra = self.configure(state, rnd + 1, missing) if missing else {}
+        return {c: broadcast[c] if c in broadcast else extra[c] for c in clients}
 
     def round_info(self, state: dict[str, Any], rnd: int) -> dict[str, Any]:
         """Plain values recorded in round `rnd`'s entry of training_history.json (e.g. IFCA's

@@ -56,9 +56,9 @@ class FedBitFit(Algorithm):
         return {"bias": {n: p.detach().clone() for n, p in self.biases().items()},
                 "head_init": self.heads.inits(), "heads": {}}
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         return {c.client_id: Message({**prefixed(BIAS_PREFIX, state["bias"]), **self.heads.download(state, c)},
-                                     {"round": rnd}) for c in self.federation}
+                                     {"round": rnd}) for c in (self.federation[i] for i in clients)}
 
     def aggregate(self, state, rnd, replies):
         ok = accept(self, rnd, replies, {BIAS_PREFIX + n: t.shape for n, t in state["bias"].items()})

@@ -42,9 +42,9 @@ class FedIT(Algorithm):
             "heads": {},
         }
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         out = {}
-        for c in self.federation:
+        for c in (self.federation[i] for i in clients):
             # Until a client has replied once it gets the whole common initialisation
             # (docs/methods/fedlease.md#common-initialisation); afterwards only the factors the method sends.
             factors = self.sent_factors if is_synced(state, c.client_id) else ("A", "B")

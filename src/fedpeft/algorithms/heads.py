@@ -74,8 +74,10 @@ class HeadPolicy:
         return self.model.head_parameters() if self.trains else []
 
     def keep(self, client) -> dict[str, torch.Tensor]:
-        """After training: store the head; return what the reply uploads (only under `shared`)."""
-        client.store["head"] = self.model.head_state()
+        """After training: store the head (a frozen one is unchanged: the store keeps the shared init,
+        no per-client copy); return what the reply uploads (only under `shared`)."""
+        if self.trains:
+            client.store["head"] = self.model.head_state()
         return prefixed(HEAD_PREFIX, client.store["head"]) if self.shared else {}
 
     def aggregate(self, state: dict[str, Any], replies: Mapping[int, Message],

@@ -51,9 +51,9 @@ class IFCA(FedIT):
             "heads": {},
         }
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         out = {}
-        for c in self.federation:
+        for c in (self.federation[i] for i in clients):
             tensors = {}
             for k, lora in enumerate(state["clusters"]):
                 tensors.update(prefixed(cluster_prefix(k), lora))

@@ -108,11 +108,11 @@ class SLoRA(FedLoRA):
             for k, m in self.sparse().items():
                 m.delta.copy_(values[k] if values else torch.zeros_like(m.delta))
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         if rnd > self.stage1_rounds:
-            return super().configure(state, rnd)
+            return super().configure(state, rnd, clients)
         return {c.client_id: Message({**prefixed(SPARSE_PREFIX, state["sparse"]), **self.heads.download(state, c)},
-                                     {"round": rnd, "stage": 1}) for c in self.federation}
+                                     {"round": rnd, "stage": 1}) for c in (self.federation[i] for i in clients)}
 
     def aggregate(self, state, rnd, replies):
         if rnd > self.stage1_rounds:

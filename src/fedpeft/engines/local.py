@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.algorithms.base import Algorithm, Client, Message
+from fedpeft.engines.client_stores import make_stores
+from fedpeft.engines.participation import participants, scored
 from fedpeft.records.artifacts import write_artifacts
 from fedpeft.records.checkpoint import load_checkpoint, save_checkpoint
 from fedpeft.records.history import RunHistory
@@ -37,28 +39,31 @@ class LocalEngine:
         self.run_dir = run_dir
         self.progress = progress
         self._fail = fail or {}  # (round, client) → exception to raise: failure injection for tests
+        self.stores = make_stores(algorithm.cfg.client_store, clients, run_dir)
 
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
         alg, rounds = self.alg, self.alg.num_rounds
         if resume:
             ckpt = load_checkpoint(self.run_dir)
             state, start = ckpt["server_state"], ckpt["round"] + 1
-            for c in self.clients:
-                c.store = ckpt["client_stores"].get(c.cid, {})
+            self.stores.restore(ckpt["client_stores"], ckpt["round"])
             log.info("resuming after round %d of %d", ckpt["round"], rounds)
         else:
             state, start = alg.init(), 1
-        broadcast = alg.configure(state, start)
+        n = len(self.clients)
+        sample = participants(alg.cfg, n, start)
+        broadcast = alg.configure(state, start, sample)
         self._take_events()
         if start == 1:
-            self.history.add_round(0, "init", [{"round": 0, "phase": "init", "client": c.cid, "task": c.info.task,
-                                                "bytes_up": 0, "bytes_down": broadcast[c.cid].nbytes}
-                                               for c in self.clients], {"seconds": 0.0})
+            self.history.add_round(0, "init", [{"round": 0, "phase": "init", "client": cid,
+                                                "task": self.clients[cid].info.task, "bytes_up": 0,
+                                                "bytes_down": broadcast[cid].nbytes} for cid in sample],
+                                   {"seconds": 0.0})
         for rnd in range(start, rounds + 1):
             t0 = time.perf_counter()
             phase = alg.phase(rnd)
             replies, fit_info = self._fit_all(rnd, phase, broadcast)
-            missing = [c.cid for c in self.clients if c.cid not in replies]
+            missing = [cid for cid in sample if cid not in replies]
             if missing:
                 log.warning("round %d: no reply from clients %s; aggregating the %d replies that arrived",
                             rnd, missing, len(replies))
@@ -69,22 +74,29 @@ class LocalEngine:
             state = alg.aggregate(state, rnd, replies)
             agg_seconds = time.perf_counter() - t_agg
             self._take_events()
-            broadcast = alg.configure(state, rnd + 1)
+            # the next round's sample; after the last round every client, for what it is scored with
+            next_sample = participants(alg.cfg, n, rnd + 1) if rnd < rounds else list(range(n))
+            next_broadcast = alg.configure(state, rnd + 1, next_sample)
             self._take_events()
-            evaluation = alg.configure_evaluate(state, rnd, broadcast)
-            records = self._evaluate_all(rnd, phase, broadcast, evaluation, replies, fit_info)
-            entry = self.history.add_round(rnd, phase, records, {
-                "seconds": time.perf_counter() - t0, "aggregate_seconds": agg_seconds,
-                "missing": missing, **alg.round_info(state, rnd)})
+            t_eval = time.perf_counter()
+            evaluation = alg.configure_evaluate(state, rnd, scored(alg.cfg, n, rnd, rounds, sample), next_broadcast)
+            records = self._evaluate_all(rnd, phase, sample, next_broadcast, evaluation, replies, fit_info)
+            eval_seconds = time.perf_counter() - t_eval
+            info = {"seconds": time.perf_counter() - t0, "aggregate_seconds": agg_seconds,
+                    "evaluate_seconds": eval_seconds, "missing": missing, **alg.round_info(state, rnd)}
+            if len(sample) < n:
+                info["participants"] = sample
+            entry = self.history.add_round(rnd, phase, records, info)
             # The method's files first, then the history, then the checkpoint: a run killed between
             # two of these writes redoes round rnd on resume and rewrites all three.
             write_artifacts(self.run_dir, alg.artifacts(state, rnd, records))
             self.history.save()
-            save_checkpoint(self.run_dir, rnd, state, {c.cid: c.store for c in self.clients})
+            save_checkpoint(self.run_dir, rnd, state, self.stores.for_checkpoint())
             self._report(rnd, rounds, phase, entry)
             if stop_after is not None and rnd >= stop_after:
                 log.info("stopping after round %d as asked", rnd)
                 break
+            broadcast, sample = next_broadcast, next_sample
         return state
 
     # ------------------------------------------------------------ steps
@@ -94,16 +106,20 @@ class LocalEngine:
             self.history.add_event(**event)
 
     def _fit_all(self, rnd: int, phase: str, broadcast: dict[int, Message]):
+        """Every client of the round's sample (the broadcast's keys) trains."""
         replies, info = {}, {}
         self._first_error = None
-        for i, c in enumerate(self.clients):
+        for i, cid in enumerate(sorted(broadcast)):
+            c = self.clients[cid]
             if self.progress:
-                self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): client {i + 1}/{len(self.clients)} training")
+                self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): client {i + 1}/{len(broadcast)} training")
             t0 = time.perf_counter()
             try:
                 if (rnd, c.cid) in self._fail:
                     raise self._fail[(rnd, c.cid)]
+                self.stores.load(c)
                 reply = self.alg.fit(broadcast[c.cid], c)
+                self.stores.save(c, rnd)
             except Exception as exc:  # a failing client must not take the round down
                 log.warning("round %d: client %d failed during fit: %s", rnd, c.cid, exc)
                 log.debug("%s", traceback.format_exc())
@@ -113,16 +129,29 @@ class LocalEngine:
             info[c.cid] = time.perf_counter() - t0
         return replies, info
 
-    def _evaluate_all(self, rnd, phase, broadcast, evaluation, replies, fit_info):
+    def _evaluate_all(self, rnd, phase, sample, broadcast, evaluation, replies, fit_info):
+        """Score the clients in `evaluation`; one record per client that trained, is scored, or is
+        sent the next broadcast (the others have nothing to record this round)."""
         records = []
-        for i, c in enumerate(self.clients):
+        for i, cid in enumerate(sorted(evaluation)):
             if self.progress:
-                self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): client {i + 1}/{len(self.clients)} evaluating")
-            metrics = self.alg.evaluate(evaluation[c.cid], c)
-            rec = {"round": rnd, "phase": phase, "client": c.cid, "task": c.info.task, **metrics}
-            records.append(client_record(rec, replies.get(c.cid), broadcast[c.cid], fit_info.get(c.cid),
-                                         evaluation[c.cid]))
-        return records
+                self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): client {i + 1}/{len(evaluation)} evaluating")
+            c = self.clients[cid]
+            self.stores.load(c)
+            metrics = self.alg.evaluate(evaluation[cid], c)
+            self.stores.save(c, rnd)
+            records.append({"round": rnd, "phase": phase, "client": cid, "task": self.clients[cid].info.task, **metrics})
+        return self._bookkeeping(rnd, phase, records, sample, broadcast, evaluation, replies, fit_info)
+
+    def _bookkeeping(self, rnd, phase, records, sample, broadcast, evaluation, replies, fit_info):
+        """Bytes and participation of every client the round touched, merged into its record."""
+        by_client = {r["client"]: r for r in records}
+        out = []
+        for cid in sorted(set(sample) | set(evaluation) | set(broadcast)):
+            rec = by_client.get(cid) or {"round": rnd, "phase": phase, "client": cid, "task": self.clients[cid].info.task}
+            rec["sampled"] = cid in sample
+            out.append(client_record(rec, replies.get(cid), broadcast.get(cid), fit_info.get(cid), evaluation.get(cid)))
+        return out
 
     def _report(self, rnd, rounds, phase, entry):
         tasks = ", ".join(f"{t} {v:.4f}" for t, v in entry["per_task"].items() if v is not None)
@@ -133,13 +162,13 @@ class LocalEngine:
             self.progress.advance_round()
 
 
-def client_record(rec: dict[str, Any], reply: Message | None, instruction: Message, fit_seconds: float | None,
-                  evaluation: Message | None = None) -> dict[str, Any]:
+def client_record(rec: dict[str, Any], reply: Message | None, instruction: Message | None,
+                  fit_seconds: float | None, evaluation: Message | None = None) -> dict[str, Any]:
     """Add a client's round bookkeeping to its evaluation record: bytes both ways, whether it
     replied, and what its fit reported. Every engine writes records through this. An evaluate
     message other than the broadcast (`Algorithm.configure_evaluate`) is counted apart, as
     `bytes_eval_down`: `bytes_down` stays the training broadcast alone."""
-    rec.update({"bytes_up": reply.nbytes if reply else 0, "bytes_down": instruction.nbytes,
+    rec.update({"bytes_up": reply.nbytes if reply else 0, "bytes_down": instruction.nbytes if instruction else 0,
                 "participated": reply is not None})
     if evaluation is not None and evaluation is not instruction:
         rec["bytes_eval_down"] = evaluation.nbytes

@@ -32,7 +32,7 @@ def federation_parts(cfg: RunConfig):
                              partition=cfg.partition, label_split=cfg.label_split, alpha=cfg.alpha,
                              seed=cfg.seed, data_dir=cfg.resolved_data_dir(), carve_out=cfg.carve_out,
                              reserve=cfg.reserved_train_examples, min_train=cfg.batch_size,
-                             e2e_key=cfg.e2e_partition_key)
+                             e2e_key=cfg.e2e_partition_key, test_source=cfg.test_source)
     if cfg.validation_fraction > 0:
         parts = [hold_out_validation(p, cfg.validation_fraction, cfg.seed, get_task(p.task).num_labels)
                  for p in parts]

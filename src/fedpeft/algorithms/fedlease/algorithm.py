@@ -33,8 +33,9 @@ from fedpeft.algorithms.lora_runtime import build_lora_runtime
 from fedpeft.algorithms.replies import accept
 from fedpeft.algorithms.tensors import is_synced, mark_synced, prefixed, unprefixed, weighted_mean
 from fedpeft.data.batching import num_batches
-from fedpeft.models.adapters import get_lora_state, init_lora_state, lora_parameters, parse_lora_key, set_lora_state
-from fedpeft.models.moe.layer import inject_moe_lora, moe_layers, set_own_expert, set_record_usage
+from fedpeft.models.adapters import (get_lora_state, init_lora_state, lora_key, lora_parameters, parse_lora_key,
+                                     set_lora_state)
+from fedpeft.models.moe.layer import inject_moe_lora, moe_layers, set_own_expert, set_record_usage, solo_expert
 from fedpeft.models.moe.state import load_moe_state, moe_key, moe_state, parse_moe_key
 from fedpeft.seeding import torch_generator
 
@@ -75,9 +76,9 @@ class FedLEASE(Algorithm):
                                {c.client_id: state["lora"] for c in self.federation}, n)
         return state
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         out = {}
-        for c in self.federation:
+        for c in (self.federation[i] for i in clients):
             cid = c.client_id
             cfg = {"round": rnd, "phase": self.phase(rnd)}
             warm = rnd <= self.warmup_rounds
@@ -367,16 +368,20 @@ class FedLEASE(Algorithm):
     def fit(self, instruction, client):
         phase = instruction.config["phase"]
         if phase == "late_upload":
-            if "lora" not in client.store:
-                raise RuntimeError(f"client {client.cid} has no warmup LoRA to upload")
+            if "lora" not in client.store:  # never sampled during the warmup: the whole warmup runs now
+                return self._fit_warmup(instruction, client, whole=True)
             client.store.pop("warmup_optimizer", None)  # its warmup is over too: free the optimiser state
             return self._warmup_reply(client, uploaded=True, stats=None)
         if phase == "warmup":
             return self._fit_warmup(instruction, client)
         return self._fit_phase2(instruction, client)
 
-    def _fit_warmup(self, instruction, client):
-        """The warmup's W·E epochs as ONE AdamW run (state and LR schedule carried across warmup rounds)."""
+    def _fit_warmup(self, instruction, client, *, whole: bool = False):
+        """The warmup's W·E epochs as ONE AdamW run (state and LR schedule carried across the warmup
+        rounds the client is sampled in). `whole`: a client first sampled after the warmup runs all
+        W·E epochs at once and uploads (docs/methods/fedlease.md#late-join)."""
+        if self.runtime.extra.get("num_experts") is not None:
+            return self._late_warmup_on_mixture(instruction, client)
         self._load_warmup(instruction, client)
         rt = self.runtime
         params = lora_parameters(rt.sites)
@@ -384,15 +389,35 @@ class FedLEASE(Algorithm):
         stats = self.train_client(
             client, params, tag="warmup", rnd=instruction.config["round"],
             optimizer_state=client.store.get("warmup_optimizer"), start_step=client.store.get("warmup_step", 0),
-            schedule_steps=steps)
+            schedule_steps=steps, epochs=self.warmup_rounds * self.cfg.local_epochs if whole else None)
         client.store["warmup_optimizer"] = stats.optimizer_state
         client.store["warmup_step"] = stats.end_step
         client.store["lora"] = get_lora_state(rt.sites)
         head = self.heads.keep(client)
-        if instruction.config.get("upload"):
+        if whole or instruction.config.get("upload"):
             client.store.pop("warmup_optimizer", None)  # warmup is over: free the optimiser state
             return self._warmup_reply(client, uploaded=True, stats=stats, head=head)
         return self._warmup_reply(client, uploaded=False, stats=stats)
+
+    def _late_warmup_on_mixture(self, instruction, client) -> Message:
+        """The whole warmup of a client first sampled after the clustering, in a process whose model
+        already holds the mixture: expert slot 0 alone is plain LoRA (`solo_expert`), loaded with the
+        common initialisation, trained for W·E epochs and read out as the client's warmup LoRA. The
+        slot is overwritten by the next instruction that loads the experts."""
+        model = self.runtime.model.encoder
+        init = unprefixed(LORA_PREFIX, instruction.tensors)
+        slot = {moe_key(layer, module, 0, factor): t for key, t in init.items()
+                for layer, module, factor in [parse_lora_key(key)]}
+        load_moe_state(model, slot, strict=True, experts=[0], include_router=False)
+        self.heads.load(instruction, client)
+        epochs = self.warmup_rounds * self.cfg.local_epochs
+        with solo_expert(model, 0) as params:
+            stats = self.train_client(client, params, tag="warmup", rnd=instruction.config["round"], epochs=epochs,
+                                      schedule_steps=epochs * num_batches(len(client.train), self.cfg.batch_size))
+        client.store["lora"] = {lora_key(layer, module, factor): t
+                                for key, t in moe_state(model, experts=[0], include_router=False).items()
+                                for layer, module, _, factor in [parse_moe_key(key)]}
+        return self._warmup_reply(client, uploaded=True, stats=stats, head=self.heads.keep(client))
 
     def _warmup_reply(self, client, *, uploaded: bool, stats, head=None) -> Message:
         tensors = {}

@@ -23,7 +23,6 @@ two share one code path (docs/methods/leff.md#reduction-to-fedavg-full).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -114,15 +113,6 @@ class LEFF(Algorithm):
             for n, p in self.aset().items():
                 p.copy_(values[n])
 
-    def participants(self, rnd: int) -> list[int]:
-        """ceil(f·N) clients, uniformly without replacement, from (seed, round); f = 1 (all) by default."""
-        n = len(self.federation)
-        k = math.ceil(self.cfg.participation * n - 1e-9)
-        if k >= n:
-            return list(range(n))
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, "leff-participation", rnd))
-        return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
-
     def load_global(self, state) -> None:
         """Put Θ_g (blocks and the head set) into the runtime model."""
         if self._runtime_holds is state:
@@ -201,12 +191,12 @@ class LEFF(Algorithm):
             infos.append(info)
         return self._students[key]
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         if rnd > self.num_rounds:  # the engine's look-ahead after the last round: nothing to train
-            return {c.client_id: Message({}, {"round": rnd, "participate": False}) for c in self.federation}
+            return {cid: Message({}, {"round": rnd}) for cid in clients}
         self._students = {k: v for k, v in self._students.items() if k[0] == rnd}
         L, cfg = self.num_layers, self.cfg
-        part = self.participants(rnd)
+        part = list(clients)
         starts = {b: block_starts(L, b, cfg.blocks) for b in {self.budgets[c] for c in part}}
         t0 = time.perf_counter()
         scores = None
@@ -218,11 +208,8 @@ class LEFF(Algorithm):
                      if scores is not None else np.full(len(s), 1.0 / len(s))) for b, s in starts.items()}
         out, assigned, distilled, memory = {}, {}, [], {}
         t1 = time.perf_counter()
-        for c in self.federation:
-            cid = c.client_id
-            if cid not in part:
-                out[cid] = Message({}, {"round": rnd, "participate": False})
-                continue
+        for cid in part:
+            c = self.federation[cid]
             b = self.budgets[cid]
             k = starts[b][0] if len(starts[b]) == 1 else draw_block(
                 cfg.sampling, starts[b], probs[b], seed=cfg.seed, rnd=rnd, client=cid)
@@ -237,7 +224,7 @@ class LEFF(Algorithm):
                 tensors.update({ASET_PREFIX + n: t for n, t in state["aset"].items()})
             if not is_synced(state, cid):  # the frozen embeddings, until the client first replies
                 tensors.update({EMB_PREFIX + n: p.detach() for n, p in self.runtime.extra["emb_params"].items()})
-            out[cid] = Message(tensors, {"round": rnd, "participate": True, "block_start": k, "budget": b,
+            out[cid] = Message(tensors, {"round": rnd, "block_start": k, "budget": b,
                                          "m_pre": len(pre), "m_suf": len(suf)})
             assigned[cid] = (k, b)
             memory[cid] = self.client_memory(b, len(pre) + len(suf))
@@ -259,7 +246,7 @@ class LEFF(Algorithm):
         log.info("round %d: blocks %s", rnd, " ".join(f"c{cid}:{k}-{k + b - 1}" for cid, (k, b) in assigned.items()))
         return out
 
-    def configure_evaluate(self, state, rnd, broadcast):
+    def configure_evaluate(self, state, rnd, clients, broadcast):
         """Θ_g for every client to score after every round (LEFF scores the global model): all blocks,
         𝒜 and the global head, plus the frozen embeddings to a client that never received them.
         Counted as `bytes_eval_down`."""
@@ -268,8 +255,7 @@ class LEFF(Algorithm):
         if self.has_head:
             tensors.update(prefixed(HEAD_PREFIX, self.heads.global_head(state, self.federation[0].num_labels)))
         emb = prefixed(EMB_PREFIX, {k: p.detach() for k, p in self.runtime.extra["emb_params"].items()})
-        return {c.client_id: Message({**tensors, **({} if is_synced(state, c.client_id) else emb)}, {"round": rnd})
-                for c in self.federation}
+        return {cid: Message({**tensors, **({} if is_synced(state, cid) else emb)}, {"round": rnd}) for cid in clients}
 
     def client_memory(self, budget: int, student_layers: int) -> int:
         """Client model memory, float32: parameters held + gradients and AdamW moments of the trained
@@ -292,8 +278,6 @@ class LEFF(Algorithm):
         assigned = state.get("assigned", {}).get(rnd, {})
         ok = {}
         for cid, reply in sorted(replies.items()):
-            if not reply.config.get("participated", True):
-                continue
             if cid not in assigned:
                 log.warning("round %d: ignored a reply from client %d, which was not assigned a block", rnd, cid)
                 continue
@@ -341,8 +325,6 @@ class LEFF(Algorithm):
 
     def fit(self, instruction: Message, client: Client) -> Message:
         conf = instruction.config
-        if not conf.get("participate", True):
-            return Message({}, {"num_examples": len(client.train), "participated": False})
         self._runtime_holds = None  # the runtime's blocks and head now hold this client's state
         tensors = instruction.tensors
         emb = {k[len(EMB_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMB_PREFIX)}

@@ -51,8 +51,12 @@ def build_federation(
     reserve: int = 0,
     min_train: int = 1,
     e2e_key: str = "food",
+    test_source: str = "validation",
 ) -> list[ClientData]:
     """Build one `ClientData` per entry of `tasks` (client i has task `tasks[i]`).
+
+    `test_source="train"`: every task's test pool is carved out of its train split, sized for its
+    clients' test examples (`pools.test_pool_from_train`), disjoint from every training example.
 
     `e2e_key`: the MR attribute E2E examples are grouped on for a label-skew partition (LEFF's
     Dirichlet cut, `e2e_partition_key`; an MR without it is the group "missing").
@@ -65,8 +69,13 @@ def build_federation(
     the task, split, class, need and supply.
     """
     _validate(tasks, train_samples, test_samples, partition, label_split, alpha, seed)
+    def need(task: str) -> int:
+        per_client = test_samples[task] if isinstance(test_samples, Mapping) else test_samples
+        return tasks.count(task) * int(per_client)
+
     pools = {
-        task: load_federation_pools(task, data_dir, carve_out=carve_out) for task in dict.fromkeys(tasks)
+        task: load_federation_pools(task, data_dir, carve_out=carve_out, test_source=test_source, test_need=need(task))
+        for task in dict.fromkeys(tasks)
     }
     if e2e_key != "food":
         pools = {task: regroup_e2e(task, pool, e2e_key) for task, pool in pools.items()}

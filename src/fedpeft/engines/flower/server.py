@@ -21,7 +21,7 @@ from typing import Any
 from fedpeft.algorithms.base import Algorithm, Client, ClientInfo
 from fedpeft.engines.flower.client import run_key
 from fedpeft.engines.flower.records import CONTROL, METRICS, control_of, from_records, to_records, wire_summary
-from fedpeft.engines.local import LocalEngine, client_record
+from fedpeft.engines.local import LocalEngine
 from fedpeft.errors import FedPeftError
 
 log = logging.getLogger("fedpeft")
@@ -99,9 +99,9 @@ class FlowerEngine(LocalEngine):
 
     def _fit_all(self, rnd, phase, broadcast):
         if self.progress:
-            self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): {len(self.clients)} clients training")
+            self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): {len(broadcast)} clients training")
         self._gone = set()
-        payloads = {c.cid: to_records(broadcast[c.cid], self._control("fit", rnd)) for c in self.clients}
+        payloads = {cid: to_records(msg, self._control("fit", rnd)) for cid, msg in sorted(broadcast.items())}
         contents, seconds = self._send("fit", rnd, payloads)
         replies, info = {}, {}
         for cid in sorted(contents):
@@ -111,21 +111,20 @@ class FlowerEngine(LocalEngine):
         self._first_error = FedPeftError(f"round {rnd}: no client replied (see the warnings above)")
         return replies, info
 
-    def _evaluate_all(self, rnd, phase, broadcast, evaluation, replies, fit_info):
+    def _evaluate_all(self, rnd, phase, sample, broadcast, evaluation, replies, fit_info):
         if self.progress:
-            self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): {len(self.clients)} clients evaluating")
-        asked = [c for c in self.clients if c.cid not in self._gone]  # a client that crashed in fit still scores
-        contents, _ = self._send("evaluate", rnd, {c.cid: to_records(evaluation[c.cid], self._control("evaluate", rnd))
-                                                   for c in asked})
+            self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): {len(evaluation)} clients evaluating")
+        asked = [cid for cid in sorted(evaluation) if cid not in self._gone]  # a client that crashed in fit still scores
+        contents, _ = self._send("evaluate", rnd, {cid: to_records(evaluation[cid], self._control("evaluate", rnd))
+                                                   for cid in asked})
         records = []
-        for c in self.clients:
-            reply = replies.get(c.cid)
-            rec = {"round": rnd, "phase": phase, "client": c.cid, "task": c.info.task}
-            if c.cid in contents:
-                self._audit(rnd, c.cid, "evaluate", contents[c.cid])
-                rec.update(dict(contents[c.cid][METRICS]))
-            records.append(client_record(rec, reply, broadcast[c.cid], fit_info.get(c.cid), evaluation[c.cid]))
-        return records
+        for cid in sorted(evaluation):
+            rec = {"round": rnd, "phase": phase, "client": cid, "task": self.clients[cid].info.task}
+            if cid in contents:
+                self._audit(rnd, cid, "evaluate", contents[cid])
+                rec.update(dict(contents[cid][METRICS]))
+            records.append(rec)
+        return self._bookkeeping(rnd, phase, records, sample, broadcast, evaluation, replies, fit_info)
 
     def _audit(self, rnd: int, cid: int, stage: str, content) -> None:
         line = {"round": rnd, "client": cid, "stage": stage, "records": wire_summary(content)}
