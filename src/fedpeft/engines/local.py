@@ -77,13 +77,18 @@ class LocalEngine:
             # the next round's sample; after the last round every client, for what it is scored with
             next_sample = participants(alg.cfg, n, rnd + 1) if rnd < rounds else list(range(n))
             next_broadcast = alg.configure(state, rnd + 1, next_sample)
+            configure_seconds = time.perf_counter() - t_agg - agg_seconds
             self._take_events()
             t_eval = time.perf_counter()
             evaluation = alg.configure_evaluate(state, rnd, scored(alg.cfg, n, rnd, rounds, sample), next_broadcast)
             records = self._evaluate_all(rnd, phase, sample, next_broadcast, evaluation, replies, fit_info)
             eval_seconds = time.perf_counter() - t_eval
+            # the clients' own work (fit and evaluate, timed around each call); the rest of the
+            # round is the server's: sampling, configure, aggregation (with clustering), bookkeeping
+            client_seconds = sum(fit_info.values()) + self._eval_seconds
             info = {"seconds": time.perf_counter() - t0, "aggregate_seconds": agg_seconds,
-                    "evaluate_seconds": eval_seconds, "missing": missing, **alg.round_info(state, rnd)}
+                    "configure_seconds": configure_seconds, "evaluate_seconds": eval_seconds,
+                    "client_seconds": client_seconds, "missing": missing, **alg.round_info(state, rnd)}
             if len(sample) < n:
                 info["participants"] = sample
             entry = self.history.add_round(rnd, phase, records, info)
@@ -133,13 +138,16 @@ class LocalEngine:
         """Score the clients in `evaluation`; one record per client that trained, is scored, or is
         sent the next broadcast (the others have nothing to record this round)."""
         records = []
+        self._eval_seconds = 0.0
         for i, cid in enumerate(sorted(evaluation)):
+            t0 = time.perf_counter()
             if self.progress:
                 self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): client {i + 1}/{len(evaluation)} evaluating")
             c = self.clients[cid]
             self.stores.load(c)
             metrics = self.alg.evaluate(evaluation[cid], c)
             self.stores.save(c, rnd)
+            self._eval_seconds += time.perf_counter() - t0
             records.append({"round": rnd, "phase": phase, "client": cid, "task": self.clients[cid].info.task, **metrics})
         return self._bookkeeping(rnd, phase, records, sample, broadcast, evaluation, replies, fit_info)
 

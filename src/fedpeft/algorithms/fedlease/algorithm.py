@@ -20,9 +20,11 @@ distance; M does not change, since the clustering runs only once.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedpeft.algorithms.base import Algorithm, Artifact, Client, Message, Runtime
@@ -42,6 +44,9 @@ from fedpeft.seeding import torch_generator
 log = logging.getLogger("fedpeft")
 
 MOE_PREFIX = "moe."
+# Above this many clustered clients, clustering.json names clustering_distance.npy instead of listing
+# the matrix, and the per-client figures (dendrogram, MDS, heat-map) are not drawn.
+MAX_LISTED_CLIENTS = 200
 
 
 class FedLEASE(Algorithm):
@@ -126,6 +131,7 @@ class FedLEASE(Algorithm):
     def _cluster(self, state, rnd, uploads: dict[int, Message]) -> None:
         from fedpeft.algorithms.fedlease.clustering import b_distance_matrix, cluster_clients, task_clusters
 
+        t0 = time.perf_counter()
         cids = sorted(uploads)
         loras = {cid: unprefixed(LORA_PREFIX, uploads[cid].tensors) for cid in cids}
         b_only = [{k: v for k, v in loras[cid].items() if k.endswith(".B")} for cid in cids]
@@ -148,7 +154,10 @@ class FedLEASE(Algorithm):
             log.info("  expert %d ← clients %s (%s)", j, [cids[m] for m in members],
                      ", ".join(f"{t} × {tasks.count(t)}" for t in dict.fromkeys(tasks)))
         state["warmup_b"] = {cid: b for cid, b in zip(cids, b_only)}
-        state["clustering"] = {"clients": cids, **result.to_json()}
+        info = result.to_json()
+        # the N×N distances as one tensor (a JSON list of 10^6 floats at N = 1,000 is not state)
+        state["clustering_distance"] = torch.from_numpy(np.asarray(info.pop("distance"), dtype=np.float64))
+        state["clustering"] = {"clients": cids, "seconds": time.perf_counter() - t0, **info}
         self._start_phase2(state, cluster_of, loras, result.num_clusters,
                            heads={cid: unprefixed(HEAD_PREFIX, uploads[cid].tensors) for cid in cids},
                            sizes={cid: uploads[cid].config["num_examples"] for cid in cids})
@@ -199,12 +208,12 @@ class FedLEASE(Algorithm):
         return out
 
     def _late_join(self, state, rnd, uploads) -> None:
-        from fedpeft.algorithms.fedlease.clustering import assign_late_client, b_distance_matrix
+        from fedpeft.algorithms.fedlease.clustering import assign_late_client, b_distance_row
 
         for cid in sorted(uploads):
             b_new = {k: v for k, v in unprefixed(LORA_PREFIX, uploads[cid].tensors).items() if k.endswith(".B")}
             members = sorted(state["cluster_of"])
-            dist = b_distance_matrix([b_new] + [state["warmup_b"][c] for c in members])[0, 1:]
+            dist = b_distance_row(b_new, [state["warmup_b"][c] for c in members])
             j = assign_late_client(dist, [state["cluster_of"][c] for c in members])
             if self.cfg.clustering == "task":  # the oracle: the expert of a client with the same task, if any
                 task = self.federation[cid].task
@@ -255,14 +264,18 @@ class FedLEASE(Algorithm):
                             for j in range(state["num_experts"])},
                 "tasks": {str(c.client_id): c.task for c in self.federation},
             }
-            d = info["distance"]
+            d = state["clustering_distance"].numpy()
             names = [f"{c} ({self.federation[c].task})" for c in info["clients"]]
             labels = [state["cluster_of"][c] for c in info["clients"]]
             out += [Artifact(f"lora_client_map_round_{rnd}.json", data=client_map),
-                    Artifact("clustering.json", data=info),
-                    Artifact("dendrogram.png", draw=lambda p: plots.plot_dendrogram(d, names, p)),
-                    Artifact("mds.png", draw=lambda p: plots.plot_mds(d, labels, names, p, seed=self.cfg.seed)),
-                    Artifact("distance_heatmap.png", draw=lambda p: plots.plot_distance_heatmap(d, names, p))]
+                    Artifact("clustering_distance.npy", draw=lambda p: np.save(open(p, "wb"), d))]
+            if len(names) <= MAX_LISTED_CLIENTS:  # the matrix in the JSON and per-client figures stay readable
+                out += [Artifact("clustering.json", data={**info, "distance": d.tolist()}),
+                        Artifact("dendrogram.png", draw=lambda p: plots.plot_dendrogram(d, names, p)),
+                        Artifact("mds.png", draw=lambda p: plots.plot_mds(d, labels, names, p, seed=self.cfg.seed)),
+                        Artifact("distance_heatmap.png", draw=lambda p: plots.plot_distance_heatmap(d, names, p))]
+            else:
+                out.append(Artifact("clustering.json", data={**info, "distance": "clustering_distance.npy"}))
             if info.get("silhouette"):
                 scores = {int(k): v for k, v in info["silhouette"].items()}
                 out.append(Artifact("silhouette.png",

@@ -118,6 +118,7 @@ class FlowerEngine(LocalEngine):
         contents, _ = self._send("evaluate", rnd, {cid: to_records(evaluation[cid], self._control("evaluate", rnd))
                                                    for cid in asked})
         records = []
+        self._eval_seconds = 0.0  # the nodes' work is not timed here: client_seconds is the fits' round trips
         for cid in sorted(evaluation):
             rec = {"round": rnd, "phase": phase, "client": cid, "task": self.clients[cid].info.task}
             if cid in contents:
