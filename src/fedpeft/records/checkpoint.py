@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fedpeft.errors import FedPeftError
-from fedpeft.records.atomic import atomic_write_with
+from fedpeft.atomic import atomic_write_with
 
 NAME = "checkpoint.pt"
 

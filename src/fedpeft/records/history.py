@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedpeft.records.atomic import atomic_write, atomic_write_json
+from fedpeft.atomic import atomic_write, atomic_write_json
 
 log = logging.getLogger("fedpeft")
 
