@@ -209,10 +209,16 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except UsageError as exc:
-        print(f"fedpeft: error: {exc} (see `{exc.prog} --help`)", file=sys.stderr)
+        words = sys.argv[1:] if argv is None else list(argv)
+        commands = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+        prog = exc.prog
+        if prog == "fedpeft" and words and words[0] in commands:  # extra arguments are found by the top parser
+            prog = f"fedpeft {words[0]}"
+        print(f"fedpeft: error: {exc} (see `{prog} --help`)", file=sys.stderr)
         return 2
     try:
         if args.command == "report":
