@@ -126,7 +126,7 @@ class RunHistory:
     def summary_markdown(self) -> str:
         last, best = self.headline(), self.best()
         if last is None:
-            return "# Summary\n\nNo round was scored.\n"
+            return f"# Summary\n\nNo round was scored.\n\n{self._faults_line()}\n"
         tasks = list(last["per_task_metrics"])
         lines = [f"# Summary: {self.meta.get('method', '?')} on {self.meta.get('model_name', '?')}", "",
                  f"Last round (r = {last['round']}), the headline figure. Per-task metrics are means over that task's clients; "
