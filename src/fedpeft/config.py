@@ -389,7 +389,7 @@ def read_settings(path: str | Path) -> dict[str, Any]:
         if p.suffix == ".json":
             data = json.loads(text)
         else:
-            data = _toml().loads(text)
+            data = toml_module().loads(text)
     except UnicodeDecodeError as exc:
         raise FedPeftError(f"cannot read config file {p}: byte {exc.object[exc.start]:#04x} at offset {exc.start} "
                            "is not UTF-8; save the file as UTF-8") from None
@@ -401,7 +401,7 @@ def read_settings(path: str | Path) -> dict[str, Any]:
     return data.get("run", data) if isinstance(data.get("run"), dict) else data
 
 
-def _toml():
+def toml_module():
     """tomllib (Python 3.11+), or the tomli package it came from on Python 3.10."""
     try:
         import tomllib

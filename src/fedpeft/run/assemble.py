@@ -63,10 +63,6 @@ def release_run_dir(run_dir: Path | str | None) -> None:
         lock.release()
 
 
-def holds_lock(run_dir: Path) -> bool:
-    return str(Path(run_dir).resolve()) in _HELD
-
-
 # ------------------------------------------------------------ steps 1–3
 def saved_config(cfg: RunConfig) -> RunConfig:
     """`cfg` itself, or for `--resume DIR` the settings DIR was run with (its config.json), with
@@ -360,6 +356,7 @@ def open_run_dir(cfg: RunConfig) -> tuple[Path, bool]:
         raise
     if emptied:
         log.warning("--overwrite: emptied %s of the run it held", run_dir)
+    cfg.overwrite = False  # done: the run from here on (and its Flower run key) is the one config.json describes
     log.info("run folder: %s", run_dir)
     has_checkpoint = resume and (run_dir / CHECKPOINT).is_file()
     if resume and not has_checkpoint:
