@@ -111,8 +111,9 @@ def _check_resumable(run_dir: Path, saved: RunConfig) -> None:
         return
     rnd, saved_print = ckpt
     if not (run_dir / HISTORY).exists():
+        rounds = f"rounds 1..{rnd}" if rnd > 1 else "round 1"
         raise FedPeftError(f"cannot resume: {run_dir} has a checkpoint of round {rnd} but no {HISTORY}, so the "
-                           f"records of rounds 1..{rnd} are gone: restore that file, or start again with --overwrite")
+                           f"records of {rounds} are gone: restore that file, or start again with --overwrite")
     read_history(run_dir)
     if saved_print is None:  # a checkpoint written before fingerprints existed
         return
