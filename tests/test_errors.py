@@ -89,7 +89,8 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                                                        st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                       max_leaves=8)
 keys = st.one_of(st.sampled_from(NAMES), st.sampled_from([n.replace("_", "-") for n in NAMES]), st.text(max_size=10))
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=300, deadline=None, database=None,  # no .hypothesis/ folder in the checkout
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _loads(settings_dict):
