@@ -10,6 +10,7 @@ killed twice) is `python benchmarks/faults.py`.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ FAULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "faults.py"
 def faults():
     spec = importlib.util.spec_from_file_location("fedpeft_faults", FAULTS)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
