@@ -9,6 +9,7 @@ import torch
 from fedpeft.algorithms.base import Message
 from fedpeft.algorithms.tensors import weighted_mean
 from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
+from fedpeft.config import RunConfig
 from fedpeft.run.assemble import build_algorithm
 from fedpeft.run.federation import prepare_clients
 from fedpeft.run import run
@@ -135,7 +136,7 @@ def test_same_seed_same_numbers_and_resume_equals_uninterrupted(tiny_cfg, tiny_b
     again = run(tiny_cfg(global_rounds=3, output_dir=str(tmp_path / "b")), backbone=tiny_backbone)
     stopped = run(tiny_cfg(global_rounds=3, output_dir=str(tmp_path / "c")), backbone=tiny_backbone, stop_after=1)
     assert max(r["round"] for r in stopped.history.rounds) == 1
-    resumed = run(tiny_cfg(resume=str(tmp_path / "c")), backbone=tiny_backbone)
+    resumed = run(RunConfig(resume=str(tmp_path / "c"), quiet=True), backbone=tiny_backbone)  # its settings: config.json
 
     def metrics(res):
         return [(r["round"], r["client"], r.get("accuracy"), r.get("loss")) for r in

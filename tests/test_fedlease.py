@@ -676,7 +676,7 @@ def test_resume_reaches_the_same_numbers(stop, e2e, tiny_backbone, tmp_path, no_
     full, _ = e2e
     stopped = run(_e2e_cfg(tmp_path / "c"), backbone=tiny_backbone, stop_after=stop)
     assert max(r["round"] for r in stopped.history.rounds) == stop
-    resumed = run(_e2e_cfg(tmp_path / "ignored", resume=str(tmp_path / "c")), backbone=tiny_backbone)
+    resumed = run(_e2e_cfg(tmp_path / "c", resume=str(tmp_path / "c")), backbone=tiny_backbone)
     assert _records(resumed) == _records(full)
 
 

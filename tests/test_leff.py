@@ -574,7 +574,7 @@ def test_resume_equals_uninterrupted(leff_cfg, bb4, tmp_path):
     kw = dict(layer_budgets=["1", "2"], global_rounds=3)
     full = run(leff_cfg(**kw, output_dir=str(tmp_path / "a")), backbone=bb4)
     run(leff_cfg(**kw, output_dir=str(tmp_path / "c")), backbone=bb4, stop_after=1)
-    resumed = run(leff_cfg(**kw, resume=str(tmp_path / "c")), backbone=bb4)
+    resumed = run(leff_cfg(**kw, output_dir=str(tmp_path / "c"), resume=str(tmp_path / "c")), backbone=bb4)
 
     def summary(res):
         return [(r["round"], r["client"], r.get("accuracy"), r.get("loss"), r["bytes_up"], r["bytes_down"])

@@ -13,10 +13,26 @@ import sys
 from pathlib import Path
 
 from fedpeft.config import RunConfig, field_help, read_settings
-from fedpeft.errors import FedPeftError
+from fedpeft.errors import FedPeftError, RunFailed
 
 GROUP_TITLES = {"run": "what to run", "data": "data", "training": "local training", "model": "model, LoRA and head",
                 "generation": "decoders and generation", "fedlease": "FedLEASE", "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine", "output": "output"}
+
+
+class UsageError(Exception):
+    """An argparse mistake, reported as one line by `main` (argparse would print the whole usage)."""
+
+    def __init__(self, message: str, prog: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line naming the command's --help instead of its full usage
+    (`fedpeft run`'s usage alone is ~50 lines)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(" ".join(message.split()), self.prog)
 
 
 def _type_of(f: dataclasses.Field):
@@ -63,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedpeft.bench.suites import SUITES
 
     _SUITES = ", ".join(SUITES)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fedpeft", description="Federated parameter-efficient fine-tuning: FedLEASE, LEFF and their baselines.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="train and evaluate a federation",
@@ -159,9 +175,11 @@ def flower_command(args: argparse.Namespace) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     settings = read_settings(args.config) if getattr(args, "config", None) else {}
+    if settings:
+        RunConfig.from_dict(settings, source=args.config)  # the file's own mistakes name the file
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    merged = {**{k.replace("-", "_"): v for k, v in settings.items()}, **given}
-    return RunConfig.from_dict(merged, source=args.config or "the command line")
+    merged = {**{k.replace("-", "_") if isinstance(k, str) else k: v for k, v in settings.items()}, **given}
+    return RunConfig.from_dict(merged, source="the command line")
 
 
 def demo_config(args: argparse.Namespace) -> RunConfig:
@@ -181,24 +199,39 @@ def print_summary(run_dir: Path) -> None:
     summary = run_dir / "summary.md"
     if not summary.is_file():
         raise FedPeftError(f"{run_dir} has no summary.md: is it a fedpeft run folder?")
-    print(summary.read_text())
+    print(summary.read_text(errors="replace"))
     print(f"Run folder: {run_dir}  (config.json, training_log.txt, training_history.json, metrics.csv, "
           f"summary.md, learning_curves.png)")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        words = sys.argv[1:] if argv is None else list(argv)
+        commands = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+        prog = exc.prog
+        if prog == "fedpeft" and words and words[0] in commands:  # extra arguments are found by the top parser
+            prog = f"fedpeft {words[0]}"
+        print(f"fedpeft: error: {exc} (see `{prog} --help`)", file=sys.stderr)
+        return 2
     try:
         if args.command == "report":
+            from fedpeft.records.history import read_history
+
             run_dir = Path(args.run_dir)
-            if not (run_dir / "training_history.json").is_file():
-                raise FedPeftError(f"{run_dir} is not a fedpeft run folder (no training_history.json)")
+            history = read_history(run_dir)  # one clear error for a folder that is not a run, or a damaged history
             if not (run_dir / "summary.md").is_file():
-                import json
-
-                from fedpeft.records.history import RunHistory
-
-                RunHistory.from_json(run_dir, json.loads((run_dir / "training_history.json").read_text())).finish()
+                try:
+                    history.finish()
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    raise FedPeftError(f"{run_dir}/training_history.json is not a fedpeft training history "
+                                       f"(no summary can be made of it: {exc!r})") from None
             print_summary(run_dir)
             return 0
         if args.command == "export":
@@ -232,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg)
         print_summary(result.run_dir)
         return 0
+    except RunFailed as exc:
+        print(f"fedpeft: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except FedPeftError as exc:
-        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        print(f"fedpeft: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = (f"run the same `fedpeft {args.command}` command again to continue" if args.command in ("bench", "tune")

@@ -2,13 +2,30 @@
 
 The CLI flags and a TOML file both map onto these fields; each field's metadata carries its help
 text and any alias (the official FedLEASE code's underscore names are accepted as they are).
+
+Each field also says what `--resume` may do with it (metadata `resume`):
+- `same` (the default): the setting shapes the run (method, tasks, model, rank, seed, partition,
+  sizes, learning rate, ...). It is part of the fingerprint the checkpoint carries, and a resume
+  that asks for another value refuses and names it, before any work.
+- `free`: where and how fast the run executes, never what it computes (`quiet`, `threads`,
+  `data_dir`, `round_timeout`, `client_cpus`, `client_gpus`): a resume applies a new value and says so.
+- `grow`: `global_rounds` may be raised on resume (train a finished run further), never lowered;
+  the rounds already run are those of a longer run, since no method but SLoRA (whose sparse stage
+  is a fraction of all rounds) schedules by the total.
+- `folder`: not a setting of the run but of this command (`output_dir`, `resume`, `overwrite`).
+
+Values are type-checked whatever their source (flags, TOML, JSON, Python): a whole number where an
+int is due, a finite number where a float is, a list of strings where a list is, so that a wrong
+config file is one clear error instead of a traceback deep inside a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +56,12 @@ FEDDPA_WEIGHTINGS = ("fixed", "instance")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
-def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "run", **kw) -> Any:
-    meta = {"help": help, "choices": choices, "group": group}
+RESUME_KINDS = ("same", "free", "grow", "folder")
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "run", resume: str = "same") -> Any:
+    assert resume in RESUME_KINDS, resume
+    meta = {"help": help, "choices": choices, "group": group, "resume": resume}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -54,7 +75,7 @@ class RunConfig:
     model_name: str = _f("minilm", "backbone: 'minilm' (packaged, offline), a hub id, a local path, or a model factory 'module:function' (a function, called with no arguments, of a module importable in every process that loads the model, Flower clients included, that returns a fedpeft.models.backbone.Backbone)", group="model")
     engine: str = _f("local", "execution engine: local (in-process), flower-sim (Flower's Simulation Engine); 'flower' marks runs of the deployed ServerApp (started with flwr run, see README)", choices=ENGINES)
     # Data
-    data_dir: str | None = _f(None, "data root with GLUE task folders (glue/SST-2/{train,dev}.tsv, ...) and e2e/, webnlg/ for generation tasks (default: $FEDPEFT_DATA_DIR)", group="data")
+    data_dir: str | None = _f(None, "data root with GLUE task folders (glue/SST-2/{train,dev}.tsv, ...) and e2e/, webnlg/ for generation tasks (default: $FEDPEFT_DATA_DIR)", group="data", resume="free")
     partition: str = _f("task", "how clients get their data", choices=PARTITIONS, group="data")
     label_split: str = _f("class_balanced", "label proportions under --partition task", choices=LABEL_SPLITS, group="data")
     alpha: float = _f(0.5, "Dirichlet concentration for --partition dirichlet", group="data")
@@ -74,7 +95,7 @@ class RunConfig:
     test_source: str = _f("validation", "where test examples come from: the task's validation split, or carved out of its train split (disjoint from every client's training examples) when many clients need more test data than the validation split holds", choices=("validation", "train"), group="federation")
     client_store: str = _f("memory", "where clients keep what persists between rounds (local heads and LoRAs, optimiser state): in memory, or on disk in the run folder, loaded when the client is sampled", choices=("memory", "disk"), group="federation")
     # Rounds and local training
-    global_rounds: int = _f(25, "total rounds (warmup included, as in the official FedLEASE code)", group="training")
+    global_rounds: int = _f(25, "total rounds (warmup included, as in the official FedLEASE code); with --resume, a higher value trains the run further", group="training", resume="grow")
     warmup_rounds: int = _f(5, "warmup rounds (methods with a warmup phase only)", group="training")
     local_epochs: int = _f(2, "local epochs per round", group="training")
     lr: float = _f(1e-3, "learning rate", group="training")
@@ -84,7 +105,7 @@ class RunConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", group="training")
     precision: str = _f("fp32", "training precision on CPU (bf16 = autocast; routers, softmax, losses stay float32)", choices=PRECISIONS, group="training")
     seed: int = _f(42, "run seed; every client/round/phase seed derives from it", group="training")
-    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", group="training")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", group="training", resume="free")
     # LoRA and head
     rank: int = _f(4, "LoRA rank r", group="model")
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)", group="model")
@@ -135,13 +156,14 @@ class RunConfig:
     slora_stage1_fraction: float = _f(0.25, "SLoRA: fraction of rounds in the sparse stage 1", group="leff")
     slora_density: float = _f(0.01, "SLoRA: density of the stage-1 sparse mask", group="leff")
     # Flower engine
-    client_cpus: float = _f(1.0, "flower-sim: CPUs reserved per simulated client (Ray resources)", group="flower")
-    client_gpus: float = _f(0.0, "flower-sim: GPUs (fractions allowed) reserved per simulated client", group="flower")
-    round_timeout: float = _f(3600.0, "Flower: seconds to wait for the replies of a round before aggregating those that arrived", group="flower")
+    client_cpus: float = _f(1.0, "flower-sim: CPUs reserved per simulated client (Ray resources)", group="flower", resume="free")
+    client_gpus: float = _f(0.0, "flower-sim: GPUs (fractions allowed) reserved per simulated client", group="flower", resume="free")
+    round_timeout: float = _f(3600.0, "Flower: seconds to wait for the replies of a round before aggregating those that arrived", group="flower", resume="free")
     # Output
-    output_dir: str | None = _f(None, "run folder (default: runs/<method>-<time>)", group="output")
-    resume: str | None = _f(None, "continue the stopped run in this folder", group="output")
-    quiet: bool = _f(False, "no progress bar; warnings and the final summary only", group="output")
+    output_dir: str | None = _f(None, "run folder (default: runs/<method>-<time>, made unique); it must not hold another run", group="output", resume="folder")
+    resume: str | None = _f(None, "continue the stopped run in this folder; flags may change only --global-rounds (upwards), --threads, --quiet, --data-dir and the Flower timeouts/resources", group="output", resume="folder")
+    overwrite: bool = _f(False, "replace the run that --output_dir holds: the folder is emptied first", group="output", resume="folder")
+    quiet: bool = _f(False, "no progress bar; warnings and the final summary only", group="output", resume="free")
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -149,6 +171,8 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check every field once, early; raise FedPeftError with what to change."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _typed(f, getattr(self, f.name)))
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -218,10 +242,10 @@ class RunConfig:
         items = [str(x) for x in self.layer_budgets]
         if len(items) == 1 and items[0].startswith("uniform:"):
             lo, _, hi = items[0][len("uniform:"):].partition("-")
-            if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+            if not (_COUNT.fullmatch(lo) and _COUNT.fullmatch(hi) and 1 <= int(lo) <= int(hi)):
                 raise E(f"--layer-budgets {items[0]!r} is not uniform:a-b with 1 <= a <= b, e.g. uniform:1-4")
             return int(lo), int(hi)
-        if not items or not all(x.isdigit() and int(x) >= 1 for x in items):
+        if not items or not all(_COUNT.fullmatch(x) and int(x) >= 1 for x in items):
             raise E(f"--layer-budgets takes whole numbers >= 1 (e.g. --layer-budgets 1 2 4), got {' '.join(items)}")
         return [int(x) for x in items]
 
@@ -260,7 +284,7 @@ class RunConfig:
         for item in self.task_samples:
             task, _, sizes = item.partition("=")
             tr, _, te = sizes.partition(":")
-            if not (task and tr.isdigit() and te.isdigit() and int(tr) > 0 and int(te) > 0):
+            if not (task and _COUNT.fullmatch(tr) and _COUNT.fullmatch(te) and int(tr) > 0 and int(te) > 0):
                 raise FedPeftError(f"--task-samples {item!r} is not TASK=TRAIN:TEST with positive numbers, e.g. mrpc=500:64")
             train[task], test[task] = int(tr), int(te)
         return train, test
@@ -320,21 +344,50 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from fedpeft.atomic import atomic_write
+
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "settings") -> "RunConfig":
+        """The settings `values` names; the result remembers which ones were given (`_given`), so
+        that `--resume` knows what the command asks to change."""
+        if not isinstance(values, dict):
+            raise FedPeftError(f"{source} must hold a table of settings (name = value), not a {_kind(values)}")
         known = {f.name for f in dataclasses.fields(cls)}
         clean = {}
         for key, value in values.items():
-            name = key.replace("-", "_")
+            name = key.replace("-", "_") if isinstance(key, str) else key
             if name not in known:
                 raise FedPeftError(f"unknown setting {key!r} in {source}: see `fedpeft run --help` for the names")
             clean[name] = value
         try:
-            return cls(**clean)
-        except TypeError as exc:  # pragma: no cover - dataclass signature errors
-            raise FedPeftError(f"bad settings in {source}: {exc}") from None
+            cfg = cls(**clean)
+        except FedPeftError as exc:
+            if source in ("settings", "the command line"):
+                raise
+            raise FedPeftError(f"{source}: {exc}") from None
+        cfg._given = frozenset(clean)
+        return cfg
+
+    # ---------------------------------------------------------------- resume
+    def resume_kind(self, name: str) -> str:
+        """What `--resume` may do with setting `name` (the module docstring lists the kinds)."""
+        if name == "global_rounds" and self.method == "slora":
+            return "same"  # SLoRA's sparse stage is a fraction of all rounds: the total shapes the run
+        return _FIELDS[name].metadata["resume"]
+
+    def shaping_settings(self) -> dict[str, Any]:
+        """The settings that shape the run (resume kind `same`): the fingerprint a checkpoint carries."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if self.resume_kind(f.name) == "same"}
+
+    def requested(self) -> dict[str, Any]:
+        """The settings this config asks for explicitly: the names given to `from_dict` (the CLI,
+        a TOML file), or, for a RunConfig made in Python, the fields that differ from their default."""
+        names = getattr(self, "_given", None)
+        if names is None:
+            names = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _default(f)}
+        return {n: getattr(self, n) for n in sorted(names)}
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
@@ -345,23 +398,110 @@ class RunConfig:
 def read_settings(path: str | Path) -> dict[str, Any]:
     """The settings in a TOML or JSON file, as a plain dict (not yet validated)."""
     p = Path(path)
+    if p.is_dir():
+        raise FedPeftError(f"config file {p} is a folder, not a file of settings")
     if not p.is_file():
         raise FedPeftError(f"config file {p} does not exist")
     try:
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
         if p.suffix == ".json":
-            return json.loads(p.read_text())
-        import tomllib
-
-        with p.open("rb") as fh:
-            data = tomllib.load(fh)
-    except (ValueError, OSError) as exc:
-        raise FedPeftError(f"cannot read config file {p}: {exc}") from None
+            data = json.loads(text)
+        else:
+            data = toml_module().loads(text)
+    except UnicodeDecodeError as exc:
+        raise FedPeftError(f"cannot read config file {p}: byte {exc.object[exc.start]:#04x} at offset {exc.start} "
+                           "is not UTF-8; save the file as UTF-8") from None
+    except (ValueError, OSError, RecursionError) as exc:
+        raise FedPeftError(f"cannot read config file {p}: {_one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise FedPeftError(f"config file {p} must hold a table of settings (name = value), not a {_kind(data)}")
     # Allow a [run] table or top-level keys.
     return data.get("run", data) if isinstance(data.get("run"), dict) else data
 
 
+def toml_module():
+    """tomllib (Python 3.11+), or the tomli package it came from on Python 3.10."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
+_COUNT = re.compile(r"[0-9]+")
+_FIELDS: dict[str, dataclasses.Field] = {}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _kind(value: Any) -> str:
+    return {list: "list", dict: "table", str: "string", bool: "boolean", int: "whole number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _typed(f: dataclasses.Field, value: Any) -> Any:
+    """`value` checked against field `f`'s annotation (ints may stand for floats, and numbers for the
+    strings of a list such as --layer-budgets); a wrong type is a FedPeftError naming the setting."""
+    ann = str(f.type).replace(" ", "")
+    optional = ann.endswith("|None")
+    base = ann[: -len("|None")] if optional else ann
+    if value is None and optional:
+        return None
+    flag = _flag(f.name)
+
+    def wrong(what: str) -> FedPeftError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return FedPeftError(f"{flag} must be {what}, got {shown} (a {_kind(value)})")
+
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("a whole number")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise wrong("a finite number") from None
+        if not math.isfinite(number):
+            raise wrong("a finite number")
+        return number
+    if base == "str":
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if base == "list[str]":
+        if not isinstance(value, (list, tuple)):
+            example = f', e.g. {f.name} = ["sst2", "sst2"]' if f.name == "tasks" else ""
+            raise wrong(f"a list of strings{example}")
+        out = []
+        for item in value:
+            if isinstance(item, int) and not isinstance(item, bool):
+                item = str(item)
+            if not isinstance(item, str):
+                raise wrong("a list of strings")
+            out.append(item)
+        return out
+    raise AssertionError(f"RunConfig.{f.name}: no type check for {f.type}")  # a new annotation: add it above
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+_FIELDS.update({f.name: f for f in dataclasses.fields(RunConfig)})
 
 
 def field_help() -> list[tuple[dataclasses.Field, str]]:

@@ -3,20 +3,21 @@
 A run folder counts as finished when it has summary.md and its training_history.json holds the
 last round (round == global_rounds). A folder whose config.json differs from the suite's settings
 (an edited suite) is an error rather than a silent reuse. A folder with a checkpoint but no summary is resumed from the
-checkpoint (`--resume`); anything else is run from the start. One log line per run started and
-finished (with its headline), and one per run skipped.
+checkpoint (`--resume`); anything else is run from the start (`--overwrite`). One log line per
+run started and finished (with its headline), and one per run skipped.
 
-Two `bench` commands may share an --out (e.g. one per core): a run folder being trained holds a
-`.bench.lock` with its process id, and the other command skips that run instead of training it into
-the same folder at the same time. A lock whose process is gone is taken over. Process ids are local,
-so this guards commands on one machine only.
+Two `bench` commands may share an --out (e.g. one per core): a run folder being trained is locked
+by the process training it (the run folder's own lock, run/assemble.py: an flock the kernel frees
+when that process ends, however it ends), and the other command skips that run instead of training
+it into the same folder at the same time. The lock is taken before the folder is looked at, so
+"finished?" and "run it" are one step; a lock file is never deleted, so no command can remove
+another's lock. flock guards processes on one machine (and on file systems that support it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,43 +71,22 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
                                f"{planned[key]!r}: remove that folder or use another --out")
 
 
-LOCK = ".bench.lock"
+def claim(run_dir: Path) -> bool:
+    """Take the run folder's lock for this process (run/assemble.py); False if another process holds it."""
+    from fedpeft.run.assemble import lock_run_dir
 
-
-def _alive(pid: int) -> bool:
+    run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        lock_run_dir(run_dir)
+    except FedPeftError:
         return False
-    except PermissionError:  # somebody else's live process
-        return True
     return True
 
 
-def claim(run_dir: Path) -> int | None:
-    """Take run_dir's lock for this process; return the pid of the live process holding it instead, if any."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / LOCK
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = int(lock.read_text().strip())
-            except (OSError, ValueError):  # being written, or garbage: look again, then take it over
-                holder = 0
-            if holder and holder != os.getpid() and _alive(holder):
-                return holder
-            lock.unlink(missing_ok=True)  # left by a process that is gone
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        return None
-    raise FedPeftError(f"cannot take the lock {lock}: another process keeps recreating it")
-
-
 def release(run_dir: Path) -> None:
-    (run_dir / LOCK).unlink(missing_ok=True)
+    from fedpeft.run.assemble import release_run_dir
+
+    release_run_dir(run_dir)
 
 
 def _headline_text(history) -> str:
@@ -154,13 +134,12 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
         if threads is not None:
             cfg.threads = threads  # not a setting of the run: wall times are, so the report says it
         tag = f"[{i}/{len(plan)}] {entry.label} seed {seed}"
-        check_same_settings(run_dir, cfg, backbone)
-        holder = claim(run_dir)
-        if holder is not None:
-            say(f"{tag}: being run by another process (pid {holder}), skipped ({run_dir})")
+        if not claim(run_dir):
+            say(f"{tag}: being run by another process, skipped ({run_dir})")
             refs.append(RunRef(entry.label, seed, cfg.method, run_dir, "busy"))
             continue
         try:
+            check_same_settings(run_dir, cfg, backbone)
             if is_finished(run_dir):  # checked under the lock: another command may have just finished it
                 say(f"{tag}: finished earlier, skipped ({run_dir})")
                 refs.append(RunRef(entry.label, seed, cfg.method, run_dir, "skipped"))
@@ -168,6 +147,9 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
             status = "ran"
             if (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.json").is_file():
                 cfg.resume, status = str(run_dir), "resumed"
+                cfg.output_dir = None  # the run's folder is --resume's
+            elif any((run_dir / name).exists() for name in ("config.json", "training_history.json")):
+                cfg.overwrite = True  # stopped before its first checkpoint: nothing to keep, run it again
             say(f"{tag}: {'resuming' if cfg.resume else 'started'} -> {run_dir}")
             start = time.perf_counter()
             result = runner(cfg, backbone=backbone)

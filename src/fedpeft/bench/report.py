@@ -14,10 +14,12 @@ The std over seeds is the sample standard deviation (ddof = 1); with one seed on
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Any, Iterable
 
+from fedpeft.atomic import atomic_write
 from fedpeft.bench.tables import FIXED_COLUMNS, TAIL_COLUMNS, mean_std, task_columns
 from fedpeft.errors import FedPeftError
 
@@ -118,12 +120,12 @@ def _pm(ms: tuple[float, float | None], scale: float = 100.0, digits: int = 2) -
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     cols = FIXED_COLUMNS + task_columns(rows) + TAIL_COLUMNS
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in cols})
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in cols})
+    return atomic_write(path, buf.getvalue())
 
 
 def markdown(rows: list[dict[str, Any]], *, title: str, description: str = "") -> str:
@@ -214,8 +216,8 @@ def write_report(rows: list[dict[str, Any]], dest: str | Path, *, suite=None, se
     if suite is not None and suite.extra.get("report") == "leff":
         from fedpeft.bench.leff_report import leff_markdown
 
-        files["md"].write_text(leff_markdown(rows, title=title, description=suite.description))
+        atomic_write(files["md"], leff_markdown(rows, title=title, description=suite.description))
     else:
-        files["md"].write_text(markdown(rows, title=title, description=suite.description if suite else ""))
+        atomic_write(files["md"], markdown(rows, title=title, description=suite.description if suite else ""))
     files["png"] = plot(rows, dest / "results.png", title=f"{name}: overall by method")
     return files

@@ -26,6 +26,7 @@ docstring for the exact rule). The local root itself is resolved in `root.py`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import logging
@@ -129,6 +130,41 @@ def read_task_tsv(task: str, path: str | os.PathLike) -> list[Example]:
     return list(_read_cached(spec.name, str(path), stat.st_mtime_ns, stat.st_size))
 
 
+class _Where:
+    reader = None
+
+
+@contextlib.contextmanager
+def text_file_errors(path: str | os.PathLike):
+    """Turn what a damaged text data file raises while it is read into one FedPeftError naming the
+    file and line: a byte that is not UTF-8 (the line found by rereading the file as bytes), or a
+    field longer than Python's csv limit. Set `.reader` on the yielded object to the csv reader."""
+    where = _Where()
+    try:
+        yield where
+    except UnicodeDecodeError:
+        line, column, byte = first_non_utf8(path)
+        raise FedPeftError(f"{path}, line {line}: byte {byte:#04x} (column {column}) is not UTF-8; save the file "
+                           "as UTF-8 or fix that line.") from None
+    except csv.Error as exc:
+        line = where.reader.line_num if where.reader is not None else "?"
+        if "field larger than field limit" in str(exc):
+            raise FedPeftError(f"{path}, line {line}: a field is longer than {csv.field_size_limit()} characters "
+                               "(Python's csv limit); is this the right file? Fix or remove that row.") from None
+        raise FedPeftError(f"{path}, line {line}: {exc}; fix or remove that row.") from None
+
+
+def first_non_utf8(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(line, column, byte) of the first byte of `path` that is not UTF-8 (columns count bytes from 1)."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                return number, exc.start + 1, raw[exc.start]
+    return 0, 0, 0  # pragma: no cover - only called after a decode error
+
+
 @functools.lru_cache(maxsize=64)
 def _read_cached(task: str, path: str, mtime_ns: int, size: int) -> tuple[Example, ...]:
     spec = get_task(task)
@@ -139,8 +175,9 @@ def _read_cached(task: str, path: str, mtime_ns: int, size: int) -> tuple[Exampl
         layout = _LAYOUTS[spec.name]
         label_map = layout.label_map
     # utf-8-sig drops the byte-order mark that starts the GLUE MRPC header.
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f, text_file_errors(path) as where:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        where.reader = reader
         if layout.header:
             header = next(reader, None)
             if header is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.records.atomic import atomic_write_with
+from fedpeft.atomic import atomic_write_with
 
 
 class MemoryStores:

@@ -270,3 +270,24 @@ def sentence_transformers_pooling(path: str) -> str:
         except ValueError:
             pass
     return "first"
+
+
+# Models whose position ids start after the padding index (RoBERTa's layout): two of their
+# max_position_embeddings are never a token's position.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer", "xmod"}
+
+
+def max_positions(model) -> int | None:
+    """How many tokens one sequence may have on this model: its learned or declared position table
+    (RoBERTa-style offsets taken off), or None for a model with relative positions only (DeBERTa-v3)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if getattr(cfg, "position_biased_input", True) is False:
+        return None
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    if getattr(cfg, "model_type", None) in _OFFSET_POSITIONS:
+        n -= (getattr(cfg, "pad_token_id", None) or 1) + 1
+    return n

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError
-from fedpeft.records.atomic import atomic_write_json
+from fedpeft.atomic import atomic_write_json
 from fedpeft.records.checkpoint import load_checkpoint
 from fedpeft.run.assemble import build_algorithm, settle
 

@@ -35,6 +35,7 @@ from fedpeft.algorithms.lora_runtime import build_lora_runtime
 from fedpeft.algorithms.replies import accept
 from fedpeft.algorithms.tensors import is_synced, mark_synced, prefixed, unprefixed, weighted_mean
 from fedpeft.data.batching import num_batches
+from fedpeft.errors import RunFailed
 from fedpeft.models.adapters import (get_lora_state, init_lora_state, lora_key, lora_parameters, parse_lora_key,
                                      set_lora_state)
 from fedpeft.models.moe.layer import inject_moe_lora, moe_layers, set_own_expert, set_record_usage, solo_expert
@@ -110,22 +111,30 @@ class FedLEASE(Algorithm):
         return out
 
     def aggregate(self, state, rnd, replies):
-        mark_synced(state, replies)  # they hold the common initialisation now
         if rnd < self.warmup_rounds:
+            mark_synced(state, replies)  # they hold the common initialisation now
             return state  # warmup: nothing aggregated or sent until the one upload at the end of round W
+        rejected: set[int] = set()
         uploads = {cid: r for cid, r in replies.items() if r.config.get("uploaded_warmup")}
         if uploads:
             expected = {LORA_PREFIX + k: v.shape for k, v in state["lora"].items()}
-            uploads = accept(self, rnd, uploads, expected)
+            ok = accept(self, rnd, uploads, expected)
+            rejected |= set(uploads) - set(ok)
+            uploads = ok
         if rnd == self.warmup_rounds:
             if not uploads:
-                raise RuntimeError("no client uploaded its warmup LoRA: nothing to cluster")
+                why = "every upload was rejected" if rejected else "no client uploaded one"
+                raise RunFailed(f"round {rnd}: no warmup LoRA to cluster ({why}; see the log); the run stopped with "
+                                f"the checkpoint of round {rnd - 1}")
             self._cluster(state, rnd, uploads)
         elif uploads:
             self._late_join(state, rnd, uploads)
         trained = {cid: r for cid, r in replies.items() if "own_expert" in r.config}
         if trained:
-            self._aggregate_experts(state, rnd, trained)
+            rejected |= self._aggregate_experts(state, rnd, trained)
+        # They hold the common initialisation now; a rejected client is rolled back to before this
+        # round (engines/local.py), so it is sent the initialisation again if this was its first reply.
+        mark_synced(state, set(replies) - rejected)
         return state
 
     def _cluster(self, state, rnd, uploads: dict[int, Message]) -> None:
@@ -223,13 +232,16 @@ class FedLEASE(Algorithm):
             log.info("round %d: late client %d (missed the warmup upload) joins expert %d", rnd, cid, j)
             self.record_event("late_join", round=rnd, client=cid, expert=j)
 
-    def _aggregate_experts(self, state, rnd, replies) -> None:
-        """Expert j and router j from cluster j's replies only; an empty cluster keeps its values."""
+    def _aggregate_experts(self, state, rnd, replies) -> set[int]:
+        """Expert j and router j from cluster j's replies only; an empty cluster keeps its values.
+        Returns the clients whose replies were rejected."""
+        rejected = set()
         for j in range(state["num_experts"]):
             members = {cid: r for cid, r in replies.items() if state["cluster_of"].get(cid) == j}
             if not members:
                 continue
             ok = accept(self, rnd, members, self._upload_shapes(state, j))
+            rejected |= set(members) - set(ok)
             if not ok:
                 continue
             weights = [r.config["num_examples"] for r in ok.values()]
@@ -241,6 +253,7 @@ class FedLEASE(Algorithm):
                 else:
                     state["experts"][key] = tensor
             self.heads.aggregate(state, ok, group_of={cid: j for cid in ok})
+        return rejected
 
     def _upload_shapes(self, state, j: int) -> dict[str, torch.Size]:
         shapes = {MOE_PREFIX + k: t.shape for k, t in state["experts"].items() if parse_moe_key(k)[2] == j}
