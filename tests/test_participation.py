@@ -194,11 +194,11 @@ def test_disk_stores_give_the_memory_run_and_resume_to_the_same_numbers(method, 
 
     saved = tmp_path / "round3"
     shutil.copytree(tmp_path / "resumed", saved)
-    resumed = run(tiny_cfg(**base, client_store="disk", resume=str(tmp_path / "resumed")), backbone=tiny_backbone)
+    resumed = run(tiny_cfg(**base, client_store="disk", resume=str(tmp_path / "resumed"), output_dir=str(tmp_path / "resumed")), backbone=tiny_backbone)
     assert _metrics(resumed) == _metrics(mem)
     # A kill after round 4 wrote its stores but before its checkpoint: round 3's checkpoint and history
     # with round 4's store files. The resumed run must read every store as of round 3.
     for name in ("checkpoint.pt", "training_history.json"):
         shutil.copy(saved / name, tmp_path / "resumed" / name)
-    again = run(tiny_cfg(**base, client_store="disk", resume=str(tmp_path / "resumed")), backbone=tiny_backbone)
+    again = run(tiny_cfg(**base, client_store="disk", resume=str(tmp_path / "resumed"), output_dir=str(tmp_path / "resumed")), backbone=tiny_backbone)
     assert _metrics(again) == _metrics(mem)
