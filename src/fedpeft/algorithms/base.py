@@ -72,6 +72,27 @@ class Algorithm(abc.ABC):
         self.federation = federation
         self.heads = make_heads(self.cfg, runtime.model, federation)
 
+    def place_runtime(self, runtime: Runtime) -> Runtime:
+        """Put the runtime model on the run's device (`--device`, resolved) and switch gradient
+        checkpointing on when asked. The run assembly calls it once, right after `build_runtime`.
+
+        Everything the model computes runs there (its adapters, heads, batches, generation, LEFF's
+        distillation); what leaves it (messages, the server state, client stores) is copied to
+        `hardware.WIRE_DEVICE`, so aggregation runs on the CPU whatever device the clients use."""
+        from fedpeft.hardware import resolve_device
+        from fedpeft.models.placement import enable_gradient_checkpointing, place
+
+        device = resolve_device(self.cfg.device)  # a no-op for a resolved device; `auto` for hand-built configs
+        place(runtime.model, device)
+        if self.cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(runtime.model)
+        return runtime
+
+    @property
+    def device(self):
+        """Where this process's runtime model computes (its parameters' device)."""
+        return next(self.runtime.model.parameters()).device
+
     # ------------------------------------------------------------ schedule
     @property
     def num_rounds(self) -> int:

@@ -42,7 +42,7 @@ def load_run_backbone(cfg: RunConfig, backbone=None):
     if backbone is None:
         from fedpeft.models.backbone import load_backbone
 
-        return load_backbone(cfg.model_name, kind=kind, quantization=cfg.quantization)
+        return load_backbone(cfg.model_name, kind=kind, quantization=cfg.quantization, device=cfg.device)
     if getattr(backbone, "kind", "encoder") != kind:
         need = "a causal (decoder)" if kind == "causal" else "an encoder"
         raise FedPeftError(f"these tasks need {need} backbone, got {backbone.name!r} ({backbone.kind})")
@@ -67,7 +67,7 @@ def build_algorithm(cfg: RunConfig, backbone, federation=None):
 
     cfg = cfg.resolved(model_type=backbone.model_type)
     algorithm = get_algorithm(cfg)
-    runtime = algorithm.build_runtime(backbone)
+    runtime = algorithm.place_runtime(algorithm.build_runtime(backbone))
     if federation is not None:
         algorithm.bind(runtime, federation)
     else:
@@ -99,6 +99,9 @@ def open_run_dir(cfg: RunConfig) -> tuple[Path, bool]:
     to_save = RunConfig(**{**cfg.to_dict(), "resume": None, "output_dir": str(run_dir)})
     to_save.save(run_dir / "config.json")
     log.info("run folder: %s", run_dir)
+    from fedpeft.hardware import announce
+
+    announce(cfg.device, cfg.precision)  # the resolved device and precision, and why (config.json has them)
     return run_dir, resume
 
 
