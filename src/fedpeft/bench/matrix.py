@@ -39,7 +39,8 @@ class RunRef:
 
 
 # Fields that may differ between a finished run and the suite without making it a different run.
-_IGNORED = {"output_dir", "resume", "quiet", "data_dir", "threads"}
+# The device is where a run computes, like its threads; its precision changes its numbers and is compared.
+_IGNORED = {"output_dir", "resume", "quiet", "data_dir", "threads", "device"}
 
 
 def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
