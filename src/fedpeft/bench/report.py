@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 from fedpeft.bench.tables import FIXED_COLUMNS, TAIL_COLUMNS, mean_std, task_columns
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import CPU
 
 # The FedLEASE paper's main GLUE table (docs/methods/fedlease.md#reference-results): RoBERTa-large,
 # 16 clients (SST-2, QNLI, MRPC, QQP x 4), accuracy %.
@@ -90,7 +91,7 @@ def _hardware_of(run_dir: str | Path) -> dict[str, str]:
         saved = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-    return {"precision": saved.get("precision", "fp32"), "device": saved.get("device", "cpu")}
+    return {"precision": saved.get("precision", "fp32"), "device": saved.get("device", CPU)}
 
 
 def load_rows(refs: Iterable[Any]) -> list[dict[str, Any]]:

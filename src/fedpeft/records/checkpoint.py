@@ -1,7 +1,8 @@
 """Save the whole federation after every round; resume exactly.
 
 Everything random is derived from (seed, client, round, phase), so the server state, the client
-stores and the round number are all that a resumed run needs to reach the same numbers.
+stores and the round number are all that a resumed run needs to reach the same numbers. They hold
+tensors on the wire device (the CPU), and load there whatever device the run computes on.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import WIRE_DEVICE
 from fedpeft.records.atomic import atomic_write_with
 
 NAME = "checkpoint.pt"
@@ -28,6 +30,6 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FedPeftError(f"cannot resume: {path} does not exist (was the run started with this --output_dir?)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=WIRE_DEVICE, weights_only=True)
     except Exception as exc:
         raise FedPeftError(f"cannot resume: {path} is unreadable ({exc})") from None

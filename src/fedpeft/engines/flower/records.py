@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fedpeft.algorithms.base import Message
+from fedpeft.hardware import WIRE_DEVICE
 
 TENSORS, CONFIG, METRICS, CONTROL = "tensors", "config", "metrics", "fedpeft"
 JSON_PREFIX = "json:"
@@ -109,4 +110,4 @@ def store_to_bytes(store: dict[str, Any]) -> bytes:
 
 
 def store_from_bytes(blob: bytes) -> dict[str, Any]:
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(blob), map_location=WIRE_DEVICE, weights_only=True)
