@@ -62,7 +62,7 @@ def _check_json(value: Any, where: str) -> Any:
 def encode_tensors(tensors: dict[str, torch.Tensor]):
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord({k: Array(v.detach().cpu().contiguous()) for k, v in tensors.items()})
+    return ArrayRecord({k: Array(v.detach().to(WIRE_DEVICE).contiguous()) for k, v in tensors.items()})
 
 
 def decode_tensors(record) -> dict[str, torch.Tensor]:
