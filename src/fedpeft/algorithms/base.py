@@ -27,6 +27,7 @@ boundary. Algorithms never write files: they hand events and artifacts to the ru
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +37,7 @@ from fedpeft.algorithms.local_training import score, train
 from fedpeft.algorithms.messages import Artifact, Client, ClientInfo, Message, Runtime
 from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import resolve_precision
 
 __all__ = ["Algorithm", "Artifact", "Client", "ClientInfo", "Message", "Runtime"]
 
@@ -48,6 +50,11 @@ class Algorithm(abc.ABC):
     name: ClassVar[str] = "base"
 
     def __init__(self, cfg: RunConfig):
+        if cfg.device == "auto" or cfg.precision == "auto":
+            # Settings built by hand (tests, benchmark scripts) that never went through resolved():
+            # an algorithm computes, so its device and precision are made concrete here, by the same rule.
+            device = cfg.resolved_device()
+            cfg = dataclasses.replace(cfg, device=device, precision=resolve_precision(cfg.precision, device))
         self.cfg = cfg  # resolved settings (RunConfig.resolved()): nothing here guesses a default again
         self.runtime: Runtime | None = None
         self.federation: list[ClientInfo] = []
@@ -79,11 +86,9 @@ class Algorithm(abc.ABC):
         Everything the model computes runs there (its adapters, heads, batches, generation, LEFF's
         distillation); what leaves it (messages, the server state, client stores) is copied to
         `hardware.WIRE_DEVICE`, so aggregation runs on the CPU whatever device the clients use."""
-        from fedpeft.hardware import resolve_device
         from fedpeft.models.placement import enable_gradient_checkpointing, place
 
-        device = resolve_device(self.cfg.device)  # a no-op for a resolved device; `auto` for hand-built configs
-        place(runtime.model, device)
+        place(runtime.model, self.cfg.device)
         if self.cfg.gradient_checkpointing:
             enable_gradient_checkpointing(runtime.model)
         return runtime
