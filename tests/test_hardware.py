@@ -394,3 +394,36 @@ def test_a_kbit_decoder_is_prepared_for_training_when_loaded(tmp_path, monkeypat
         backbone_mod._load_causal_cached.cache_clear()
     assert seen == [("8bit", "cuda:1"), "prepared"]
     assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_a_gpu_run_exports_on_a_machine_without_one(tiny_cfg, tmp_path, cpu_is):
+    """Export computes nothing: a run folder whose config.json says cuda and fp16 exports here."""
+    from fedpeft.run import run
+    from fedpeft.run.export import export_run
+
+    res = run(tiny_cfg(model_name="tiny_models:tiny_bert", global_rounds=1))
+    saved = json.loads((res.run_dir / "config.json").read_text())
+    saved.update(device="cuda", precision="fp16")
+    (res.run_dir / "config.json").write_text(json.dumps(saved))
+    cpu_is(AVX2)
+    out = export_run(res.run_dir)
+    assert (out / "global_lora" / "adapter_model.safetensors").is_file()
+
+
+def test_bench_compares_a_saved_gpu_run_by_precision_not_by_device(tmp_path, cpu_is):
+    """A bench folder made on a GPU (device cuda, bf16) is the suite's run on a CPU with native bf16
+    (the device is where a run computes, not what it computes), and not on an AVX2 CPU, where auto
+    means fp32: the saved device is never resolved again, here where that GPU does not exist."""
+    from types import SimpleNamespace
+
+    from fedpeft.bench.matrix import check_same_settings
+
+    bert = SimpleNamespace(model_type="bert")
+    cpu_is(AVX512_BF16)
+    plan = RunConfig(tasks=["demo-sentiment"] * 2, engine="flower-sim", client_gpus=0.0)
+    saved = {**plan.resolved(model_type="bert").to_dict(), "device": "cuda", "precision": "bf16"}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_same_settings(tmp_path, plan, bert)
+    cpu_is(AVX2)
+    with pytest.raises(FedPeftError, match="precision='bf16'.*'fp32'"):
+        check_same_settings(tmp_path, plan, bert)
