@@ -34,7 +34,8 @@ def tiny_llama():
 def _cfg(tmp_path, **kw):
     base = dict(method="fedit", tasks=["tiny-copy", "tiny-copy", "tiny-reverse", "tiny-reverse"], global_rounds=2,
                 local_epochs=1, batch_size=4, eval_batch_size=8, max_length=64, rank=2, lr=1e-2, quiet=True,
-                max_new_tokens=6, gen_batch_size=4, output_dir=str(tmp_path / "run"), warmup_rounds=1)
+                max_new_tokens=6, gen_batch_size=4, output_dir=str(tmp_path / "run"), warmup_rounds=1,
+                device="cpu", precision="fp32")
     base.update(kw)
     return RunConfig(**base)
 

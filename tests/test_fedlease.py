@@ -630,7 +630,7 @@ def _e2e_cfg(out, **kw):
 
     base = dict(method="fedlease", tasks=TASKS4, train_samples=24, test_samples=16, warmup_rounds=2,
                 global_rounds=4, local_epochs=1, batch_size=8, eval_batch_size=32, max_length=32, rank=2,
-                lr=5e-3, quiet=True, output_dir=str(out))
+                lr=5e-3, quiet=True, device="cpu", precision="fp32", output_dir=str(out))
     base.update(kw)
     return RunConfig(**base)
 

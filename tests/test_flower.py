@@ -36,7 +36,7 @@ LEFF_FAMILY = dict(tasks=["demo-sentiment"] * 3, proxy_dataset="demo", distill_s
 def _settings(**over):
     base = dict(method="fedlease", model_name="tiny_models:tiny_bert", tasks=TASKS, train_samples=24,
                 test_samples=16, global_rounds=2, warmup_rounds=1, local_epochs=1, batch_size=8, eval_batch_size=32,
-                max_length=32, rank=2, lr=5e-3, threads=1, quiet=True)
+                max_length=32, rank=2, lr=5e-3, threads=1, quiet=True, device="cpu", precision="fp32")
     base.update(over)
     return base
 

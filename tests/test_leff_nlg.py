@@ -97,7 +97,8 @@ def nlg_cfg(tmp_path, data_root):
                     partition="dirichlet_cut", alpha=1.0, train_samples=16, test_samples=3, global_rounds=2,
                     batch_size=4, eval_batch_size=8, max_length=48, max_new_tokens=6, proxy_dataset="webnlg",
                     distill_steps=2, distill_examples=40, distill_batch_size=8, importance_examples=12,
-                    layer_budgets=["1"], lr=1e-3, rank=4, quiet=True, output_dir=str(tmp_path / "run"))
+                    layer_budgets=["1"], lr=1e-3, rank=4, quiet=True, device="cpu", precision="fp32",
+                    output_dir=str(tmp_path / "run"))
         base.update(kw)
         return RunConfig(**base).validate()
 

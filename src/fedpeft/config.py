@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft import hardware
 from fedpeft.errors import FedPeftError
 from fedpeft.methods import METHODS as _CATALOGUE, leff_family
 
@@ -42,7 +43,7 @@ LABEL_SPLITS = ("class_balanced", "natural")
 # `classifier` and `none` are what RunConfig.resolved() gives the LEFF paper's PEFT baselines and
 # decoders; a user may ask for `classifier` (only out_proj trained and averaged) with any method.
 HEAD_POLICIES = ("local", "frozen", "shared", "classifier", "none")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = hardware.PRECISIONS
 ENGINES = ("local", "flower-sim", "flower")
 ROUTINGS = ("adaptive_topM", "fixed_topk")
 EXPERT_MODES = ("clustered", "single_shared", "per_client")
@@ -103,7 +104,9 @@ class RunConfig:
     eval_batch_size: int = _f(32, "evaluation batch size (examples are sorted by length, so small batches pad little)", group="training")
     weight_decay: float = _f(0.05, "AdamW weight decay", group="training")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", group="training")
-    precision: str = _f("fp32", "training precision on CPU (bf16 = autocast; routers, softmax, losses stay float32)", choices=PRECISIONS, group="training")
+    device: str = _f("auto", "where the model, its adapters, heads and batches compute: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda, cuda:N or mps; aggregation and the server state stay on the CPU. Resolved once and saved in config.json", group="training")
+    precision: str = _f("auto", "auto (bf16 where the device runs it natively: a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX; float32 elsewhere), fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler, CUDA only); routers, softmax and losses stay float32. Resolved once and saved in config.json", choices=PRECISIONS, group="training")
+    gradient_checkpointing: bool = _f(False, "recompute each transformer block's activations in the backward pass instead of keeping them (Hugging Face gradient checkpointing, non-reentrant): less memory for long sequences and large decoders, about a third more compute, the same loss and gradients", group="training")
     seed: int = _f(42, "run seed; every client/round/phase seed derives from it", group="training")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", group="training", resume="free")
     # LoRA and head
@@ -218,6 +221,7 @@ class RunConfig:
             raise FedPeftError("--client-cpus and --round-timeout must be positive and --client-gpus not negative")
         if self.threads is not None and self.threads < 1:
             raise FedPeftError(f"--threads must be at least 1, got {self.threads}")
+        hardware.check_device(self.device)
         return self
 
     def _validate_leff(self) -> None:
@@ -292,6 +296,27 @@ class RunConfig:
     def resolved_data_dir(self) -> str | None:
         return self.data_dir or os.environ.get("FEDPEFT_DATA_DIR") or None
 
+    def resolved_device(self) -> str:
+        """The device this run computes on (see `resolved`). On flower-sim a client computes where its
+        Ray resources put it: on its GPU share when --client-gpus > 0, on the CPU otherwise."""
+        if self.engine != "flower-sim":
+            return hardware.resolve_device(self.device)
+        kind = hardware.device_type(self.device)
+        if self.client_gpus > 0:
+            if kind not in ("auto", "cuda"):
+                raise FedPeftError(f"--client-gpus {self.client_gpus:g} reserves a GPU share for every simulated "
+                                   f"client, but --device {self.device} keeps them off the GPU: use --device auto "
+                                   f"(or cuda), or --client-gpus 0")
+            if not hardware.cuda_available():
+                raise FedPeftError(f"--client-gpus {self.client_gpus:g} needs a CUDA GPU and none is visible here: "
+                                   f"use --client-gpus 0 (the clients train on the CPU)")
+            return hardware.resolve_device("cuda" if kind == "auto" else self.device)
+        if kind == "cuda":
+            raise FedPeftError(f"--engine flower-sim --device {self.device}: a simulated client sees a GPU only "
+                               f"through its Ray GPU share: give --client-gpus (e.g. 0.25: four clients share "
+                               f"one GPU), or use --device auto or cpu")
+        return hardware.resolve_device(hardware.CPU if kind == "auto" else self.device)
+
     def resolved(self, *, model_type: str | None = None) -> "RunConfig":
         """Every setting that has an automatic value, resolved once: the run folder's config.json
         holds the result, and resume and export read it back from there (resolving again changes
@@ -305,7 +330,10 @@ class RunConfig:
           (`classifier`), and a decoder has no head (`none`);
         - `proxy_dataset`: `auto` is the LEFF paper's pairing, WebNLG for generation tasks, WNLI
           otherwise (docs/methods/leff.md#proxy-dataset);
-        - `data_dir`: the flag, else $FEDPEFT_DATA_DIR.
+        - `data_dir`: the flag, else $FEDPEFT_DATA_DIR;
+        - `device`: `auto` is CUDA when a GPU is visible, else the CPU (on flower-sim: CUDA exactly
+          when the clients have a GPU share, --client-gpus); an explicit device must exist here;
+        - `precision`: `auto` is bf16 where that device runs it natively, else fp32 (hardware.py).
         """
         from fedpeft.data.tasks import backbone_kind, get_task
 
@@ -328,6 +356,8 @@ class RunConfig:
         if self.proxy_dataset == "auto":
             values["proxy_dataset"] = "webnlg" if any(get_task(t).is_generation for t in self.tasks) else "wnli"
         values["data_dir"] = self.resolved_data_dir()
+        values["device"] = self.resolved_device()
+        values["precision"] = hardware.resolve_precision(self.precision, values["device"])
         if spec.lora_targets and not self.target_modules:
             from fedpeft.models.targets import lora_targets
 
@@ -335,7 +365,7 @@ class RunConfig:
                 from fedpeft.models.backbone import load_backbone
 
                 model_type = load_backbone(self.model_name, kind="causal" if causal else "encoder",
-                                           quantization=self.quantization).model_type
+                                           quantization=self.quantization, device=values["device"]).model_type
             values["target_modules"] = lora_targets(model_type, spec.lora_targets)
         return RunConfig(**values)
 

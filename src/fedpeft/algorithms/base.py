@@ -28,6 +28,7 @@ boundary. Algorithms never write files: they hand events and artifacts to the ru
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,6 +38,7 @@ from fedpeft.algorithms.local_training import score, train
 from fedpeft.algorithms.messages import Artifact, Client, ClientInfo, Message, Runtime
 from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import resolve_precision
 
 __all__ = ["Algorithm", "Artifact", "Client", "ClientInfo", "Message", "Runtime"]
 
@@ -49,6 +51,11 @@ class Algorithm(abc.ABC):
     name: ClassVar[str] = "base"
 
     def __init__(self, cfg: RunConfig):
+        if cfg.device == "auto" or cfg.precision == "auto":
+            # Settings built by hand (tests, benchmark scripts) that never went through resolved():
+            # an algorithm computes, so its device and precision are made concrete here, by the same rule.
+            device = cfg.resolved_device()
+            cfg = dataclasses.replace(cfg, device=device, precision=resolve_precision(cfg.precision, device))
         self.cfg = cfg  # resolved settings (RunConfig.resolved()): nothing here guesses a default again
         self.runtime: Runtime | None = None
         self.federation: list[ClientInfo] = []
@@ -72,6 +79,25 @@ class Algorithm(abc.ABC):
         self.runtime = runtime
         self.federation = federation
         self.heads = make_heads(self.cfg, runtime.model, federation)
+
+    def place_runtime(self, runtime: Runtime) -> Runtime:
+        """Put the runtime model on the run's device (`--device`, resolved) and switch gradient
+        checkpointing on when asked. The run assembly calls it once, right after `build_runtime`.
+
+        Everything the model computes runs there (its adapters, heads, batches, generation, LEFF's
+        distillation); what leaves it (messages, the server state, client stores) is copied to
+        `hardware.WIRE_DEVICE`, so aggregation runs on the CPU whatever device the clients use."""
+        from fedpeft.models.placement import enable_gradient_checkpointing, place
+
+        place(runtime.model, self.cfg.device)
+        if self.cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(runtime.model)
+        return runtime
+
+    @property
+    def device(self):
+        """Where this process's runtime model computes (its parameters' device)."""
+        return next(self.runtime.model.parameters()).device
 
     # ------------------------------------------------------------ schedule
     @property

@@ -6,6 +6,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from fedpeft.hardware import WIRE_DEVICE
+
 
 def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: Iterable[float]) -> dict[str, torch.Tensor]:
     """Σ w_i x_i / Σ w_i per key, accumulated in float64 and stored in the parameter dtype."""
@@ -20,6 +22,12 @@ def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: Iterable[fl
             acc += s[key].to(torch.float64) * (w / total)
         out[key] = acc.to(states[0][key].dtype)
     return out
+
+
+def on_wire(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached copies of `tensors` on `hardware.WIRE_DEVICE`, whatever device they are on: what a
+    message, the server state or a client's store holds (never a view of a model parameter)."""
+    return {k: v.detach().to(WIRE_DEVICE, copy=True) for k, v in tensors.items()}
 
 
 def prefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

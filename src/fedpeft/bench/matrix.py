@@ -26,6 +26,7 @@ from typing import Callable
 from fedpeft.bench.runs import is_finished, run_dir_for
 from fedpeft.bench.suites import Suite
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import CPU
 
 log = logging.getLogger("fedpeft")
 
@@ -40,7 +41,8 @@ class RunRef:
 
 
 # Fields that may differ between a finished run and the suite without making it a different run.
-_IGNORED = {"output_dir", "resume", "quiet", "data_dir", "threads"}
+# The device is where a run computes, like its threads; its precision changes its numbers and is compared.
+_IGNORED = {"output_dir", "resume", "quiet", "data_dir", "threads", "device"}
 
 
 def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
@@ -57,7 +59,12 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
         return
     model_type = getattr(backbone, "model_type", None)
     # A folder saved before a setting became automatic holds the unresolved value: resolve both sides.
-    saved = RunConfig.from_dict(raw, source=str(run_dir / "config.json")).resolved(model_type=model_type).to_dict()
+    # The saved device and precision are already concrete (what the run used, maybe on another machine's
+    # GPU): compared as they are, never resolved again here, where that GPU may not exist.
+    hw = {k: raw[k] for k in ("device", "precision", "client_gpus") if k in raw}
+    saved = RunConfig.from_dict({**raw, "device": CPU, "precision": "fp32", "client_gpus": 0.0},
+                                source=str(run_dir / "config.json"))
+    saved = {**saved.resolved(model_type=model_type).to_dict(), **hw}
     saved = {k: v for k, v in saved.items() if k in raw}
     planned = cfg.resolved(model_type=model_type).to_dict()
     # LEFF's settings do not touch another method's run (a new LEFF default must not orphan old runs)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedpeft.atomic import atomic_write_with
+from fedpeft.hardware import WIRE_DEVICE
 
 
 class MemoryStores:
@@ -56,7 +57,7 @@ class DiskStores:
         path = self._path(cid)
         if not path.is_file():
             return None
-        return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(path.read_bytes()), map_location=WIRE_DEVICE, weights_only=True)
 
     def load(self, client) -> None:
         data = self._read(client.cid)

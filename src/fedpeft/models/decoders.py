@@ -102,24 +102,28 @@ def _build_smollm2(gguf: Path, folder: Path, source: dict) -> None:
                            f"set FEDPEFT_CACHE to a writable folder with 600 MB free") from None
 
 
-def check_quantization(quantization: str) -> None:
-    """8-bit / 4-bit loading needs bitsandbytes and a CUDA GPU; say which is missing."""
+def check_quantization(quantization: str, device: str = "auto") -> None:
+    """8-bit / 4-bit loading needs bitsandbytes and a CUDA GPU as the run's device; say which is missing."""
     if quantization not in QUANTIZATIONS:
         raise FedPeftError(f"unknown --quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if quantization == "none":
         return
-    import torch
+    from fedpeft.hardware import cuda_available, device_type
 
-    if not torch.cuda.is_available():
+    if not cuda_available():
         raise FedPeftError(f"--quantization {quantization} needs a CUDA GPU (bitsandbytes); "
                            f"none is available here: use --quantization none")
+    if device_type(device) not in ("auto", "cuda"):
+        raise FedPeftError(f"--quantization {quantization} loads the decoder onto a CUDA GPU (bitsandbytes), "
+                           f"but --device is {device}: use --device auto or cuda, or --quantization none")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise FedPeftError(f"--quantization {quantization} needs bitsandbytes: pip install bitsandbytes")
 
 
-def quantization_kwargs(quantization: str) -> dict:
-    """from_pretrained arguments for k-bit loading (bitsandbytes imported only here, through transformers)."""
-    check_quantization(quantization)
+def quantization_kwargs(quantization: str, device: str = "auto") -> dict:
+    """from_pretrained arguments for k-bit loading (bitsandbytes imported only here, through transformers):
+    the whole decoder on the GPU `device` names (cuda:N → N; cuda or auto → 0)."""
+    check_quantization(quantization, device)
     if quantization == "none":
         return {}
     import torch
@@ -130,7 +134,8 @@ def quantization_kwargs(quantization: str) -> dict:
     else:
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                  bnb_4bit_compute_dtype=torch.bfloat16)
-    return {"quantization_config": bnb, "device_map": {"": 0}}
+    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    return {"quantization_config": bnb, "device_map": {"": index}}
 
 
 def is_causal_config(config) -> bool:

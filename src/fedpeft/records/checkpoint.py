@@ -4,7 +4,8 @@ Everything random is derived from (seed, client, round, phase), so the server st
 stores and the round number are all that a resumed run needs to reach the same numbers. The
 checkpoint also carries the fingerprint of the settings that shape the run
 (`RunConfig.shaping_settings`), so that a resume with other settings, or with an edited
-config.json, refuses before any work instead of mixing two runs.
+config.json, refuses before any work instead of mixing two runs. It holds tensors on the wire
+device (the CPU), and loads there whatever device the run computes on.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from fedpeft.atomic import atomic_write_with
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import WIRE_DEVICE
 
 NAME = "checkpoint.pt"
 
@@ -42,7 +44,7 @@ def load_checkpoint(run_dir: Path, *, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise FedPeftError(f"cannot resume: {path} does not exist (was the run started with this --output_dir?)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ckpt = torch.load(path, map_location=WIRE_DEVICE, weights_only=True, mmap=mmap)
     except Exception as exc:
         raise FedPeftError(f"cannot resume: {path} is unreadable ({' '.join(str(exc).split())[:200]})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("round"), int):

@@ -171,7 +171,7 @@ def load_run_backbone(cfg: RunConfig, backbone=None):
     if backbone is None:
         from fedpeft.models.backbone import load_backbone
 
-        return load_backbone(cfg.model_name, kind=kind, quantization=cfg.quantization)
+        return load_backbone(cfg.model_name, kind=kind, quantization=cfg.quantization, device=cfg.device)
     if getattr(backbone, "kind", "encoder") != kind:
         need = "a causal (decoder)" if kind == "causal" else "an encoder"
         raise FedPeftError(f"these tasks need {need} backbone, got {backbone.name!r} ({backbone.kind})")
@@ -247,7 +247,7 @@ def build_algorithm(cfg: RunConfig, backbone, federation=None):
 
     cfg = cfg.resolved(model_type=backbone.model_type)
     algorithm = get_algorithm(cfg)
-    runtime = algorithm.build_runtime(backbone)
+    runtime = algorithm.place_runtime(algorithm.build_runtime(backbone))
     if federation is not None:
         algorithm.bind(runtime, federation)
     else:
@@ -359,6 +359,9 @@ def open_run_dir(cfg: RunConfig) -> tuple[Path, bool]:
         log.warning("--overwrite: emptied %s of the run it held", run_dir)
     cfg.overwrite = False  # done: the run from here on (and its Flower run key) is the one config.json describes
     log.info("run folder: %s", run_dir)
+    from fedpeft.hardware import announce
+
+    announce(cfg.device, cfg.precision)  # the resolved device and precision, and why (config.json has them)
     has_checkpoint = resume and (run_dir / CHECKPOINT).is_file()
     if resume and not has_checkpoint:
         log.warning("%s has no checkpoint yet (the run stopped in its first round): starting from round 1", run_dir)

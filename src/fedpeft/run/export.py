@@ -10,12 +10,14 @@ uses which adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.atomic import atomic_write_json
+from fedpeft.hardware import CPU
 from fedpeft.records.checkpoint import load_checkpoint
 from fedpeft.run.assemble import build_algorithm, settle
 
@@ -30,7 +32,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FedPeftError(f"{run_dir} is not a fedpeft run folder (no config.json)")
-    cfg, backbone = settle(RunConfig.load(run_dir / "config.json"))
+    saved = RunConfig.load(run_dir / "config.json")
+    # Export computes nothing: the adapters are written from the checkpoint, on the CPU, whatever device
+    # and precision the run trained with (a GPU run exports on a machine without one).
+    cfg, backbone = settle(dataclasses.replace(saved, device=CPU, precision="fp32", engine="local", client_gpus=0.0))
     ckpt = load_checkpoint(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)

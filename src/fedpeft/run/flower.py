@@ -6,7 +6,8 @@ the node's own data (engines/flower/client.py). Both are assembled here as every
 (run/assemble.py). The deployed ServerApp and ClientApp objects are in fedpeft/flower_app.py.
 
 flower-sim: one virtual SuperNode per client (partition-id = client id), `--client-cpus` /
-`--client-gpus` reserved per ClientApp. The ServerApp runs in this process and writes the run
+`--client-gpus` reserved per ClientApp; a client with a GPU share trains on it (`cuda`: Ray makes its
+share's GPU the only visible one), a client without one on the CPU. The ServerApp runs in this process and writes the run
 folder; client stores are also kept under RUN_DIR/client_state so `--resume` continues with them.
 """
 
@@ -27,9 +28,14 @@ _NODE_CACHE: dict[tuple, Any] = {}  # per process: (run key, partition) → (alg
 
 # ------------------------------------------------------------ client side
 def node_config_of(cfg_dict: dict[str, Any], node_config, *, simulated: bool = False) -> RunConfig:
-    """The server's (resolved) settings with this machine's own data root and threads. A deployed
-    node reads its data from its own `data-dir` (node config) or $FEDPEFT_DATA_DIR, never from a
-    path the server names; a simulated node is the same machine and uses the run's data root."""
+    """The server's (resolved) settings with this machine's own data root, threads and device. A
+    deployed node reads its data from its own `data-dir` (node config) or $FEDPEFT_DATA_DIR, never
+    from a path the server names, and computes on its own `device` (node config; default auto: its
+    GPU if it has one); a simulated node is the same machine and uses the run's data root, and
+    computes where its Ray resources put it: with a GPU share (--client-gpus) on `cuda`, the one GPU
+    Ray leaves visible to its actor, without one on the CPU. The precision is the run's."""
+    from fedpeft.hardware import simulated_client_device
+
     cfg = RunConfig.from_dict({**cfg_dict, "resume": None}, source="the server's run config")
     if node_config.get("data-dir"):
         cfg.data_dir = str(node_config["data-dir"])
@@ -37,6 +43,10 @@ def node_config_of(cfg_dict: dict[str, Any], node_config, *, simulated: bool = F
         cfg.data_dir = None
     if node_config.get("threads"):
         cfg.threads = int(node_config["threads"])
+    if simulated:
+        cfg.device = simulated_client_device(cfg.device, cfg.client_gpus)
+    else:
+        cfg.device = str(node_config.get("device") or "auto")
     return cfg
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fedpeft.algorithms.base import Message
+from fedpeft.hardware import WIRE_DEVICE
 
 TENSORS, CONFIG, METRICS, CONTROL = "tensors", "config", "metrics", "fedpeft"
 JSON_PREFIX = "json:"
@@ -61,7 +62,7 @@ def _check_json(value: Any, where: str) -> Any:
 def encode_tensors(tensors: dict[str, torch.Tensor]):
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord({k: Array(v.detach().cpu().contiguous()) for k, v in tensors.items()})
+    return ArrayRecord({k: Array(v.detach().to(WIRE_DEVICE).contiguous()) for k, v in tensors.items()})
 
 
 def decode_tensors(record) -> dict[str, torch.Tensor]:
@@ -109,4 +110,4 @@ def store_to_bytes(store: dict[str, Any]) -> bytes:
 
 
 def store_from_bytes(blob: bytes) -> dict[str, Any]:
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(blob), map_location=WIRE_DEVICE, weights_only=True)
