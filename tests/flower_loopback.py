@@ -78,7 +78,7 @@ class Loopback:
 
         self.app_dir = write_app(self.root / "app")
         write_connection(self.env["FLWR_HOME"], "loopback", self.address,
-                         root_certificates=str(self.certs["ca"]) if tls else None)
+                         root_certificates=str(self.certs["ca"]) if tls else None, insecure=not tls)
 
     # ------------------------------------------------------------ processes
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:

@@ -25,6 +25,8 @@ from fedpeft.engines.flower.records import (  # noqa: E402
 pytestmark = pytest.mark.flower
 
 TASKS = ["demo-sentiment", "demo-sentiment", "demo-topic", "demo-topic"]
+# A deployed node loads a model factory (it imports a module) only when its operator allows it.
+NODE_TRUST = {"allow-model-factories": "tiny_models:tiny_bert"}
 METRICS = ("accuracy", "f1", "matthews", "loss", "train_loss", "bytes_up", "bytes_down", "bytes_eval_down",
            "experts_per_token")
 UPLOAD_PREFIXES = ("lora.", "moe.", "head.")
@@ -159,7 +161,7 @@ def test_partition_id_out_of_range_is_a_user_error(tiny_backbone):
 
     cfg = RunConfig(**_settings())
     with pytest.raises(FedPeftError, match="partition-id 7 is out of range"):
-        node_setup({"run_key": "k", "config": cfg.to_dict()}, {"partition-id": 7})
+        node_setup({"run_key": "k", "config": cfg.to_dict()}, {"partition-id": 7, **NODE_TRUST})
     with pytest.raises(FedPeftError, match="--node-config"):
         partition_id({})
 
@@ -272,9 +274,9 @@ def tls_deployment(tmp_path_factory):
             for reg in pool.map(lb.register, [pub for _, pub in keys]):
                 assert reg.returncode == 0, reg.stdout + reg.stderr
         for i, (key, _) in enumerate(keys):
-            lb.start_supernode(i, {"partition-id": i, "state-dir": str(tmp / f"node{i}")}, key=key)
+            lb.start_supernode(i, {"partition-id": i, "state-dir": str(tmp / f"node{i}"), **NODE_TRUST}, key=key)
         bad, _ = write_node_key(tmp / "keys" / "bad")
-        intruder = lb.start_supernode(4, {"partition-id": 0}, key=bad, name="bad")
+        intruder = lb.start_supernode(4, {"partition-id": 0, **NODE_TRUST}, key=bad, name="bad")
         lb.submit({"config": str(settings), "output-dir": str(out["run_dir"])})
         out["intruder_exit"] = intruder.wait(timeout=120)
         out["intruder_log"] = lb.tail("bad")
@@ -310,7 +312,7 @@ def test_loopback_killed_supernode_round_completes_and_is_logged(tmp_path):
     with Loopback(tmp_path / "deploy") as lb:
         lb.start_superlink()
         for i in range(2):
-            lb.start_supernode(i, {"partition-id": i}, heartbeat=10)
+            lb.start_supernode(i, {"partition-id": i, **NODE_TRUST}, heartbeat=10)
         lb.submit({"config": str(settings), "output-dir": str(run_dir)})
         log = run_dir / "training_log.txt"
         deadline = time.time() + 300
@@ -348,8 +350,8 @@ class InProcessGrid:
     def add(self, node, pid):
         from flwr.app import Context, RecordDict
 
-        self.nodes[node] = Context(run_id=1, node_id=node, node_config={"partition-id": pid}, state=RecordDict(),
-                                   run_config={})
+        self.nodes[node] = Context(run_id=1, node_id=node, node_config={"partition-id": pid, **NODE_TRUST},
+                                   state=RecordDict(), run_config={})
 
     def get_node_ids(self):
         return [n for n in self.nodes if n not in self.down]
@@ -464,7 +466,7 @@ def test_fedpeft_flower_commands_write_valid_files(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
     assert main(["flower", "connection", "lab", "10.0.0.5:9093", "--root-certificates",
                  str(tmp_path / "certs" / "ca.crt")]) == 0
-    assert main(["flower", "connection", "loop", "127.0.0.1:9093"]) == 0
+    assert main(["flower", "connection", "loop", "127.0.0.1:9093", "--insecure"]) == 0
     import tomllib
 
     links = tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"]
@@ -498,7 +500,7 @@ def test_loopback_server_stopped_and_resumed_gives_the_local_numbers(tmp_path):
     with Loopback(tmp_path / "deploy") as lb:
         lb.start_superlink()
         for i in range(3):
-            lb.start_supernode(i, {"partition-id": i, "state-dir": str(tmp_path / f"state{i}")})
+            lb.start_supernode(i, {"partition-id": i, "state-dir": str(tmp_path / f"state{i}"), **NODE_TRUST})
         run_id = lb.submit({"config": str(settings), "output-dir": str(run_dir)})
         log = run_dir / "training_log.txt"
         deadline = time.time() + 600
