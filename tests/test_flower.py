@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("flwr")
 
 from fedpeft.algorithms.base import Message  # noqa: E402
+from fedpeft.engines.flower import hostile  # noqa: E402
 from fedpeft.engines.flower.records import (  # noqa: E402
     decode_config, encode_config, from_records, store_from_bytes, store_to_bytes, to_records)
 
@@ -332,50 +333,12 @@ def test_loopback_killed_supernode_round_completes_and_is_logged(tmp_path):
 
 
 # ------------------------------------------------------------ the server loop on an in-process grid (fast)
-class InProcessGrid:
-    """A Flower Grid whose nodes run the fedpeft ClientApp handler in this process; nodes can go
-    down (no reply, as a killed SuperNode) or come back under a new node id (a restarted SuperNode)."""
+class InProcessGrid(hostile.InProcessGrid):
+    """The real ClientApp handler in this process, every node trusting the tiny test model's factory
+    (engines/flower/hostile.py: nodes go down, come back, fail or lie)."""
 
-    def __init__(self, n, state_root):
-        from flwr.supercore.task_identity import TaskIdentity
-
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # what a ServerApp process has
-        self.nodes = {}  # node id → Context
-        self.state_root = state_root
-        for pid in range(n):
-            self.add(1000 + pid, pid)
-        self.down = set()
-        self.fail_at = {}  # (stage, round, node) → exception
-
-    def add(self, node, pid):
-        from flwr.app import Context, RecordDict
-
-        self.nodes[node] = Context(run_id=1, node_id=node, node_config={"partition-id": pid, **NODE_TRUST},
-                                   state=RecordDict(), run_config={})
-
-    def get_node_ids(self):
-        return [n for n in self.nodes if n not in self.down]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error, Message as FlowerMessage
-
-        from fedpeft.engines.flower.client import handle
-        from fedpeft.engines.flower.records import control_of
-        from fedpeft.run.flower import node_setup
-
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if node in self.down:
-                continue
-            ctl = control_of(msg.content)
-            try:
-                if (ctl["stage"], ctl.get("round"), node) in self.fail_at:
-                    raise self.fail_at[(ctl["stage"], ctl.get("round"), node)]
-                out.append(handle(msg, self.nodes[node], node_setup))
-            except Exception as exc:
-                out.append(FlowerMessage(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-        return out
+    def __init__(self, n, state_root=None):
+        super().__init__(n, NODE_TRUST)
 
 
 def _serve(tmp_path, grid, backbone, **over):
@@ -514,3 +477,166 @@ def test_loopback_server_stopped_and_resumed_gives_the_local_numbers(tmp_path):
         wait_for_file(run_dir / "summary.md", 900, alive=lb)
     assert "resuming after round 2 of 3" in log.read_text()
     assert_same_metrics(local, run_dir)
+
+
+# ------------------------------------------------------------ hostile SuperNodes (in-process grid, real records)
+HOSTILE_SETTINGS = dict(method="fedit", global_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def hostile_references(tmp_path_factory, tiny_backbone):
+    """One reference run per (stage, settings): the hostile client simply missing from that step."""
+    cache = {}
+
+    def get(case):
+        stage, _, extra = hostile.CASES[case]
+        key = (stage, tuple(sorted(extra.items())))
+        if key not in cache:
+            settings = _settings(**HOSTILE_SETTINGS, **extra)
+            cache[key] = hostile.serve_on(hostile.reference_grid(case, len(TASKS), NODE_TRUST), settings,
+                                          tmp_path_factory.mktemp("ref") / "run", tiny_backbone)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(hostile.CASES))
+def test_hostile_reply_is_rejected_and_the_run_ends_with_the_honest_result(case, hostile_references, tmp_path,
+                                                                           tiny_backbone):
+    """Each hand-made hostile reply (through Flower's records, as a SuperNode would send it) is
+    rejected and recorded; the run completes and every record equals the run where that client
+    was simply missing."""
+    result = hostile.run_case(case, _settings(**HOSTILE_SETTINGS), tmp_path, NODE_TRUST, tiny_backbone,
+                              hostile_references(case))
+    assert result["error"] is None, result["error"]
+    assert result["rejected"], "no rejected_reply / rejected_node event"
+    assert result["lost"] == 0
+    stage = hostile.CASES[case][0]
+    event = result["rejected"][0]
+    if stage == "query":
+        assert event["kind"] == "rejected_node" and event["node"] == hostile.STRANGER
+    else:
+        assert (event["kind"], event["round"], event["client"], event.get("stage", "fit")) == (
+            "rejected_reply", hostile.HOSTILE_ROUND, hostile.HOSTILE_CLIENT, stage)
+
+
+# ------------------------------------------------------------ robust aggregation (Yin et al. 2018)
+@pytest.mark.parametrize("robust", ["median", "trimmed-mean"])
+def test_one_scaled_update_moves_the_robust_aggregate_less_than_the_mean(tiny_cfg, tiny_backbone, robust):
+    """Five honest FedIT uploads and one scaled by 1000, through the records: the coordinate-wise
+    median / trimmed mean stays near the honest aggregate, the weighted mean is dragged away."""
+    from fedpeft.algorithms.fedit import LORA_PREFIX
+    from fedpeft.run.assemble import build_algorithm
+    from fedpeft.run.federation import prepare_clients
+
+    shifts = {}
+    for how in ("mean", robust):
+        cfg = tiny_cfg(aggregation=how, trim_fraction=0.2, tasks=["demo-sentiment"] * 6)
+        infos, _ = prepare_clients(cfg, tiny_backbone.tokenizer)
+        alg = build_algorithm(cfg, tiny_backbone, infos)
+        gen = torch.Generator().manual_seed(0)
+        state = alg.init()
+        honest = {cid: {LORA_PREFIX + k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in state["lora"].items()}
+                  for cid in range(6)}
+        replies = {cid: from_records(to_records(Message(t, {"num_examples": 24}))) for cid, t in honest.items()}
+        clean = alg.aggregate({**state, "lora": dict(state["lora"])}, 1, {c: r for c, r in replies.items() if c != 5})
+        clean = {k: v.clone() for k, v in clean["lora"].items()}
+        replies[5] = from_records(to_records(Message({k: 1000 * v for k, v in honest[5].items()}, {"num_examples": 24})))
+        attacked = alg.aggregate({**alg.init(), "lora": dict(alg.init()["lora"])}, 1, replies)["lora"]
+        shifts[how] = max(float((attacked[k] - clean[k]).abs().max()) for k in clean)
+    assert shifts[robust] < shifts["mean"] / 50, shifts
+
+
+def test_robust_aggregates_on_plain_tensors():
+    from fedpeft.algorithms.tensors import aggregate_states, coordinate_median, trimmed_mean
+
+    states = [{"w": torch.tensor([float(v), -float(v)])} for v in (1, 2, 3, 4, 1000)]
+    assert torch.equal(coordinate_median(states)["w"], torch.tensor([3.0, -3.0]))
+    assert torch.allclose(trimmed_mean(states, 0.2)["w"], torch.tensor([3.0, -3.0]))
+    assert torch.equal(coordinate_median(states[:4])["w"], torch.tensor([2.5, -2.5]))  # even count: middle two
+    assert torch.allclose(aggregate_states(states, [1] * 5, "mean")["w"], torch.tensor([202.0, -202.0]))
+    with pytest.raises(ValueError):
+        trimmed_mean(states, 0.5)
+
+
+# ------------------------------------------------------------ fuzzing the reply decoding
+def _schema_for_fuzz():
+    from fedpeft.algorithms.base import ClientInfo
+    from fedpeft.engines.flower import schema
+
+    return schema.ReplySchema(client=ClientInfo(0, "demo-sentiment", 2, 24), dtypes=frozenset({"float32"}),
+                              heads={"head.out_proj.weight": ((2, 16), "float32")}, max_numel=4096,
+                              max_reply_bytes=1 << 20)
+
+
+def test_fuzzed_replies_give_a_message_or_a_rejection_never_another_exception():
+    """Any records a node can put in a reply, decoded by the server's checks: a Message (or metrics,
+    or ClientInfo) or `Rejected`; nothing else escapes."""
+    hyp = pytest.importorskip("hypothesis")
+    import io
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from hypothesis import strategies as st
+
+    from fedpeft.engines.flower import schema
+
+    names = st.one_of(st.sampled_from(["tensors", "config", "metrics", "fedpeft", "num_examples", "json:train_loss",
+                                       "json:x", "head.out_proj.weight", "lora.a", "client", "accuracy", "task",
+                                       "client_id", "num_labels", "train_loss"]), st.text(max_size=12))
+    finite_or_not = st.floats(allow_nan=True, allow_infinity=True)
+    scalars = st.one_of(st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1), finite_or_not, st.booleans(),
+                        st.text(max_size=30), st.binary(max_size=30),
+                        st.sampled_from(["{not json", "null", "[1e999]", '{"a": [1, 2]}', "1" * 5000, "[" * 2000]))
+    config_values = st.one_of(scalars, st.lists(st.integers(min_value=-5, max_value=5), max_size=4))
+
+    @st.composite
+    def arrays(draw):
+        if draw(st.booleans()):  # a real .npy payload of some dtype and shape, maybe relabelled
+            dtype = draw(st.sampled_from(["float32", "float64", "int64", "float16", "bool", "complex64", "<U3"]))
+            shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+            buf = io.BytesIO()
+            np.save(buf, np.zeros(shape, dtype=dtype), allow_pickle=False)
+            data = buf.getvalue()
+            if draw(st.booleans()):
+                data = data[: draw(st.integers(0, len(data)))]
+            dtype = draw(st.one_of(st.just(dtype), st.sampled_from(["float32", "x", ""])))
+            shape = draw(st.one_of(st.just(shape), st.lists(st.integers(-3, 10 ** 6), max_size=4).map(tuple)))
+        else:
+            dtype = draw(st.sampled_from(["float32", "float64", "foo"]))
+            shape = tuple(draw(st.lists(st.integers(-3, 64), max_size=3)))
+            data = draw(st.binary(max_size=200))
+        stype = draw(st.sampled_from(["numpy.ndarray", "torch.Tensor", ""]))
+        return Array(dtype=dtype, shape=shape, stype=stype, data=data)
+
+    @st.composite
+    def records(draw):
+        kind = draw(st.sampled_from(["array", "config", "metric"]))
+        try:
+            if kind == "array":
+                return ArrayRecord(draw(st.dictionaries(names, arrays(), max_size=3)))
+            if kind == "config":
+                return ConfigRecord(draw(st.dictionaries(names, config_values, max_size=5)))
+            return MetricRecord(draw(st.dictionaries(names, st.one_of(finite_or_not, st.integers(-10, 10)), max_size=4)))
+        except Exception:  # a record Flower itself would not build (nor deserialise) is no input
+            hyp.assume(False)
+
+    @st.composite
+    def contents(draw):
+        if draw(st.integers(0, 9)) == 0:
+            return draw(st.sampled_from([None, {}, [], "tensors", RecordDict()]))
+        return RecordDict(draw(st.dictionaries(names, records(), max_size=3)))
+
+    sch = _schema_for_fuzz()
+
+    @hyp.settings(max_examples=300, deadline=None, suppress_health_check=list(hyp.HealthCheck))
+    @hyp.given(contents())
+    def check(content):
+        for fn in (lambda c: schema.check_fit(c, sch), schema.check_metrics,
+                   lambda c: schema.check_query(c, 7, 4, lambda cid: ("demo-sentiment", 2, 24))):
+            try:
+                fn(content)
+            except schema.Rejected:
+                pass
+
+    check()

@@ -198,9 +198,13 @@ class FlowerEngine(LocalEngine):
         self._note_sent(evaluation[c.cid] for c in asked)
         contents, _ = self._send("evaluate", rnd, {c.cid: to_records(evaluation[c.cid], self._control("evaluate", rnd))
                                                    for c in asked})
+        # A fit reply the method rejected (an unexpected tensor name, a wrong shape for this round) was
+        # not used: the client's record says it did not take part, as for a reply rejected here.
+        refused = {e.get("client") for e in self.history.events
+                   if e.get("kind") == "rejected_reply" and e.get("round") == rnd and e.get("stage") != "evaluate"}
         records = []
         for c in self.clients:
-            reply = replies.get(c.cid)
+            reply = None if c.cid in refused else replies.get(c.cid)
             rec = {"round": rnd, "phase": phase, "client": c.cid, "task": c.info.task}
             if c.cid in contents:
                 try:
