@@ -3,9 +3,13 @@ driven with Flower's own commands (the README's multi-machine steps, on 127.0.0.
 
 For the deployment tests (test_flower.py) and benchmarks/flower_overhead.py, which imports it from
 this folder (it is not part of the fedpeft package). Every process is started in its own session and
-stopped with its descendants (Flower detaches its SuperExec processes). The SuperExecs look for new
-tasks every 0.1 s instead of Flower's 1 s (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`): Flower starts one
-process per message, so this is paid on every message.
+stopped with its descendants (Flower detaches its SuperExec processes).
+
+SuperNodes run as the docs recommend: `--isolation process` with one long-lived fedpeft ClientApp
+worker each (`python -m fedpeft.engines.flower.worker`), so the model is loaded once per node.
+`isolation="subprocess"` gives Flower's default instead (a new `flwr-clientapp` process per
+message); its SuperExecs then look for new tasks every 0.1 s instead of Flower's 1 s
+(`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`), a cost paid on every message.
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ class Loopback:
 
     def start_supernode(self, index: int, node_config: dict[str, Any], *, key: Path | None = None,
                         name: str | None = None, extra: list[str] | None = None,
-                        heartbeat: float | None = None) -> subprocess.Popen:
+                        heartbeat: float | None = None, isolation: str = "process",
+                        worker_threads: int | None = None) -> subprocess.Popen:
         """`heartbeat`: the interval the node announces and keeps to, instead of Flower's 30 s (at least
         10, the SuperLink's minimum). The SuperLink takes a node for gone 2 intervals after its last
         heartbeat, and then fails its pending messages: a killed node is noticed within 2·heartbeat s
@@ -122,12 +127,22 @@ class Loopback:
                     "f.HEARTBEAT_DEFAULT_INTERVAL = h.HEARTBEAT_DEFAULT_INTERVAL = float(sys.argv.pop(1)); "
                     "sys.exit(flower_supernode())")
             cmd = [sys.executable, "-c", code, str(heartbeat)]
-        args = cmd + ["--superlink", self.address, "--port", str(free_port()), "--node-config", conf]
+        runtime_port = free_port()
+        args = cmd + ["--superlink", self.address, "--port", str(runtime_port), "--node-config", conf,
+                      "--isolation", isolation]
         args += ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
         if key is not None:
             args += ["--auth-supernode-private-key", str(key)]
         args += extra or []
-        return self._start(name or f"supernode{index}", args)
+        name = name or f"supernode{index}"
+        proc = self._start(name, args)
+        if isolation == "process":  # the node's long-lived ClientApp (its Runtime API is local, plain HTTP)
+            worker = [sys.executable, "-m", "fedpeft.engines.flower.worker", "--runtime-api-address",
+                      f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(proc.pid)]
+            if worker_threads:
+                worker += ["--threads", str(worker_threads)]
+            self._start(f"{name}-worker", worker)
+        return proc
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.bin / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True,
@@ -160,8 +175,11 @@ class Loopback:
         return path.read_text(errors="replace")[-n:] if path.is_file() else ""
 
     def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        kill_tree(proc)
+        """Kill a process and everything it started (a SuperNode: its ClientApp worker too)."""
+        for key in (name, f"{name}-worker"):
+            proc = self.procs.pop(key, None)
+            if proc is not None:
+                kill_tree(proc)
 
     def stop(self) -> None:
         for name in list(self.procs):

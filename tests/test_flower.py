@@ -283,6 +283,7 @@ def tls_deployment(tmp_path_factory):
         out["intruder_log"] = lb.tail("bad")
         wait_for_file(out["run_dir"] / "summary.md", 900, alive=lb)
         out["nodes"] = json.loads(lb.flwr("supernode", "list", "loopback", "--format", "json").stdout)["nodes"]
+        out["worker_logs"] = [(lb.root / f"supernode{i}-worker.log").read_text() for i in range(len(TASKS))]
     return out
 
 
@@ -295,6 +296,14 @@ def test_loopback_deployment_4_supernodes_fedlease_gives_the_local_numbers(tls_d
     assert_wire_is_upload_only(run_dir, set(tiny_backbone.model.state_dict()))
 
 
+def test_each_supernode_keeps_one_clientapp_process_with_the_model_loaded(tls_deployment):
+    """--isolation process + the fedpeft worker: every message of a node ran in one process, which
+    loaded the backbone once (query, then 2 fits and 2 evaluations)."""
+    for text in tls_deployment["worker_logs"]:
+        assert text.count("loaded backbone") == 1, text[-2000:]
+        assert text.count(": completed in") == 5, text[-2000:]
+
+
 def test_tls_and_supernode_authentication_refuse_an_unregistered_node(tls_deployment):
     assert "insecure" not in tls_deployment["superlink_log"].lower()
     assert tls_deployment["intruder_exit"] != 0  # refused: not registered
@@ -303,9 +312,9 @@ def test_tls_and_supernode_authentication_refuse_an_unregistered_node(tls_deploy
 
 
 def test_loopback_killed_supernode_round_completes_and_is_logged(tmp_path):
-    """SIGKILL a SuperNode once it joined (plain gRPC, no TLS here). Its node heartbeat is 10 s, so
-    the SuperLink fails its messages within 20 s of the kill; the round timeout stays long enough for
-    the live client on a loaded machine."""
+    """SIGKILL a SuperNode once it joined (plain gRPC, no TLS here; Flower's default isolation, a
+    ClientApp process per message). Its node heartbeat is 10 s, so the SuperLink fails its messages
+    within 20 s of the kill; the round timeout stays long enough for the live client on a loaded machine."""
     from flower_loopback import Loopback, wait_for_file
 
     settings = _settings_file(tmp_path / "run.toml", method="fedit", tasks=TASKS[:2], round_timeout=120.0)
@@ -313,7 +322,7 @@ def test_loopback_killed_supernode_round_completes_and_is_logged(tmp_path):
     with Loopback(tmp_path / "deploy") as lb:
         lb.start_superlink()
         for i in range(2):
-            lb.start_supernode(i, {"partition-id": i, **NODE_TRUST}, heartbeat=10)
+            lb.start_supernode(i, {"partition-id": i, **NODE_TRUST}, heartbeat=10, isolation="subprocess")
         lb.submit({"config": str(settings), "output-dir": str(run_dir)})
         log = run_dir / "training_log.txt"
         deadline = time.time() + 300
@@ -640,3 +649,73 @@ def test_fuzzed_replies_give_a_message_or_a_rejection_never_another_exception():
                 pass
 
     check()
+
+
+# ------------------------------------------------------------ deployment helpers refuse to clobber keys
+def test_keys_are_never_overwritten_without_force_and_private_keys_are_0600_from_the_start(tmp_path, monkeypatch,
+                                                                                            capsys):
+    import os
+    import stat
+
+    from fedpeft.cli import main
+    from fedpeft.engines.flower import deploy
+    from fedpeft.errors import FedPeftError
+
+    created = []
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, *a, **k):  # the mode a key file is created with, before any byte
+        if flags & os.O_CREAT:
+            created.append((str(path), mode))
+        return real_open(path, flags, mode, *a, **k)
+
+    monkeypatch.setattr(os, "open", spy)
+    old_umask = os.umask(0)  # even with a permissive umask
+    try:
+        priv, pub = deploy.write_node_key(tmp_path / "k" / "n0")
+        certs = deploy.write_certificates(tmp_path / "certs")
+    finally:
+        os.umask(old_umask)
+    modes = dict(created)
+    assert modes[str(priv)] == 0o600 and modes[str(certs["key"])] == 0o600
+    assert stat.S_IMODE(priv.stat().st_mode) == 0o600 and stat.S_IMODE(certs["key"].stat().st_mode) == 0o600
+    before = priv.read_bytes()
+    with pytest.raises(FedPeftError, match="--force"):
+        deploy.write_node_key(priv)
+    with pytest.raises(FedPeftError, match="--force"):
+        deploy.write_certificates(tmp_path / "certs")
+    assert priv.read_bytes() == before
+    assert main(["flower", "node-key", str(priv)]) == 2  # one line, exit 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main(["flower", "node-key", str(priv), "--force"]) == 0 and priv.read_bytes() != before
+    assert stat.S_IMODE(priv.stat().st_mode) == 0o600
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    assert main(["flower", "connection", "lab", "10.0.0.5:9093"]) == 2
+    assert "--insecure" in capsys.readouterr().err
+    assert main(["flower", "connection", "lab", "127.0.0.1:9093", "--insecure"]) == 0
+    assert "INSECURE" in capsys.readouterr().err
+
+
+def test_client_paths_are_the_nodes_own(tmp_path):
+    """The store folder is the node's state-dir (over the ClientApp's default), named by a hash of the run
+    key: a server-sent key such as '../../etc' never becomes a path."""
+    from fedpeft.engines.flower.client import _state_dir
+
+    d = _state_dir({"state-dir": str(tmp_path / "node")}, str(tmp_path / "default"), "../../etc/x")
+    assert d.parent == tmp_path / "node" and d.name.startswith("run-") and ".." not in d.name
+    assert _state_dir({}, str(tmp_path / "default"), "k").parent == tmp_path / "default"
+    assert _state_dir({}, None, "k") is None
+
+
+def test_a_deployed_node_refuses_a_model_factory_its_operator_did_not_allow():
+    from fedpeft.config import RunConfig
+    from fedpeft.errors import FedPeftError
+    from fedpeft.run.flower import node_config_of
+
+    cfg = RunConfig(**_settings()).to_dict()
+    with pytest.raises(FedPeftError, match="allow-model-factories"):
+        node_config_of(cfg, {"partition-id": 0})
+    with pytest.raises(FedPeftError, match="allow-model-factories"):
+        node_config_of(cfg, {"partition-id": 0, "allow-model-factories": "other:thing"})
+    assert node_config_of(cfg, {"partition-id": 0, **NODE_TRUST}).model_name == "tiny_models:tiny_bert"
+    assert node_config_of(cfg, {"partition-id": 0}, simulated=True).model_name == "tiny_models:tiny_bert"

@@ -27,7 +27,8 @@ from fedpeft.run.assemble import build_algorithm, load_run_backbone, open_histor
 
 log = logging.getLogger("fedpeft")
 
-_NODE_CACHE: dict[tuple, Any] = {}  # per process: (run key, partition) → (algorithm, client)
+_NODE_CACHE: dict[tuple, Any] = {}  # per process: (run key, partition) → (algorithm, client);
+#                                     (run key, "run") → (algorithm, backbone, every client's data part)
 
 
 # ------------------------------------------------------------ client side
@@ -70,17 +71,22 @@ def node_setup(ctl: dict[str, Any], node_config, *, simulated: bool = False):
         if not 0 <= pid < len(cfg.tasks):
             raise FedPeftError(f"partition-id {pid} is out of range: the run has {len(cfg.tasks)} clients "
                                f"(0..{len(cfg.tasks) - 1})")
-        if cfg.threads:
-            import torch
+        if (key, "run") not in _NODE_CACHE:
+            # A long-lived process (a Ray actor, a SuperNode's ClientApp worker) serves one run at a
+            # time: a new run frees the previous run's model and clients.
+            for old in [k for k in _NODE_CACHE if k[0] != key]:
+                del _NODE_CACHE[old]
+            if cfg.threads:
+                import torch
 
-            torch.set_num_threads(cfg.threads)
-        backbone = load_run_backbone(cfg)
-        alg = next((a for (k, _), (a, _) in _NODE_CACHE.items() if k == key), None)
-        if alg is None:
-            alg = build_algorithm(cfg, backbone)
+                torch.set_num_threads(cfg.threads)
+            backbone = load_run_backbone(cfg)
+            _NODE_CACHE[(key, "run")] = (build_algorithm(cfg, backbone), backbone, federation_parts(cfg))
+        alg, backbone, parts = _NODE_CACHE[(key, "run")]
         # the local engine's partition code and seed (server reserve and validation hold-out
-        # included), so this node's examples are the ones the local engine would give client pid
-        _NODE_CACHE[(key, pid)] = (alg, make_client(cfg, federation_parts(cfg)[pid], backbone.tokenizer))
+        # included), so this node's examples are the ones the local engine would give client pid;
+        # one backbone, one algorithm and one partition per process, whatever partitions it serves
+        _NODE_CACHE[(key, pid)] = (alg, make_client(cfg, parts[pid], backbone.tokenizer))
     alg, client = _NODE_CACHE[(key, pid)]
     if ctl.get("federation"):
         try:
