@@ -524,6 +524,10 @@ def test_hostile_reply_is_rejected_and_the_run_ends_with_the_honest_result(case,
     event = result["rejected"][0]
     if stage == "query":
         assert event["kind"] == "rejected_node" and event["node"] == hostile.STRANGER
+        expected = {"wrong partition id (another client's)": "claims partition-id 2, which node 1002 holds",
+                    "wrong partition id (out of range)": "claims partition-id 99",
+                    "wrong task and label count": "the run gives client 3 'demo-topic'"}[case]
+        assert expected in event["reason"], event["reason"]
     else:
         assert (event["kind"], event["round"], event["client"], event.get("stage", "fit")) == (
             "rejected_reply", hostile.HOSTILE_ROUND, hostile.HOSTILE_CLIENT, stage)

@@ -59,7 +59,7 @@ class InProcessGrid:
             if node in self.down:
                 continue
             ctl = control_of(msg.content)
-            key = (ctl["stage"], ctl.get("round"), node)
+            key = (ctl["stage"], ctl.get("round", 0), node)
             try:
                 if key in self.fail_at:
                     raise self.fail_at[key]
@@ -228,10 +228,11 @@ def metrics_nan(reply, msg):
 
 
 def query_other_partition(reply, msg):
-    """An extra node claims the partition of client 1 (a stranger without SuperNode authentication)."""
+    """An extra node claims the partition of client 2, same task as its own (a stranger without
+    SuperNode authentication): the node already holding it keeps it."""
     from flwr.app import ConfigRecord
 
-    return _rebuild(reply, msg, {"fedpeft": ConfigRecord({**dict(reply.content["fedpeft"].items()), "client_id": 1})})
+    return _rebuild(reply, msg, {"fedpeft": ConfigRecord({**dict(reply.content["fedpeft"].items()), "client_id": 2})})
 
 
 def query_out_of_range(reply, msg):
@@ -241,10 +242,11 @@ def query_out_of_range(reply, msg):
 
 
 def query_wrong_task(reply, msg):
+    """The stranger (partition 3, a demo-topic client) says it holds the 2-label sentiment task."""
     from flwr.app import ConfigRecord
 
     return _rebuild(reply, msg, {"fedpeft": ConfigRecord({**dict(reply.content["fedpeft"].items()),
-                                                           "task": "demo-topic", "num_labels": 4})})
+                                                           "task": "demo-sentiment", "num_labels": 2})})
 
 
 # name → (stage, tamper function, the method settings it needs)
