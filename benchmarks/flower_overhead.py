@@ -8,8 +8,8 @@ deployment (1 SuperLink + N SuperNodes as separate processes), and where Flower'
 Modes (every compared figure is taken in one invocation, one after the other):
 - `local`: `--engine local`, torch using every core (`--threads` = cores);
 - `flower-sim`: `--engine flower-sim`, `--client-cpus 1` (one Ray actor per core), 1 torch thread each;
-- `deploy-process`: the documented deployment: each SuperNode `--isolation process` with one
-  long-lived fedpeft ClientApp worker (`python -m fedpeft.engines.flower.worker`), 1 thread each;
+- `deploy-process`: the documented deployment, `python -m fedpeft.flower_app supernode`: each
+  SuperNode `--isolation process` with one long-lived fedpeft ClientApp worker and short polls, 1 thread each;
 - `deploy-subprocess`: Flower's default, a new `flwr-clientapp` process per message (imports torch and
   loads the model every time), 1 thread each.
 
@@ -120,7 +120,7 @@ def run_deployment(out: Path, cfg_over: dict, isolation: str, model: str) -> tup
     with Loopback(out / f"{name}-procs") as lb:
         lb.start_superlink()
         for i in range(len(cfg_over["tasks"])):
-            lb.start_supernode(i, {"partition-id": i, **node_config}, isolation=isolation, worker_threads=1)
+            lb.start_supernode(i, {"partition-id": i, **node_config}, isolation=isolation)
         lb.submit({"config": str(toml), "output-dir": str(out / name)})
         wait_for_file(out / name / "summary.md", 6 * 3600, alive=lb)
         wall = time.time() - t0
@@ -175,7 +175,7 @@ def main() -> None:
                 isolation = mode.split("-", 1)[1]
                 wall, ph = run_deployment(sub, cfg_over, isolation, args.model)
                 threads = "1 per node"
-                procs = (f"SuperLink + ServerApp + {n} SuperNodes + {n} workers" if isolation == "process"
+                procs = (f"SuperLink + ServerApp + {n} SuperNodes + {n} ClientApp workers" if isolation == "process"
                          else f"SuperLink + ServerApp + {n} SuperNodes + 1 flwr-clientapp per message")
             rows.append(dict(n=n, mode=mode, wall=wall, threads=threads, procs=procs, load=load, **ph))
     cold = cold_client_start(args.model)

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("flwr")
 
 from fedpeft.algorithms.base import Message  # noqa: E402
-from fedpeft.engines.flower import hostile  # noqa: E402
+import flower_hostile as hostile  # noqa: E402  (tests/: the in-process grid and the hostile replies)
 from fedpeft.engines.flower.records import (  # noqa: E402
     decode_config, encode_config, from_records, store_from_bytes, store_to_bytes, to_records)
 
@@ -283,7 +283,7 @@ def tls_deployment(tmp_path_factory):
         out["intruder_log"] = lb.tail("bad")
         wait_for_file(out["run_dir"] / "summary.md", 900, alive=lb)
         out["nodes"] = json.loads(lb.flwr("supernode", "list", "loopback", "--format", "json").stdout)["nodes"]
-        out["worker_logs"] = [(lb.root / f"supernode{i}-worker.log").read_text() for i in range(len(TASKS))]
+        out["worker_logs"] = [(lb.root / f"supernode{i}.log").read_text() for i in range(len(TASKS))]
     return out
 
 
@@ -344,7 +344,7 @@ def test_loopback_killed_supernode_round_completes_and_is_logged(tmp_path):
 # ------------------------------------------------------------ the server loop on an in-process grid (fast)
 class InProcessGrid(hostile.InProcessGrid):
     """The real ClientApp handler in this process, every node trusting the tiny test model's factory
-    (engines/flower/hostile.py: nodes go down, come back, fail or lie)."""
+    (tests/flower_hostile.py: nodes go down, come back, fail or lie)."""
 
     def __init__(self, n, state_root=None):
         super().__init__(n, NODE_TRUST)

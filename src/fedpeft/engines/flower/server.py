@@ -39,6 +39,9 @@ log = logging.getLogger("fedpeft")
 class FlowerEngine(LocalEngine):
     def __init__(self, algorithm: Algorithm, grid, node_of: dict[int, int], control: dict[str, Any], history,
                  run_dir: Path, *, timeout: float, progress=None, max_reply_bytes: int = 0, max_round_bytes: int = 0):
+        from fedpeft.engines.flower import polling
+
+        polling.serverapp()
         clients = [Client(info, None, None, False) for info in algorithm.federation]  # the server holds no data
         super().__init__(algorithm, clients, history, run_dir, progress=progress)
         self.grid, self.node_of, self.control, self.timeout = grid, node_of, control, timeout

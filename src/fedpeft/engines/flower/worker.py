@@ -11,7 +11,7 @@ ClientApp, so imports, the backbone and the client's encoded data (run/flower.py
 cache) are paid once per SuperNode, not once per message.
 
     flower-supernode --isolation process --port 9094 ...       # the SuperNode, as usual otherwise
-    python -m fedpeft.engines.flower.worker --runtime-api-address 127.0.0.1:9094 --insecure
+    python -m fedpeft.flower_app --runtime-api-address 127.0.0.1:9094 --insecure   # its ClientApp worker
 
 Per task it does what `flwr-clientapp` does (Flower's run_clientapp): pull the task's message,
 Context and run, keep a task heartbeat, call the ClientApp, push the reply and the Context. It runs
@@ -51,6 +51,51 @@ def _app_component(fab_content: bytes) -> str | None:
         return None
 
 
+def pull_task_input(client):
+    """Flower's run_clientapp.pull_task_input, with the message's objects retried from 50 ms."""
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf)
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import Message
+
+    from fedpeft.engines.flower.polling import OBJECT_BACKOFF, OBJECT_BACKOFF_CAP
+
+    t = [time.perf_counter()]
+    res = client.PullTaskInput(PullTaskInputRequest())
+    t.append(time.perf_counter())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    t.append(time.perf_counter())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    calls = []
+
+    def timed(fn, name):
+        def call(req):
+            a = time.perf_counter()
+            try:
+                return fn(req)
+            finally:
+                calls.append((name, round(a - t[0], 3), round(time.perf_counter() - a, 3)))
+        return call
+
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(timed(client.PullObject, "obj"), node, context.run_id),
+        make_confirm_message_received_fn_protobuf(timed(client.ConfirmMessageReceived, "confirm"), node, context.run_id),
+        return_type=Message, initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP)
+    t.append(time.perf_counter())
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
+    pull_task_input.detail = ([round(b - a, 3) for a, b in zip(t, t[1:])], calls)
+    return message, context, run, fab
+
+
 def run_task(address: str, token: str, *, insecure: bool, certificates: bytes | None, client_app) -> str:
     """One ClientApp task, in this process: Flower's `run_clientapp` without installing the app or
     exiting. Returns the task's final status ("completed" or "failed")."""
@@ -61,7 +106,7 @@ def run_task(address: str, token: str, *, insecure: bool, certificates: bytes | 
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     retry = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
@@ -71,14 +116,18 @@ def run_task(address: str, token: str, *, insecure: bool, certificates: bytes | 
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     message = context = reply = None
     status, details = SubStatus.FAILED, "ClientApp task failed"
+    marks = [time.perf_counter()]
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
+        marks.append(time.perf_counter())
+        log.info("pull detail: %s", getattr(pull_task_input, "detail", None))
         component = _app_component(fab.content)
         if component != FEDPEFT_CLIENTAPP:
             raise RuntimeError(f"this worker runs only {FEDPEFT_CLIENTAPP}; the run's Flower App names "
                                f"{component!r}")
         reply = client_app(message=message, context=context)
+        marks.append(time.perf_counter())
         status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # noqa: BLE001 - a failed task is an error reply, never the end of the worker
         log.warning("ClientApp task failed: %s: %s", type(exc).__name__, exc)
@@ -94,14 +143,18 @@ def run_task(address: str, token: str, *, insecure: bool, certificates: bytes | 
             status = SubStatus.FAILED
         retry.max_tries = 1
         push_task_output(client=client, context=context, sub_status=status, details=details)
+        marks.append(time.perf_counter())
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
+        steps = ("pull", "app", "push")
+        log.info("task phases: %s", ", ".join(f"{steps[i]} {b - a:.2f} s" for i, (a, b) in enumerate(zip(marks, marks[1:]))))
     return status
 
 
-def serve_tasks(address: str, *, insecure: bool = True, root_certificates: str | None = None, poll: float = 0.05,
-                max_tasks: int | None = None, parent_pid: int | None = None, auth_secret: bytes | None = None) -> int:
+def serve_tasks(address: str, client_app, *, insecure: bool = True, root_certificates: str | None = None,
+                poll: float = 0.05, max_tasks: int | None = None, parent_pid: int | None = None,
+                auth_secret: bytes | None = None) -> int:
     """Ask the SuperNode at `address` (its Runtime API) for ClientApp tasks and run them, until stopped
     (or `max_tasks` ran). Returns the number of tasks run. `auth_secret`: the SuperNode's
     `--superexec-auth-secret-file` content, so that only this worker can take its tasks."""
@@ -111,8 +164,9 @@ def serve_tasks(address: str, *, insecure: bool = True, root_certificates: str |
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    from fedpeft.flower_app import client_app  # the imports a ClientApp process pays, paid once here
+    from fedpeft.engines.flower import polling
 
+    polling.clientapp()
     certificates = Path(root_certificates).read_bytes() if root_certificates else None
     interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
     if auth_secret:
@@ -154,8 +208,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fedpeft.engines.flower.worker",
+def main(client_app, argv: list[str] | None = None) -> int:
+    """`python -m fedpeft.flower_app ...`: serve `client_app` (fedpeft's) to one SuperNode."""
+    ap = argparse.ArgumentParser(prog="python -m fedpeft.flower_app",
                                  description="A long-lived fedpeft ClientApp for a SuperNode started with "
                                              "--isolation process: the model stays loaded across messages.")
     ap.add_argument("--runtime-api-address", required=True, help="HOST:PORT of the SuperNode's Runtime API (its --port)")
@@ -178,12 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         secret = Path(args.superexec_auth_secret_file).read_bytes() if args.superexec_auth_secret_file else None
-        serve_tasks(args.runtime_api_address, insecure=args.insecure, root_certificates=args.root_certificates,
+        serve_tasks(args.runtime_api_address, client_app, insecure=args.insecure, root_certificates=args.root_certificates,
                     poll=args.poll, parent_pid=args.parent_pid, auth_secret=secret)
     except KeyboardInterrupt:
         pass
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Hostile SuperNodes, for the tests and the faults benchmark: a Flower Grid that runs the real fedpeft
+"""Hostile SuperNodes, for the tests (test_flower.py) and benchmarks/faults.py, which import it from this
+folder (test scaffolding, not part of the fedpeft package): a Flower Grid that runs the real fedpeft
 ClientApp handler in this process, with one client whose reply is tampered with after the honest
 computation, through the real record conversion (Flower Messages and records, not fedpeft Messages).
 
