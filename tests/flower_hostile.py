@@ -86,24 +86,30 @@ def _config(reply) -> dict[str, Any]:
     return dict(reply.content["config"].items())
 
 
-def _arrays(reply) -> dict[str, Any]:
-    return dict(reply.content["tensors"].items()) if "tensors" in reply.content else {}
+def _tensors(reply) -> dict[str, Any]:
+    from fedpeft.engines.flower.records import decode_tensors
+
+    return decode_tensors(reply.content)
 
 
-def _with(reply, msg, *, config=None, arrays=None, extra=None, drop=()):
+def _with(reply, msg, *, config=None, tensors=None, extra=None, drop=()):
+    """The reply with its config and/or tensors replaced (tensors packed as fedpeft packs them)."""
     from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedpeft.engines.flower.records import INDEX, PACKED, TENSORS, pack_tensors
 
     records = {k: v for k, v in reply.content.items() if k not in drop}
     if config is not None:
         records["config"] = ConfigRecord(config)
-    if arrays is not None:
-        records["tensors"] = ArrayRecord(arrays)
+    if tensors is not None:
+        packed, index = pack_tensors(tensors)
+        records[TENSORS], records[INDEX] = ArrayRecord({PACKED: packed}), ConfigRecord({"index": index})
     records.update(extra or {})
     return _rebuild(reply, msg, records)
 
 
-def _first_lora(reply) -> str:
-    return next(k for k in _arrays(reply) if not k.startswith("head."))
+def _first_lora(tensors) -> str:
+    return next(k for k in tensors if not k.startswith("head."))
 
 
 def bad_json(reply, msg):
@@ -118,6 +124,10 @@ def missing_config(reply, msg):
     return _with(reply, msg, drop=("config",))
 
 
+def missing_index(reply, msg):
+    return _with(reply, msg, drop=("tensor_index",))
+
+
 def extra_config_key(reply, msg):
     return _with(reply, msg, config={**_config(reply), "steer_server": 1})
 
@@ -130,48 +140,37 @@ def extra_record(reply, msg):
 
 def extra_tensor(reply, msg):
     import torch
-    from flwr.app import Array
 
-    return _with(reply, msg, arrays={**_arrays(reply), "lora.evil.A": Array(torch.zeros(2, 2))})
+    return _with(reply, msg, tensors={**_tensors(reply), "lora.evil.A": torch.zeros(2, 2)})
 
 
 def wrong_dtype(reply, msg):
-    from flwr.app import Array
-
-    arrays = _arrays(reply)
-    name = _first_lora(reply)
-    arrays[name] = Array(arrays[name].numpy().astype("float64"))
-    return _with(reply, msg, arrays=arrays)
+    t = _tensors(reply)
+    name = _first_lora(t)
+    return _with(reply, msg, tensors={**t, name: t[name].double()})
 
 
 def wrong_shape(reply, msg):
-    from flwr.app import Array
-
-    arrays = _arrays(reply)
-    name = _first_lora(reply)
-    arrays[name] = Array(arrays[name].numpy()[:1].copy())
-    return _with(reply, msg, arrays=arrays)
+    t = _tensors(reply)
+    name = _first_lora(t)
+    return _with(reply, msg, tensors={**t, name: t[name][:1].clone()})
 
 
-def lying_array_header(reply, msg):
-    """Declared shape and dtype differ from the bytes it carries."""
-    from flwr.app import Array
+def lying_index(reply, msg):
+    """The index declares a first tensor 4x larger than the bytes it packs."""
+    from flwr.app import ConfigRecord
 
-    arrays = _arrays(reply)
-    name = _first_lora(reply)
-    a = arrays[name]
-    arrays[name] = Array(dtype=a.dtype, shape=tuple(d * 4 for d in a.shape), stype=a.stype, data=a.data)
-    return _with(reply, msg, arrays=arrays)
+    index = json.loads(reply.content["tensor_index"]["index"])
+    index[0][2] = [d * 4 for d in index[0][2]]
+    return _with(reply, msg, extra={"tensor_index": ConfigRecord({"index": json.dumps(index)})})
 
 
 def oversize_tensor(reply, msg):
     """A tensor far larger than anything the server sent (64 MiB of zeros)."""
-    import numpy as np
-    from flwr.app import Array
+    import torch
 
-    arrays = _arrays(reply)
-    arrays[_first_lora(reply)] = Array(np.zeros((4096, 4096), dtype="float32"))
-    return _with(reply, msg, arrays=arrays)
+    t = _tensors(reply)
+    return _with(reply, msg, tensors={**t, _first_lora(t): torch.zeros(4096, 4096)})
 
 
 def huge_num_examples(reply, msg):
@@ -183,24 +182,19 @@ def float_num_examples(reply, msg):
 
 
 def nan_head(reply, msg):
-    from flwr.app import Array
-
-    arrays = _arrays(reply)
-    name = next(k for k in arrays if k.startswith("head."))
-    bad = arrays[name].numpy().copy()
-    bad.flat[0] = math.nan
-    arrays[name] = Array(bad)
-    return _with(reply, msg, arrays=arrays)
+    t = _tensors(reply)
+    name = next(k for k in t if k.startswith("head."))
+    bad = t[name].clone()
+    bad.view(-1)[0] = math.nan
+    return _with(reply, msg, tensors={**t, name: bad})
 
 
 def wrong_head_shape(reply, msg):
-    import numpy as np
-    from flwr.app import Array
+    import torch
 
-    arrays = _arrays(reply)
-    name = next(k for k in arrays if k.startswith("head.out_proj"))
-    arrays[name] = Array(np.zeros((7,) + arrays[name].numpy().shape[1:], dtype="float32"))
-    return _with(reply, msg, arrays=arrays)
+    t = _tensors(reply)
+    name = next(k for k in t if k.startswith("head.out_proj"))
+    return _with(reply, msg, tensors={**t, name: torch.zeros((7,) + tuple(t[name].shape[1:]))})
 
 
 def string_loss(reply, msg):
@@ -209,10 +203,8 @@ def string_loss(reply, msg):
 
 def scaled_update(reply, msg):
     """A well-formed reply whose LoRA is scaled 1000×: schema-valid, only robust aggregation resists it."""
-    from flwr.app import Array
-
-    arrays = {k: (Array(v.numpy() * 1000.0) if not k.startswith("head.") else v) for k, v in _arrays(reply).items()}
-    return _with(reply, msg, arrays=arrays)
+    return _with(reply, msg, tensors={k: (v * 1000.0 if not k.startswith("head.") else v)
+                                      for k, v in _tensors(reply).items()})
 
 
 def metrics_overwrite_record(reply, msg):
@@ -260,7 +252,8 @@ CASES: dict[str, tuple[str, Callable, dict[str, Any]]] = {
     "extra tensor": ("fit", extra_tensor, {}),
     "wrong dtype": ("fit", wrong_dtype, {}),
     "wrong shape": ("fit", wrong_shape, {}),
-    "array header lies": ("fit", lying_array_header, {}),
+    "tensor index lies about a shape": ("fit", lying_index, {}),
+    "tensors without their index": ("fit", missing_index, {}),
     "oversize tensor": ("fit", oversize_tensor, {}),
     "num_examples = 10**15": ("fit", huge_num_examples, {}),
     "num_examples = 1e15 (float)": ("fit", float_num_examples, {}),

@@ -594,40 +594,52 @@ def test_fuzzed_replies_give_a_message_or_a_rejection_never_another_exception():
 
     from fedpeft.engines.flower import schema
 
-    names = st.one_of(st.sampled_from(["tensors", "config", "metrics", "fedpeft", "num_examples", "json:train_loss",
-                                       "json:x", "head.out_proj.weight", "lora.a", "client", "accuracy", "task",
+    names = st.one_of(st.sampled_from(["tensors", "tensor_index", "config", "metrics", "fedpeft", "packed", "index",
+                                       "num_examples", "json:train_loss", "json:x", "client", "accuracy", "task",
                                        "client_id", "num_labels", "train_loss"]), st.text(max_size=12))
     finite_or_not = st.floats(allow_nan=True, allow_infinity=True)
+    tensor_names = st.one_of(st.sampled_from(["head.out_proj.weight", "head.out_proj.bias", "lora.a", "lora.a"]),
+                             st.text(max_size=8))
+    dims = st.one_of(st.integers(0, 20), st.integers(-3, 2 ** 45), st.floats(), st.text(max_size=2), st.booleans())
+    entry = st.one_of(st.tuples(tensor_names, st.sampled_from(["float32", "float64", "bfloat16", "int64", "bool", "x"]),
+                                st.lists(dims, max_size=4)).map(list),
+                      st.lists(st.one_of(st.integers(), st.text(max_size=4)), max_size=4))
+    index_text = st.one_of(st.lists(entry, max_size=4).map(json.dumps), st.text(max_size=40),
+                           st.sampled_from(["[", "{}", "null", "[[" * 3000]))
     scalars = st.one_of(st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1), finite_or_not, st.booleans(),
-                        st.text(max_size=30), st.binary(max_size=30),
+                        st.text(max_size=30), st.binary(max_size=30), index_text,
                         st.sampled_from(["{not json", "null", "[1e999]", '{"a": [1, 2]}', "1" * 5000, "[" * 2000]))
     config_values = st.one_of(scalars, st.lists(st.integers(min_value=-5, max_value=5), max_size=4))
 
     @st.composite
     def arrays(draw):
-        if draw(st.booleans()):  # a real .npy payload of some dtype and shape, maybe relabelled
-            dtype = draw(st.sampled_from(["float32", "float64", "int64", "float16", "bool", "complex64", "<U3"]))
-            shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+        if draw(st.booleans()):  # a real .npy payload (the packed bytes), maybe cut or relabelled
+            dtype = draw(st.sampled_from(["uint8", "uint8", "float32", "int64", "<U3"]))
+            shape = tuple(draw(st.lists(st.integers(0, 40), min_size=1, max_size=2)))
             buf = io.BytesIO()
-            np.save(buf, np.zeros(shape, dtype=dtype), allow_pickle=False)
+            np.save(buf, np.frombuffer(draw(st.binary(min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))),
+                                       dtype="uint8").reshape(shape).astype(dtype), allow_pickle=False)
             data = buf.getvalue()
             if draw(st.booleans()):
                 data = data[: draw(st.integers(0, len(data)))]
-            dtype = draw(st.one_of(st.just(dtype), st.sampled_from(["float32", "x", ""])))
-            shape = draw(st.one_of(st.just(shape), st.lists(st.integers(-3, 10 ** 6), max_size=4).map(tuple)))
+            dtype = draw(st.one_of(st.just(dtype), st.sampled_from(["uint8", "x", ""])))
+            shape = draw(st.one_of(st.just(shape), st.lists(st.integers(-3, 10 ** 6), max_size=2).map(tuple)))
         else:
-            dtype = draw(st.sampled_from(["float32", "float64", "foo"]))
-            shape = tuple(draw(st.lists(st.integers(-3, 64), max_size=3)))
+            dtype = draw(st.sampled_from(["uint8", "float32", "foo"]))
+            shape = tuple(draw(st.lists(st.integers(-3, 64), max_size=2)))
             data = draw(st.binary(max_size=200))
-        stype = draw(st.sampled_from(["numpy.ndarray", "torch.Tensor", ""]))
+        stype = draw(st.sampled_from(["numpy.ndarray", "numpy.ndarray", "torch.Tensor", ""]))
         return Array(dtype=dtype, shape=shape, stype=stype, data=data)
 
     @st.composite
     def records(draw):
-        kind = draw(st.sampled_from(["array", "config", "metric"]))
+        kind = draw(st.sampled_from(["array", "config", "metric", "index"]))
         try:
             if kind == "array":
-                return ArrayRecord(draw(st.dictionaries(names, arrays(), max_size=3)))
+                return ArrayRecord(draw(st.dictionaries(st.one_of(st.just("packed"), names), arrays(), max_size=2)))
+            if kind == "index":
+                return ConfigRecord(draw(st.dictionaries(st.one_of(st.just("index"), names), index_text,
+                                                         min_size=1, max_size=2)))
             if kind == "config":
                 return ConfigRecord(draw(st.dictionaries(names, config_values, max_size=5)))
             return MetricRecord(draw(st.dictionaries(names, st.one_of(finite_or_not, st.integers(-10, 10)), max_size=4)))
@@ -638,9 +650,15 @@ def test_fuzzed_replies_give_a_message_or_a_rejection_never_another_exception():
     def contents(draw):
         if draw(st.integers(0, 9)) == 0:
             return draw(st.sampled_from([None, {}, [], "tensors", RecordDict()]))
-        return RecordDict(draw(st.dictionaries(names, records(), max_size=3)))
+        chosen = draw(st.dictionaries(names, records(), max_size=3))
+        if draw(st.booleans()):  # the shape of an honest reply, with hostile contents
+            chosen.update({"tensors": draw(records()), "tensor_index": draw(records()), "config": draw(records())})
+        return RecordDict(chosen)
 
     sch = _schema_for_fuzz()
+    real = to_records(Message({"head.out_proj.weight": torch.randn(2, 16), "lora.a": torch.randn(3)},
+                              {"num_examples": 3}))
+    assert schema.check_fit(real, sch).tensors.keys() == {"head.out_proj.weight", "lora.a"}  # the honest shape passes
 
     @hyp.settings(max_examples=300, deadline=None, suppress_health_check=list(hyp.HealthCheck))
     @hyp.given(contents())

@@ -10,12 +10,13 @@ the run's settings give, and the tensors' dtypes, head names and head shapes com
 model and head policy.
 
 What a fit reply may hold:
-- records `tensors` (an ArrayRecord) and `config` (a ConfigRecord), nothing else;
+- records `config` (a ConfigRecord) and, with tensors, `tensors` + `tensor_index` (records.py's
+  packed format), nothing else;
 - config: only the keys of `FIT_VALUES`, each of its type (finite numbers), `num_examples` an
   integer in [1, the client's declared size];
-- tensors: names of at most 512 characters, dtype one of the server model's floating dtypes, the
-  declared shape and dtype equal to the decoded ones, no more elements than the server model's
-  largest tensor, finite values; head tensors (`head.*`) exactly the names, shapes and dtypes of the
+- tensors: an index of unique names of at most 512 characters whose dtypes are the server model's
+  floating dtypes and whose shapes add up to exactly the packed bytes, no tensor with more elements
+  than the server model's largest, finite values; head tensors (`head.*`) exactly the names, shapes and dtypes of the
   server's head for the client's label count (a subset under the `classifier` policy);
 - at most `max_reply_bytes` in all.
 The tensor names and shapes a method expects in a given round (which LoRA factors, which expert,
@@ -31,11 +32,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from fedpeft.algorithms.base import ClientInfo, Message
-from fedpeft.engines.flower.records import CONFIG, CONTROL, JSON_PREFIX, METRICS, TENSORS
+from fedpeft.engines.flower.records import (
+    CONFIG, CONTROL, INDEX, JSON_PREFIX, METRICS, TENSORS, dtype_name, packed_bytes, unpack_tensors)
 
 HEAD_PREFIX = "head."
 MAX_NAME = 512
@@ -158,39 +159,11 @@ def check_query(content, node_id: int, num_clients: int, expected_info) -> Clien
 
 
 # ------------------------------------------------------------ fit
-def _tensor(name: str, arr, schema: ReplySchema) -> torch.Tensor:
-    from flwr.app import Array
-
-    if not isinstance(arr, Array):
-        raise Rejected(f"tensor {name[:60]!r} is a {type(arr).__name__}, not an Array")
-    if arr.stype != "numpy.ndarray":
-        raise Rejected(f"tensor {name[:60]!r} has serialisation {str(arr.stype)[:40]!r}")
-    if arr.dtype not in schema.dtypes:
-        raise Rejected(f"tensor {name[:60]!r} has dtype {str(arr.dtype)[:40]}, expected {'/'.join(sorted(schema.dtypes))}")
-    shape = tuple(arr.shape)
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or len(shape) > 8:
-        raise Rejected(f"tensor {name[:60]!r} has shape {shape[:9]}")
-    numel = math.prod(shape)
-    if numel > schema.max_numel:
-        raise Rejected(f"tensor {name[:60]!r} has {numel} elements, more than any tensor of the model ({schema.max_numel})")
-    if not isinstance(arr.data, (bytes, bytearray)) or len(arr.data) < numel * np.dtype(arr.dtype).itemsize:
-        raise Rejected(f"tensor {name[:60]!r} holds fewer bytes than its shape {shape} needs")
-    try:
-        value = arr.numpy()
-    except Exception as exc:  # noqa: BLE001 - np.load of client bytes: any failure is the client's
-        raise Rejected(f"tensor {name[:60]!r} cannot be decoded: {type(exc).__name__}") from None
-    if str(value.dtype) != arr.dtype or tuple(value.shape) != shape:
-        raise Rejected(f"tensor {name[:60]!r} decodes to {value.dtype} {tuple(value.shape)}, "
-                       f"not the declared {arr.dtype} {shape}")
-    out = torch.from_numpy(np.array(value, copy=True))
-    if not torch.isfinite(out).all():
-        raise Rejected(f"tensor {name[:60]!r} has NaN or Inf values")
-    return out
-
-
 def check_fit(content, schema: ReplySchema) -> Message:
     """A fit reply as a fedpeft Message, or Rejected."""
-    _records_of(content, {TENSORS, CONFIG}, {CONFIG})
+    from flwr.app import ConfigRecord
+
+    _records_of(content, {TENSORS, INDEX, CONFIG}, {CONFIG})
     size = record_bytes(content)
     if size > schema.max_reply_bytes:
         raise Rejected(f"the reply holds {size} bytes, over the bound of {schema.max_reply_bytes} per reply")
@@ -207,24 +180,28 @@ def check_fit(content, schema: ReplySchema) -> Message:
     if n > schema.client.num_examples:
         raise Rejected(f"num_examples is {n}, more than the {schema.client.num_examples} the client declared")
     tensors: dict[str, torch.Tensor] = {}
-    if TENSORS in content:
-        from flwr.app import ArrayRecord
-
-        record = content[TENSORS]
-        if not isinstance(record, ArrayRecord):
-            raise Rejected(f"record 'tensors' is a {type(record).__name__}, not an ArrayRecord")
-        for name, arr in record.items():
-            if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
-                raise Rejected("a tensor name is empty or too long")
-            t = _tensor(name, arr, schema)
+    if TENSORS in content or INDEX in content:
+        if TENSORS not in content or INDEX not in content:
+            raise Rejected("the reply has tensors without their index, or an index without tensors")
+        index = content[INDEX]
+        if not isinstance(index, ConfigRecord) or set(index.keys()) != {"index"}:
+            raise Rejected("record 'tensor_index' is not a ConfigRecord holding only 'index'")
+        try:
+            tensors = unpack_tensors(packed_bytes(content), index["index"], dtypes=schema.dtypes,
+                                     max_numel=schema.max_numel, max_bytes=schema.max_reply_bytes)
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
+        for name, t in tensors.items():
+            if not torch.isfinite(t).all():
+                raise Rejected(f"tensor {name[:60]!r} has NaN or Inf values")
             if name.startswith(HEAD_PREFIX):
                 want = schema.heads.get(name)
                 if want is None:
                     raise Rejected(f"unexpected head tensor {name[:60]!r} for a client with "
                                    f"{schema.client.num_labels} labels")
-                if (tuple(t.shape), arr.dtype) != (tuple(want[0]), want[1]):
-                    raise Rejected(f"head tensor {name!r} is {arr.dtype} {tuple(t.shape)}, expected {want[1]} {tuple(want[0])}")
-            tensors[name] = t
+                if (tuple(t.shape), dtype_name(t.dtype)) != (tuple(want[0]), want[1]):
+                    raise Rejected(f"head tensor {name!r} is {dtype_name(t.dtype)} {tuple(t.shape)}, "
+                                   f"expected {want[1]} {tuple(want[0])}")
     return Message(tensors, values)
 
 
@@ -257,17 +234,14 @@ def check_metrics(content) -> dict[str, float]:
 
 # ------------------------------------------------------------ bounds derived from the server's model
 def model_dtypes_and_numel(model) -> tuple[frozenset[str], int]:
-    """The numpy names of the model's floating dtypes and its largest tensor's element count."""
+    """The names of the model's floating dtypes (e.g. {"float32"}) and its largest tensor's element count."""
     dtypes, numel = set(), 1
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point():
-            try:
-                dtypes.add(str(torch.empty(0, dtype=t.dtype).numpy().dtype))
-            except TypeError:  # bfloat16 has no numpy dtype: such tensors cannot cross as numpy arrays
-                pass
+            dtypes.add(dtype_name(t.dtype))
         numel = max(numel, t.numel())
     return frozenset(dtypes or {"float32"}), numel
 
 
 def head_schema(init: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {HEAD_PREFIX + k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in init.items()}
+    return {HEAD_PREFIX + k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in init.items()}
