@@ -5,7 +5,8 @@ training nor transfer: a SuperNode asks the SuperLink for work every 3 s when id
 its ClientApp's reply every 0.5 s, and whoever reads a message's objects (the ClientApp from its
 SuperNode, a SuperNode or the ServerApp from the SuperLink) retries an object that is not there yet
 after 1 s, then 2 s, ... . These functions replace those waits through the Flower modules' own
-names (`time`, `pull_objects`, `pull_and_inflate_object_from_tree`), leaving Flower's code as it is:
+names (`time`, `pull_objects`), leaving Flower's code as it is (the fedpeft ClientApp worker pulls its
+task's message with the short retries itself, engines/flower/worker.py):
 idle asks back off from 50 ms to 1 s, reply checks every 50 ms, object retries from 50 ms doubling
 to 1 s. Each is applied once per process, by the process that runs that part of Flower.
 """
@@ -60,13 +61,6 @@ def supernode() -> None:
     if not isinstance(loop.time, PollingClock):
         loop.time = PollingClock()
     loop.pull_objects = _faster(loop.pull_objects)
-
-
-def clientapp() -> None:
-    """In a ClientApp process (the fedpeft worker): fast retries of the message's objects."""
-    import flwr.supernode.runtime.run_clientapp as rc
-
-    rc.pull_and_inflate_object_from_tree = _faster(rc.pull_and_inflate_object_from_tree)
 
 
 def serverapp() -> None:

@@ -64,35 +64,19 @@ def pull_task_input(client):
 
     from fedpeft.engines.flower.polling import OBJECT_BACKOFF, OBJECT_BACKOFF_CAP
 
-    t = [time.perf_counter()]
     res = client.PullTaskInput(PullTaskInputRequest())
-    t.append(time.perf_counter())
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
     context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
     pulled = client.PullMessages(PullAppMessagesRequest())
-    t.append(time.perf_counter())
     if not pulled.messages_list:
         raise RuntimeError("No messages received from Runtime API")
     node = Node(node_id=context.node_id)
     tree = pulled.message_object_trees[0]
-    calls = []
-
-    def timed(fn, name):
-        def call(req):
-            a = time.perf_counter()
-            try:
-                return fn(req)
-            finally:
-                calls.append((name, round(a - t[0], 3), round(time.perf_counter() - a, 3)))
-        return call
-
     message = pull_and_inflate_object_from_tree(
-        tree, make_pull_object_fn_protobuf(timed(client.PullObject, "obj"), node, context.run_id),
-        make_confirm_message_received_fn_protobuf(timed(client.ConfirmMessageReceived, "confirm"), node, context.run_id),
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message, initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP)
-    t.append(time.perf_counter())
     message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
-    pull_task_input.detail = ([round(b - a, 3) for a, b in zip(t, t[1:])], calls)
     return message, context, run, fab
 
 
@@ -121,7 +105,6 @@ def run_task(address: str, token: str, *, insecure: bool, certificates: bytes | 
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
         marks.append(time.perf_counter())
-        log.info("pull detail: %s", getattr(pull_task_input, "detail", None))
         component = _app_component(fab.content)
         if component != FEDPEFT_CLIENTAPP:
             raise RuntimeError(f"this worker runs only {FEDPEFT_CLIENTAPP}; the run's Flower App names "
@@ -164,9 +147,6 @@ def serve_tasks(address: str, client_app, *, insecure: bool = True, root_certifi
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    from fedpeft.engines.flower import polling
-
-    polling.clientapp()
     certificates = Path(root_certificates).read_bytes() if root_certificates else None
     interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
     if auth_secret:
