@@ -660,7 +660,7 @@ def test_fuzzed_replies_give_a_message_or_a_rejection_never_another_exception():
                               {"num_examples": 3}))
     assert schema.check_fit(real, sch).tensors.keys() == {"head.out_proj.weight", "lora.a"}  # the honest shape passes
 
-    @hyp.settings(max_examples=300, deadline=None, suppress_health_check=list(hyp.HealthCheck))
+    @hyp.settings(max_examples=200, deadline=None, suppress_health_check=list(hyp.HealthCheck))
     @hyp.given(contents())
     def check(content):
         for fn in (lambda c: schema.check_fit(c, sch), schema.check_metrics,
@@ -741,3 +741,30 @@ def test_a_deployed_node_refuses_a_model_factory_its_operator_did_not_allow():
         node_config_of(cfg, {"partition-id": 0, "allow-model-factories": "other:thing"})
     assert node_config_of(cfg, {"partition-id": 0, **NODE_TRUST}).model_name == "tiny_models:tiny_bert"
     assert node_config_of(cfg, {"partition-id": 0}, simulated=True).model_name == "tiny_models:tiny_bert"
+
+
+def test_exchange_pulls_replies_early_and_stops_at_the_timeout():
+    """The server's push/pull loop: replies that arrive after a few pulls are taken without Flower's
+    fixed 3-s wait; a reply that never comes ends the wait at the timeout."""
+    from types import SimpleNamespace
+
+    from fedpeft.engines.flower.server import exchange
+
+    class Grid:
+        def __init__(self):
+            self.pulls = 0
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            ready = ["m0"] if self.pulls >= 3 and "m0" in ids else []
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
+
+    t0 = time.time()
+    got = exchange(Grid(), [object()], timeout=30)
+    assert len(got) == 1 and time.time() - t0 < 1.0
+    t0 = time.time()
+    got = exchange(Grid(), [object(), object()], timeout=1.5)
+    assert len(got) == 1 and 1.4 < time.time() - t0 < 3.0

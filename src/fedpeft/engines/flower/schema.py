@@ -64,7 +64,7 @@ class ReplySchema:
     """What the server accepts from one client in one round (server-side values only)."""
 
     client: ClientInfo  # from the server's federation definition and the checked query reply
-    dtypes: frozenset[str]  # numpy names of the server model's floating dtypes, e.g. {"float32"}
+    dtypes: frozenset[str]  # the server model's floating dtypes by name, e.g. {"float32"}
     heads: Mapping[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # head.* name → (shape, dtype)
     max_numel: int = 0  # elements of the server model's largest tensor
     max_reply_bytes: int = 0

@@ -191,7 +191,10 @@ class FlowerEngine(LocalEngine):
             self._audit(rnd, cid, "fit", contents[cid])
             replies[cid] = reply
             info[cid] = seconds[cid]
-        self._first_error = FedPeftError(f"round {rnd}: no client replied (see the warnings above)")
+        rejected = len(contents) - len(replies)
+        self._first_error = FedPeftError(
+            f"round {rnd}: no usable reply ({len(self.clients) - len(contents)} clients did not reply, "
+            f"{rejected} replies were rejected; see the warnings above)")
         return dict(sorted(replies.items())), info
 
     def _evaluate_all(self, rnd, phase, broadcast, evaluation, replies, fit_info):
