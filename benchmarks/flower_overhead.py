@@ -178,6 +178,9 @@ def main() -> None:
                 procs = (f"SuperLink + ServerApp + {n} SuperNodes + {n} ClientApp workers" if isolation == "process"
                          else f"SuperLink + ServerApp + {n} SuperNodes + 1 flwr-clientapp per message")
             rows.append(dict(n=n, mode=mode, wall=wall, threads=threads, procs=procs, load=load, **ph))
+            print(f"    wall {wall:.1f} s, start-up {ph['start']:.1f} s, rounds {[round(x, 1) for x in ph['per_round']]}",
+                  flush=True)
+            (out / "results.json").write_text(json.dumps({"rows": rows}, indent=1))  # so far
     cold = cold_client_start(args.model)
     load1 = os.getloadavg()
     local = {r["n"]: r["mean"] for r in rows if r["mode"] == "local"}
