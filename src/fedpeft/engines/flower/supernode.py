@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 
+
 def _arg(argv: list[str], name: str, default: str | None = None) -> str | None:
     for i, a in enumerate(argv):
         if a == name and i + 1 < len(argv):
