@@ -146,12 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("dir")
     certs.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"],
                        help="names/IPs SuperNodes use to reach the SuperLink (default: 127.0.0.1 localhost)")
-    fsub.add_parser("node-key", help="a SuperNode key pair (PATH, PATH.pub) for SuperNode authentication"
-                    ).add_argument("path")
+    certs.add_argument("--force", action="store_true", help="replace existing certificate and key files")
+    node_key = fsub.add_parser("node-key", help="a SuperNode key pair (PATH, PATH.pub) for SuperNode authentication")
+    node_key.add_argument("path")
+    node_key.add_argument("--force", action="store_true", help="replace an existing key pair")
     conn = fsub.add_parser("connection", help="add a SuperLink connection to $FLWR_HOME/config.toml (default ~/.flwr)")
     conn.add_argument("name")
     conn.add_argument("address", help="HOST:PORT of the SuperLink")
-    conn.add_argument("--root-certificates", default=None, help="the CA file (ca.crt); without it: insecure")
+    conn.add_argument("--root-certificates", default=None, help="the CA file (ca.crt)")
+    conn.add_argument("--insecure", action="store_true",
+                      help="no TLS (127.0.0.1 or a trusted network only): refused unless given when there is no CA")
     return parser
 
 
@@ -163,14 +167,20 @@ def flower_command(args: argparse.Namespace) -> None:
     if args.flower_command == "app":
         print(f"Flower App folder: {deploy.write_app(args.dir)}")
     elif args.flower_command == "certs":
-        for role, path in deploy.write_certificates(args.dir, args.hosts).items():
+        for role, path in deploy.write_certificates(args.dir, args.hosts, force=args.force).items():
             print(f"{role}: {path}")
     elif args.flower_command == "node-key":
-        priv, pub = deploy.write_node_key(args.path)
+        priv, pub = deploy.write_node_key(args.path, force=args.force)
         print(f"private key (keep on the node): {priv}\npublic key (register on the SuperLink): {pub}")
     else:
         home = os.environ.get("FLWR_HOME") or os.path.expanduser("~/.flwr")
-        print(f"connection {args.name!r} in {deploy.write_connection(home, args.name, args.address, root_certificates=args.root_certificates)}")
+        path = deploy.write_connection(home, args.name, args.address, root_certificates=args.root_certificates,
+                                       insecure=args.insecure)
+        if not args.root_certificates:
+            import sys
+
+            print(deploy.INSECURE_WARNING.format(name=args.name, address=args.address), file=sys.stderr)
+        print(f"connection {args.name!r} in {path}")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

@@ -45,6 +45,7 @@ LABEL_SPLITS = ("class_balanced", "natural")
 HEAD_POLICIES = ("local", "frozen", "shared", "classifier", "none")
 PRECISIONS = hardware.PRECISIONS
 ENGINES = ("local", "flower-sim", "flower")
+AGGREGATIONS = ("mean", "trimmed-mean", "median")
 ROUTINGS = ("adaptive_topM", "fixed_topk")
 EXPERT_MODES = ("clustered", "single_shared", "per_client")
 CLUSTERINGS = ("hierarchical", "spectral", "task")
@@ -162,6 +163,10 @@ class RunConfig:
     client_cpus: float = _f(1.0, "flower-sim: CPUs reserved per simulated client (Ray resources)", group="flower", resume="free")
     client_gpus: float = _f(0.0, "flower-sim: GPUs (fractions allowed) reserved per simulated client", group="flower", resume="free")
     round_timeout: float = _f(3600.0, "Flower: seconds to wait for the replies of a round before aggregating those that arrived", group="flower", resume="free")
+    max_reply_bytes: int = _f(0, "Flower: most bytes one client reply may hold; larger replies are rejected (0: twice the largest message the server sent in the run, plus 1 MiB)", group="flower", resume="free")
+    max_round_bytes: int = _f(0, "Flower: most bytes all replies of one round may hold, smallest replies counted first (0: clients x (largest message sent + 1 MiB) + one reply bound)", group="flower", resume="free")
+    aggregation: str = _f("mean", "FedAvg-type aggregation (FedIT, FFA-LoRA, FedSA-LoRA, FedProx): data-size-weighted mean, or the coordinate-wise trimmed-mean / median of Yin et al. 2018, robust to a few clients sending arbitrary updates", choices=AGGREGATIONS, group="training")
+    trim_fraction: float = _f(0.1, "--aggregation trimmed-mean: the share of clients cut at each end, per coordinate, in [0, 0.5)", group="training")
     # Output
     output_dir: str | None = _f(None, "run folder (default: runs/<method>-<time>, made unique); it must not hold another run", group="output", resume="folder")
     resume: str | None = _f(None, "continue the stopped run in this folder; flags may change only --global-rounds (upwards), --threads, --quiet, --data-dir and the Flower timeouts/resources", group="output", resume="folder")
@@ -219,6 +224,10 @@ class RunConfig:
         self._validate_leff()
         if self.client_cpus <= 0 or self.client_gpus < 0 or self.round_timeout <= 0:
             raise FedPeftError("--client-cpus and --round-timeout must be positive and --client-gpus not negative")
+        if self.max_reply_bytes < 0 or self.max_round_bytes < 0:
+            raise FedPeftError("--max-reply-bytes and --max-round-bytes must be 0 (derived) or positive")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise FedPeftError(f"--trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.threads is not None and self.threads < 1:
             raise FedPeftError(f"--threads must be at least 1, got {self.threads}")
         hardware.check_device(self.device)

@@ -15,7 +15,7 @@ from fedpeft.algorithms.base import Algorithm, Client, Message, Runtime
 from fedpeft.algorithms.local_training import fit_report
 from fedpeft.algorithms.lora_runtime import build_lora_runtime, export_lora
 from fedpeft.algorithms.replies import accept
-from fedpeft.algorithms.tensors import is_synced, mark_synced, prefixed, unprefixed, weighted_mean
+from fedpeft.algorithms.tensors import aggregate_states, is_synced, mark_synced, prefixed, unprefixed
 from fedpeft.models.adapters import get_lora_state, init_lora_state, lora_parameters, select_factors, set_lora_state
 from fedpeft.seeding import torch_generator
 
@@ -64,7 +64,8 @@ class FedIT(Algorithm):
         return state
 
     def average(self, ups, weights):
-        return weighted_mean(ups, weights)
+        """FedAvg (`--aggregation mean`) or a coordinate-wise robust aggregate (trimmed-mean, median)."""
+        return aggregate_states(ups, weights, self.cfg.aggregation, self.cfg.trim_fraction)
 
     def export(self, state, backbone, out, base_path):
         export_lora(backbone, self.cfg, state["lora"], out / "global_lora", base_path)
