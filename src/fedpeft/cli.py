@@ -15,7 +15,8 @@ from pathlib import Path
 from fedpeft.config import RunConfig, field_help, read_settings
 from fedpeft.errors import FedPeftError
 
-GROUP_TITLES = {"run": "what to run", "data": "data", "training": "local training", "model": "model, LoRA and head",
+GROUP_TITLES = {"run": "what to run", "data": "data", "dataset": "your own data (--dataset: a file or a hub dataset)",
+                "training": "local training", "model": "model, LoRA and head",
                 "generation": "decoders and generation", "fedlease": "FedLEASE", "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine", "output": "output"}
 
 

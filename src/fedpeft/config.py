@@ -37,6 +37,10 @@ LEFF_IMPORTANCE_SOURCES = ("server_batch", "last_update")
 ROUTER_AGGREGATIONS = ("cluster", "local")
 FEDDPA_WEIGHTINGS = ("fixed", "instance")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+LABEL_KINDS = ("auto", "classification", "regression", "generation")
+# The settings of --dataset: without it each of them is a mistake (RunConfig.validate says which).
+_DATASET_FIELDS = ("dataset_name", "text_columns", "label_column", "label_names", "prompt_column", "target_column",
+                   "client_column", "test_file", "num_clients")
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "run", **kw) -> Any:
@@ -65,6 +69,19 @@ class RunConfig:
     carve_out: bool = _f(False, "for tasks with no local train split, carve train and test pools out of the validation split", group="data")
     max_length: int = _f(128, "maximum tokens per example", group="data")
     validation_fraction: float = _f(0.0, "hold out this share of every client's training examples (stratified) and score on it instead of the test split: for choosing hyperparameters without looking at test data", group="data")
+    # Your own data (data/custom.py, docs/data.md#your-own-data)
+    dataset: str | None = _f(None, "your own data: a .csv, .tsv, .json, .jsonl or .parquet file, or a Hugging Face hub dataset id (ID or ID:CONFIG, online); it becomes one task, named after it", group="dataset")
+    dataset_name: str | None = _f(None, "the task name of --dataset (default: the file's stem, or the hub id's last part)", group="dataset")
+    text_columns: list[str] = _f([], "the one or two text columns of --dataset (default: text)", group="dataset")
+    label_column: str | None = _f(None, "the label column of --dataset (default: label): whole numbers, booleans or strings are classes (accuracy, F1, MCC), floats are scores (Pearson, Spearman)", group="dataset")
+    label_kind: str = _f("auto", "what the label column is: auto (from its type), classification or regression; the resolved settings say generation for a prompt/target dataset", choices=LABEL_KINDS, group="dataset")
+    label_names: list[str] = _f([], "the label column's values in class order (default: sorted, numbers by value); with two classes, F1 is that of the second", group="dataset")
+    prompt_column: str | None = _f(None, "generation: the prompt column of --dataset (with --target-column; on a decoder)", group="dataset")
+    target_column: str | None = _f(None, "generation: the column of the text to generate", group="dataset")
+    client_column: str | None = _f(None, "one client per distinct value of this column (e.g. a user or hospital id), holding its rows; --tasks is then not needed", group="dataset")
+    test_file: str | None = _f(None, "test examples from this file of the same columns (for a hub dataset: the name of a split) instead of a hold-out", group="dataset")
+    test_fraction: float = _f(0.2, "share of the rows held out as test examples when there is no --test-file (stratified by class, or by client with --client-column; a fixed split, whatever the --seed)", group="dataset")
+    num_clients: int = _f(0, "clients of --dataset when neither --tasks nor --client-column gives them (--tasks becomes the dataset's task N times)", group="dataset")
     # Rounds and local training
     global_rounds: int = _f(25, "total rounds (warmup included, as in the official FedLEASE code)", group="training")
     warmup_rounds: int = _f(5, "warmup rounds (methods with a warmup phase only)", group="training")
@@ -139,6 +156,10 @@ class RunConfig:
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
         self.validate()
+        if self.dataset_resolved:  # config.json alone makes the dataset's task known to this process
+            from fedpeft.data.custom import register_dataset
+
+            register_dataset(self.dataset_spec())
 
     def validate(self) -> "RunConfig":
         """Check every field once, early; raise FedPeftError with what to change."""
@@ -175,12 +196,87 @@ class RunConfig:
         if not 0.0 <= self.validation_fraction < 1.0:
             raise FedPeftError(f"--validation-fraction must be in [0, 1), got {self.validation_fraction}")
         self.samples_for_tasks()  # checks the TASK=TRAIN:TEST syntax
+        self._validate_dataset()
         self._validate_leff()
         if self.client_cpus <= 0 or self.client_gpus < 0 or self.round_timeout <= 0:
             raise FedPeftError("--client-cpus and --round-timeout must be positive and --client-gpus not negative")
         if self.threads is not None and self.threads < 1:
             raise FedPeftError(f"--threads must be at least 1, got {self.threads}")
         return self
+
+    def _validate_dataset(self) -> None:
+        E = FedPeftError
+        if not self.dataset:
+            given = [f for f in _DATASET_FIELDS if getattr(self, f)] + (["label_kind"] if self.label_kind != "auto" else [])
+            if given:
+                raise E(f"{_flag(given[0])} describes your own data: give the file with --dataset too")
+            return
+        if len(self.text_columns) > 2:
+            raise E(f"--text-columns takes one or two columns, got {len(self.text_columns)}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise E(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        if self.num_clients < 0:
+            raise E(f"--num-clients must be 0 or more, got {self.num_clients}")
+        if self.client_column:
+            if self.partition != "task":
+                raise E(f"--client-column gives each client the rows of one value: --partition {self.partition} "
+                        "does not apply; leave --partition at task")
+            if self.num_clients:
+                raise E("--client-column makes one client per value: leave out --num-clients")
+
+    @property
+    def dataset_resolved(self) -> bool:
+        """True once --dataset's columns have been read (RunConfig.with_dataset): its task is known."""
+        return bool(self.dataset) and bool(self.dataset_name) and self.label_kind != "auto"
+
+    def dataset_spec(self):
+        """The task description of a resolved --dataset (data/custom.py), from these settings alone."""
+        from fedpeft.data.custom import DatasetSpec
+
+        return DatasetSpec(name=self.dataset_name, source=self.dataset, kind=self.label_kind,
+                           text_columns=tuple(self.text_columns), label_column=self.label_column,
+                           prompt_column=self.prompt_column, target_column=self.target_column,
+                           client_column=self.client_column, test_file=self.test_file,
+                           test_fraction=self.test_fraction, label_values=tuple(self.label_names))
+
+    def with_dataset(self) -> "RunConfig":
+        """These settings with --dataset resolved: its columns read, its task kind and classes decided,
+        its task registered, and `tasks` filled (one per value of --client-column, or --num-clients
+        times); itself when there is no dataset or it is resolved already."""
+        if not self.dataset or self.dataset_resolved:
+            return self
+        from fedpeft.data.custom import absolute_if_here, resolve_dataset
+
+        # a file found from the working folder is saved with its absolute path (Ray workers, a resume from
+        # elsewhere); one under the data root stays relative to it (each Flower node has its own root)
+        source, test_file = absolute_if_here(self.dataset), self.test_file and absolute_if_here(self.test_file)
+        spec, n_values = resolve_dataset(
+            source, name=self.dataset_name or None, text_columns=self.text_columns, label_column=self.label_column,
+            prompt_column=self.prompt_column, target_column=self.target_column, client_column=self.client_column,
+            test_file=test_file, test_fraction=self.test_fraction, label_kind=self.label_kind,
+            label_names=self.label_names, data_dir=self.resolved_data_dir())
+        values = self.to_dict()
+        values.update(dataset=source, test_file=test_file, dataset_name=spec.name, text_columns=list(spec.text_columns), label_column=spec.label_column,
+                      label_kind=spec.kind, label_names=list(spec.label_names or spec.label_values))
+        name, tasks = spec.name, list(self.tasks)
+        if self.client_column:
+            expected = [name] * n_values
+            if tasks and tasks != expected:
+                raise FedPeftError(f"--client-column {self.client_column} makes {n_values} clients of {name}: leave "
+                                   "--tasks out (one client per value)")
+            values["tasks"] = expected
+        elif not tasks:
+            if self.num_clients < 1:
+                raise FedPeftError(f"how many clients share {name}? give --num-clients N, --tasks {name} {name} …, "
+                                   "or --client-column COLUMN")
+            values["tasks"] = [name] * self.num_clients
+        elif self.num_clients:
+            raise FedPeftError("--num-clients applies when --tasks is not given: give one of them")
+        elif name not in tasks:
+            raise FedPeftError(f"--tasks does not name the dataset's task {name!r}: list it once per client "
+                               f"(e.g. --tasks {name} {name}) or leave --tasks out and give --num-clients")
+        values["num_clients"] = 0
+        return RunConfig(**values)
 
     def _validate_leff(self) -> None:
         E = FedPeftError
@@ -271,6 +367,8 @@ class RunConfig:
         """
         from fedpeft.data.tasks import backbone_kind, get_task
 
+        if self.dataset and not self.dataset_resolved:
+            return self.with_dataset().resolved(model_type=model_type)
         spec = _CATALOGUE[self.method]
         values = self.to_dict()
         for t in self.tasks:

@@ -49,6 +49,10 @@ def make_client(cfg: RunConfig, part, tokenizer) -> Client:
 
 def prepare_clients(cfg: RunConfig, tokenizer) -> tuple[list[ClientInfo], list[Client]]:
     parts = federation_parts(cfg)
+    if cfg.dataset_resolved:
+        from fedpeft.data.custom import describe
+
+        log.info("%s", describe(cfg.dataset_spec(), cfg.resolved_data_dir()))
     if cfg.validation_fraction > 0:
         log.info("scoring on a validation hold-out of %.0f%% of each client's training data, not on the test split",
                  100 * cfg.validation_fraction)
