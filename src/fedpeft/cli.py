@@ -17,7 +17,7 @@ from fedpeft.errors import FedPeftError
 
 GROUP_TITLES = {"run": "what to run", "data": "data", "dataset": "your own data (--dataset: a file or a hub dataset)",
                 "training": "local training", "model": "model, LoRA and head",
-                "generation": "decoders and generation", "fedlease": "FedLEASE", "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine", "output": "output"}
+                "generation": "decoders and generation", "chat": "chat models and instruction data", "fedlease": "FedLEASE", "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine", "output": "output"}
 
 
 def _type_of(f: dataclasses.Field):

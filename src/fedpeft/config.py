@@ -38,6 +38,7 @@ ROUTER_AGGREGATIONS = ("cluster", "local")
 FEDDPA_WEIGHTINGS = ("fixed", "instance")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 LABEL_KINDS = ("auto", "classification", "regression", "generation")
+CHAT_TEMPLATES = ("auto", "none")
 # The settings of --dataset: without it each of them is a mistake (RunConfig.validate says which).
 _DATASET_FIELDS = ("dataset_name", "text_columns", "label_column", "label_names", "prompt_column", "target_column",
                    "client_column", "test_file", "num_clients")
@@ -107,6 +108,8 @@ class RunConfig:
     length_penalty: float = _f(1.0, "beam search: exponent of the length normalisation of beam scores", group="generation")
     no_repeat_ngram_size: int = _f(0, "never generate an n-gram twice, for this n (0 = off)", group="generation")
     gen_batch_size: int = _f(16, "prompts generated together (left-padded, KV cache)", group="generation")
+    # Chat models and instruction data (data/chat.py)
+    chat_template: str = _f("auto", "instruction tasks (inst-*, a prompt/target --dataset) on a chat model: auto puts the prompt in a user turn of the tokenizer's chat template when it has one (loss on the assistant's tokens only); none uses the plain prompt", choices=CHAT_TEMPLATES, group="chat")
     # FedLEASE
     max_clusters: int = _f(8, "FedLEASE: M_max, the upper bound on the number of experts", group="fedlease")
     routing: str = _f("adaptive_topM", "FedLEASE routing", choices=ROUTINGS, group="fedlease")
