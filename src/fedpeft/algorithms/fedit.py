@@ -66,9 +66,11 @@ class FedIT(Algorithm):
     def average(self, ups, weights):
         return weighted_mean(ups, weights)
 
-    def export(self, state, backbone, out, base_path):
+    exports_one_adapter = True
+
+    def export(self, state, backbone, out, base_path, stores=None):
         export_lora(backbone, self.cfg, state["lora"], out / "global_lora", base_path)
-        return {"global_lora": {"path": "global_lora"}}
+        return {"global_lora": {"path": "global_lora", "clients": "all", "use": "alone, by every client"}}
 
     # ------------------------------------------------------------ client
     def local_extra_loss(self, lora_params: list[torch.nn.Parameter]):
