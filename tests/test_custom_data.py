@@ -262,3 +262,22 @@ def test_the_demo_tasks_are_read_by_the_general_reader():
     train = load_examples("demo-question", "train")
     assert len(train) == 640 and train[0].text_b and train[0].label in (0, 1)
     assert load_examples("demo-sentiment", "validation")[0].text_b is None
+
+
+@pytest.mark.flower
+def test_flower_sim_clients_rebuild_the_dataset_task_from_the_run_config(tmp_path):
+    """Ray's client processes know no 'reviews' task: they register it from the settings they are sent
+    and cut the same rows, so flower-sim gives the local engine's numbers."""
+    pytest.importorskip("flwr")
+    from fedpeft.run import run
+
+    path = reviews(tmp_path / "reviews.csv")
+    settings = dict(method="fedit", model_name="tiny_models:tiny_bert", dataset=str(path), text_columns=["review"],
+                    label_column="sentiment", client_column="user", train_samples=16, test_samples=8,
+                    global_rounds=1, local_epochs=1, batch_size=8, max_length=16, rank=2, threads=1, quiet=True)
+    local = run(RunConfig(**settings, output_dir=str(tmp_path / "local")))
+    sim = run(RunConfig(**settings, engine="flower-sim", output_dir=str(tmp_path / "sim")))
+    want = {(r["round"], r["client"]): r.get("accuracy") for r in local.history.records}
+    got = {(r["round"], r["client"]): r.get("accuracy") for r in sim.history.records}
+    assert want.keys() == got.keys() and sum(v is not None for v in got.values()) == 4, (want, got)
+    assert all(want[k] is None and got[k] is None or abs(want[k] - got[k]) < 1e-6 for k in want)
