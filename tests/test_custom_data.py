@@ -170,6 +170,25 @@ def test_dirichlet_and_iid_partitions_of_a_dataset(tmp_path):
     assert label_skew(skewed) > 0.3 and label_skew(iid) < 0.1  # α = 0.1: clients far from the pool's label mix
 
 
+def test_a_dataset_sits_beside_other_tasks_and_is_found_under_the_data_root(tmp_path, monkeypatch):
+    from fedpeft.run.federation import federation_parts
+
+    root = tmp_path / "root"
+    root.mkdir()
+    reviews(root / "reviews.csv", n=200)
+    monkeypatch.chdir(tmp_path)  # "reviews.csv" is not in the working folder: the data root has it
+    cfg = RunConfig(method="fedit", dataset="reviews.csv", data_dir=str(root), text_columns=["review"],
+                    label_column="sentiment", tasks=["reviews", "reviews", "demo-topic", "demo-topic"],
+                    train_samples=20, test_samples=8).with_dataset()
+    assert cfg.dataset == "reviews.csv"  # relative to the data root: each Flower node looks in its own
+    parts = federation_parts(cfg)
+    assert [p.task for p in parts] == ["reviews", "reviews", "demo-topic", "demo-topic"]
+    assert all(len(p.train) == 20 for p in parts) and parts[0].train[0].text_a.startswith("it was")
+    with pytest.raises(FedPeftError, match="does not name the dataset's task 'reviews'"):
+        RunConfig(method="fedit", dataset="reviews.csv", data_dir=str(root), text_columns=["review"],
+                  label_column="sentiment", tasks=["demo-topic"]).with_dataset()
+
+
 def test_the_task_is_rebuilt_from_config_json_alone_and_a_run_resumes(tmp_path, tiny_backbone):
     from fedpeft.run import run
     from fedpeft.run.federation import federation_parts

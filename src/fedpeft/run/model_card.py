@@ -38,8 +38,8 @@ def model_card(run_dir: Path, cfg: RunConfig, manifest: dict[str, Any]) -> str:
         + f"; LoRA rank {cfg.rank}, alpha {cfg.lora_alpha:g} on {', '.join(cfg.target_modules) or 'no modules'}", "",
         "## Data", "", *_data_lines(cfg), "",
         "## Training", "",
-        f"- {cfg.global_rounds} rounds" + (f" ({cfg.warmup_rounds} of them warmup)" if cfg.has_warmup else "")
-        + f", {cfg.local_epochs} local epoch(s) per round, learning rate {cfg.lr:g}, batch size {cfg.batch_size}, "
+        f"- {_n(cfg.global_rounds, 'round')}" + (f" ({cfg.warmup_rounds} of them warmup)" if cfg.has_warmup else "")
+        + f", {_n(cfg.local_epochs, 'local epoch')} per round, learning rate {cfg.lr:g}, batch size {cfg.batch_size}, "
         f"seed {cfg.seed}, engine {cfg.engine}", "",
         "## Final metrics", "", *_metric_lines(history), "",
         "## Files", "", "| file | clients | how it is used |", "|---|---|---|",
@@ -58,6 +58,10 @@ def model_card(run_dir: Path, cfg: RunConfig, manifest: dict[str, Any]) -> str:
     lines += ["", "`manifest.json` lists the same, with which client uses which adapter.", "",
               "## Use", "", "```python", *_usage(cfg, manifest), "```", ""]
     return "\n".join(lines)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _history(run_dir: Path) -> dict | None:
