@@ -300,3 +300,12 @@ def test_flower_sim_clients_rebuild_the_dataset_task_from_the_run_config(tmp_pat
     got = {(r["round"], r["client"]): r.get("accuracy") for r in sim.history.records}
     assert want.keys() == got.keys() and sum(v is not None for v in got.values()) == 4, (want, got)
     assert all(want[k] is None and got[k] is None or abs(want[k] - got[k]) < 1e-6 for k in want)
+
+
+def test_settings_that_only_look_resolved_are_resolved_from_the_file(tmp_path):
+    path = reviews(tmp_path / "reviews.csv")
+    cfg = RunConfig(method="fedit", dataset=str(path), dataset_name="mine", label_kind="classification",
+                    text_columns=["review"], label_column="sentiment", num_clients=2)
+    assert not cfg.dataset_resolved  # no classes, no clients yet: the file decides them
+    done = cfg.with_dataset()
+    assert done.dataset_resolved and done.tasks == ["mine", "mine"] and done.label_names == ["negative", "positive"]

@@ -229,8 +229,13 @@ class RunConfig:
 
     @property
     def dataset_resolved(self) -> bool:
-        """True once --dataset's columns have been read (RunConfig.with_dataset): its task is known."""
-        return bool(self.dataset) and bool(self.dataset_name) and self.label_kind != "auto"
+        """True once --dataset's columns have been read (RunConfig.with_dataset): its task is fully
+        described by these settings (name, kind, columns, classes) and its clients are in `tasks`."""
+        if not (self.dataset and self.dataset_name and self.tasks and self.label_kind != "auto"):
+            return False
+        if self.label_kind == "generation":
+            return bool(self.prompt_column and self.target_column)
+        return bool(self.text_columns and self.label_column and (self.label_kind == "regression" or self.label_names))
 
     def dataset_spec(self):
         """The task description of a resolved --dataset (data/custom.py), from these settings alone."""
