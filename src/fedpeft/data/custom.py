@@ -338,7 +338,7 @@ def resolve_dataset(source: str, *, name: str | None = None, text_columns: Seque
         raise FedPeftError(f"the dataset's task name {name!r} is a built-in task: give it another name with "
                            "--dataset-name")
     probe = DatasetSpec(name=name, source=source, kind="classification", test_file=test_file)
-    train, where, test, test_where = _tables(probe, data_dir)
+    train, where, _, _ = _tables(probe, data_dir)  # the test file is checked with the pools, below
     columns = list(train.column_names)
     if prompt_column or target_column:
         if not (prompt_column and target_column):
@@ -464,15 +464,13 @@ class ArrowPool(Sequence):
         p = np.asarray(list(positions) if not isinstance(positions, np.ndarray) else positions, dtype=np.int64)
         if len(p) == 0:
             return []
-        rows = self.rows[p]
         spec = self.spec
+        batch = self.dataset[self.rows[p].tolist()]  # datasets gathers the rows from the Arrow file
         if spec.kind == "generation":
-            batch = self.dataset[[int(r) for r in rows]]
             prompts, targets = batch[spec.prompt_column], batch[spec.target_column]
             return [GenExample(format_prompt(str(pr)), str(tg), (str(tg),)) for pr, tg in zip(prompts, targets)]
-        batch = self.dataset[[int(r) for r in rows]]
         text_a = batch[spec.text_columns[0]]
-        text_b = batch[spec.text_columns[1]] if len(spec.text_columns) == 2 else [None] * len(rows)
+        text_b = batch[spec.text_columns[1]] if len(spec.text_columns) == 2 else [None] * len(p)
         labels = self.labels[p]
         cast = float if spec.kind == "regression" else int
         return [Example(str(a), None if b is None else str(b), cast(y)) for a, b, y in zip(text_a, text_b, labels)]
