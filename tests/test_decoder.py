@@ -281,7 +281,8 @@ def test_smollm2_cache_logic_without_dequantizing(tmp_path, monkeypatch):
         builds.append(folder)
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"w" * 10)
-        files = {"model.safetensors": 10}
+        (folder / "chat_template.jinja").write_text("{{ messages }}")
+        files = {"model.safetensors": 10, "chat_template.jinja": 14}
         (folder / "fedpeft-cache.json").write_text(json.dumps({"source": source, "files": files}))
 
     monkeypatch.setattr(decoders, "_build_smollm2", fake_build)
@@ -295,6 +296,13 @@ def test_smollm2_cache_logic_without_dequantizing(tmp_path, monkeypatch):
     gguf.write_bytes(b"x" * 101)  # a new package version: stale
     decoders.smollm2_dir(cache)
     assert len(builds) == 3
+    # a copy made before the chat template was kept (its marker lists no template): rebuilt, once
+    marker = json.loads((folder / "fedpeft-cache.json").read_text())
+    (folder / "chat_template.jinja").unlink()
+    del marker["files"]["chat_template.jinja"]
+    (folder / "fedpeft-cache.json").write_text(json.dumps(marker))
+    decoders.smollm2_dir(cache)
+    assert len(builds) == 4 and decoders.smollm2_dir(cache) == folder and len(builds) == 4
 
 
 def test_smollm2_package_missing_says_how_to_install(monkeypatch):

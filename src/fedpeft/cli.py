@@ -15,8 +15,9 @@ from pathlib import Path
 from fedpeft.config import RunConfig, field_help, read_settings
 from fedpeft.errors import FedPeftError, RunFailed
 
-GROUP_TITLES = {"run": "what to run", "data": "data", "training": "local training", "model": "model, LoRA and head",
-                "generation": "decoders and generation", "fedlease": "FedLEASE", "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine", "output": "output"}
+GROUP_TITLES = {"run": "what to run", "data": "data", "dataset": "your own data (--dataset: a file or a hub dataset)",
+                "training": "local training", "model": "model, LoRA and head",
+                "generation": "decoders and generation", "chat": "chat models and instruction data", "fedlease": "FedLEASE", "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine", "output": "output"}
 
 
 class UsageError(Exception):
@@ -92,11 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress output")
     report = sub.add_parser("report", help="print the summary of a finished or stopped run")
     report.add_argument("run_dir", help="a run folder")
-    export = sub.add_parser("export", help="write a run's adapters as standard PEFT LoRA folders",
-                            description="Write every FedLEASE expert (or the global LoRA) as a PEFT adapter "
-                                        "that peft.PeftModel.from_pretrained loads, with routers and heads beside them.")
+    export = sub.add_parser("export", help="write a run's adapters as standard PEFT LoRA folders, with a model card",
+                            description="Write the adapters the clients use (every FedLEASE expert, the global LoRA, "
+                                        "each FedSA-LoRA client's A and B, FedDPA's global and local LoRAs, ...) as "
+                                        "PEFT adapters that peft.PeftModel.from_pretrained loads, with routers and heads "
+                                        "beside them, manifest.json and a model card (README.md).")
     export.add_argument("run_dir", help="a run folder")
     export.add_argument("--out", default=None, help="destination (default: RUN_DIR/export)")
+    export.add_argument("--merge", action="store_true",
+                        help="also fold the one adapter into the base weights and save merged/, a plain transformers "
+                             "folder with the tokenizer (methods whose clients all use one adapter: fedit, ffa-lora, "
+                             "fedprox, fedlora, slora)")
     bench = sub.add_parser("bench", help="run a method matrix on one federation and tabulate it",
                            description="Run a suite's method matrix into OUT/SUITE/LABEL-seedK/ (finished runs "
                                        "are skipped, stopped ones resumed) and write results.md, results.csv "
@@ -249,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             from fedpeft.records.history import setup_logging
 
             setup_logging(None, quiet=False)
-            out = export_run(args.run_dir, args.out)
-            print(f"Exported to {out} (manifest.json lists the adapters)")
+            out = export_run(args.run_dir, args.out, merge=args.merge)
+            print(f"Exported to {out} (manifest.json lists the adapters, README.md is the model card)")
             return 0
         if args.command == "flower":
             flower_command(args)

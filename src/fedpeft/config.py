@@ -56,6 +56,11 @@ LEFF_IMPORTANCE_SOURCES = ("server_batch", "last_update")
 ROUTER_AGGREGATIONS = ("cluster", "local")
 FEDDPA_WEIGHTINGS = ("fixed", "instance")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+LABEL_KINDS = ("auto", "classification", "regression", "generation")
+CHAT_TEMPLATES = ("auto", "none")
+# The settings of --dataset: without it each of them is a mistake (RunConfig.validate says which).
+_DATASET_FIELDS = ("dataset_name", "text_columns", "label_column", "label_names", "prompt_column", "target_column",
+                   "client_column", "test_file")
 
 
 RESUME_KINDS = ("same", "free", "grow", "folder")
@@ -96,6 +101,18 @@ class RunConfig:
     eval_clients: str = _f("all", "who is scored in a scored round: all clients, or the round's sampled ones (the last round always scores all)", choices=("all", "sampled"), group="federation")
     test_source: str = _f("validation", "where test examples come from: the task's validation split, or carved out of its train split (disjoint from every client's training examples) when many clients need more test data than the validation split holds", choices=("validation", "train"), group="federation")
     client_store: str = _f("memory", "where clients keep what persists between rounds (local heads and LoRAs, optimiser state): in memory, or on disk in the run folder, loaded when the client is sampled", choices=("memory", "disk"), group="federation")
+    # Your own data (data/custom.py, docs/data.md#your-own-data)
+    dataset: str | None = _f(None, "your own data: a .csv, .tsv, .json, .jsonl or .parquet file, or a Hugging Face hub dataset id (ID or ID:CONFIG, online); it becomes one task, named after it", group="dataset")
+    dataset_name: str | None = _f(None, "the task name of --dataset (default: the file's stem, or the hub id's last part)", group="dataset")
+    text_columns: list[str] = _f([], "the one or two text columns of --dataset (default: text)", group="dataset")
+    label_column: str | None = _f(None, "the label column of --dataset (default: label): whole numbers, booleans or strings are classes (accuracy, F1, MCC), floats are scores (Pearson, Spearman)", group="dataset")
+    label_kind: str = _f("auto", "what the label column is: auto (from its type), classification or regression; the resolved settings say generation for a prompt/target dataset", choices=LABEL_KINDS, group="dataset")
+    label_names: list[str] = _f([], "the label column's values in class order (default: sorted, numbers by value); with two classes, F1 is that of the second", group="dataset")
+    prompt_column: str | None = _f(None, "generation: the prompt column of --dataset (with --target-column; on a decoder)", group="dataset")
+    target_column: str | None = _f(None, "generation: the column of the text to generate", group="dataset")
+    client_column: str | None = _f(None, "one client per distinct value of this column (e.g. a user or hospital id), holding its rows; --tasks is then not needed", group="dataset")
+    test_file: str | None = _f(None, "test examples from this file of the same columns (for a hub dataset: the name of a split) instead of a hold-out", group="dataset")
+    test_fraction: float = _f(0.2, "share of the rows held out as test examples when there is no --test-file (stratified by class, or by client with --client-column; a fixed split, whatever the --seed)", group="dataset")
     # Rounds and local training
     global_rounds: int = _f(25, "total rounds (warmup included, as in the official FedLEASE code); with --resume, a higher value trains the run further", group="training", resume="grow")
     warmup_rounds: int = _f(5, "warmup rounds (methods with a warmup phase only)", group="training")
@@ -123,6 +140,8 @@ class RunConfig:
     length_penalty: float = _f(1.0, "beam search: exponent of the length normalisation of beam scores", group="generation")
     no_repeat_ngram_size: int = _f(0, "never generate an n-gram twice, for this n (0 = off)", group="generation")
     gen_batch_size: int = _f(16, "prompts generated together (left-padded, KV cache)", group="generation")
+    # Chat models and instruction data (data/chat.py)
+    chat_template: str = _f("auto", "instruction tasks (inst-*, a prompt/target --dataset) on a chat model: auto puts the prompt in a user turn of the tokenizer's chat template when it has one (loss on the assistant's tokens only); none uses the plain prompt", choices=CHAT_TEMPLATES, group="chat")
     # FedLEASE
     max_clusters: int = _f(8, "FedLEASE: M_max, the upper bound on the number of experts", group="fedlease")
     routing: str = _f("adaptive_topM", "FedLEASE routing", choices=ROUTINGS, group="fedlease")
@@ -176,6 +195,10 @@ class RunConfig:
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
         self.validate()
+        if self.dataset_resolved:  # config.json alone makes the dataset's task known to this process
+            from fedpeft.data.custom import register_dataset
+
+            register_dataset(self.dataset_spec())
 
     def validate(self) -> "RunConfig":
         """Check every field once, early; raise FedPeftError with what to change."""
@@ -221,6 +244,7 @@ class RunConfig:
         if self.eval_every < 1:
             raise FedPeftError(f"--eval-every must be at least 1, got {self.eval_every}")
         self.samples_for_tasks()  # checks the TASK=TRAIN:TEST syntax
+        self._validate_dataset()
         self._validate_leff()
         if self.client_cpus <= 0 or self.client_gpus < 0 or self.round_timeout <= 0:
             raise FedPeftError("--client-cpus and --round-timeout must be positive and --client-gpus not negative")
@@ -232,6 +256,80 @@ class RunConfig:
             raise FedPeftError(f"--threads must be at least 1, got {self.threads}")
         hardware.check_device(self.device)
         return self
+
+    def _validate_dataset(self) -> None:
+        E = FedPeftError
+        if not self.dataset:
+            given = [f for f in _DATASET_FIELDS if getattr(self, f)] + (["label_kind"] if self.label_kind != "auto" else [])
+            if given:
+                raise E(f"{_flag(given[0])} describes your own data: give the file with --dataset too")
+            return
+        if len(self.text_columns) > 2:
+            raise E(f"--text-columns takes one or two columns, got {len(self.text_columns)}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise E(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        if self.client_column:
+            if self.partition != "task":
+                raise E(f"--client-column gives each client the rows of one value: --partition {self.partition} "
+                        "does not apply; leave --partition at task")
+            if self.num_clients:
+                raise E("--client-column makes one client per value: leave out --num-clients")
+
+    @property
+    def dataset_resolved(self) -> bool:
+        """True once --dataset's columns have been read (RunConfig.with_dataset): its task is fully
+        described by these settings (name, kind, columns, classes) and its clients are in `tasks`."""
+        if not (self.dataset and self.dataset_name and self.tasks and self.label_kind != "auto"):
+            return False
+        if self.label_kind == "generation":
+            return bool(self.prompt_column and self.target_column)
+        return bool(self.text_columns and self.label_column and (self.label_kind == "regression" or self.label_names))
+
+    def dataset_spec(self):
+        """The task description of a resolved --dataset (data/custom.py), from these settings alone."""
+        from fedpeft.data.custom import DatasetSpec
+
+        return DatasetSpec(name=self.dataset_name, source=self.dataset, kind=self.label_kind,
+                           text_columns=tuple(self.text_columns), label_column=self.label_column,
+                           prompt_column=self.prompt_column, target_column=self.target_column,
+                           client_column=self.client_column, test_file=self.test_file,
+                           test_fraction=self.test_fraction, label_values=tuple(self.label_names))
+
+    def with_dataset(self) -> "RunConfig":
+        """These settings with --dataset resolved: its columns read, its task kind and classes decided,
+        its task registered, and `tasks` filled (one per value of --client-column, or --num-clients
+        times); itself when there is no dataset or it is resolved already."""
+        if not self.dataset or self.dataset_resolved:
+            return self
+        from fedpeft.data.custom import absolute_if_here, resolve_dataset
+
+        # a file found from the working folder is saved with its absolute path (Ray workers, a resume from
+        # elsewhere); one under the data root stays relative to it (each Flower node has its own root)
+        source, test_file = absolute_if_here(self.dataset), self.test_file and absolute_if_here(self.test_file)
+        spec, n_values = resolve_dataset(
+            source, name=self.dataset_name or None, text_columns=self.text_columns, label_column=self.label_column,
+            prompt_column=self.prompt_column, target_column=self.target_column, client_column=self.client_column,
+            test_file=test_file, test_fraction=self.test_fraction, label_kind=self.label_kind,
+            label_names=self.label_names, data_dir=self.resolved_data_dir())
+        values = self.to_dict()
+        values.update(dataset=source, test_file=test_file, dataset_name=spec.name, text_columns=list(spec.text_columns), label_column=spec.label_column,
+                      label_kind=spec.kind, label_names=list(spec.label_names or spec.label_values))
+        name, tasks = spec.name, list(self.tasks)
+        if self.client_column:
+            expected = [name] * n_values
+            if tasks and tasks != expected:
+                raise FedPeftError(f"--client-column {self.client_column} makes {n_values} clients of {name}: leave "
+                                   "--tasks out (one client per value)")
+            values["tasks"] = expected
+        elif not tasks:
+            if not self.num_clients:
+                raise FedPeftError(f"how many clients share {name}? give --num-clients N, --tasks {name} {name} …, "
+                                   "or --client-column COLUMN")
+            values["tasks"] = [name]  # resolved() makes the --num-clients clients of it
+        elif name not in tasks:
+            raise FedPeftError(f"--tasks does not name the dataset's task {name!r}: list it once per client "
+                               f"(e.g. --tasks {name} {name}) or give --tasks {name} --num-clients N")
+        return RunConfig(**values)
 
     def _validate_leff(self) -> None:
         E = FedPeftError
@@ -346,6 +444,8 @@ class RunConfig:
         """
         from fedpeft.data.tasks import backbone_kind, get_task
 
+        if self.dataset and not self.dataset_resolved:
+            return self.with_dataset().resolved(model_type=model_type)
         spec = _CATALOGUE[self.method]
         values = self.to_dict()
         for t in dict.fromkeys(self.tasks):

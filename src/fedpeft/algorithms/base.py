@@ -150,9 +150,17 @@ class Algorithm(abc.ABC):
         records). The run layer writes them; a method returns the ones that changed this round."""
         return []
 
-    def export(self, state: dict[str, Any], backbone, out: Path, base_path: str) -> dict[str, Any]:
+    exports_one_adapter: ClassVar[bool] = False
+    """Every client uses one exported adapter alone, so `fedpeft export --merge` can fold it into the
+    base weights (FedIT and the methods built on it; not FedSA-LoRA, FedDPA, IFCA or FedLEASE)."""
+
+    def export(self, state: dict[str, Any], backbone, out: Path, base_path: str,
+               stores: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Write the trained adapters under `out` as standard PEFT folders for the base model at
-        `base_path`; return the manifest's adapter entries. Methods without a PEFT adapter say so."""
+        `base_path`; return the manifest's adapter entries ({name: {"path", "clients", "use", ...}}):
+        the adapters the clients actually use, per client where that is what they use. `stores` are the
+        clients' stores when the run folder holds them (the local engine's checkpoint, flower-sim's
+        client_state/), else None. Methods without a PEFT adapter say so."""
         raise FedPeftError(f"`fedpeft export` writes PEFT LoRA adapters; {self.name} has none to export")
 
     # ------------------------------------------------------------ events

@@ -60,6 +60,30 @@ class FedDPA(FedIT):
         for p in lora_parameters(self.runtime.sites, adapter=GLOBAL) + lora_parameters(self.runtime.sites, adapter=LOCAL):
             p.requires_grad_(False)  # set_adapter switches grads on; the caller decides what trains
 
+    # ------------------------------------------------------------ export
+    exports_one_adapter = False
+
+    def export(self, state, backbone, out, base_path, stores=None):
+        """The global LoRA (global_lora/) and every client's local LoRA (client_<i>_local/), from the
+        clients' stores when the run folder holds them: a client is scored with the two mixed."""
+        from fedpeft.algorithms.lora_runtime import export_lora
+
+        lam = float(self.cfg.feddpa_lambda)
+        mix = (f"{lam:g} × global + {1 - lam:g} × the client's local LoRA (the adapter outputs summed)"
+               if self.cfg.feddpa_weighting == "fixed" else
+               "1 − w × global + w × the client's local LoRA, w chosen per test instance (--feddpa-weighting instance)")
+        export_lora(backbone, self.cfg, state["lora"], out / "global_lora", base_path)
+        adapters = {"global_lora": {"path": "global_lora", "clients": "all", "use": f"in each client's mixture: {mix}"}}
+        for cid, store in sorted((stores or {}).items()):
+            if "local_lora" in store:
+                name = f"client_{cid}_local"
+                export_lora(backbone, self.cfg, store["local_lora"], out / name, base_path)
+                adapters[name] = {"path": name, "clients": [cid], "use": f"in client {cid}'s mixture: {mix}"}
+        if len(adapters) == 1:
+            adapters["global_lora"]["note"] = ("the clients' local LoRAs are not in this run folder (a deployed "
+                                               "Flower run keeps them on its nodes): only the global LoRA is exported")
+        return adapters
+
     # ------------------------------------------------------------ client
     def local_init(self) -> dict:
         return init_lora_state(self.runtime.sites, torch_generator(self.cfg.seed, "feddpa-local-init"),

@@ -67,9 +67,11 @@ class FedIT(Algorithm):
         """FedAvg (`--aggregation mean`) or a coordinate-wise robust aggregate (trimmed-mean, median)."""
         return aggregate_states(ups, weights, self.cfg.aggregation, self.cfg.trim_fraction)
 
-    def export(self, state, backbone, out, base_path):
+    exports_one_adapter = True
+
+    def export(self, state, backbone, out, base_path, stores=None):
         export_lora(backbone, self.cfg, state["lora"], out / "global_lora", base_path)
-        return {"global_lora": {"path": "global_lora"}}
+        return {"global_lora": {"path": "global_lora", "clients": "all", "use": "alone, by every client"}}
 
     # ------------------------------------------------------------ client
     def local_extra_loss(self, lora_params: list[torch.nn.Parameter]):

@@ -1,6 +1,7 @@
 """The (train pool, test pool) pair a federation draws from, for any task: a classification task's
 from `sources.py` (its train and validation splits, or a carve-out), a generation task's from
-`nlg_sources.py` (fixed train and evaluation files).
+`nlg_sources.py` (fixed train and evaluation files), a dataset of the user's from `custom.py`
+(its file and a test file or hold-out; `ArrowPool`s, whose examples are made when drawn).
 
 `test_source="train"` carves the test pool out of the train pool instead (test_pool_from_train):
 for federations whose clients together need more test examples than a validation split holds
@@ -14,6 +15,7 @@ import zlib
 
 import numpy as np
 
+from fedpeft.data import custom
 from fedpeft.data.nlg_sources import load_generation_pools
 from fedpeft.data.sources import CARVE_OUT_SEED, load_classification_pools
 from fedpeft.data.tasks import Example, get_task
@@ -35,6 +37,9 @@ def load_federation_pools(
     carve-out (`carve_out`, `seed`) is described at `sources.load_classification_pools`.
     """
     spec = get_task(task)
+    dataset = custom.dataset_of(spec.name)
+    if dataset is not None and not dataset.builtin:  # --dataset: its own test file or hold-out
+        return custom.load_pools(dataset, data_dir)
     if spec.is_generation:  # fixed train/evaluation files, no carve-out (see nlg_sources.py)
         pools = load_generation_pools(spec.name, data_dir)
     else:

@@ -89,5 +89,19 @@ class DiskStores:
         self.upto = rnd
 
 
+def stores_as_of(folder: Path, rnd: int) -> dict[int, dict[str, Any]]:
+    """Every client's store as of round `rnd` from a `disk` store folder (for export)."""
+    out = {}
+    for path in sorted(Path(folder).glob("*.pt")):
+        if not path.stem.isdigit():
+            continue
+        data = torch.load(io.BytesIO(path.read_bytes()), map_location=WIRE_DEVICE, weights_only=True)
+        for r, store in zip(data["rounds"], data["stores"]):
+            if r <= rnd:
+                out[int(path.stem)] = store
+                break
+    return out
+
+
 def make_stores(kind: str, clients, run_dir: Path):
     return DiskStores(clients, Path(run_dir) / "client_stores") if kind == "disk" else MemoryStores(clients)

@@ -180,7 +180,7 @@ def load_run_backbone(cfg: RunConfig, backbone=None):
 
 def settle(cfg: RunConfig, backbone=None):
     """Steps 1–2: (resolved settings, backbone)."""
-    cfg = saved_config(cfg)
+    cfg = saved_config(cfg).with_dataset()  # --dataset: its task registered, its clients in `tasks`
     if not cfg.tasks:
         cfg.check_runnable()  # no clients: say so before loading anything
     backbone = load_run_backbone(cfg, backbone)

@@ -303,7 +303,7 @@ class FedLEASE(Algorithm):
                 out.append(Artifact("expert_usage.png", draw=lambda p: plots.plot_expert_usage(usage, p)))
         return out
 
-    def export(self, state, backbone, out, base_path):
+    def export(self, state, backbone, out, base_path, stores=None):
         """One PEFT folder per expert (expert_<j>/) and, with cluster routers, routers_cluster_<j>.safetensors."""
         import copy
 
@@ -323,7 +323,9 @@ class FedLEASE(Algorithm):
         for j in range(m):
             folder = export_expert_as_peft(encoder, j, out / f"expert_{j}", base_path, cfg.target_modules)
             adapters[f"expert_{j}"] = {"path": folder.name,
-                                       "clients": sorted(c for c, cj in state["cluster_of"].items() if cj == j)}
+                                       "clients": sorted(c for c, cj in state["cluster_of"].items() if cj == j),
+                                       "use": "in a mixture of experts: every client routes each token over all "
+                                              "experts with its cluster's routers"}
             if cfg.router_aggregation == "cluster":
                 load_moe_state(encoder, state["routers"][j], strict=True, experts=[], include_router=True)
                 save_routers(encoder, out / f"routers_cluster_{j}.safetensors")

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedpeft.data.partition.by_client import _partition_by_client
 from fedpeft.data.partition.classification import _partition_classification
 from fedpeft.data.partition.client import ClientData
 from fedpeft.data.partition.common import _without_reserved
@@ -113,6 +114,10 @@ def partition_pools(
     if reserve > 0:
         pools = {task: _without_reserved(task, *pools[task], reserve, seed) for task in dict.fromkeys(tasks)
                  if task in pools}
+    natural = [t for t in dict.fromkeys(tasks) if t in pools and getattr(pools[t][0], "client_ids", None) is not None]
+    if natural and partition != "task":
+        raise FedPeftError(f"the dataset {natural[0]} is split by its client column, one client per value: "
+                           f"--partition {partition} does not apply; leave --partition at task")
     if partition == "dirichlet_cut":
         return _dirichlet_cut(tasks, pools, train_samples, test_samples, alpha, seed, min_train)
     mode = "dirichlet" if partition == "dirichlet" or label_split == "dirichlet" else label_split
@@ -125,6 +130,10 @@ def partition_pools(
         if task not in pools:
             raise FedPeftError(f"No data pools were given for task {task}; load them first.")
         clients = [i for i, t in enumerate(tasks) if t == task]
+        if task in natural:  # --client-column: one client per value of the column (partition/by_client.py)
+            n_train, n_test = (int(x[task]) if isinstance(x, Mapping) else int(x) for x in (train_samples, test_samples))
+            results.update(_partition_by_client(spec, clients, pools[task], n_train, n_test, seed))
+            continue
         if spec.is_generation:
             n_train, n_test = (int(x[task]) if isinstance(x, Mapping) else int(x) for x in (train_samples, test_samples))
             gen_mode = "dirichlet" if mode == "dirichlet" else "iid"
