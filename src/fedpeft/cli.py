@@ -16,7 +16,8 @@ from fedpeft.config import RunConfig, field_help, read_settings
 from fedpeft.errors import FedPeftError
 
 GROUP_TITLES = {"run": "what to run", "data": "data", "training": "local training", "model": "model, LoRA and head",
-                "generation": "decoders and generation", "fedlease": "FedLEASE", "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine", "output": "output"}
+                "generation": "decoders and generation", "fedlease": "FedLEASE", "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine",
+                "privacy": "differential privacy", "output": "output"}
 
 
 def _type_of(f: dataclasses.Field):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import FedPeftError
-from fedpeft.methods import METHODS as _CATALOGUE, leff_family
+from fedpeft.methods import METHODS as _CATALOGUE, dp_methods, leff_family
 
 METHODS = tuple(_CATALOGUE)
 # LEFF and the baselines of the LEFF paper: one task per run, a server importance batch held out of
@@ -37,6 +37,8 @@ LEFF_IMPORTANCE_SOURCES = ("server_batch", "last_update")
 ROUTER_AGGREGATIONS = ("cluster", "local")
 FEDDPA_WEIGHTINGS = ("fixed", "instance")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+DP_MODES = ("off", "central", "local")
+DP_METHODS = dp_methods()
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "run", **kw) -> Any:
@@ -131,6 +133,13 @@ class RunConfig:
     client_cpus: float = _f(1.0, "flower-sim: CPUs reserved per simulated client (Ray resources)", group="flower")
     client_gpus: float = _f(0.0, "flower-sim: GPUs (fractions allowed) reserved per simulated client", group="flower")
     round_timeout: float = _f(3600.0, "Flower: seconds to wait for the replies of a round before aggregating those that arrived", group="flower")
+    # Differential privacy (algorithms/privacy.py, docs/privacy.md)
+    dp: str = _f("off", "user-level differential privacy for " + ", ".join(DP_METHODS) + ": each client's update (what it uploads minus what it was sent) is clipped to --dp-clip, and Gaussian noise of std --dp-noise x --dp-clip is added to each aggregation group's sum at the server (central) or to the update by the client before upload (local)", choices=DP_MODES, group="privacy")
+    dp_clip: float = _f(1.0, "C: the L2 norm each client's update is clipped to, over all it uploads ('inf': no clipping, only with --dp-noise 0)", group="privacy")
+    dp_noise: float | None = _f(None, "sigma: the noise std in units of C (give this or --dp-epsilon)", group="privacy")
+    dp_epsilon: float | None = _f(None, "target epsilon: sigma is computed for the run's rounds and sampling rate (give this or --dp-noise)", group="privacy")
+    dp_delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee reported each round", group="privacy")
+    dp_seed: int | None = _f(None, "seed the DP noise to reproduce an experiment; by default it comes from the OS's randomness, as the guarantee needs noise nobody can regenerate (a seed saved in config.json can be)", group="privacy")
     # Output
     output_dir: str | None = _f(None, "run folder (default: runs/<method>-<time>)", group="output")
     resume: str | None = _f(None, "continue the stopped run in this folder", group="output")
@@ -180,7 +189,32 @@ class RunConfig:
             raise FedPeftError("--client-cpus and --round-timeout must be positive and --client-gpus not negative")
         if self.threads is not None and self.threads < 1:
             raise FedPeftError(f"--threads must be at least 1, got {self.threads}")
+        self._validate_dp()
         return self
+
+    def _validate_dp(self) -> None:
+        E = FedPeftError
+        if not self.dp_clip > 0:
+            raise E(f"--dp-clip must be positive (or inf), got {self.dp_clip}")
+        if self.dp_noise is not None and not self.dp_noise >= 0:
+            raise E(f"--dp-noise must be 0 or more, got {self.dp_noise}")
+        if self.dp_epsilon is not None and not self.dp_epsilon > 0:
+            raise E(f"--dp-epsilon must be positive, got {self.dp_epsilon}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise E(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp == "off":
+            given = [_flag(n) for n in ("dp_noise", "dp_epsilon", "dp_seed") if getattr(self, n) is not None]
+            if given:
+                raise E(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --dp central or --dp local")
+            return
+        if self.method not in DP_METHODS:
+            raise E(f"--dp {self.dp}: {self.method} is not in the FedAvg family differential privacy covers "
+                    f"({', '.join(DP_METHODS)}): its uploads are not all clipped, noised updates (docs/privacy.md)")
+        if (self.dp_noise is None) == (self.dp_epsilon is None):
+            raise E(f"--dp {self.dp} needs exactly one of --dp-noise (sigma) or --dp-epsilon (a target from which "
+                    "sigma is computed)")
+        if self.dp_clip == float("inf") and self.dp_noise != 0:
+            raise E("--dp-clip inf bounds nothing, so no noise makes it private: use it only with --dp-noise 0")
 
     def _validate_leff(self) -> None:
         E = FedPeftError
