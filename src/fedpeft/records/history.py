@@ -139,6 +139,11 @@ class RunHistory:
                   # round 0 is the initial broadcast, not a training round
                   f"Wall time: {sum(r.get('seconds', 0) for r in self.rounds):.1f} s over "
                   f"{sum(1 for r in self.rounds if r.get('round', 0) > 0)} rounds."]
+        dp = next((r for r in sorted(self.rounds, key=lambda r: -r["round"]) if "dp_epsilon" in r), None)
+        if dp:  # --dp: the privacy spent by the end (algorithms/privacy.py)
+            lines += ["", f"Privacy: user-level ({dp['dp_epsilon']:.4g}, {dp['dp_delta']:g})-DP after round {dp['round']} "
+                          f"({dp['dp_mode']} DP: updates clipped to C = {dp['dp_clip']:g}, noise sigma = {dp['dp_noise']:.4g}; "
+                          "RDP accountant, one client's data replaced)."]
         return "\n".join(lines) + "\n"
 
     def finish(self) -> None:
