@@ -39,6 +39,7 @@ FEDDPA_WEIGHTINGS = ("fixed", "instance")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DP_MODES = ("off", "central", "local")
 DP_METHODS = dp_methods()
+TRACKERS = ("none", "tensorboard", "mlflow")
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "run", **kw) -> Any:
@@ -140,6 +141,10 @@ class RunConfig:
     dp_epsilon: float | None = _f(None, "target epsilon: sigma is computed for the run's rounds and sampling rate (give this or --dp-noise)", group="privacy")
     dp_delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee reported each round", group="privacy")
     dp_seed: int | None = _f(None, "seed the DP noise to reproduce an experiment; by default it comes from the OS's randomness, as the guarantee needs noise nobody can regenerate (a seed saved in config.json can be)", group="privacy")
+    # Experiment tracking (records/tracking.py)
+    tracking: str = _f("none", "log the run to a tracker: tensorboard (events in RUN_DIR/tensorboard) or mlflow (a local store, RUN_DIR/mlflow.db, unless --tracking-uri); needs pip install 'fedpeft[tracking]'", choices=TRACKERS, group="tracking")
+    tracking_uri: str | None = _f(None, "mlflow: the tracking URI (a server, or sqlite:///FILE) instead of the run folder's store; tensorboard: the folder the run's event folder goes under", group="tracking")
+    tracking_experiment: str = _f("fedpeft", "the experiment the run is logged under (fedpeft bench uses the suite's name)", group="tracking")
     # Output
     output_dir: str | None = _f(None, "run folder (default: runs/<method>-<time>)", group="output")
     resume: str | None = _f(None, "continue the stopped run in this folder", group="output")

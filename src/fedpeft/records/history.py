@@ -51,6 +51,7 @@ class RunHistory:
         self.records: list[dict[str, Any]] = []  # one per client per round
         self.rounds: list[dict[str, Any]] = []  # one per round: summary, comm, timings
         self.events: list[dict[str, Any]] = []  # missing clients, rejected replies, clustering...
+        self.listeners: list[Any] = []  # experiment trackers (records/tracking.py): on_round, on_finish
 
     # ------------------------------------------------------------ recording
     def add_round(self, rnd: int, phase: str, records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +69,17 @@ class RunHistory:
                  "bytes_up": sum(r.get("bytes_up", 0) for r in records),
                  "bytes_down": sum(r.get("bytes_down", 0) for r in records), **extra}
         self.rounds = [r for r in self.rounds if r["round"] != rnd] + [entry]
+        self._notify("on_round", entry)
         return entry
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        """Tell the listeners; one that fails is dropped with a warning: tracking never loses a run."""
+        for listener in list(self.listeners):
+            try:
+                getattr(listener, hook)(*args)
+            except Exception as exc:
+                log.warning("%s stopped tracking this run: %s", type(listener).__name__, exc)
+                self.listeners.remove(listener)
 
     def add_event(self, **event: Any) -> None:
         self.events.append({"time": time.time(), **event})
@@ -155,6 +166,7 @@ class RunHistory:
             plot_learning_curves(self.to_json(), self.run_dir / "learning_curves.png")
         except Exception as exc:  # a plot must never lose a finished run
             log.warning("could not draw the learning curves: %s", exc)
+        self._notify("on_finish", self.run_dir)
 
 
 def _primary(task: str, metrics: dict[str, float]) -> float | None:
