@@ -292,3 +292,17 @@ def test_sample_size_is_the_engines_rule():
         for f in (0.05, 0.3, 0.5, 1.0):
             cfg = RunConfig(method="fedit", tasks=["sst2"], participation=f)
             assert P.sample_size(cfg, n) == participation.sample_size(cfg, n) == len(participation.participants(cfg, n, 3))
+
+
+@pytest.mark.flower
+def test_local_noise_drawn_on_flower_clients_gives_the_in_process_numbers(tmp_path):
+    """--dp local adds its noise inside the client's fit: on flower-sim (Ray workers) with a --dp-seed
+    the run's metrics and ε are the local engine's."""
+    pytest.importorskip("flwr", reason="Flower is an extra: pip install 'fedpeft[flower]'")
+    from test_flower import _settings, assert_same_metrics
+
+    over = dict(global_rounds=2, dp="local", dp_noise=0.3, dp_clip=0.05, dp_seed=3, head_policy="shared")
+    local = run(RunConfig(**_settings(**over), output_dir=str(tmp_path / "local")))
+    sim = run(RunConfig(**_settings(**over), engine="flower-sim", client_cpus=1.0, output_dir=str(tmp_path / "sim")))
+    assert_same_metrics(local.run_dir, sim.run_dir)
+    assert [r.get("dp_epsilon") for r in sim.history.rounds] == [r.get("dp_epsilon") for r in local.history.rounds]
