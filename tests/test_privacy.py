@@ -306,3 +306,17 @@ def test_local_noise_drawn_on_flower_clients_gives_the_in_process_numbers(tmp_pa
     sim = run(RunConfig(**_settings(**over), engine="flower-sim", client_cpus=1.0, output_dir=str(tmp_path / "sim")))
     assert_same_metrics(local.run_dir, sim.run_dir)
     assert [r.get("dp_epsilon") for r in sim.history.rounds] == [r.get("dp_epsilon") for r in local.history.rounds]
+
+
+def test_partial_participation_is_accounted_as_sampling_without_replacement(tiny_cfg, tiny_backbone):
+    """K of N clients drawn each round: central ε is the library's SampledWithoutReplacement(N, K) event."""
+    import dataclasses
+
+    if "clients_per_round" not in {f.name for f in dataclasses.fields(RunConfig)}:
+        pytest.skip("partial participation for every method is not on this branch")
+    result = run(tiny_cfg(dp="central", dp_noise=2.0, dp_clip=0.5, global_rounds=2, clients_per_round=2),
+                 backbone=tiny_backbone)
+    for entry in result.history.rounds[1:]:
+        assert entry["dp_updates"] == 2
+        assert entry["dp_epsilon"] == pytest.approx(_direct_epsilon(2.0, 1e-5, 4, 2, entry["round"]), rel=1e-12)
+    assert result.history.rounds[-1]["dp_epsilon"] < _direct_epsilon(2.0, 1e-5, 4, 4, 2)
