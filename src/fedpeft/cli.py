@@ -16,8 +16,11 @@ from fedpeft.config import RunConfig, field_help, read_settings
 from fedpeft.errors import FedPeftError, RunFailed
 
 GROUP_TITLES = {"run": "what to run", "data": "data", "dataset": "your own data (--dataset: a file or a hub dataset)",
+                "federation": "who takes part: clients, sampling, scoring",
                 "training": "local training", "model": "model, LoRA and head",
-                "generation": "decoders and generation", "chat": "chat models and instruction data", "fedlease": "FedLEASE", "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine", "output": "output"}
+                "generation": "decoders and generation", "chat": "chat models and instruction data", "fedlease": "FedLEASE",
+                "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine",
+                "privacy": "differential privacy", "tracking": "experiment tracking", "output": "output"}
 
 
 class UsageError(Exception):
@@ -124,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: a local QQP folder, else a reachable hub), or force one")
     bench.add_argument("--report-only", action="store_true",
                        help="run nothing: tabulate the finished runs of the matrix and list the others")
+    bench.add_argument("--tracking", choices=("none", "tensorboard", "mlflow"), default=None,
+                       help="log each run as its own run under one experiment named after the suite, in "
+                            "OUT/SUITE/mlflow.db or OUT/SUITE/tensorboard/ (pip install 'fedpeft[tracking]')")
+    bench.add_argument("--tracking-uri", "--tracking_uri", dest="tracking_uri", default=None,
+                       help="mlflow: another tracking URI; tensorboard: another folder for the event folders")
     tune = sub.add_parser("tune", help="choose a setting per method on a validation carve-out (never on test)",
                           description="Run each main method of a suite once per value of one setting, every run "
                                       "scored on a stratified hold-out of each client's training data "
@@ -266,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             from fedpeft.bench.matrix import bench as run_bench
 
             run_bench(_suite(args), args.seeds, args.out, labels=args.methods, data_dir=args.data_dir,
-                      threads=args.threads, report_only=args.report_only)
+                      threads=args.threads, report_only=args.report_only, tracking=args.tracking,
+                      tracking_uri=args.tracking_uri)
             return 0
         if args.command == "tune":
             from fedpeft.bench.tune import parse_values, tune as run_tune

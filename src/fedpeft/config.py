@@ -32,7 +32,7 @@ from typing import Any
 
 from fedpeft import hardware
 from fedpeft.errors import FedPeftError
-from fedpeft.methods import METHODS as _CATALOGUE, leff_family
+from fedpeft.methods import METHODS as _CATALOGUE, dp_methods, leff_family
 
 METHODS = tuple(_CATALOGUE)
 # LEFF and the baselines of the LEFF paper: one task per run, a server importance batch held out of
@@ -61,6 +61,9 @@ CHAT_TEMPLATES = ("auto", "none")
 # The settings of --dataset: without it each of them is a mistake (RunConfig.validate says which).
 _DATASET_FIELDS = ("dataset_name", "text_columns", "label_column", "label_names", "prompt_column", "target_column",
                    "client_column", "test_file")
+DP_MODES = ("off", "central", "local")
+DP_METHODS = dp_methods()
+TRACKERS = ("none", "tensorboard", "mlflow")
 
 
 RESUME_KINDS = ("same", "free", "grow", "folder")
@@ -186,6 +189,17 @@ class RunConfig:
     max_round_bytes: int = _f(0, "Flower: most bytes all replies of one round may hold, smallest replies counted first (0: clients x (largest message sent + 1 MiB) + one reply bound)", group="flower", resume="free")
     aggregation: str = _f("mean", "FedAvg-type aggregation (FedIT, FFA-LoRA, FedSA-LoRA, FedProx): data-size-weighted mean, or the coordinate-wise trimmed-mean / median of Yin et al. 2018, robust to a few clients sending arbitrary updates", choices=AGGREGATIONS, group="training")
     trim_fraction: float = _f(0.1, "--aggregation trimmed-mean: the share of clients cut at each end, per coordinate, in [0, 0.5)", group="training")
+    # Differential privacy (algorithms/privacy.py, docs/privacy.md)
+    dp: str = _f("off", "user-level differential privacy for " + ", ".join(DP_METHODS) + ": each client's update (what it uploads minus what it was sent) is clipped to --dp-clip, and Gaussian noise of std --dp-noise x --dp-clip is added to each aggregation group's sum at the server (central) or to the update by the client before upload (local)", choices=DP_MODES, group="privacy")
+    dp_clip: float = _f(1.0, "C: the L2 norm each client's update is clipped to, over all it uploads ('inf': no clipping, only with --dp-noise 0)", group="privacy")
+    dp_noise: float | None = _f(None, "sigma: the noise std in units of C (give this or --dp-epsilon)", group="privacy")
+    dp_epsilon: float | None = _f(None, "target epsilon: sigma is computed for the run's rounds and sampling rate (give this or --dp-noise)", group="privacy")
+    dp_delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee reported each round", group="privacy")
+    dp_seed: int | None = _f(None, "seed the DP noise to reproduce an experiment; by default it comes from the OS's randomness, as the guarantee needs noise nobody can regenerate (a seed saved in config.json can be)", group="privacy")
+    # Experiment tracking (records/tracking.py)
+    tracking: str = _f("none", "log the run to a tracker: tensorboard (events in RUN_DIR/tensorboard) or mlflow (a local store, RUN_DIR/mlflow.db, unless --tracking-uri); needs pip install 'fedpeft[tracking]'", choices=TRACKERS, group="tracking", resume="free")
+    tracking_uri: str | None = _f(None, "mlflow: the tracking URI (a server, or sqlite:///FILE) instead of the run folder's store; tensorboard: the folder the run's event folder goes under", group="tracking", resume="free")
+    tracking_experiment: str = _f("fedpeft", "the experiment the run is logged under (fedpeft bench uses the suite's name)", group="tracking", resume="free")
     # Output
     output_dir: str | None = _f(None, "run folder (default: runs/<method>-<time>, made unique); it must not hold another run", group="output", resume="folder")
     resume: str | None = _f(None, "continue the stopped run in this folder; flags may change only --global-rounds (upwards), --threads, --quiet, --data-dir and the Flower timeouts/resources", group="output", resume="folder")
@@ -255,6 +269,7 @@ class RunConfig:
         if self.threads is not None and self.threads < 1:
             raise FedPeftError(f"--threads must be at least 1, got {self.threads}")
         hardware.check_device(self.device)
+        self._validate_dp()
         return self
 
     def _validate_dataset(self) -> None:
@@ -330,6 +345,33 @@ class RunConfig:
             raise FedPeftError(f"--tasks does not name the dataset's task {name!r}: list it once per client "
                                f"(e.g. --tasks {name} {name}) or give --tasks {name} --num-clients N")
         return RunConfig(**values)
+
+    def _validate_dp(self) -> None:
+        E = FedPeftError
+        if not self.dp_clip > 0:
+            raise E(f"--dp-clip must be positive (or inf), got {self.dp_clip}")
+        if self.dp_noise is not None and not self.dp_noise >= 0:
+            raise E(f"--dp-noise must be 0 or more, got {self.dp_noise}")
+        if self.dp_epsilon is not None and not self.dp_epsilon > 0:
+            raise E(f"--dp-epsilon must be positive, got {self.dp_epsilon}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise E(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp == "off":
+            given = [_flag(n) for n in ("dp_noise", "dp_epsilon", "dp_seed") if getattr(self, n) is not None]
+            if given:
+                raise E(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --dp central or --dp local")
+            return
+        if self.method not in DP_METHODS:
+            raise E(f"--dp {self.dp}: {self.method} is not in the FedAvg family differential privacy covers "
+                    f"({', '.join(DP_METHODS)}): its uploads are not all clipped, noised updates (docs/privacy.md)")
+        if (self.dp_noise is None) == (self.dp_epsilon is None):
+            raise E(f"--dp {self.dp} needs exactly one of --dp-noise (sigma) or --dp-epsilon (a target from which "
+                    "sigma is computed)")
+        if self.dp_clip == float("inf") and self.dp_noise != 0:
+            raise E("--dp-clip inf bounds nothing, so no noise makes it private: use it only with --dp-noise 0")
+        if self.aggregation != "mean":
+            raise E(f"--dp {self.dp} accounts for the weighted mean of clipped updates: --aggregation "
+                    f"{self.aggregation} has another sensitivity; use --aggregation mean")
 
     def _validate_leff(self) -> None:
         E = FedPeftError

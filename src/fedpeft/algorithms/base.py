@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 from fedpeft.algorithms.heads import make_heads
 from fedpeft.algorithms.local_training import score, train
 from fedpeft.algorithms.messages import Artifact, Client, ClientInfo, Message, Runtime
+from fedpeft.algorithms.privacy import Privacy
 from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.hardware import resolve_precision
@@ -60,6 +61,7 @@ class Algorithm(abc.ABC):
         self.runtime: Runtime | None = None
         self.federation: list[ClientInfo] = []
         self.heads = None  # the head policy (algorithms/heads.py), made in bind()
+        self.privacy = Privacy(cfg)  # --dp: clipping, noise, the accountant (algorithms/privacy.py)
         self._events: list[dict[str, Any]] = []
 
     @classmethod
@@ -79,6 +81,7 @@ class Algorithm(abc.ABC):
         self.runtime = runtime
         self.federation = federation
         self.heads = make_heads(self.cfg, runtime.model, federation)
+        self.privacy.bind(len(federation))
 
     def place_runtime(self, runtime: Runtime) -> Runtime:
         """Put the runtime model on the run's device (`--device`, resolved) and switch gradient
@@ -142,8 +145,8 @@ class Algorithm(abc.ABC):
 
     def round_info(self, state: dict[str, Any], rnd: int) -> dict[str, Any]:
         """Plain values recorded in round `rnd`'s entry of training_history.json (e.g. IFCA's
-        cluster choices, LEFF's blocks and client memory)."""
-        return {}
+        cluster choices, LEFF's blocks and client memory). Default: under --dp, the privacy spent."""
+        return self.privacy.report(state, rnd)
 
     def artifacts(self, state: dict[str, Any], rnd: int, records: list[dict[str, Any]]) -> list[Artifact]:
         """Files and figures for the run folder after round `rnd` (`records`: that round's client

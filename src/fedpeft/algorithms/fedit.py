@@ -57,15 +57,21 @@ class FedIT(Algorithm):
         expected = {LORA_PREFIX + k: v.shape for k, v in select_factors(state["lora"], self.sent_factors).items()}
         ok = accept(self, rnd, replies, expected)
         if ok:
+            ok = self.privacy.receive(state, rnd, ok, lambda cid: self.sent_to(state, cid))  # --dp central: clipped
             ups = [unprefixed(LORA_PREFIX, r.tensors) for r in ok.values()]
-            state["lora"].update(self.average(ups, [r.config["num_examples"] for r in ok.values()]))
-            self.heads.aggregate(state, ok)
+            weights = [r.config["num_examples"] for r in ok.values()]
+            state["lora"].update(self.privacy.mean(state, rnd, ups, weights, "lora", average=self.average))
+            self.heads.aggregate(state, ok, mean=lambda s, w, key: self.privacy.mean(state, rnd, s, w, key))
             mark_synced(state, ok)
         return state
 
     def average(self, ups, weights):
         """FedAvg (`--aggregation mean`) or a coordinate-wise robust aggregate (trimmed-mean, median)."""
         return aggregate_states(ups, weights, self.cfg.aggregation, self.cfg.trim_fraction)
+
+    def sent_to(self, state, cid: int) -> dict[str, torch.Tensor]:
+        """What client `cid` was sent this round, by message name (the reference of its update under --dp)."""
+        return {**prefixed(LORA_PREFIX, state["lora"]), **self.heads.download(state, self.federation[cid])}
 
     exports_one_adapter = True
 
@@ -99,5 +105,6 @@ class FedIT(Algorithm):
         kept = [f for f in ("A", "B") if f not in self.sent_factors]
         if kept:
             client.store["lora"] = select_factors(lora, kept)
-        up = select_factors(lora, self.sent_factors)
-        return Message({**prefixed(LORA_PREFIX, up), **self.heads.keep(client)}, fit_report(client, stats))
+        up = {**prefixed(LORA_PREFIX, select_factors(lora, self.sent_factors)), **self.heads.keep(client)}
+        up = self.privacy.upload(up, instruction.tensors, cid=client.cid, rnd=instruction.config["round"])  # --dp local
+        return Message(up, fit_report(client, stats))

@@ -42,7 +42,8 @@ class RunRef:
 
 # Fields that may differ between a finished run and the suite without making it a different run.
 # The device is where a run computes, like its threads; its precision changes its numbers and is compared.
-_IGNORED = {"output_dir", "resume", "quiet", "data_dir", "threads", "device"}
+_IGNORED = {"output_dir", "resume", "quiet", "data_dir", "threads", "device", "tracking", "tracking_uri",
+            "tracking_experiment"}
 
 
 def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
@@ -114,12 +115,18 @@ def _say(msg: str) -> None:
 
 def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] | None = None,
                data_dir: str | None = None, backbone=None, runner: Callable | None = None,
-               say: Callable[[str], None] = _say, threads: int | None = None) -> list[RunRef]:
+               say: Callable[[str], None] = _say, threads: int | None = None,
+               tracking: str | None = None, tracking_uri: str | None = None) -> list[RunRef]:
     """Run (or skip, or resume) every (label, seed) of the suite; return them in suite order.
 
     `backbone` is passed to every run (tests inject a tiny model); `runner` replaces
-    fedpeft.run.run (tests count calls).
+    fedpeft.run.run (tests count calls). `tracking`: every run is logged as its own run (named
+    LABEL-seedK) under one experiment, the suite's name, in one store: OUT/SUITE/mlflow.db (MLflow)
+    or OUT/SUITE/tensorboard/ (TensorBoard) unless `tracking_uri` names another.
     """
+    if tracking and tracking != "none" and tracking_uri is None:
+        dest = (Path(out) / suite.name).resolve()
+        tracking_uri = f"sqlite:///{dest / 'mlflow.db'}" if tracking == "mlflow" else str(dest / "tensorboard")
     if runner is None:
         from fedpeft.run import run as runner
     plan = suite.plan(list(seeds), labels)
@@ -140,6 +147,8 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
         cfg = suite.config(entry, seed, output_dir=str(run_dir), data_dir=data_dir)
         if threads is not None:
             cfg.threads = threads  # not a setting of the run: wall times are, so the report says it
+        if tracking and tracking != "none":  # not settings of the run either: where it is logged
+            cfg.tracking, cfg.tracking_uri, cfg.tracking_experiment = tracking, tracking_uri, suite.name
         tag = f"[{i}/{len(plan)}] {entry.label} seed {seed}"
         if not claim(run_dir):
             say(f"{tag}: being run by another process, skipped ({run_dir})")
@@ -170,7 +179,7 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
 def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] | None = None,
           data_dir: str | None = None, backbone=None, runner: Callable | None = None,
           say: Callable[[str], None] = _say, threads: int | None = None,
-          report_only: bool = False) -> dict[str, Path]:
+          report_only: bool = False, tracking: str | None = None, tracking_uri: str | None = None) -> dict[str, Path]:
     """Run the matrix, then write results.csv, results.md and results.png in OUT/<suite>/.
 
     `report_only`: run nothing; tabulate the runs of the plan that are finished (a matrix still
@@ -190,7 +199,7 @@ def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] 
             say(f"bench {suite.name}: not finished, left out of the report: {', '.join(pending)}")
     else:
         refs = run_matrix(suite, seeds, out, labels=labels, data_dir=data_dir, backbone=backbone,
-                          runner=runner, say=say, threads=threads)
+                          runner=runner, say=say, threads=threads, tracking=tracking, tracking_uri=tracking_uri)
     dest = Path(out) / suite.name
     busy = [f"{r.label} seed {r.seed}" for r in refs if r.status == "busy"]
     if busy:

@@ -52,6 +52,7 @@ class RunHistory:
         self.records: list[dict[str, Any]] = []  # one per client per round
         self.rounds: list[dict[str, Any]] = []  # one per round: summary, comm, timings
         self.events: list[dict[str, Any]] = []  # missing clients, rejected replies, clustering...
+        self.listeners: list[Any] = []  # experiment trackers (records/tracking.py): on_round, on_finish
 
     # ------------------------------------------------------------ recording
     def add_round(self, rnd: int, phase: str, records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +70,17 @@ class RunHistory:
                  "bytes_up": sum(r.get("bytes_up", 0) for r in records),
                  "bytes_down": sum(r.get("bytes_down", 0) for r in records), **extra}
         self.rounds = [r for r in self.rounds if r["round"] != rnd] + [entry]
+        self._notify("on_round", entry)
         return entry
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        """Tell the listeners; one that fails is dropped with a warning: tracking never loses a run."""
+        for listener in list(self.listeners):
+            try:
+                getattr(listener, hook)(*args)
+            except Exception as exc:
+                log.warning("%s stopped tracking this run: %s", type(listener).__name__, exc)
+                self.listeners.remove(listener)
 
     def add_event(self, **event: Any) -> None:
         self.events.append({"time": time.time(), **event})
@@ -150,6 +161,11 @@ class RunHistory:
                   # round 0 is the initial broadcast, not a training round
                   f"Wall time: {sum(r.get('seconds', 0) for r in self.rounds):.1f} s over "
                   f"{sum(1 for r in self.rounds if r.get('round', 0) > 0)} rounds."]
+        dp = next((r for r in sorted(self.rounds, key=lambda r: -r["round"]) if "dp_epsilon" in r), None)
+        if dp:  # --dp: the privacy spent by the end (algorithms/privacy.py)
+            lines += ["", f"Privacy: user-level ({dp['dp_epsilon']:.4g}, {dp['dp_delta']:g})-DP after round {dp['round']} "
+                          f"({dp['dp_mode']} DP: updates clipped to C = {dp['dp_clip']:g}, noise sigma = {dp['dp_noise']:.4g}; "
+                          "RDP accountant, one client's data replaced)."]
         return "\n".join(lines) + "\n"
 
     def _faults_line(self) -> str:
@@ -171,6 +187,7 @@ class RunHistory:
             plot_learning_curves(self.to_json(), self.run_dir / "learning_curves.png")
         except Exception as exc:  # a plot must never lose a finished run
             log.warning("could not draw the learning curves: %s", exc)
+        self._notify("on_finish", self.run_dir)
 
 
 HISTORY = "training_history.json"

@@ -373,7 +373,12 @@ def open_history(run_dir: Path, cfg: RunConfig, federation, *, resume: bool):
 
     meta = {"method": cfg.method, "model_name": cfg.model_name, "tasks": cfg.tasks, "seed": cfg.seed,
             "clients": [vars(i) for i in federation], "engine": cfg.engine}
-    return RunHistory.open(run_dir, meta, resume=resume)
+    history = RunHistory.open(run_dir, meta, resume=resume)
+    if cfg.tracking != "none":  # --tracking: every round entry and the final files go to the tracker too
+        from fedpeft.records.tracking import open_tracker
+
+        history.listeners.append(open_tracker(cfg, run_dir, resume=resume))
+    return history
 
 
 def bound(cfg: RunConfig, backbone=None):

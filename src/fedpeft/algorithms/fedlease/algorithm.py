@@ -120,7 +120,8 @@ class FedLEASE(Algorithm):
             expected = {LORA_PREFIX + k: v.shape for k, v in state["lora"].items()}
             ok = accept(self, rnd, uploads, expected)
             rejected |= set(uploads) - set(ok)
-            uploads = ok
+            # --dp central: each warmup LoRA clipped against the common initialisation it started from
+            uploads = self.privacy.receive(state, rnd, ok, lambda cid: self._warmup_sent(state, cid))
         if rnd == self.warmup_rounds:
             if not uploads:
                 why = "every upload was rejected" if rejected else "no client uploaded one"
@@ -169,25 +170,29 @@ class FedLEASE(Algorithm):
         state["clustering"] = {"clients": cids, "seconds": time.perf_counter() - t0, **info}
         self._start_phase2(state, cluster_of, loras, result.num_clusters,
                            heads={cid: unprefixed(HEAD_PREFIX, uploads[cid].tensors) for cid in cids},
-                           sizes={cid: uploads[cid].config["num_examples"] for cid in cids})
+                           sizes={cid: uploads[cid].config["num_examples"] for cid in cids},
+                           mean=lambda s, w, group: self.privacy.mean(state, rnd, s, w, group))
         self.record_event("clustering", round=rnd, num_experts=state["num_experts"],
                           silhouette=state["clustering"].get("silhouette"),
                           client_to_expert={str(c): j for c, j in sorted(state["cluster_of"].items())})
 
     def _start_phase2(self, state, cluster_of: dict[int, int], loras: dict[int, dict], m: int,
-                      heads: dict[int, dict] | None = None, sizes: dict[int, int] | None = None) -> None:
+                      heads: dict[int, dict] | None = None, sizes: dict[int, int] | None = None,
+                      mean=None) -> None:
         """Eq. 3 experts (n-weighted means of the members' warmup LoRAs), one router per cluster from
         (seed, j), so all members of a cluster start identical.
 
-        `sizes`: the n_i uploaded with the warmup LoRAs; the federation's sizes by default."""
+        `sizes`: the n_i uploaded with the warmup LoRAs; the federation's sizes by default. `mean(states,
+        weights, group)`: the mean of one cluster's uploads (--dp central: with its noise)."""
         n = sizes or {cid: self.num_examples(cid) for cid in cluster_of}
+        mean = mean or (lambda states, weights, group: weighted_mean(states, weights))
         state["num_experts"] = m
         state["cluster_of"] = dict(cluster_of)
         experts = {}
         for j in range(m):
             members = [cid for cid, c in cluster_of.items() if c == j]
-            mean = weighted_mean([loras[cid] for cid in members], [n[cid] for cid in members])
-            for key, tensor in mean.items():
+            expert = mean([loras[cid] for cid in members], [n[cid] for cid in members], ("expert", j))
+            for key, tensor in expert.items():
                 layer, module, factor = parse_lora_key(key)
                 experts[moe_key(layer, module, j, factor)] = tensor
         state["experts"] = experts
@@ -200,8 +205,8 @@ class FedLEASE(Algorithm):
                     members = [c for c, cj in cluster_of.items() if cj == j and self.federation[c].num_labels == labels
                                and heads.get(c)]
                     if members:
-                        state["heads"][(j, labels)] = weighted_mean([heads[c] for c in members],
-                                                                    [n[c] for c in members])
+                        state["heads"][(j, labels)] = mean([heads[c] for c in members], [n[c] for c in members],
+                                                           (j, labels))
 
     def _router_init(self, dims: dict[tuple[int, str], int], j: int, m: int) -> dict[str, torch.Tensor]:
         """Cluster j's initial routers (Kaiming-uniform) from (seed, j); `dims` maps (layer, module) to its d_in.
@@ -244,16 +249,28 @@ class FedLEASE(Algorithm):
             rejected |= set(members) - set(ok)
             if not ok:
                 continue
+            ok = self.privacy.receive(state, rnd, ok, lambda cid: self._phase2_sent(state, cid, j))  # --dp central
             weights = [r.config["num_examples"] for r in ok.values()]
             ups = [unprefixed(MOE_PREFIX, r.tensors) for r in ok.values()]
-            mean = weighted_mean(ups, weights)
+            mean = self.privacy.mean(state, rnd, ups, weights, ("expert", j))
             for key, tensor in mean.items():
                 if key.endswith(".router"):
                     state["routers"][j][key] = tensor
                 else:
                     state["experts"][key] = tensor
-            self.heads.aggregate(state, ok, group_of={cid: j for cid in ok})
+            self.heads.aggregate(state, ok, group_of={cid: j for cid in ok},
+                                 mean=lambda s, w, key: self.privacy.mean(state, rnd, s, w, key))
         return rejected
+
+    def _warmup_sent(self, state, cid: int) -> dict[str, torch.Tensor]:
+        """What a warmup upload started from: the common LoRA and head initialisations (--dp's reference)."""
+        labels = self.federation[cid].num_labels
+        return {**prefixed(LORA_PREFIX, state["lora"]), **prefixed(HEAD_PREFIX, state["head_init"].get(labels, {}))}
+
+    def _phase2_sent(self, state, cid: int, j: int) -> dict[str, torch.Tensor]:
+        """What a client of cluster j was sent this round: the experts, router j, its group's head."""
+        return {**prefixed(MOE_PREFIX, state["experts"]), **prefixed(MOE_PREFIX, state["routers"][j]),
+                **self.heads.download(state, self.federation[cid], group=j)}
 
     def _upload_shapes(self, state, j: int) -> dict[str, torch.Size]:
         shapes = {MOE_PREFIX + k: t.shape for k, t in state["experts"].items() if parse_moe_key(k)[2] == j}
@@ -390,6 +407,8 @@ class FedLEASE(Algorithm):
         if self.runtime.extra.get("num_experts") is not None:
             raise RuntimeError("warmup after the mixture was built")
         state = client.store.get("lora") or unprefixed(LORA_PREFIX, instruction.tensors)
+        if self.privacy.local and "dp_sent" not in client.store and any(k.startswith(LORA_PREFIX) for k in instruction.tensors):
+            client.store["dp_sent"] = dict(instruction.tensors)  # the common init: its warmup upload's reference
         set_lora_state(self.runtime.sites, state)
         self.heads.load(instruction, client)
 
@@ -399,7 +418,7 @@ class FedLEASE(Algorithm):
             if "lora" not in client.store:  # never sampled during the warmup: the whole warmup runs now
                 return self._fit_warmup(instruction, client, whole=True)
             client.store.pop("warmup_optimizer", None)  # its warmup is over too: free the optimiser state
-            return self._warmup_reply(client, uploaded=True, stats=None)
+            return self._warmup_reply(client, uploaded=True, stats=None, rnd=instruction.config["round"])
         if phase == "warmup":
             return self._fit_warmup(instruction, client)
         return self._fit_phase2(instruction, client)
@@ -424,7 +443,7 @@ class FedLEASE(Algorithm):
         head = self.heads.keep(client)
         if whole or instruction.config.get("upload"):
             client.store.pop("warmup_optimizer", None)  # warmup is over: free the optimiser state
-            return self._warmup_reply(client, uploaded=True, stats=stats, head=head)
+            return self._warmup_reply(client, uploaded=True, stats=stats, head=head, rnd=instruction.config["round"])
         return self._warmup_reply(client, uploaded=False, stats=stats)
 
     def _late_warmup_on_mixture(self, instruction, client) -> Message:
@@ -445,12 +464,14 @@ class FedLEASE(Algorithm):
         client.store["lora"] = {lora_key(layer, module, factor): t
                                 for key, t in moe_state(model, experts=[0], include_router=False).items()
                                 for layer, module, _, factor in [parse_moe_key(key)]}
-        return self._warmup_reply(client, uploaded=True, stats=stats, head=self.heads.keep(client))
+        return self._warmup_reply(client, uploaded=True, stats=stats, head=self.heads.keep(client),
+                                  rnd=instruction.config["round"])
 
-    def _warmup_reply(self, client, *, uploaded: bool, stats, head=None) -> Message:
+    def _warmup_reply(self, client, *, uploaded: bool, stats, head=None, rnd: int = 0) -> Message:
         tensors = {}
         if uploaded:
             tensors = {**prefixed(LORA_PREFIX, client.store["lora"]), **(head or {})}
+            tensors = self.privacy.upload(tensors, client.store.get("dp_sent", {}), cid=client.cid, rnd=rnd)
         cfg = {"num_examples": len(client.train), "uploaded_warmup": uploaded}
         if stats is not None:
             cfg.update(fit_report(client, stats))
@@ -469,5 +490,6 @@ class FedLEASE(Algorithm):
         up = moe_state(model, experts=[j], include_router=share_router)
         if not share_router:
             client.store["router"] = {k: v for k, v in moe_state(model, experts=[], include_router=True).items()}
-        return Message({**prefixed(MOE_PREFIX, up), **self.heads.keep(client)},
-                       {**fit_report(client, stats), "own_expert": j})
+        up = {**prefixed(MOE_PREFIX, up), **self.heads.keep(client)}
+        up = self.privacy.upload(up, instruction.tensors, cid=client.cid, rnd=instruction.config["round"])  # --dp local
+        return Message(up, {**fit_report(client, stats), "own_expert": j})
