@@ -286,13 +286,13 @@ def test_run_help_groups_the_privacy_and_tracking_flags(capsys):
 
 
 def test_sample_size_is_the_engines_rule():
-    """privacy.sample_size (what the accountant assumes) equals the engine's draw, where the engine has one."""
-    participation = pytest.importorskip("fedpeft.engines.participation",
-                                        reason="partial participation for every method is not on this branch")
+    """What the accountant assumes (RunConfig.sample_size) is the number of clients the engine draws."""
+    from fedpeft.engines.participation import participants
+
     for n in (1, 4, 16, 1000):
         for f in (0.05, 0.3, 0.5, 1.0):
             cfg = RunConfig(method="fedit", tasks=["sst2"], participation=f)
-            assert P.sample_size(cfg, n) == participation.sample_size(cfg, n) == len(participation.participants(cfg, n, 3))
+            assert cfg.sample_size(n) == len(participants(cfg, n, 3)) == max(1, min(n, -(-int(f * 100) * n // 100)))
 
 
 @pytest.mark.flower
@@ -311,10 +311,6 @@ def test_local_noise_drawn_on_flower_clients_gives_the_in_process_numbers(tmp_pa
 
 def test_partial_participation_is_accounted_as_sampling_without_replacement(tiny_cfg, tiny_backbone):
     """K of N clients drawn each round: central ε is the library's SampledWithoutReplacement(N, K) event."""
-    import dataclasses
-
-    if "clients_per_round" not in {f.name for f in dataclasses.fields(RunConfig)}:
-        pytest.skip("partial participation for every method is not on this branch")
     result = run(tiny_cfg(dp="central", dp_noise=2.0, dp_clip=0.5, global_rounds=2, clients_per_round=2),
                  backbone=tiny_backbone)
     for entry in result.history.rounds[1:]:

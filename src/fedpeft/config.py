@@ -558,6 +558,13 @@ class RunConfig:
             return "same"  # SLoRA's sparse stage is a fraction of all rounds: the total shapes the run
         return _FIELDS[name].metadata["resume"]
 
+    def sample_size(self, n: int) -> int:
+        """Clients drawn per round out of n: K = --clients-per-round, else ceil(f·N) for
+        --participation f (engines/participation.py draws them; the DP accountant counts them)."""
+        if self.clients_per_round is not None:
+            return min(n, int(self.clients_per_round))
+        return min(n, max(1, math.ceil(self.participation * n - 1e-9)))
+
     def shaping_settings(self) -> dict[str, Any]:
         """The settings that shape the run (resume kind `same`): the fingerprint a checkpoint carries."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if self.resume_kind(f.name) == "same"}

@@ -102,15 +102,6 @@ def calibrate_noise(target_epsilon: float, delta: float, *, clients: int, sample
     return float(sigma)
 
 
-def sample_size(cfg, n: int) -> int:
-    """Clients drawn per round: K = --clients-per-round, else ceil(f·N) for --participation f. The
-    same rule as engines/participation.py, which draws them (a test keeps the two equal)."""
-    k = getattr(cfg, "clients_per_round", None)
-    if k is not None:
-        return min(n, int(k))
-    return min(n, max(1, math.ceil(cfg.participation * n - 1e-9)))
-
-
 def planned_releases(cfg) -> int:
     """Rounds in which the server aggregates uploads: every round, or for FedLEASE the warmup upload
     (its Eq. 3 experts) and each round after it. Under local DP, the most uploads one client makes."""
@@ -193,13 +184,10 @@ class Privacy:
         self.clients = clients
         if self.on:
             _dp_accounting()  # a missing package fails before round 1, not at its end
-            if self.sampled < clients and not hasattr(self.cfg, "clients_per_round"):
-                raise FedPeftError(f"--dp with --participation {self.cfg.participation}: {self.cfg.method} trains "
-                                   "every client every round in this version, so there is no sampling to account for")
 
     @property
     def sampled(self) -> int:
-        return sample_size(self.cfg, self.clients)
+        return self.cfg.sample_size(self.clients)
 
     @property
     def noise(self) -> float:

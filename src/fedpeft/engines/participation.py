@@ -10,7 +10,6 @@ Scoring: every `eval_every`-th round (and always the last) scores all clients, o
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -18,9 +17,7 @@ from fedpeft.seeding import derive_seed
 
 
 def sample_size(cfg, n: int) -> int:
-    if cfg.clients_per_round is not None:
-        return min(n, int(cfg.clients_per_round))
-    return min(n, max(1, math.ceil(cfg.participation * n - 1e-9)))
+    return cfg.sample_size(n)
 
 
 def participants(cfg, n: int, rnd: int) -> list[int]:
