@@ -268,7 +268,7 @@ def test_fp16_training_uses_a_gradient_scaler_and_tracks_fp32(tiny_cfg, tiny_bac
     monkeypatch.setattr(torch.amp, "GradScaler", spy)
     alg, clients = bound(tiny_cfg(), tiny_backbone)
     client = clients[0]
-    alg.load_for_eval(alg.configure(alg.init(), 1)[client.cid], client)
+    alg.load_for_eval(alg.configure(alg.init(), 1, [c.cid for c in clients])[client.cid], client)
     start = {k: v.clone() for k, v in alg.runtime.model.state_dict().items()}
     params = [p for n, p in alg.runtime.model.named_parameters() if "lora_" in n]
     losses = {}
