@@ -75,7 +75,8 @@ def settings(args, n: int, data: str | None) -> dict:
     out = dict(method=args.method, model_name=args.model, tasks=[task] * n, train_samples=args.train_samples,
                test_samples=args.test_samples, global_rounds=args.rounds, local_epochs=1, batch_size=16,
                eval_batch_size=64, max_length=args.max_length, rank=4, lr=5e-4, threads=1, quiet=True,
-               round_timeout=3600.0, client_cpus=1.0)
+               round_timeout=600.0, client_cpus=1.0)  # a message the SuperLink loses (it did: "database is
+    # locked" in its sqlite store at 16 nodes on 2 busy cores) costs a round 10 minutes, not an hour
     if args.method == "fedlease":
         out["warmup_rounds"] = 1
     if data:
