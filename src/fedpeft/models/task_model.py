@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedpeft.errors import FedPeftError
+from fedpeft.models.varlen import FastDropout, encode_varlen, pool_varlen, supports_varlen, use_fast_dropout
 
 
 class ClassificationHead(nn.Module):
@@ -19,7 +20,7 @@ class ClassificationHead(nn.Module):
     def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1):
         super().__init__()
         self.dense = nn.Linear(hidden, hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
         self.out_proj = nn.Linear(hidden, num_labels)
 
     def forward(self, first_token: torch.Tensor) -> torch.Tensor:
@@ -60,6 +61,8 @@ class TaskModel(nn.Module):
         self.pooling = pooling
         self.heads = nn.ModuleDict()
         self.num_labels: int | None = None
+        self.varlen = True  # padding-free forward where the encoder supports it (models/varlen.py)
+        use_fast_dropout(self.encoder)
 
     # ---------------------------------------------------------------- heads
     def head(self, num_labels: int) -> ClassificationHead:
@@ -88,7 +91,12 @@ class TaskModel(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def pooled(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """The sequence representation the head reads (first token or masked mean)."""
+        """The sequence representation the head reads (first token or masked mean).
+
+        A BERT-style encoder runs padding-free (models/varlen.py) unless `self.varlen` is False."""
+        if self.varlen and supports_varlen(self.encoder):
+            hidden, where = encode_varlen(self.encoder, input_ids, attention_mask, token_type_ids)
+            return pool_varlen(hidden, where, attention_mask, self.pooling)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
