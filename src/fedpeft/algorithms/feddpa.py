@@ -159,7 +159,8 @@ class FedDPA(FedIT):
                     s = self.runtime.extra["scale"][id(site.lora)]
                     site.lora.scaling[GLOBAL] = (1.0 - w) * s
                     site.lora.scaling[LOCAL] = w * s
-                with autocast(self.cfg.precision):
+                # The per-instance scalings are [B, 1, 1]: they need the padded [B, S, H] activations.
+                with autocast(self.cfg.precision), model.padded():
                     logits = model(**batch).float()
                 total += task_loss(logits, labels, client.regression).item() * len(idx)
                 preds[idx] = (logits.squeeze(-1) if client.regression else logits.argmax(-1)).numpy()

@@ -7,6 +7,8 @@ different label counts) live side by side, one module per number of labels.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -90,6 +92,17 @@ class TaskModel(nn.Module):
         return self.num_labels
 
     # ---------------------------------------------------------------- forward
+    @contextlib.contextmanager
+    def padded(self):
+        """Run the padded [B, S] forward inside this block: for code that shapes per-sentence tensors
+        against [B, S, H] activations (FedDPA's per-instance LoRA scaling)."""
+        before = self.varlen
+        self.varlen = False
+        try:
+            yield
+        finally:
+            self.varlen = before
+
     def pooled(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """The sequence representation the head reads (first token or masked mean).
 
