@@ -31,7 +31,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import LoadMonitor, cpu_model, isa_line, machine_info, status_line  # noqa: E402
 
 from fedpeft import metrics, training
 from fedpeft.algorithms.registry import get_algorithm
@@ -121,29 +123,18 @@ def resolve_data_dir(arg: str | None) -> str:
     sys.exit("SST-2 not found: pass --data-dir or set FEDPEFT_DATA_DIR to a folder holding glue/SST-2/train.tsv")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def header(settings: Settings, quick: bool, data_dir: str) -> dict[str, Any]:
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
-            "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), **machine_info(),
             "load_average_start": os.getloadavg(), "quick": quick, "data_dir": data_dir,
             "settings": dataclasses.asdict(settings)}
 
 
 # ---------------------------------------------------------------------------------------- model setup
 def base_config(data_dir: str, settings: Settings, **kw) -> RunConfig:
-    """FedIT as the CLI runs it by default (LoRA r=4 on query/value, local head), quiet."""
+    """FedIT as the CLI runs it by default (LoRA r=4 on query/value, local head), quiet, resolved as
+    `run` resolves it (LoRA targets for the architecture)."""
     return RunConfig(method="fedit", model_name=MODEL, data_dir=data_dir, batch_size=settings.batch_size,
-                     seed=SEED, quiet=True, **kw)
+                     seed=SEED, quiet=True, **kw).resolved()
 
 
 def fedit_client(cfg: RunConfig):
@@ -174,10 +165,12 @@ def non_embedding_params(model: torch.nn.Module) -> tuple[int, dict[str, int]]:
     return sum(v for k, v in parts.items() if k != "embeddings"), parts
 
 
-def sst2_batch_tokens(client: Client, batch_size: int) -> int:
-    """Mean padded tokens per training batch of this client (same batching as train_local)."""
+def sst2_batch_tokens(client: Client, batch_size: int, padded: bool = True) -> int:
+    """Mean tokens per training batch of this client (same batching as train_local) that the matmuls
+    see: padded, or real only on the padding-free path."""
     rng = np.random.default_rng(0)
-    sizes = [b["attention_mask"].numel() for b in train_batches(client.train, batch_size, rng)]
+    sizes = [int(b["attention_mask"].numel() if padded else b["attention_mask"].sum())
+             for b in train_batches(client.train, batch_size, rng)]
     return int(round(np.mean(sizes)))
 
 
@@ -226,60 +219,75 @@ def measure_fit(alg, instruction, client: Client, precision: str) -> dict[str, f
             "real_tokens": c["real_tokens"], "padded_tokens": c["padded_tokens"], "examples": c["num_examples"]}
 
 
-def bench_training(alg, instruction, client: Client, settings: Settings, n_params: int,
-                   peak: dict[str, float], label: str) -> dict[str, Any]:
-    """fp32 and bf16 passes, interleaved (so a burst of contention hits both), warm-up discarded."""
-    precisions = ("fp32", "bf16")
+def matmul_padding(alg) -> bool:
+    """True when the model's matmuls see the padded batch; False on the padding-free (varlen) path."""
+    from fedpeft.models.varlen import supports_varlen
+
+    model = alg.runtime.model
+    return not (getattr(model, "varlen", False) and supports_varlen(model.encoder))
+
+
+def bench_training(algs: dict[str, Any], instructions: dict[str, Any], client: Client, settings: Settings,
+                   n_params: int, peak: dict[str, float], label: str) -> dict[str, Any]:
+    """One pass per precision (each precision's own runtime, as a run at that precision builds it),
+    interleaved so a burst of contention hits every precision; a warm-up pass of each is discarded."""
+    precisions = tuple(algs)
     for p in precisions:
-        measure_fit(alg, instruction, client, p)  # warm-up pass
+        measure_fit(algs[p], instructions[p], client, p)  # warm-up pass
     passes = {p: [] for p in precisions}
     for _ in range(settings.reps):
         for p in precisions:
-            passes[p].append(measure_fit(alg, instruction, client, p))
+            passes[p].append(measure_fit(algs[p], instructions[p], client, p))
     out = {"label": label, "passes": passes, "by_precision": {}}
     for p in precisions:
         runs = passes[p]
         real, padded = runs[0]["real_tokens"], runs[0]["padded_tokens"]
+        executed = padded if matmul_padding(algs[p]) else real
         compute = median([r["compute_seconds"] for r in runs])
-        steps = -(-runs[0]["examples"] * alg.cfg.local_epochs // settings.batch_size)
+        steps = -(-runs[0]["examples"] * algs[p].cfg.local_epochs // settings.batch_size)
         useful = 4 * n_params * real / compute / 1e9
         out["by_precision"][p] = {
             "compute_seconds": compute, "fit_seconds": median([r["fit_seconds"] for r in runs]),
             "train_seconds": median([r["train_seconds"] for r in runs]), "steps": steps,
             "seconds_per_step": compute / steps, "real_tokens": real, "padded_tokens": padded,
-            "padding_fraction": 1 - real / padded, "tokens_per_batch": padded / steps,
+            "executed_tokens": executed, "padding_fraction": 1 - real / padded,
+            "matmul_padding_fraction": 1 - real / executed, "tokens_per_batch": padded / steps,
             "real_tokens_per_s": real / compute,
             "real_tokens_per_s_fit": real / median([r["fit_seconds"] for r in runs]),
-            "useful_gflops": useful, "executed_gflops": 4 * n_params * padded / compute / 1e9,
+            "useful_gflops": useful, "executed_gflops": 4 * n_params * executed / compute / 1e9,
             "frac_fp32_peak": useful / peak["float32"], "frac_bf16_peak": useful / peak["bfloat16"],
             "compute_share_of_fit": compute / median([r["fit_seconds"] for r in runs]),
         }
     bp = out["by_precision"]
-    out["bf16_speedup"] = bp["bf16"]["real_tokens_per_s"] / bp["fp32"]["real_tokens_per_s"]
-    out["bf16_speedup_paired"] = median([f["compute_seconds"] / b["compute_seconds"]
-                                         for f, b in zip(passes["fp32"], passes["bf16"])])
+    if "bf16" in bp:
+        out["bf16_speedup"] = bp["bf16"]["real_tokens_per_s"] / bp["fp32"]["real_tokens_per_s"]
+        out["bf16_speedup_paired"] = median([f["compute_seconds"] / b["compute_seconds"]
+                                             for f, b in zip(passes["fp32"], passes["bf16"])])
     return out
 
 
-def bench_local_sst2(alg, clients, broadcast, settings, n_params, peak) -> dict[str, Any]:
-    """Section 2: one SST-2 client, real sentences, dynamic padding with length grouping."""
-    return bench_training(alg, broadcast[clients[0].cid], clients[0], settings, n_params, peak,
-                          f"SST-2, {len(clients[0].train)} examples × {alg.cfg.local_epochs} epoch(s)")
+def bench_local_sst2(algs, clients, broadcasts, settings, n_params, peak) -> dict[str, Any]:
+    """Section 2: one SST-2 client, real sentences, length-grouped batches."""
+    c = clients[0]
+    return bench_training(algs, {p: b[c.cid] for p, b in broadcasts.items()}, c, settings, n_params, peak,
+                          f"SST-2, {len(c.train)} examples × {algs['fp32'].cfg.local_epochs} epoch(s)")
 
 
-def bench_synthetic(alg, clients, broadcast, settings, n_params, peak, vocab: int) -> dict[str, Any]:
+def bench_synthetic(algs, clients, broadcasts, settings, n_params, peak, vocab: int) -> dict[str, Any]:
     """Section 3: the same FedIT step on random tokens, batch_size × synthetic_len, no padding."""
     n = settings.batch_size * settings.synthetic_batches
     base = clients[0]
     data = synthetic_data(n, settings.synthetic_len, vocab)
     client = Client(ClientInfo(base.cid, base.info.task, base.info.num_labels, n), data, base.test, False)
-    saved = alg.cfg.local_epochs
-    alg.cfg.local_epochs = 1
+    saved = {p: a.cfg.local_epochs for p, a in algs.items()}
+    for a in algs.values():
+        a.cfg.local_epochs = 1
     try:
-        return bench_training(alg, broadcast[base.cid], client, settings, n_params, peak,
-                              f"synthetic {settings.batch_size} × {settings.synthetic_len}, {n} examples × 1 epoch")
+        return bench_training(algs, {p: b[base.cid] for p, b in broadcasts.items()}, client, settings, n_params,
+                              peak, f"synthetic {settings.batch_size} × {settings.synthetic_len}, {n} examples × 1 epoch")
     finally:
-        alg.cfg.local_epochs = saved
+        for p, a in algs.items():
+            a.cfg.local_epochs = saved[p]
 
 
 # ---------------------------------------------------------------------------------------- 4. round
@@ -405,10 +413,14 @@ def render(res: dict[str, Any]) -> str:
     out = [f"# fedpeft throughput benchmark{' (--quick: small sizes, smoke check only)' if h['quick'] else ''}", "",
            f"- torch {h['torch']}, {h['threads']} thread(s) (torch.get_num_threads(); OMP_NUM_THREADS={h['OMP_NUM_THREADS']}), "
            f"Python {h['python']}",
-           f"- CPU: {h['cpu']} ({h['logical_cpus']} logical CPUs); load average at start "
-           f"{' / '.join(f'{x:.2f}' for x in h['load_average_start'])}, at end "
+           f"- CPU: {h['cpu']} ({h['logical_cpus']} logical CPUs); {isa_line(h)}",
+           f"- load average at start {' / '.join(f'{x:.2f}' for x in h['load_average_start'])}, at end "
            f"{' / '.join(f'{x:.2f}' for x in h['load_average_end'])}",
-           f"- {h['date']}; medians of {s['reps']} passes after a discarded warm-up pass; total {res['total_seconds']:.0f} s", ""]
+           f"- {status_line(res['load'])}",
+           f"- {h['date']}; medians of {s['reps']} passes after a discarded warm-up pass; total {res['total_seconds']:.0f} s", "",
+           f"**Headline ({res['status']})**: SST-2 training fp32 = {pct(res['fp32_share_of_fp32_peak'])} of the fp32 peak"
+           + (f", bf16 = {pct(res['bf16_share_of_bf16_peak'])} of the bf16 peak" if res["bf16_share_of_bf16_peak"] is not None
+              else " (no native bf16: bf16 not measured)") + ".", ""]
 
     mm = res["matmul"]
     out += ["## 1. Matmul peak (same run)", "",
@@ -428,19 +440,23 @@ def render(res: dict[str, Any]) -> str:
     for sec in ("local", "synthetic"):
         r = res[sec]
         for p, m in r["by_precision"].items():
-            rows.append([r["label"], p, m["real_tokens_per_s"], pct(m["padding_fraction"]), m["tokens_per_batch"],
+            rows.append([r["label"], p, m["real_tokens_per_s"], pct(m["padding_fraction"]),
+                         pct(m["matmul_padding_fraction"]), m["tokens_per_batch"],
                          m["seconds_per_step"], m["useful_gflops"], m["executed_gflops"], pct(m["frac_fp32_peak"]),
                          pct(m["frac_bf16_peak"]) if p == "bf16" else "-", pct(m["compute_share_of_fit"])])
-    out += [table(["data", "precision", "real tok/s", "padding", "tok/batch", "s/step", "GFLOP/s (real tok)",
-                   "GFLOP/s (incl. pad)", "of fp32 peak", "of bf16 peak", "compute / fit wall"], rows), ""]
+    out += [table(["data", "precision", "real tok/s", "batch padding", "matmul padding", "tok/batch", "s/step",
+                   "GFLOP/s (real tok)", "GFLOP/s (executed)", "of fp32 peak", "of bf16 peak", "compute / fit wall"],
+                  rows), ""]
     loc, syn = res["local"], res["synthetic"]
-    out += [f"- bf16 speed-up vs fp32 (real tok/s): SST-2 **{loc['bf16_speedup']:.2f}×** "
-            f"(paired per pass {loc['bf16_speedup_paired']:.2f}×), synthetic **{syn['bf16_speedup']:.2f}×** "
-            f"(paired {syn['bf16_speedup_paired']:.2f}×)",
-            f"- SST-2 real tok/s as a share of synthetic {s['batch_size']}×{s['synthetic_len']}: fp32 "
-            f"{pct(loc['by_precision']['fp32']['real_tokens_per_s'] / syn['by_precision']['fp32']['real_tokens_per_s'])}, "
-            f"bf16 {pct(loc['by_precision']['bf16']['real_tokens_per_s'] / syn['by_precision']['bf16']['real_tokens_per_s'])} "
-            "(what padding and short sentences cost)", ""]
+    if "bf16_speedup" in loc:
+        out += [f"- bf16 speed-up vs fp32 (real tok/s): SST-2 **{loc['bf16_speedup']:.2f}×** "
+                f"(paired per pass {loc['bf16_speedup_paired']:.2f}×), synthetic **{syn['bf16_speedup']:.2f}×** "
+                f"(paired {syn['bf16_speedup_paired']:.2f}×)"]
+    out += ["- SST-2 real tok/s as a share of synthetic " f"{s['batch_size']}×{s['synthetic_len']}: " + ", ".join(
+        f"{p} {pct(loc['by_precision'][p]['real_tokens_per_s'] / syn['by_precision'][p]['real_tokens_per_s'])}"
+        for p in loc["by_precision"]) + " (what short sentences cost)",
+            "- batch padding: the collated batch's padding; matmul padding: what the matmuls multiply (0 on the "
+            "padding-free path, models/varlen.py)", ""]
 
     rd = res["round"]
     out += [f"## 4. One FedIT round: {rd['clients']} SST-2 clients × {rd['train']} train / {rd['test']} test, "
@@ -457,6 +473,9 @@ def render(res: dict[str, Any]) -> str:
             f", checkpoint + history files {rd['outside_rounds_seconds (checkpoints, history files)']:.2f} s in total.", ""]
 
     acc = res["accuracy"]
+    if acc is None:
+        out += ["## 5. bf16 vs fp32 accuracy: skipped (no native bf16 on this CPU)", ""]
+        return "\n".join(out)
     out += [f"## 5. bf16 vs fp32 accuracy: FedIT, {s['acc_clients']} SST-2 clients × {s['acc_train']} train / "
             f"{s['acc_test']} test, {s['acc_rounds']} round(s) × {s['acc_epochs']} epoch(s), seed {SEED}", "",
             table(["precision", "final accuracy", "per round", "run wall s"],
@@ -480,18 +499,24 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     res: dict[str, Any] = {"header": header(settings, args.quick, data_dir)}
     h = res["header"]
+    monitor = LoadMonitor(h["threads"]).start()
     print(f"torch {h['torch']} | threads {h['threads']} | CPU {h['cpu']} | quick={args.quick}", flush=True)
+    print(isa_line(h), flush=True)
+    precisions = ("fp32", "bf16") if h["native_bf16"] else ("fp32",)
 
     step = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
     step("loading MiniLM and one SST-2 client")
-    cfg = base_config(data_dir, settings, tasks=["sst2"], train_samples=settings.local_examples, test_samples=32,
-                      global_rounds=1, local_epochs=settings.local_epochs)
-    alg, clients, broadcast = fedit_client(cfg)
+    algs, broadcasts = {}, {}
+    for p in precisions:  # each precision's own runtime: bf16 stores the frozen Linears in bf16, as a run does
+        cfg = base_config(data_dir, settings, tasks=["sst2"], train_samples=settings.local_examples, test_samples=32,
+                          global_rounds=1, local_epochs=settings.local_epochs, precision=p)
+        algs[p], clients, broadcasts[p] = fedit_client(cfg)
+    alg = algs["fp32"]
     alg.runtime.model.head(clients[0].info.num_labels)  # heads are created on first use: count it too
     n_params, parts = non_embedding_params(alg.runtime.model)
     res["params"] = {"non_embedding": n_params, "breakdown": parts}
     hidden, inter = alg.runtime.model.hidden, load_backbone(MODEL).model.config.intermediate_size
-    m_sst2 = sst2_batch_tokens(clients[0], settings.batch_size)
+    m_sst2 = sst2_batch_tokens(clients[0], settings.batch_size, padded=matmul_padding(alg))
     m_syn = settings.batch_size * settings.synthetic_len
     model_shapes = []
     for tag, m in ((f"SST-2 batch ({m_sst2} tok)", m_sst2), (f"synthetic batch ({m_syn} tok)", m_syn)):
@@ -501,17 +526,26 @@ def main(argv: list[str] | None = None) -> int:
     step("1. matmul peak")
     res["matmul"] = bench_matmul(settings, model_shapes)
     peak = res["matmul"]["peak_gflops"]
-    step("2. local training on SST-2 (fp32, bf16)")
-    res["local"] = bench_local_sst2(alg, clients, broadcast, settings, n_params, peak)
-    step("3. synthetic tokens (fp32, bf16)")
-    res["synthetic"] = bench_synthetic(alg, clients, broadcast, settings, n_params, peak,
+    step(f"2. local training on SST-2 ({', '.join(precisions)})")
+    res["local"] = bench_local_sst2(algs, clients, broadcasts, settings, n_params, peak)
+    step(f"3. synthetic tokens ({', '.join(precisions)})")
+    res["synthetic"] = bench_synthetic(algs, clients, broadcasts, settings, n_params, peak,
                                        load_backbone(MODEL).tokenizer.vocab_size)
+    del algs
     step("4. one FedIT round")
     res["round"] = bench_fedit_round(data_dir, settings)
     step("5. bf16 vs fp32 accuracy")
-    res["accuracy"] = bench_precision_accuracy(data_dir, settings)
+    res["accuracy"] = bench_precision_accuracy(data_dir, settings) if h["native_bf16"] else None
     res["total_seconds"] = time.perf_counter() - start
     res["header"]["load_average_end"] = os.getloadavg()
+    monitor.stop()
+    res["load"] = monitor.summary(quick=args.quick)
+    local = res["local"]["by_precision"]
+    # The headline figures, as plain top-level numbers for scripts.
+    res = {"status": res["load"]["status"], "native_bf16": h["native_bf16"],
+           "fp32_share_of_fp32_peak": local["fp32"]["frac_fp32_peak"],
+           "bf16_share_of_bf16_peak": local["bf16"]["frac_bf16_peak"] if "bf16" in local else None,
+           "fp32_peak_gflops": peak["float32"], "bf16_peak_gflops": peak["bfloat16"], **res}
     step("done")
 
     report = render(res)
