@@ -98,8 +98,9 @@ def body_params(lm: torch.nn.Module) -> int:
 
 
 def bench_training(backbone, s: Settings) -> dict[str, Any]:
+    # "bench" is no registered task, so the settings are given resolved: the decoder's LoRA targets.
     cfg = RunConfig(method="fedit", tasks=["bench"], rank=s.rank, lora_alpha=2.0 * s.rank, batch_size=s.batch_size,
-                    local_epochs=1, lr=1e-4, lora_dropout=0.0, quiet=True)
+                    local_epochs=1, lr=1e-4, lora_dropout=0.0, quiet=True, target_modules=backbone.default_targets())
     out = {}
     for precision in ("fp32", "bf16"):
         cfg.precision = precision
@@ -107,7 +108,7 @@ def bench_training(backbone, s: Settings) -> dict[str, Any]:
         data = synthetic_lm_data(s.batch_size * s.train_batches, s, backbone.tokenizer.vocab_size)
         client = Client(ClientInfo(0, "bench", 0, len(data)), data, data, False)
         alg.bind(alg.build_runtime(backbone), [client.info])
-        inst = alg.configure(alg.init(), 1)[0]
+        inst = alg.configure(alg.init(), 1, list(range(len(alg.federation))))[0]
         lm = alg.runtime.model.lm
         n_body, vh = body_params(lm), lm.get_output_embeddings().weight.numel()
         runs = []
@@ -127,10 +128,11 @@ def bench_training(backbone, s: Settings) -> dict[str, Any]:
 
 def lora_model(backbone, s: Settings, precision: str):
     """SmolLM2 with FedIT's LoRA (B = 0 at init, so the text is the base model's) for `precision`."""
-    cfg = RunConfig(method="fedit", tasks=["bench"], rank=s.rank, quiet=True, precision=precision)
+    cfg = RunConfig(method="fedit", tasks=["bench"], rank=s.rank, quiet=True, precision=precision,
+                    target_modules=backbone.default_targets())
     alg = get_algorithm(cfg)
     alg.bind(alg.build_runtime(backbone), [ClientInfo(0, "bench", 0, 1)])
-    alg.load_lora(alg.configure(alg.init(), 1)[0], Client(ClientInfo(0, "bench", 0, 1), None, None, False))
+    alg.load_lora(alg.configure(alg.init(), 1, list(range(len(alg.federation))))[0], Client(ClientInfo(0, "bench", 0, 1), None, None, False))
     return alg.runtime.model
 
 

@@ -27,22 +27,23 @@ from fedpeft.algorithms.fedit import FedIT
 from fedpeft.algorithms.fedlease.algorithm import FedLEASE
 from fedpeft.algorithms.fedlease.clustering import b_distance_matrix, cluster_clients
 from fedpeft.config import RunConfig
+from fedpeft.run.assemble import build_algorithm
 from fedpeft.run.federation import prepare_clients
 from fedpeft.models.backbone import load_backbone
 
 
 def one_round(alg, clients, state, rnd):
     t0 = time.perf_counter()
-    ins = alg.configure(state, rnd)
+    ins = alg.configure(state, rnd, list(range(len(alg.federation))))
     replies = {c.cid: alg.fit(ins[c.cid], c) for c in clients}
     state = alg.aggregate(state, rnd, replies)
     return time.perf_counter() - t0, ins, replies, state
 
 
 def setup(method, cfg, backbone):
-    alg = (FedIT if method == "fedit" else FedLEASE)(cfg)
     infos, clients = prepare_clients(cfg, backbone.tokenizer)
-    alg.bind(alg.build_runtime(backbone), infos)
+    alg = build_algorithm(cfg, backbone, infos)
+    assert isinstance(alg, FedIT if method == "fedit" else FedLEASE)
     return alg, clients
 
 

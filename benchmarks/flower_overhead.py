@@ -1,12 +1,24 @@
-"""Wall time of the same 2-round FedLEASE run (tiny BERT, 4 demo clients, warmup 1) on the local
-engine, on Flower's Simulation Engine and on a loopback deployment (1 SuperLink + 4 SuperNodes), and
-where Flower's overhead goes. Prints a table.
+"""Wall time of the same run on the local engine, on Flower's Simulation Engine and on a loopback
+deployment (1 SuperLink + N SuperNodes as separate processes), and where Flower's overhead goes.
 
-    PYTHONPATH=src python benchmarks/flower_overhead.py [--model tiny_models:tiny_bert|minilm] [--out /tmp/flower-bench]
+    PYTHONPATH=src python benchmarks/flower_overhead.py                         # MiniLM, real SST-2, 4 and 16 clients
+    PYTHONPATH=src python benchmarks/flower_overhead.py --clients 4 --modes local deploy-process
+    PYTHONPATH=src python benchmarks/flower_overhead.py --model tiny_models:tiny_bert --data demo   # minutes, no data
 
-Phases come from the run log's timestamps: "start" is process/engine start-up until the server
-knows every client (Ray start and actors for flower-sim; SuperLink, SuperNodes, `flwr run` and the
-query round for a deployment), "rounds" the sum of the round times in training_history.json.
+Modes (every compared figure is taken in one invocation, one after the other):
+- `local`: `--engine local`, torch using every core (`--threads` = cores);
+- `flower-sim`: `--engine flower-sim`, `--client-cpus 1` (one Ray actor per core), 1 torch thread each;
+- `deploy-process`: the documented deployment, `python -m fedpeft.flower_app supernode`: each
+  SuperNode `--isolation process` with one long-lived fedpeft ClientApp worker and short polls, 1 thread each;
+- `deploy-subprocess`: Flower's default, a new `flwr-clientapp` process per message (imports torch and
+  loads the model every time), 1 thread each.
+
+"start-up" is from the start of the mode (process start for the deployments: SuperLink, SuperNodes,
+`flwr run`) until the server knows every client; "per round" are the round times of
+training_history.json (fit + aggregate + evaluate), "after start-up" their mean. The ratio column is
+that mean over local's mean at the same client count. Every figure is marked `contended` when the
+1-minute load average before the mode exceeded 0.5 (other work on the machine): rerun on an idle
+machine for figures to quote.
 """
 
 from __future__ import annotations
@@ -15,73 +27,109 @@ import argparse
 import datetime
 import json
 import os
+import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-# The loopback deployment harness (flower_loopback.py) and the tiny random BERT (tiny_models.py, the
-# default --model) are test scaffolding: they live in the repository's tests/ folder, not in the
-# fedpeft package. That folder goes on sys.path for this process, and on PYTHONPATH for the processes
-# the runs start (Ray workers, SuperLink, SuperNodes, the cold-start probe), which load the model by
-# its factory name.
-TESTS_DIR = str(Path(__file__).resolve().parents[1] / "tests")
+# The loopback deployment harness (flower_loopback.py) and the tiny random BERT (tiny_models.py) are
+# test scaffolding: they live in the repository's tests/ folder, not in the fedpeft package. That
+# folder goes on sys.path for this process, and on PYTHONPATH for the processes the runs start (Ray
+# workers, SuperLink, SuperNodes, ClientApp workers), which load a factory model by its name.
+ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = str(ROOT / "tests")
 sys.path.insert(0, TESTS_DIR)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), TESTS_DIR) if p)
 
-TASKS = ["demo-sentiment", "demo-sentiment", "demo-topic", "demo-topic"]
+MODES = ("local", "flower-sim", "deploy-process", "deploy-subprocess")
+CONTENDED_LOAD = 0.5
 
 
-def settings(model: str) -> dict:
-    return dict(method="fedlease", model_name=model, tasks=TASKS, train_samples=24, test_samples=16, global_rounds=2,
-                warmup_rounds=1, local_epochs=1, batch_size=8, max_length=32, rank=2, lr=5e-3, threads=1, quiet=True,
-                round_timeout=900.0)
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def data_root(arg: str | None) -> str | None:
+    if arg == "demo":
+        return None
+    for cand in (arg, os.environ.get("FEDPEFT_DATA_DIR"), str(ROOT.parent / "shared" / "data"),
+                 str(ROOT.parents[1] / "shared" / "data")):
+        if cand and (Path(cand) / "glue" / "SST-2").is_dir():
+            return str(Path(cand).resolve())
+    sys.exit("fedpeft: error: real SST-2 not found: pass --data ROOT (holding glue/SST-2/) or --data demo")
+
+
+def settings(args, n: int, data: str | None) -> dict:
+    task = "sst2" if data else "demo-sentiment"
+    out = dict(method=args.method, model_name=args.model, tasks=[task] * n, train_samples=args.train_samples,
+               test_samples=args.test_samples, global_rounds=args.rounds, local_epochs=1, batch_size=16,
+               eval_batch_size=64, max_length=args.max_length, rank=4, lr=5e-4, threads=1, quiet=True,
+               round_timeout=3600.0, client_cpus=1.0)
+    if args.method == "fedlease":
+        out["warmup_rounds"] = 1
+    if data:
+        out["data_dir"] = data
+    return out
 
 
 def _stamp(line: str) -> float:
     return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def phases(run_dir: Path) -> dict:
+def phases(run_dir: Path, t_start: float) -> dict:
     lines = (run_dir / "training_log.txt").read_text().splitlines()
-    first = _stamp(lines[0])
     joined = [_stamp(x) for x in lines if " is node " in x]
     hist = json.loads((run_dir / "training_history.json").read_text())
-    rounds = sum(r.get("seconds", 0) for r in hist["rounds"])
-    return {"start": (max(joined) - first) if joined else 0.0, "rounds": rounds,
-            "per_round": [round(r.get("seconds", 0), 1) for r in hist["rounds"] if r["round"] > 0]}
+    per_round = [r.get("seconds", 0.0) for r in hist["rounds"] if r["round"] > 0]
+    first = _stamp(lines[0]) if lines else t_start
+    return {"start": (max(joined) if joined else first) - t_start, "per_round": per_round,
+            "mean": statistics.fmean(per_round) if per_round else float("nan")}
 
 
-def run_local(out: Path, model: str, engine: str) -> tuple[float, Path]:
+def run_engine(out: Path, cfg_over: dict, engine: str, threads: int) -> tuple[float, dict]:
     from fedpeft.config import RunConfig
     from fedpeft.run import run
 
-    t0 = time.perf_counter()
-    res = run(RunConfig(**settings(model), engine=engine, output_dir=str(out / engine)))
-    return time.perf_counter() - t0, res.run_dir
+    t0 = time.time()
+    res = run(RunConfig(**{**cfg_over, "threads": threads}, engine=engine, output_dir=str(out / engine)))
+    wall = time.time() - t0
+    return wall, phases(res.run_dir, t0)
 
 
-def run_deployment(out: Path, model: str) -> tuple[float, Path, float]:
+def run_deployment(out: Path, cfg_over: dict, isolation: str, model: str) -> tuple[float, dict]:
     from flower_loopback import Loopback, wait_for_file
 
-    root = out / "deploy"
-    toml = out / "run.toml"
-    toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings(model).items()))
-    t0 = time.perf_counter()
-    with Loopback(root) as lb:
+    name = f"deploy-{isolation}"
+    toml = out / f"{name}.toml"
+    toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg_over.items()))
+    node_config: dict = {"threads": 1}
+    if ":" in model:
+        node_config["allow-model-factories"] = model
+    if cfg_over.get("data_dir"):
+        node_config["data-dir"] = cfg_over["data_dir"]
+    t0 = time.time()
+    with Loopback(out / f"{name}-procs") as lb:
         lb.start_superlink()
-        link = time.perf_counter() - t0
-        for i in range(len(TASKS)):
-            lb.start_supernode(i, {"partition-id": i})
-        lb.submit({"config": str(toml), "output-dir": str(out / "deployment")})
-        wait_for_file(out / "deployment" / "summary.md", 3600, alive=lb)
-        wall = time.perf_counter() - t0
-    return wall, out / "deployment", link
+        for i in range(len(cfg_over["tasks"])):
+            lb.start_supernode(i, {"partition-id": i, **node_config}, isolation=isolation)
+        lb.submit({"config": str(toml), "output-dir": str(out / name)})
+        wait_for_file(out / name / "summary.md", 6 * 3600, alive=lb)
+        wall = time.time() - t0
+    return wall, phases(out / name, t0)
 
 
 def cold_client_start(model: str) -> float:
-    """What every deployed message pays: a fresh Python importing the ClientApp, torch, transformers."""
+    """What Flower's default isolation pays per message: a fresh Python importing the ClientApp,
+    torch, transformers and loading the model."""
     code = ("import fedpeft.flower_app, fedpeft.algorithms.fedlease, sklearn.metrics; "
             f"from fedpeft.models.backbone import load_backbone; load_backbone({model!r})")
     t0 = time.perf_counter()
@@ -89,50 +137,70 @@ def cold_client_start(model: str) -> float:
     return time.perf_counter() - t0
 
 
-def serialization(model: str) -> tuple[float, int]:
-    """Seconds to translate one FedLEASE phase-2 instruction of this model to Flower records and back."""
-    import torch
-
-    from fedpeft.algorithms.base import Message
-    from fedpeft.engines.flower.records import from_records, to_records
-
-    hidden, layers = (384, 6) if model == "minilm" else (16, 2)
-    tensors = {f"moe.{layer}.{m}.expert{e}.{ab}": torch.randn(2, hidden)
-               for layer in range(layers) for m in ("query", "value") for e in range(2) for ab in "AB"}
-    msg = Message(tensors, {"round": 2, "phase": "train", "num_experts": 2, "own_expert": 0})
-    t0 = time.perf_counter()
-    for _ in range(20):
-        from_records(to_records(msg))
-    return (time.perf_counter() - t0) / 20, msg.nbytes
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny_models:tiny_bert")
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--data", default=None, help="data root holding glue/SST-2 (default: $FEDPEFT_DATA_DIR, "
+                                                  "../shared/data), or 'demo' for the bundled demo task")
+    ap.add_argument("--method", default="fedit")
+    ap.add_argument("--clients", type=int, nargs="+", default=[4, 16])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--train-samples", type=int, default=32)
+    ap.add_argument("--test-samples", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--out", default="/tmp/fedpeft-flower-bench")
-    ap.add_argument("--skip", nargs="*", default=[], help="local, flower-sim, deployment")
     args = ap.parse_args()
+    data = data_root(args.data)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    cores = os.cpu_count() or 1
+    load0 = os.getloadavg()
     rows = []
-    load = os.getloadavg()[0]
-    for engine in ("local", "flower-sim"):
-        if engine not in args.skip:
-            wall, run_dir = run_local(out, args.model, engine)
-            rows.append((engine, wall, phases(run_dir), ""))
-    if "deployment" not in args.skip:
-        wall, run_dir, link = run_deployment(out, args.model)
-        rows.append(("loopback deployment", wall, phases(run_dir), f"SuperLink up in {link:.1f} s"))
+    for n in args.clients:
+        cfg_over = settings(args, n, data)
+        for mode in args.modes:
+            sub = out / f"{n}-clients"
+            sub.mkdir(exist_ok=True)
+            load = os.getloadavg()[0]
+            print(f"[{time.strftime('%H:%M:%S')}] {n} clients, {mode} (load {load:.2f}) ...", flush=True)
+            if mode == "local":
+                wall, ph = run_engine(sub, cfg_over, "local", cores)
+                threads, procs = f"{cores} (torch)", "1"
+            elif mode == "flower-sim":
+                wall, ph = run_engine(sub, cfg_over, "flower-sim", 1)
+                threads, procs = f"1 per client, {cores} Ray actors", f"1 + {cores} actors"
+            else:
+                isolation = mode.split("-", 1)[1]
+                wall, ph = run_deployment(sub, cfg_over, isolation, args.model)
+                threads = "1 per node"
+                procs = (f"SuperLink + ServerApp + {n} SuperNodes + {n} ClientApp workers" if isolation == "process"
+                         else f"SuperLink + ServerApp + {n} SuperNodes + 1 flwr-clientapp per message")
+            rows.append(dict(n=n, mode=mode, wall=wall, threads=threads, procs=procs, load=load, **ph))
+            print(f"    wall {wall:.1f} s, start-up {ph['start']:.1f} s, rounds {[round(x, 1) for x in ph['per_round']]}",
+                  flush=True)
+            (out / "results.json").write_text(json.dumps({"rows": rows}, indent=1))  # so far
     cold = cold_client_start(args.model)
-    ser, nbytes = serialization(args.model)
-    print(f"\n2-round FedLEASE (warmup 1), {args.model}, 4 clients, {os.cpu_count()} cores, load average {load:.1f} at start\n")
-    print("| engine | wall (s) | start-up until all clients known (s) | rounds (s) | per round (s) | note |")
-    print("|---|---:|---:|---:|---|---|")
-    for name, wall, ph, note in rows:
-        print(f"| {name} | {wall:.1f} | {ph['start']:.1f} | {ph['rounds']:.1f} | {ph['per_round']} | {note} |")
-    print(f"\ncold start of one deployed ClientApp process (python + flwr + fedpeft + torch + transformers + {args.model}): {cold:.1f} s")
-    print(f"records translation of one FedLEASE instruction ({nbytes / 1e3:.1f} kB of tensors), there and back: {ser * 1e3:.2f} ms")
+    load1 = os.getloadavg()
+    local = {r["n"]: r["mean"] for r in rows if r["mode"] == "local"}
+    print(f"\n{args.method}, {args.model}, {'real SST-2 (' + data + ')' if data else 'demo data'}, {args.rounds} rounds, "
+          f"{args.train_samples} train / {args.test_samples} test examples per client, max length {args.max_length}")
+    print(f"machine: {cpu_model()}, {cores} cores, Python {platform.python_version()}; load average "
+          f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start, {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} at end; "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}\n")
+    print("| clients | mode | processes | torch threads | wall (s) | start-up (s) | per round (s) | after start-up (s/round) "
+          "| × local | load before |")
+    print("|---:|---|---|---|---:|---:|---|---:|---:|---|")
+    for r in rows:
+        ratio = r["mean"] / local[r["n"]] if local.get(r["n"]) else float("nan")
+        mark = "contended" if r["load"] > CONTENDED_LOAD else "idle"
+        print(f"| {r['n']} | {r['mode']} | {r['procs']} | {r['threads']} | {r['wall']:.1f} | {r['start']:.1f} | "
+              f"{[round(x, 1) for x in r['per_round']]} | {r['mean']:.1f} | {ratio:.2f} | {r['load']:.2f} ({mark}) |")
+    print(f"\ncold start of one Flower-default ClientApp process (python + flwr + fedpeft + torch + transformers + "
+          f"{args.model}): {cold:.1f} s — paid per message by deploy-subprocess, once per node by deploy-process")
+    (out / "results.json").write_text(json.dumps({"rows": rows, "cold_start": cold, "load_start": load0,
+                                                  "load_end": load1, "cpu": cpu_model(), "cores": cores}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """What every benchmark prints about the machine, and whether its figures can be called final.
 
-- `machine_info()`: CPU model, the instruction sets that decide bf16 speed (from /proc/cpuinfo flags:
-  avx2, avx512f, avx512_bf16, amx_bf16, amx_tile), torch's `torch.backends.cpu.get_cpu_capability()`,
-  torch version, thread count, OMP_NUM_THREADS, logical CPUs. `native_bf16` is True when the CPU has
-  AVX-512 BF16 or AMX-BF16: without them torch 2.13 runs bf16 matmuls through slow fallbacks
-  (measured on an AVX2-only EPYC: 90x slower than fp32), so the benchmarks skip bf16 there.
+- `machine_info()`: CPU model, the instruction sets that decide bf16 speed, torch's
+  `torch.backends.cpu.get_cpu_capability()`, torch version, thread count, OMP_NUM_THREADS, logical
+  CPUs. The CPU model, the flags and `native_bf16` come from `fedpeft.hardware.cpu_info()`, the same
+  decision `--precision auto` makes (AVX-512 BF16 or AMX-BF16: without them torch 2.13 runs bf16
+  matmuls through slow fallbacks, measured 90x slower than fp32 on an AVX2-only EPYC), so a
+  benchmark skips bf16 exactly where a run would not pick it.
 - `LoadMonitor`: samples the 1-minute load average every few seconds while the benchmark runs. A
   run is **final** only when no sample exceeds the thread count + 0.5 (the benchmark's own threads
   count toward the load; the 0.5 absorbs the sampling noise); otherwise it is **contended** and its
@@ -18,44 +19,23 @@ import os
 import platform
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+from fedpeft import hardware
+
+ISA_FLAGS = hardware.SHOWN_FLAGS
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return hardware.cpu_info().model
 
 
 def machine_info() -> dict[str, Any]:
-    flags = cpu_flags()
-    isa = {f: f in flags for f in ISA_FLAGS}
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover - very old torch
-        capability = "unknown"
-    return {"cpu": cpu_model(), "isa": isa, "torch_cpu_capability": capability,
-            "native_bf16": bool(isa["avx512_bf16"] or isa["amx_bf16"]),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
+    cpu = hardware.cpu_info()
+    return {"cpu": cpu.model, "isa": {f: f in cpu.flags for f in ISA_FLAGS}, "torch_cpu_capability": cpu.capability,
+            "native_bf16": cpu.native_bf16, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
             "logical_cpus": os.cpu_count(), "python": platform.python_version()}
 

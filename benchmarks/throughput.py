@@ -46,10 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import LoadMonitor, cpu_model, isa_line, machine_info, status_line  # noqa: E402
 
 from fedpeft import metrics, training
-from fedpeft.algorithms.registry import get_algorithm
 from fedpeft.algorithms.base import Client, ClientInfo
 from fedpeft.config import RunConfig
 from fedpeft.data.batching import Encoded, train_batches
+from fedpeft.run.assemble import build_algorithm
 from fedpeft.run.federation import prepare_clients
 from fedpeft.engines.local import LocalEngine
 from fedpeft.models.backbone import load_backbone
@@ -141,9 +141,8 @@ def fedit_client(cfg: RunConfig):
     """A bound FedIT algorithm, its clients and the round-1 broadcast (what `run` builds before round 1)."""
     backbone = load_backbone(cfg.model_name)
     infos, clients = prepare_clients(cfg, backbone.tokenizer)
-    alg = get_algorithm(cfg)
-    alg.bind(alg.build_runtime(backbone), infos)
-    broadcast = alg.configure(alg.init(), 1)
+    alg = build_algorithm(cfg, backbone, infos)
+    broadcast = alg.configure(alg.init(), 1, list(range(len(alg.federation))))
     return alg, clients, broadcast
 
 
@@ -314,9 +313,8 @@ def bench_fedit_round(data_dir: str, settings: Settings) -> dict[str, Any]:
     t = time.perf_counter()
     infos, clients = prepare_clients(cfg, backbone.tokenizer)
     setup["data prep (read TSV, partition, tokenize)"] = time.perf_counter() - t
-    alg = get_algorithm(cfg)
     t = time.perf_counter()
-    alg.bind(alg.build_runtime(backbone), infos)
+    alg = build_algorithm(cfg, backbone, infos)
     setup["build model (copy backbone, inject LoRA)"] = time.perf_counter() - t
 
     per_round = []

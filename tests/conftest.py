@@ -29,10 +29,12 @@ def tiny_cfg(tmp_path):
     from fedpeft.config import RunConfig
 
     def make(**overrides):
+        # device and precision explicit: the numbers these tests check must not depend on the
+        # machine (a GPU, or a CPU with native bf16, would change them under `auto`)
         base = dict(method="fedit", tasks=["demo-sentiment", "demo-sentiment", "demo-topic", "demo-topic"],
                     train_samples=24, test_samples=16, global_rounds=2, local_epochs=1, batch_size=8,
-                    eval_batch_size=32, max_length=32, rank=2, lr=5e-3, quiet=True,
-                    output_dir=str(tmp_path / "run"))
+                    eval_batch_size=32, max_length=32, rank=2, lr=5e-3, quiet=True, device="cpu",
+                    precision="fp32", output_dir=str(tmp_path / "run"))
         base.update(overrides)
         return RunConfig(**base)
 

@@ -3,9 +3,13 @@ driven with Flower's own commands (the README's multi-machine steps, on 127.0.0.
 
 For the deployment tests (test_flower.py) and benchmarks/flower_overhead.py, which imports it from
 this folder (it is not part of the fedpeft package). Every process is started in its own session and
-stopped with its descendants (Flower detaches its SuperExec processes). The SuperExecs look for new
-tasks every 0.1 s instead of Flower's 1 s (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`): Flower starts one
-process per message, so this is paid on every message.
+stopped with its descendants (Flower detaches its SuperExec processes).
+
+SuperNodes run as the docs recommend: `python -m fedpeft.flower_app supernode`, a SuperNode with
+`--isolation process` and one long-lived fedpeft ClientApp worker, so the model is loaded once per node.
+`isolation="subprocess"` gives Flower's default instead (a new `flwr-clientapp` process per
+message); its SuperExecs then look for new tasks every 0.1 s instead of Flower's 1 s
+(`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`), a cost paid on every message.
 """
 
 from __future__ import annotations
@@ -64,7 +68,10 @@ class Loopback:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         bindir = str(Path(sys.executable).parent)
-        self.env = {**os.environ, "FLWR_HOME": str(self.root / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+        # the processes run in self.root: relative PYTHONPATH entries (PYTHONPATH=src) would not reach fedpeft
+        pythonpath = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+        self.env = {**os.environ, "PYTHONPATH": pythonpath, "FLWR_HOME": str(self.root / "flwr-home"),
+                    "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
                     "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), **(env or {})}
         self.bin = Path(bindir)
@@ -78,7 +85,7 @@ class Loopback:
 
         self.app_dir = write_app(self.root / "app")
         write_connection(self.env["FLWR_HOME"], "loopback", self.address,
-                         root_certificates=str(self.certs["ca"]) if tls else None)
+                         root_certificates=str(self.certs["ca"]) if tls else None, insecure=not tls)
 
     # ------------------------------------------------------------ processes
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -107,22 +114,29 @@ class Loopback:
 
     def start_supernode(self, index: int, node_config: dict[str, Any], *, key: Path | None = None,
                         name: str | None = None, extra: list[str] | None = None,
-                        heartbeat: float | None = None) -> subprocess.Popen:
-        """`heartbeat`: the interval the node announces and keeps to, instead of Flower's 30 s (at least
+                        heartbeat: float | None = None, isolation: str = "process") -> subprocess.Popen:
+        """`isolation="process"` (default): `python -m fedpeft.flower_app supernode`, the documented way:
+        a SuperNode with its long-lived fedpeft ClientApp worker (a child process) and short polls.
+        `"subprocess"`: Flower's `flower-supernode` as it comes (a ClientApp process per message).
+        `heartbeat`: the interval the node announces and keeps to, instead of Flower's 30 s (at least
         10, the SuperLink's minimum). The SuperLink takes a node for gone 2 intervals after its last
         heartbeat, and then fails its pending messages: a killed node is noticed within 2·heartbeat s
         instead of 60 s. Flower has no flag for it, so the node's CLI runs with the interval set in the
         two modules that send node heartbeats (the ClientApps' task heartbeats keep Flower's)."""
         conf = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in node_config.items())
-        if heartbeat is None:
+        start = ("from fedpeft.engines.flower.supernode import main; sys.exit(main(sys.argv[1:]))"
+                 if isolation == "process" else
+                 "from flwr.supernode.cli import flower_supernode; sys.exit(flower_supernode())")
+        if heartbeat is None and isolation == "process":
+            cmd = [sys.executable, "-m", "fedpeft.flower_app", "supernode"]
+        elif heartbeat is None:
             cmd = [str(self.bin / "flower-supernode")]
         else:
-            code = ("import sys; from flwr.supernode.cli import flower_supernode; "
-                    "import flwr.supernode.fleet_http_connection as f, flwr.supercore.heartbeat as h; "
-                    "f.HEARTBEAT_DEFAULT_INTERVAL = h.HEARTBEAT_DEFAULT_INTERVAL = float(sys.argv.pop(1)); "
-                    "sys.exit(flower_supernode())")
+            code = ("import sys; import flwr.supernode.fleet_http_connection as f, flwr.supercore.heartbeat as h; "
+                    "f.HEARTBEAT_DEFAULT_INTERVAL = h.HEARTBEAT_DEFAULT_INTERVAL = float(sys.argv.pop(1)); " + start)
             cmd = [sys.executable, "-c", code, str(heartbeat)]
-        args = cmd + ["--superlink", self.address, "--port", str(free_port()), "--node-config", conf]
+        args = cmd + ["--superlink", self.address, "--port", str(free_port()), "--node-config", conf,
+                      "--isolation", isolation]
         args += ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
         if key is not None:
             args += ["--auth-supernode-private-key", str(key)]
@@ -159,9 +173,15 @@ class Loopback:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace")[-n:] if path.is_file() else ""
 
+    def check(self) -> None:
+        """Raise if the SuperLink has died."""
+        proc = self.procs.get("superlink")
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited with {proc.returncode}: {self.tail('superlink')}")
+
     def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        kill_tree(proc)
+        """Kill a process and everything it started (a SuperNode: its ClientApp worker too)."""
+        kill_tree(self.procs.pop(name))
 
     def stop(self) -> None:
         for name in list(self.procs):
@@ -179,6 +199,8 @@ def wait_for_file(path: Path, timeout: float, *, alive: Loopback | None = None) 
     while time.time() < deadline:
         if path.is_file():
             return
+        if alive is not None:
+            alive.check()
         time.sleep(0.5)
     detail = alive.tail("superlink") if alive else ""
     raise TimeoutError(f"{path} did not appear within {timeout:.0f} s. SuperLink log:\n{detail}")

@@ -91,7 +91,7 @@ def test_ffa_lora_trains_and_sends_only_b_and_a_stays_the_common_init(tiny_cfg, 
     alg, clients = _setup(FFALoRA, tiny_cfg(method="ffa-lora"), tiny_backbone)
     state = alg.init()
     init = {k: v.clone() for k, v in state["lora"].items()}
-    ins = alg.configure(state, 1)
+    ins = alg.configure(state, 1, list(range(len(alg.federation))))
     assert {_factor(k) for k in _lora(ins[0].tensors)} == {"A", "B"}  # first instruction: whole common init
     replies = {}
     for c in clients:
@@ -111,7 +111,7 @@ def test_ffa_lora_trains_and_sends_only_b_and_a_stays_the_common_init(tiny_cfg, 
     expected = weighted_mean([_lora(r.tensors) for r in replies.values()],
                              [r.config["num_examples"] for r in replies.values()])
     assert all(torch.equal(state["lora"][k], v) for k, v in expected.items())
-    nxt = alg.configure(state, 2)
+    nxt = alg.configure(state, 2, list(range(len(alg.federation))))
     assert {_factor(k) for k in _lora(nxt[0].tensors)} == {"B"}
     # Round 2: every client trains from the same A, which is still the init.
     for c in clients[:2]:
@@ -144,7 +144,7 @@ def test_fedsa_lora_sends_a_and_keeps_b_on_the_client(tiny_cfg, tiny_backbone):
     alg, clients = _setup(FedSALoRA, tiny_cfg(method="fedsa-lora"), tiny_backbone)
     state = alg.init()
     init = {k: v.clone() for k, v in state["lora"].items()}
-    ins = alg.configure(state, 1)
+    ins = alg.configure(state, 1, list(range(len(alg.federation))))
     assert {_factor(k) for k in _lora(ins[0].tensors)} == {"A", "B"}  # round 1: the whole common init
     replies = {}
     for c in clients:
@@ -159,7 +159,7 @@ def test_fedsa_lora_sends_a_and_keeps_b_on_the_client(tiny_cfg, tiny_backbone):
     expected = weighted_mean([_lora(r.tensors) for r in replies.values()],
                              [r.config["num_examples"] for r in replies.values()])
     assert all(torch.equal(state["lora"][k], v) for k, v in expected.items())
-    nxt = alg.configure(state, 2)
+    nxt = alg.configure(state, 2, list(range(len(alg.federation))))
     assert all({_factor(k) for k in _lora(m.tensors)} == {"A"} for m in nxt.values())
     # Client i's model is s·B_i·Ā: the global A with its own B.
     for c in clients:
@@ -189,7 +189,7 @@ def test_fedsa_lora_aggregate_is_n_weighted_over_a_only(tiny_cfg, tiny_backbone)
 def _fit_one(cls, cfg, backbone, cid=0):
     alg, clients = _setup(cls, cfg, backbone)
     state = alg.init()
-    ins = alg.configure(state, 1)
+    ins = alg.configure(state, 1, list(range(len(alg.federation))))
     return alg, _lora(alg.fit(ins[cid], clients[cid]).tensors), state["lora"]
 
 
@@ -262,7 +262,7 @@ def test_feddpa_trains_global_then_local_and_sends_only_global(tiny_cfg, tiny_ba
     cfg = tiny_cfg(method="feddpa", head_policy="frozen")
     alg, clients = _setup(FedDPA, cfg, tiny_backbone)
     state = alg.init()
-    ins = alg.configure(state, 1)
+    ins = alg.configure(state, 1, list(range(len(alg.federation))))
     sites = alg.runtime.sites
     replies = {c.cid: alg.fit(ins[c.cid], c) for c in clients}
     local_init = alg.local_init()
@@ -275,7 +275,7 @@ def test_feddpa_trains_global_then_local_and_sends_only_global(tiny_cfg, tiny_ba
             assert not any(t.shape == v.shape and torch.equal(t, v) for t in replies[c.cid].tensors.values())
     # Phase 1 is FedIT's local step on the global LoRA alone; phase 2 leaves the global LoRA frozen.
     fedit, fclients = _setup(FedIT, tiny_cfg(head_policy="frozen"), tiny_backbone)
-    fins = fedit.configure(fedit.init(), 1)
+    fins = fedit.configure(fedit.init(), 1, list(range(len(fedit.federation))))
     for cid in (0, 2):
         ref = _lora(fedit.fit(fins[cid], fclients[cid]).tensors)
         assert all(torch.equal(ref[k], _lora(replies[cid].tensors)[k]) for k in ref)
@@ -284,7 +284,7 @@ def test_feddpa_trains_global_then_local_and_sends_only_global(tiny_cfg, tiny_ba
                              [r.config["num_examples"] for r in replies.values()])
     assert all(torch.equal(state["lora"][k], v) for k, v in expected.items())
     # Evaluation: the aggregated global plus the client's own local LoRA, mixed with λ.
-    nxt = alg.configure(state, 2)
+    nxt = alg.configure(state, 2, list(range(len(alg.federation))))
     c = clients[1]
     alg.load_for_eval(nxt[c.cid], c)
     assert all(torch.equal(v, expected[k]) for k, v in get_lora_state(sites, adapter=GLOBAL).items())
@@ -304,7 +304,7 @@ def test_feddpa_aggregate_is_n_weighted(tiny_cfg, tiny_backbone):
 def _feddpa_with_random_adapters(tiny_cfg, tiny_backbone, **kw):
     alg, clients = _setup(FedDPA, tiny_cfg(method="feddpa", feddpa_weighting="instance", **kw), tiny_backbone)
     state = alg.init()
-    ins = alg.configure(state, 1)
+    ins = alg.configure(state, 1, list(range(len(alg.federation))))
     c = clients[0]
     alg.load_for_eval(ins[c.cid], c)
     gen = torch.Generator().manual_seed(11)
@@ -314,7 +314,7 @@ def _feddpa_with_random_adapters(tiny_cfg, tiny_backbone, **kw):
         if name == LOCAL:
             c.store["local_lora"] = rand
     state["lora"] = get_lora_state(alg.runtime.sites, adapter=GLOBAL)
-    return alg, c, alg.configure(state, 1)[c.cid]
+    return alg, c, alg.configure(state, 1, list(range(len(alg.federation))))[c.cid]
 
 
 def test_feddpa_instance_weights_are_scaled_mean_cosines(tiny_cfg, tiny_backbone):
@@ -384,7 +384,7 @@ def test_ifca_init_is_per_cluster_seeded_with_nonzero_b(tiny_cfg, tiny_backbone)
     assert all(not torch.equal(c0[k], c1[k]) for k in c0)
     bs = torch.cat([v.flatten() for k, v in c0.items() if _factor(k) == "B"])
     assert 0.5e-3 < float(bs.std()) < 2e-3
-    ins = alg.configure(s1, 1)
+    ins = alg.configure(s1, 1, list(range(len(alg.federation))))
     assert all(set(ins[0].tensors) >= set(cluster_prefix(k) + key for key in c0) for k in range(3))
 
 
@@ -395,7 +395,7 @@ def test_ifca_client_picks_the_lowest_loss_cluster_ties_to_lower_k(tiny_cfg, tin
     gen = torch.Generator().manual_seed(11)
     cands = [{k: torch.randn(v.shape, generator=gen) for k, v in state["clusters"][0].items()} for _ in range(3)]
     state["clusters"] = cands
-    ins = alg.configure(state, 1)[c.cid]
+    ins = alg.configure(state, 1, list(range(len(alg.federation))))[c.cid]
     alg.heads.load(ins, c)
     losses = alg.cluster_losses(ins, c)
     order = sorted(range(3), key=lambda i: losses[i])
@@ -403,7 +403,7 @@ def test_ifca_client_picks_the_lowest_loss_cluster_ties_to_lower_k(tiny_cfg, tin
     best, worst = cands[order[0]], cands[order[2]]
     # Best at k = 1 (so "always 0" fails) and an exact copy at k = 2 (so "last minimum" fails).
     state["clusters"] = [worst, best, {k: v.clone() for k, v in best.items()}]
-    ins = alg.configure(state, 1)[c.cid]
+    ins = alg.configure(state, 1, list(range(len(alg.federation))))[c.cid]
     got = alg.cluster_losses(ins, c)
     assert got[1] == got[2] < got[0]
     reply = alg.fit(ins, c)
@@ -412,7 +412,7 @@ def test_ifca_client_picks_the_lowest_loss_cluster_ties_to_lower_k(tiny_cfg, tin
     # The upload is the chosen cluster trained: it started from `best`.
     alg2, clients2 = _setup(IFCA, tiny_cfg(method="ifca", ifca_clusters=3), tiny_backbone)
     state["clusters"] = [best, worst, worst]
-    assert alg2.fit(alg2.configure(state, 1)[0], clients2[0]).config["cluster"] == 0
+    assert alg2.fit(alg2.configure(state, 1, list(range(len(alg2.federation))))[0], clients2[0]).config["cluster"] == 0
     assert any(not torch.equal(_lora(reply.tensors)[k], best[k]) for k in best)
 
 
@@ -443,7 +443,7 @@ def test_ifca_shared_heads_are_grouped_by_chosen_cluster(tiny_cfg, tiny_backbone
         ups[cid].config["cluster"] = k
         ups[cid].tensors.update({"head." + n: torch.full_like(v, value) for n, v in head_shape.items()})
     state = alg.aggregate(state, 1, ups)
-    nxt = alg.configure(state, 2)
+    nxt = alg.configure(state, 2, list(range(len(alg.federation))))
     w0, w1 = nxt[0].tensors["head.out_proj.weight"], nxt[1].tensors["head.out_proj.weight"]
     assert torch.equal(w0, torch.full_like(w0, 1.0)) and torch.equal(w1, torch.full_like(w1, 5.0))
 

@@ -74,28 +74,41 @@ def test_matrix_runs_every_label_and_seed_writes_reports_and_resumes(tmp_path, t
 
 
 def test_a_run_another_process_is_training_is_skipped_and_a_stale_lock_taken_over(tmp_path, tiny_backbone):
-    """Two bench commands sharing an --out must not train one run folder at the same time."""
-    import os
+    """Two bench commands sharing an --out must not train one run folder at the same time: the run
+    folder's lock (an flock) held by a live process makes the bench skip that run; a lock file left
+    by a process that is gone is no lock at all; and the lock file is never deleted."""
     import subprocess
     import sys
 
-    from fedpeft.bench.matrix import LOCK
+    from filelock import FileLock, Timeout
+
+    from fedpeft.run.assemble import LOCK
 
     suite, calls, said = tiny_suite(), [], []
     busy_dir = run_dir_for(tmp_path, suite, "fedit", 1)
     busy_dir.mkdir(parents=True)
-    (busy_dir / LOCK).write_text(str(os.getppid()))  # a live process that is not this one
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale_dir = run_dir_for(tmp_path, suite, "fedlease", 1)
-    stale_dir.mkdir(parents=True)
-    (stale_dir / LOCK).write_text(gone.stdout.strip())  # its process has exited
-    files = bench(suite, [1], tmp_path, labels=["fedit", "fedlease"], backbone=tiny_backbone,
-                  runner=counting_runner(calls), say=said.append)
-    assert [(m, s) for m, s, _ in calls] == [("fedlease", 1)]
-    assert any(f"being run by another process (pid {os.getppid()})" in line for line in said)
-    assert any("still running elsewhere" in line and "fedit seed 1" in line for line in said)
-    assert not is_finished(busy_dir) and (busy_dir / LOCK).read_text() == str(os.getppid())  # left alone
-    assert is_finished(stale_dir) and not (stale_dir / LOCK).exists()  # released after the run
+    holder = subprocess.Popen(  # another process, holding the lock until its stdin closes
+        [sys.executable, "-c", "import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
+         "lock.acquire(); print('held', flush=True); sys.stdin.read()", str(busy_dir / LOCK)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        stale_dir = run_dir_for(tmp_path, suite, "fedlease", 1)
+        stale_dir.mkdir(parents=True)
+        (stale_dir / LOCK).write_text("12345\n")  # left by a process that was killed
+        files = bench(suite, [1], tmp_path, labels=["fedit", "fedlease"], backbone=tiny_backbone,
+                      runner=counting_runner(calls), say=said.append)
+        assert [(m, s) for m, s, _ in calls] == [("fedlease", 1)]
+        assert any("being run by another process" in line for line in said)
+        assert any("still running elsewhere" in line and "fedit seed 1" in line for line in said)
+        assert not is_finished(busy_dir) and (busy_dir / LOCK).exists()  # left alone
+        with pytest.raises(Timeout):
+            FileLock(str(busy_dir / LOCK), timeout=0).acquire()  # still the other process's
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert is_finished(stale_dir) and (stale_dir / LOCK).exists()  # ran; the lock file stays, released
+    FileLock(str(stale_dir / LOCK), timeout=0).acquire()
     with open(files["csv"]) as fh:
         assert [r["label"] for r in csv.DictReader(fh)] == ["fedlease"]
 

@@ -407,3 +407,25 @@ def test_no_unexpected_warnings_on_clean_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cluster_clients(d)
+
+
+def test_late_joiner_row_equals_the_matrix_row():
+    from fedpeft.algorithms.fedlease.clustering import b_distance_row
+
+    rng = np.random.default_rng(3)
+    clients = [{"l0": rng.normal(size=(6, 2)), "l1": rng.normal(size=(4, 2))} for _ in range(7)]
+    clients[3]["l1"] = np.zeros((4, 2))  # a zero-norm B: cosine 0
+    row = b_distance_row(clients[0], clients[1:])
+    np.testing.assert_allclose(row, b_distance_matrix(clients)[0, 1:], rtol=0, atol=1e-12)
+
+
+def test_float32_products_for_many_clients_agree_with_float64(monkeypatch):
+    """Above GRAM_FLOAT32_ABOVE clients the Gram products are float32 (10^8 pairs at N = 10,000)."""
+    from fedpeft.algorithms.fedlease import clustering as cl
+
+    rng = np.random.default_rng(4)
+    clients = [{"l0": rng.normal(size=(96, 4)), "l1": rng.normal(size=(96, 4))} for _ in range(40)]
+    exact = cl.b_distance_matrix(clients)
+    monkeypatch.setattr(cl, "GRAM_FLOAT32_ABOVE", 10)
+    fast = cl.b_distance_matrix(clients)
+    assert np.abs(fast - exact).max() < 1e-6 and not np.array_equal(fast, exact)

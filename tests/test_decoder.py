@@ -34,7 +34,8 @@ def tiny_llama():
 def _cfg(tmp_path, **kw):
     base = dict(method="fedit", tasks=["tiny-copy", "tiny-copy", "tiny-reverse", "tiny-reverse"], global_rounds=2,
                 local_epochs=1, batch_size=4, eval_batch_size=8, max_length=64, rank=2, lr=1e-2, quiet=True,
-                max_new_tokens=6, gen_batch_size=4, output_dir=str(tmp_path / "run"), warmup_rounds=1)
+                max_new_tokens=6, gen_batch_size=4, output_dir=str(tmp_path / "run"), warmup_rounds=1,
+                device="cpu", precision="fp32")
     base.update(kw)
     return RunConfig(**base)
 
@@ -115,7 +116,7 @@ def test_fedit_round_trains_the_target_loss_and_averages(tiny_llama, tmp_path, m
     from fedpeft.training import lm_mean_loss
 
     state = alg.init()
-    broadcast = alg.configure(state, 1)
+    broadcast = alg.configure(state, 1, list(range(len(alg.federation))))
     assert all(not any(k.startswith("head.") for k in m.tensors) for m in broadcast.values())
     alg.load_for_eval(broadcast[0], clients[0])
     before = lm_mean_loss(alg.runtime.model, clients[0].train, batch_size=8)
@@ -128,7 +129,7 @@ def test_fedit_round_trains_the_target_loss_and_averages(tiny_llama, tmp_path, m
     state = alg.aggregate(state, 1, replies)
     for key, tensor in expected.items():
         torch.testing.assert_close(state["lora"][key[len(LORA_PREFIX):]], tensor)
-    metrics = alg.evaluate(alg.configure(state, 2)[0], clients[0])
+    metrics = alg.evaluate(alg.configure(state, 2, list(range(len(alg.federation))))[0], clients[0])
     assert set(metrics) == {"token_f1", "exact_match", "loss"} and 0 <= metrics["token_f1"] <= 1
 
 
@@ -280,7 +281,8 @@ def test_smollm2_cache_logic_without_dequantizing(tmp_path, monkeypatch):
         builds.append(folder)
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"w" * 10)
-        files = {"model.safetensors": 10}
+        (folder / "chat_template.jinja").write_text("{{ messages }}")
+        files = {"model.safetensors": 10, "chat_template.jinja": 14}
         (folder / "fedpeft-cache.json").write_text(json.dumps({"source": source, "files": files}))
 
     monkeypatch.setattr(decoders, "_build_smollm2", fake_build)
@@ -294,6 +296,13 @@ def test_smollm2_cache_logic_without_dequantizing(tmp_path, monkeypatch):
     gguf.write_bytes(b"x" * 101)  # a new package version: stale
     decoders.smollm2_dir(cache)
     assert len(builds) == 3
+    # a copy made before the chat template was kept (its marker lists no template): rebuilt, once
+    marker = json.loads((folder / "fedpeft-cache.json").read_text())
+    (folder / "chat_template.jinja").unlink()
+    del marker["files"]["chat_template.jinja"]
+    (folder / "fedpeft-cache.json").write_text(json.dumps(marker))
+    decoders.smollm2_dir(cache)
+    assert len(builds) == 4 and decoders.smollm2_dir(cache) == folder and len(builds) == 4
 
 
 def test_smollm2_package_missing_says_how_to_install(monkeypatch):

@@ -9,6 +9,7 @@ import torch
 from fedpeft.algorithms.base import Message
 from fedpeft.algorithms.tensors import weighted_mean
 from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
+from fedpeft.config import RunConfig
 from fedpeft.run.assemble import build_algorithm
 from fedpeft.run.federation import prepare_clients
 from fedpeft.run import run
@@ -68,7 +69,7 @@ def test_round_trip_leaves_backbone_bit_identical(tiny_cfg, tiny_backbone):
     model = alg.runtime.model
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n and "heads." not in n}
     state = alg.init()
-    ins = alg.configure(state, 1)
+    ins = alg.configure(state, 1, list(range(len(alg.federation))))
     replies = {c.cid: alg.fit(ins[c.cid], c) for c in clients}
     alg.aggregate(state, 1, replies)
     changed = {n: p for n, p in model.named_parameters() if "lora_" in n}
@@ -85,7 +86,7 @@ def test_head_policies(policy, tiny_cfg, tiny_backbone):
     cfg = tiny_cfg(head_policy=policy)
     alg, clients = _setup(cfg, tiny_backbone)
     state = alg.init()
-    ins = alg.configure(state, 1)
+    ins = alg.configure(state, 1, list(range(len(alg.federation))))
     init = {c.cid: {k: v.clone() for k, v in ins[c.cid].tensors.items() if k.startswith("head.")} for c in clients}
     # Every client starts from the same head initialisation of its shape (the common initialisation).
     assert all(torch.equal(init[0][k], init[1][k]) for k in init[0])
@@ -102,7 +103,7 @@ def test_head_policies(policy, tiny_cfg, tiny_backbone):
         else:
             assert sent_head
     state = alg.aggregate(state, 1, replies)
-    nxt = alg.configure(state, 2)
+    nxt = alg.configure(state, 2, list(range(len(alg.federation))))
     heads_down = [k for k in nxt[0].tensors if k.startswith("head.")]
     if policy != "shared":
         assert not heads_down  # after round 1, a local/frozen head never travels
@@ -135,7 +136,7 @@ def test_same_seed_same_numbers_and_resume_equals_uninterrupted(tiny_cfg, tiny_b
     again = run(tiny_cfg(global_rounds=3, output_dir=str(tmp_path / "b")), backbone=tiny_backbone)
     stopped = run(tiny_cfg(global_rounds=3, output_dir=str(tmp_path / "c")), backbone=tiny_backbone, stop_after=1)
     assert max(r["round"] for r in stopped.history.rounds) == 1
-    resumed = run(tiny_cfg(resume=str(tmp_path / "c")), backbone=tiny_backbone)
+    resumed = run(RunConfig(resume=str(tmp_path / "c"), quiet=True), backbone=tiny_backbone)  # its settings: config.json
 
     def metrics(res):
         return [(r["round"], r["client"], r.get("accuracy"), r.get("loss")) for r in

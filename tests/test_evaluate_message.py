@@ -28,10 +28,13 @@ def _leff_cfg(tiny_cfg, **kw):
 
 
 def _one_round(alg, clients):
+    """Round 1 as the engine drives it: the round's sample (engines/participation.py) trains."""
+    from fedpeft.engines.participation import participants
+
     state = alg.init()
-    msgs = alg.configure(state, 1)
-    state = alg.aggregate(state, 1, {c.cid: alg.fit(msgs[c.cid], c) for c in clients})
-    return state, alg.configure(state, 2)
+    msgs = alg.configure(state, 1, participants(alg.cfg, len(clients), 1))
+    state = alg.aggregate(state, 1, {cid: alg.fit(msgs[cid], clients[cid]) for cid in msgs})
+    return state, alg.configure(state, 2, participants(alg.cfg, len(clients), 2))
 
 
 @pytest.mark.parametrize("method", ["leff", "fedavg-full"])
@@ -41,7 +44,7 @@ def test_a_fresh_client_process_scores_what_the_server_process_scores(tiny_cfg, 
     cfg = _leff_cfg(tiny_cfg, method=method, participation=0.5)
     server, clients = _bound(cfg, bb4)
     state, broadcast = _one_round(server, clients)
-    evaluation = server.configure_evaluate(state, 1, broadcast)
+    evaluation = server.configure_evaluate(state, 1, list(range(len(server.federation))), broadcast)
     remote, _ = _bound(cfg, bb4)
     for c in clients:
         ours, theirs = server.evaluate(evaluation[c.cid], c), remote.evaluate(evaluation[c.cid], c)
@@ -57,7 +60,7 @@ def test_a_fresh_client_process_scores_what_the_server_process_scores(tiny_cfg, 
 def test_leff_evaluate_message_is_the_global_model_and_embeddings_go_once(tiny_cfg, bb4):
     alg, clients = _bound(_leff_cfg(tiny_cfg, participation=0.5), bb4)
     state, broadcast = _one_round(alg, clients)
-    evaluation = alg.configure_evaluate(state, 1, broadcast)
+    evaluation = alg.configure_evaluate(state, 1, list(range(len(alg.federation))), broadcast)
     synced = set(state["synced"])
     assert len(synced) == 2  # ceil(0.5 · 3) participants
     p_blk = sum(p.numel() for p in alg.blocks()[0].parameters())

@@ -54,7 +54,7 @@ def _setup(cfg, backbone):
 
 def _play(alg, clients, state, rnd):
     """One round by hand: configure, fit every client in `clients`, aggregate."""
-    ins = alg.configure(state, rnd)
+    ins = alg.configure(state, rnd, list(range(len(alg.federation))))
     replies = {c.cid: alg.fit(ins[c.cid], c) for c in clients}
     state = alg.aggregate(state, rnd, replies)
     return ins, replies, state
@@ -160,7 +160,7 @@ def test_item10_phase2_fit_trains_only_own_expert_routers_and_head(policy, tiny_
     force_clusters([0, 0, 1, 1])
     state = alg.init()
     _, _, state = _play(alg, clients, state, 1)
-    ins = alg.configure(state, 2)
+    ins = alg.configure(state, 2, list(range(len(alg.federation))))
     model = alg.runtime.model
     for c in clients:  # in engine order: client 2's fit follows client 1's, which trained expert 0
         j = ins[c.cid].config["own_expert"]
@@ -238,7 +238,7 @@ def test_item11_shared_head_is_averaged_within_the_cluster_over_equal_shapes(tin
     for rnd in (1, 2):  # warmup upload (the Phase-2 starting heads), then a Phase-2 round
         _, replies, state = _play(alg, clients, state, rnd)
         assert all(head_of(r) for r in replies.values())  # under `shared` the head is uploaded
-        nxt = alg.configure(state, rnd + 1)
+        nxt = alg.configure(state, rnd + 1, list(range(len(alg.federation))))
         _assert_same(head_of(nxt[0]), expect(replies, [0, 1]))
         _assert_same(head_of(nxt[1]), head_of(nxt[0]))
         _assert_same(head_of(nxt[2]), head_of(replies[2]))  # alone in its (cluster, shape) group
@@ -259,7 +259,7 @@ def test_item12_warmup_exchanges_nothing_until_one_upload_at_round_w(tiny_cfg, t
     init = copy.deepcopy(state)
     uploads = {c.cid: 0 for c in clients}
     for rnd in range(1, w + 1):
-        ins = alg.configure(state, rnd)
+        ins = alg.configure(state, rnd, list(range(len(alg.federation))))
         assert all(m.config["phase"] == "warmup" for m in ins.values())
         if rnd == 1:  # the common initialisation: identical A, B and head tensors for everyone
             first = ins[0].tensors
@@ -306,7 +306,7 @@ def test_d3_warmup_epochs_are_one_adamw_run(tiny_cfg, tiny_backbone):
     rt, c = alg.runtime, clients[0]
     model, sites = rt.model, rt.sites
     state = alg.init()
-    init = alg.configure(state, 1)[0]
+    init = alg.configure(state, 1, list(range(len(alg.federation))))[0]
     nb = num_batches(len(c.train), cfg.batch_size)
     assert nb >= 2
 
@@ -462,7 +462,7 @@ def test_item22_every_client_receives_bit_identical_experts(transition):
     alg, clients, state = transition()
     replies = {c: _p2_reply(state, state["cluster_of"][c], n=c + 1, seed=c) for c in range(4)}
     state = alg.aggregate(state, 2, replies)
-    ins = alg.configure(state, 3)
+    ins = alg.configure(state, 3, list(range(len(alg.federation))))
     expert_keys = {MOE_PREFIX + k for k in state["experts"]}
     for c in clients:
         msg = ins[c.cid]
@@ -486,19 +486,19 @@ def test_item23_local_routers_never_travel_and_the_server_never_changes_them(tin
     state = alg.init()
     _, _, state = _play(alg, clients, state, 1)
     routers = copy.deepcopy(state["routers"])
-    ins = alg.configure(state, 2)
+    ins = alg.configure(state, 2, list(range(len(alg.federation))))
     for c in clients:  # the client generates its cluster's initial router itself, from (seed, j)
         alg.load_for_eval(ins[c.cid], c)
         _assert_same(c.store["router"], routers[state["cluster_of"][c.cid]])
     for rnd in (2, 3):
         ins, replies, state = _play(alg, clients, state, rnd)
-        for m in [*ins.values(), *replies.values(), *alg.configure(state, rnd + 1).values()]:
+        for m in [*ins.values(), *replies.values(), *alg.configure(state, rnd + 1, list(range(len(alg.federation)))).values()]:
             assert not any(k.endswith(".router") for k in m.tensors)
         _assert_same(state["routers"], routers)
     key = moe_key(0, "query", None, "router")
     assert not torch.equal(clients[0].store["router"][key], routers[0][key])  # trained locally
     assert not torch.equal(clients[0].store["router"][key], clients[1].store["router"][key])  # not averaged
-    alg.load_for_eval(alg.configure(state, 4)[0], clients[0])  # the next round starts from the kept router
+    alg.load_for_eval(alg.configure(state, 4, list(range(len(alg.federation))))[0], clients[0])  # the next round starts from the kept router
     layer = next(m for _, m in moe_layers(alg.runtime.model.encoder) if (m.layer_index, m.module_name) == (0, "query"))
     assert torch.equal(layer.router.weight, clients[0].store["router"][key])
 
@@ -630,7 +630,7 @@ def _e2e_cfg(out, **kw):
 
     base = dict(method="fedlease", tasks=TASKS4, train_samples=24, test_samples=16, warmup_rounds=2,
                 global_rounds=4, local_epochs=1, batch_size=8, eval_batch_size=32, max_length=32, rank=2,
-                lr=5e-3, quiet=True, output_dir=str(out))
+                lr=5e-3, quiet=True, device="cpu", precision="fp32", output_dir=str(out))
     base.update(kw)
     return RunConfig(**base)
 
@@ -676,7 +676,7 @@ def test_resume_reaches_the_same_numbers(stop, e2e, tiny_backbone, tmp_path, no_
     full, _ = e2e
     stopped = run(_e2e_cfg(tmp_path / "c"), backbone=tiny_backbone, stop_after=stop)
     assert max(r["round"] for r in stopped.history.rounds) == stop
-    resumed = run(_e2e_cfg(tmp_path / "ignored", resume=str(tmp_path / "c")), backbone=tiny_backbone)
+    resumed = run(_e2e_cfg(tmp_path / "c", resume=str(tmp_path / "c")), backbone=tiny_backbone)
     assert _records(resumed) == _records(full)
 
 

@@ -19,12 +19,15 @@ import torch
 pytest.importorskip("flwr")
 
 from fedpeft.algorithms.base import Message  # noqa: E402
+import flower_hostile as hostile  # noqa: E402  (tests/: the in-process grid and the hostile replies)
 from fedpeft.engines.flower.records import (  # noqa: E402
     decode_config, encode_config, from_records, store_from_bytes, store_to_bytes, to_records)
 
 pytestmark = pytest.mark.flower
 
 TASKS = ["demo-sentiment", "demo-sentiment", "demo-topic", "demo-topic"]
+# A deployed node loads a model factory (it imports a module) only when its operator allows it.
+NODE_TRUST = {"allow-model-factories": "tiny_models:tiny_bert"}
 METRICS = ("accuracy", "f1", "matthews", "loss", "train_loss", "bytes_up", "bytes_down", "bytes_eval_down",
            "experts_per_token")
 UPLOAD_PREFIXES = ("lora.", "moe.", "head.")
@@ -36,7 +39,7 @@ LEFF_FAMILY = dict(tasks=["demo-sentiment"] * 3, proxy_dataset="demo", distill_s
 def _settings(**over):
     base = dict(method="fedlease", model_name="tiny_models:tiny_bert", tasks=TASKS, train_samples=24,
                 test_samples=16, global_rounds=2, warmup_rounds=1, local_epochs=1, batch_size=8, eval_batch_size=32,
-                max_length=32, rank=2, lr=5e-3, threads=1, quiet=True)
+                max_length=32, rank=2, lr=5e-3, threads=1, quiet=True, device="cpu", precision="fp32")
     base.update(over)
     return base
 
@@ -159,7 +162,7 @@ def test_partition_id_out_of_range_is_a_user_error(tiny_backbone):
 
     cfg = RunConfig(**_settings())
     with pytest.raises(FedPeftError, match="partition-id 7 is out of range"):
-        node_setup({"run_key": "k", "config": cfg.to_dict()}, {"partition-id": 7})
+        node_setup({"run_key": "k", "config": cfg.to_dict()}, {"partition-id": 7, **NODE_TRUST})
     with pytest.raises(FedPeftError, match="--node-config"):
         partition_id({})
 
@@ -272,14 +275,15 @@ def tls_deployment(tmp_path_factory):
             for reg in pool.map(lb.register, [pub for _, pub in keys]):
                 assert reg.returncode == 0, reg.stdout + reg.stderr
         for i, (key, _) in enumerate(keys):
-            lb.start_supernode(i, {"partition-id": i, "state-dir": str(tmp / f"node{i}")}, key=key)
+            lb.start_supernode(i, {"partition-id": i, "state-dir": str(tmp / f"node{i}"), **NODE_TRUST}, key=key)
         bad, _ = write_node_key(tmp / "keys" / "bad")
-        intruder = lb.start_supernode(4, {"partition-id": 0}, key=bad, name="bad")
+        intruder = lb.start_supernode(4, {"partition-id": 0, **NODE_TRUST}, key=bad, name="bad")
         lb.submit({"config": str(settings), "output-dir": str(out["run_dir"])})
         out["intruder_exit"] = intruder.wait(timeout=120)
         out["intruder_log"] = lb.tail("bad")
         wait_for_file(out["run_dir"] / "summary.md", 900, alive=lb)
         out["nodes"] = json.loads(lb.flwr("supernode", "list", "loopback", "--format", "json").stdout)["nodes"]
+        out["worker_logs"] = [(lb.root / f"supernode{i}.log").read_text() for i in range(len(TASKS))]
     return out
 
 
@@ -292,6 +296,14 @@ def test_loopback_deployment_4_supernodes_fedlease_gives_the_local_numbers(tls_d
     assert_wire_is_upload_only(run_dir, set(tiny_backbone.model.state_dict()))
 
 
+def test_each_supernode_keeps_one_clientapp_process_with_the_model_loaded(tls_deployment):
+    """--isolation process + the fedpeft worker: every message of a node ran in one process, which
+    loaded the backbone once (query, then 2 fits and 2 evaluations)."""
+    for text in tls_deployment["worker_logs"]:
+        assert text.count("loaded backbone") == 1, text[-2000:]
+        assert text.count(": completed in") == 5, text[-2000:]
+
+
 def test_tls_and_supernode_authentication_refuse_an_unregistered_node(tls_deployment):
     assert "insecure" not in tls_deployment["superlink_log"].lower()
     assert tls_deployment["intruder_exit"] != 0  # refused: not registered
@@ -300,9 +312,9 @@ def test_tls_and_supernode_authentication_refuse_an_unregistered_node(tls_deploy
 
 
 def test_loopback_killed_supernode_round_completes_and_is_logged(tmp_path):
-    """SIGKILL a SuperNode once it joined (plain gRPC, no TLS here). Its node heartbeat is 10 s, so
-    the SuperLink fails its messages within 20 s of the kill; the round timeout stays long enough for
-    the live client on a loaded machine."""
+    """SIGKILL a SuperNode once it joined (plain gRPC, no TLS here; Flower's default isolation, a
+    ClientApp process per message). Its node heartbeat is 10 s, so the SuperLink fails its messages
+    within 20 s of the kill; the round timeout stays long enough for the live client on a loaded machine."""
     from flower_loopback import Loopback, wait_for_file
 
     settings = _settings_file(tmp_path / "run.toml", method="fedit", tasks=TASKS[:2], round_timeout=120.0)
@@ -310,7 +322,7 @@ def test_loopback_killed_supernode_round_completes_and_is_logged(tmp_path):
     with Loopback(tmp_path / "deploy") as lb:
         lb.start_superlink()
         for i in range(2):
-            lb.start_supernode(i, {"partition-id": i}, heartbeat=10)
+            lb.start_supernode(i, {"partition-id": i, **NODE_TRUST}, heartbeat=10, isolation="subprocess")
         lb.submit({"config": str(settings), "output-dir": str(run_dir)})
         log = run_dir / "training_log.txt"
         deadline = time.time() + 300
@@ -330,50 +342,12 @@ def test_loopback_killed_supernode_round_completes_and_is_logged(tmp_path):
 
 
 # ------------------------------------------------------------ the server loop on an in-process grid (fast)
-class InProcessGrid:
-    """A Flower Grid whose nodes run the fedpeft ClientApp handler in this process; nodes can go
-    down (no reply, as a killed SuperNode) or come back under a new node id (a restarted SuperNode)."""
+class InProcessGrid(hostile.InProcessGrid):
+    """The real ClientApp handler in this process, every node trusting the tiny test model's factory
+    (tests/flower_hostile.py: nodes go down, come back, fail or lie)."""
 
-    def __init__(self, n, state_root):
-        from flwr.supercore.task_identity import TaskIdentity
-
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # what a ServerApp process has
-        self.nodes = {}  # node id → Context
-        self.state_root = state_root
-        for pid in range(n):
-            self.add(1000 + pid, pid)
-        self.down = set()
-        self.fail_at = {}  # (stage, round, node) → exception
-
-    def add(self, node, pid):
-        from flwr.app import Context, RecordDict
-
-        self.nodes[node] = Context(run_id=1, node_id=node, node_config={"partition-id": pid}, state=RecordDict(),
-                                   run_config={})
-
-    def get_node_ids(self):
-        return [n for n in self.nodes if n not in self.down]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error, Message as FlowerMessage
-
-        from fedpeft.engines.flower.client import handle
-        from fedpeft.engines.flower.records import control_of
-        from fedpeft.run.flower import node_setup
-
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if node in self.down:
-                continue
-            ctl = control_of(msg.content)
-            try:
-                if (ctl["stage"], ctl.get("round"), node) in self.fail_at:
-                    raise self.fail_at[(ctl["stage"], ctl.get("round"), node)]
-                out.append(handle(msg, self.nodes[node], node_setup))
-            except Exception as exc:
-                out.append(FlowerMessage(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-        return out
+    def __init__(self, n, state_root=None):
+        super().__init__(n, NODE_TRUST)
 
 
 def _serve(tmp_path, grid, backbone, **over):
@@ -464,7 +438,7 @@ def test_fedpeft_flower_commands_write_valid_files(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
     assert main(["flower", "connection", "lab", "10.0.0.5:9093", "--root-certificates",
                  str(tmp_path / "certs" / "ca.crt")]) == 0
-    assert main(["flower", "connection", "loop", "127.0.0.1:9093"]) == 0
+    assert main(["flower", "connection", "loop", "127.0.0.1:9093", "--insecure"]) == 0
     import tomllib
 
     links = tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"]
@@ -498,7 +472,7 @@ def test_loopback_server_stopped_and_resumed_gives_the_local_numbers(tmp_path):
     with Loopback(tmp_path / "deploy") as lb:
         lb.start_superlink()
         for i in range(3):
-            lb.start_supernode(i, {"partition-id": i, "state-dir": str(tmp_path / f"state{i}")})
+            lb.start_supernode(i, {"partition-id": i, "state-dir": str(tmp_path / f"state{i}"), **NODE_TRUST})
         run_id = lb.submit({"config": str(settings), "output-dir": str(run_dir)})
         log = run_dir / "training_log.txt"
         deadline = time.time() + 600
@@ -512,3 +486,285 @@ def test_loopback_server_stopped_and_resumed_gives_the_local_numbers(tmp_path):
         wait_for_file(run_dir / "summary.md", 900, alive=lb)
     assert "resuming after round 2 of 3" in log.read_text()
     assert_same_metrics(local, run_dir)
+
+
+# ------------------------------------------------------------ hostile SuperNodes (in-process grid, real records)
+HOSTILE_SETTINGS = dict(method="fedit", global_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def hostile_references(tmp_path_factory, tiny_backbone):
+    """One reference run per (stage, settings): the hostile client simply missing from that step."""
+    cache = {}
+
+    def get(case):
+        stage, _, extra = hostile.CASES[case]
+        key = (stage, tuple(sorted(extra.items())))
+        if key not in cache:
+            settings = _settings(**HOSTILE_SETTINGS, **extra)
+            cache[key] = hostile.serve_on(hostile.reference_grid(case, len(TASKS), NODE_TRUST), settings,
+                                          tmp_path_factory.mktemp("ref") / "run", tiny_backbone)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(hostile.CASES))
+def test_hostile_reply_is_rejected_and_the_run_ends_with_the_honest_result(case, hostile_references, tmp_path,
+                                                                           tiny_backbone):
+    """Each hand-made hostile reply (through Flower's records, as a SuperNode would send it) is
+    rejected and recorded; the run completes and every record equals the run where that client
+    was simply missing."""
+    result = hostile.run_case(case, _settings(**HOSTILE_SETTINGS), tmp_path, NODE_TRUST, tiny_backbone,
+                              hostile_references(case))
+    assert result["error"] is None, result["error"]
+    assert result["rejected"], "no rejected_reply / rejected_node event"
+    assert result["lost"] == 0
+    stage = hostile.CASES[case][0]
+    event = result["rejected"][0]
+    if stage == "query":
+        assert event["kind"] == "rejected_node" and event["node"] == hostile.STRANGER
+        expected = {"wrong partition id (another client's)": "claims partition-id 2, which node 1002 holds",
+                    "wrong partition id (out of range)": "claims partition-id 99",
+                    "wrong task and label count": "the run gives client 3 'demo-topic'"}[case]
+        assert expected in event["reason"], event["reason"]
+    else:
+        assert (event["kind"], event["round"], event["client"], event.get("stage", "fit")) == (
+            "rejected_reply", hostile.HOSTILE_ROUND, hostile.HOSTILE_CLIENT, stage)
+
+
+# ------------------------------------------------------------ robust aggregation (Yin et al. 2018)
+@pytest.mark.parametrize("robust", ["median", "trimmed-mean"])
+def test_one_scaled_update_moves_the_robust_aggregate_less_than_the_mean(tiny_cfg, tiny_backbone, robust):
+    """Five honest FedIT uploads and one scaled by 1000, through the records: the coordinate-wise
+    median / trimmed mean stays near the honest aggregate, the weighted mean is dragged away."""
+    from fedpeft.algorithms.fedit import LORA_PREFIX
+    from fedpeft.run.assemble import build_algorithm
+    from fedpeft.run.federation import prepare_clients
+
+    shifts = {}
+    for how in ("mean", robust):
+        cfg = tiny_cfg(aggregation=how, trim_fraction=0.2, tasks=["demo-sentiment"] * 6)
+        infos, _ = prepare_clients(cfg, tiny_backbone.tokenizer)
+        alg = build_algorithm(cfg, tiny_backbone, infos)
+        gen = torch.Generator().manual_seed(0)
+        state = alg.init()
+        honest = {cid: {LORA_PREFIX + k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in state["lora"].items()}
+                  for cid in range(6)}
+        replies = {cid: from_records(to_records(Message(t, {"num_examples": 24}))) for cid, t in honest.items()}
+        clean = alg.aggregate({**state, "lora": dict(state["lora"])}, 1, {c: r for c, r in replies.items() if c != 5})
+        clean = {k: v.clone() for k, v in clean["lora"].items()}
+        replies[5] = from_records(to_records(Message({k: 1000 * v for k, v in honest[5].items()}, {"num_examples": 24})))
+        attacked = alg.aggregate({**alg.init(), "lora": dict(alg.init()["lora"])}, 1, replies)["lora"]
+        shifts[how] = max(float((attacked[k] - clean[k]).abs().max()) for k in clean)
+    assert shifts[robust] < shifts["mean"] / 50, shifts
+
+
+def test_robust_aggregates_on_plain_tensors():
+    from fedpeft.algorithms.tensors import aggregate_states, coordinate_median, trimmed_mean
+
+    states = [{"w": torch.tensor([float(v), -float(v)])} for v in (1, 2, 3, 4, 1000)]
+    assert torch.equal(coordinate_median(states)["w"], torch.tensor([3.0, -3.0]))
+    assert torch.allclose(trimmed_mean(states, 0.2)["w"], torch.tensor([3.0, -3.0]))
+    assert torch.equal(coordinate_median(states[:4])["w"], torch.tensor([2.5, -2.5]))  # even count: middle two
+    assert torch.allclose(aggregate_states(states, [1] * 5, "mean")["w"], torch.tensor([202.0, -202.0]))
+    with pytest.raises(ValueError):
+        trimmed_mean(states, 0.5)
+
+
+# ------------------------------------------------------------ fuzzing the reply decoding
+def _schema_for_fuzz():
+    from fedpeft.algorithms.base import ClientInfo
+    from fedpeft.engines.flower import schema
+
+    return schema.ReplySchema(client=ClientInfo(0, "demo-sentiment", 2, 24), dtypes=frozenset({"float32"}),
+                              heads={"head.out_proj.weight": ((2, 16), "float32")}, max_numel=4096,
+                              max_reply_bytes=1 << 20)
+
+
+def test_fuzzed_replies_give_a_message_or_a_rejection_never_another_exception():
+    """Any records a node can put in a reply, decoded by the server's checks: a Message (or metrics,
+    or ClientInfo) or `Rejected`; nothing else escapes."""
+    hyp = pytest.importorskip("hypothesis")
+    import io
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from hypothesis import strategies as st
+
+    from fedpeft.engines.flower import schema
+
+    names = st.one_of(st.sampled_from(["tensors", "tensor_index", "config", "metrics", "fedpeft", "packed", "index",
+                                       "num_examples", "json:train_loss", "json:x", "client", "accuracy", "task",
+                                       "client_id", "num_labels", "train_loss"]), st.text(max_size=12))
+    finite_or_not = st.floats(allow_nan=True, allow_infinity=True)
+    tensor_names = st.one_of(st.sampled_from(["head.out_proj.weight", "head.out_proj.bias", "lora.a", "lora.a"]),
+                             st.text(max_size=8))
+    dims = st.one_of(st.integers(0, 20), st.integers(-3, 2 ** 45), st.floats(), st.text(max_size=2), st.booleans())
+    entry = st.one_of(st.tuples(tensor_names, st.sampled_from(["float32", "float64", "bfloat16", "int64", "bool", "x"]),
+                                st.lists(dims, max_size=4)).map(list),
+                      st.lists(st.one_of(st.integers(), st.text(max_size=4)), max_size=4))
+    index_text = st.one_of(st.lists(entry, max_size=4).map(json.dumps), st.text(max_size=40),
+                           st.sampled_from(["[", "{}", "null", "[[" * 3000]))
+    scalars = st.one_of(st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1), finite_or_not, st.booleans(),
+                        st.text(max_size=30), st.binary(max_size=30), index_text,
+                        st.sampled_from(["{not json", "null", "[1e999]", '{"a": [1, 2]}', "1" * 5000, "[" * 2000]))
+    config_values = st.one_of(scalars, st.lists(st.integers(min_value=-5, max_value=5), max_size=4))
+
+    @st.composite
+    def arrays(draw):
+        if draw(st.booleans()):  # a real .npy payload (the packed bytes), maybe cut or relabelled
+            dtype = draw(st.sampled_from(["uint8", "uint8", "float32", "int64", "<U3"]))
+            shape = tuple(draw(st.lists(st.integers(0, 40), min_size=1, max_size=2)))
+            buf = io.BytesIO()
+            np.save(buf, np.frombuffer(draw(st.binary(min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))),
+                                       dtype="uint8").reshape(shape).astype(dtype), allow_pickle=False)
+            data = buf.getvalue()
+            if draw(st.booleans()):
+                data = data[: draw(st.integers(0, len(data)))]
+            dtype = draw(st.one_of(st.just(dtype), st.sampled_from(["uint8", "x", ""])))
+            shape = draw(st.one_of(st.just(shape), st.lists(st.integers(-3, 10 ** 6), max_size=2).map(tuple)))
+        else:
+            dtype = draw(st.sampled_from(["uint8", "float32", "foo"]))
+            shape = tuple(draw(st.lists(st.integers(-3, 64), max_size=2)))
+            data = draw(st.binary(max_size=200))
+        stype = draw(st.sampled_from(["numpy.ndarray", "numpy.ndarray", "torch.Tensor", ""]))
+        return Array(dtype=dtype, shape=shape, stype=stype, data=data)
+
+    @st.composite
+    def records(draw):
+        kind = draw(st.sampled_from(["array", "config", "metric", "index"]))
+        try:
+            if kind == "array":
+                return ArrayRecord(draw(st.dictionaries(st.one_of(st.just("packed"), names), arrays(), max_size=2)))
+            if kind == "index":
+                return ConfigRecord(draw(st.dictionaries(st.one_of(st.just("index"), names), index_text,
+                                                         min_size=1, max_size=2)))
+            if kind == "config":
+                return ConfigRecord(draw(st.dictionaries(names, config_values, max_size=5)))
+            return MetricRecord(draw(st.dictionaries(names, st.one_of(finite_or_not, st.integers(-10, 10)), max_size=4)))
+        except Exception:  # a record Flower itself would not build (nor deserialise) is no input
+            hyp.assume(False)
+
+    @st.composite
+    def contents(draw):
+        if draw(st.integers(0, 9)) == 0:
+            return draw(st.sampled_from([None, {}, [], "tensors", RecordDict()]))
+        chosen = draw(st.dictionaries(names, records(), max_size=3))
+        if draw(st.booleans()):  # the shape of an honest reply, with hostile contents
+            chosen.update({"tensors": draw(records()), "tensor_index": draw(records()), "config": draw(records())})
+        return RecordDict(chosen)
+
+    sch = _schema_for_fuzz()
+    real = to_records(Message({"head.out_proj.weight": torch.randn(2, 16), "lora.a": torch.randn(3)},
+                              {"num_examples": 3}))
+    assert schema.check_fit(real, sch).tensors.keys() == {"head.out_proj.weight", "lora.a"}  # the honest shape passes
+
+    @hyp.settings(max_examples=200, deadline=None, suppress_health_check=list(hyp.HealthCheck))
+    @hyp.given(contents())
+    def check(content):
+        for fn in (lambda c: schema.check_fit(c, sch), schema.check_metrics,
+                   lambda c: schema.check_query(c, 7, 4, lambda cid: ("demo-sentiment", 2, 24))):
+            try:
+                fn(content)
+            except schema.Rejected:
+                pass
+
+    check()
+
+
+# ------------------------------------------------------------ deployment helpers refuse to clobber keys
+def test_keys_are_never_overwritten_without_force_and_private_keys_are_0600_from_the_start(tmp_path, monkeypatch,
+                                                                                            capsys):
+    import os
+    import stat
+
+    from fedpeft.cli import main
+    from fedpeft.engines.flower import deploy
+    from fedpeft.errors import FedPeftError
+
+    created = []
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, *a, **k):  # the mode a key file is created with, before any byte
+        if flags & os.O_CREAT:
+            created.append((str(path), mode))
+        return real_open(path, flags, mode, *a, **k)
+
+    monkeypatch.setattr(os, "open", spy)
+    old_umask = os.umask(0)  # even with a permissive umask
+    try:
+        priv, pub = deploy.write_node_key(tmp_path / "k" / "n0")
+        certs = deploy.write_certificates(tmp_path / "certs")
+    finally:
+        os.umask(old_umask)
+    modes = dict(created)
+    assert modes[str(priv)] == 0o600 and modes[str(certs["key"])] == 0o600
+    assert stat.S_IMODE(priv.stat().st_mode) == 0o600 and stat.S_IMODE(certs["key"].stat().st_mode) == 0o600
+    before = priv.read_bytes()
+    with pytest.raises(FedPeftError, match="--force"):
+        deploy.write_node_key(priv)
+    with pytest.raises(FedPeftError, match="--force"):
+        deploy.write_certificates(tmp_path / "certs")
+    assert priv.read_bytes() == before
+    assert main(["flower", "node-key", str(priv)]) == 2  # one line, exit 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main(["flower", "node-key", str(priv), "--force"]) == 0 and priv.read_bytes() != before
+    assert stat.S_IMODE(priv.stat().st_mode) == 0o600
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    assert main(["flower", "connection", "lab", "10.0.0.5:9093"]) == 2
+    assert "--insecure" in capsys.readouterr().err
+    assert main(["flower", "connection", "lab", "127.0.0.1:9093", "--insecure"]) == 0
+    assert "INSECURE" in capsys.readouterr().err
+
+
+def test_client_paths_are_the_nodes_own(tmp_path):
+    """The store folder is the node's state-dir (over the ClientApp's default), named by a hash of the run
+    key: a server-sent key such as '../../etc' never becomes a path."""
+    from fedpeft.engines.flower.client import _state_dir
+
+    d = _state_dir({"state-dir": str(tmp_path / "node")}, str(tmp_path / "default"), "../../etc/x")
+    assert d.parent == tmp_path / "node" and d.name.startswith("run-") and ".." not in d.name
+    assert _state_dir({}, str(tmp_path / "default"), "k").parent == tmp_path / "default"
+    assert _state_dir({}, None, "k") is None
+
+
+def test_a_deployed_node_refuses_a_model_factory_its_operator_did_not_allow():
+    from fedpeft.config import RunConfig
+    from fedpeft.errors import FedPeftError
+    from fedpeft.run.flower import node_config_of
+
+    cfg = RunConfig(**_settings()).to_dict()
+    with pytest.raises(FedPeftError, match="allow-model-factories"):
+        node_config_of(cfg, {"partition-id": 0})
+    with pytest.raises(FedPeftError, match="allow-model-factories"):
+        node_config_of(cfg, {"partition-id": 0, "allow-model-factories": "other:thing"})
+    assert node_config_of(cfg, {"partition-id": 0, **NODE_TRUST}).model_name == "tiny_models:tiny_bert"
+    assert node_config_of(cfg, {"partition-id": 0}, simulated=True).model_name == "tiny_models:tiny_bert"
+
+
+def test_exchange_pulls_replies_early_and_stops_at_the_timeout():
+    """The server's push/pull loop: replies that arrive after a few pulls are taken without Flower's
+    fixed 3-s wait; a reply that never comes ends the wait at the timeout."""
+    from types import SimpleNamespace
+
+    from fedpeft.engines.flower.server import exchange
+
+    class Grid:
+        def __init__(self):
+            self.pulls = 0
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            ready = ["m0"] if self.pulls >= 3 and "m0" in ids else []
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
+
+    t0 = time.time()
+    got = exchange(Grid(), [object()], timeout=30)
+    assert len(got) == 1 and time.time() - t0 < 1.0
+    t0 = time.time()
+    got = exchange(Grid(), [object(), object()], timeout=1.5)
+    assert len(got) == 1 and 1.4 < time.time() - t0 < 3.0

@@ -117,6 +117,8 @@ def test_only_new_tokens_are_decoded_and_cut_at_eos(backbone):
     a, b = tok("hi", add_special_tokens=False)["input_ids"], tok("yo", add_special_tokens=False)["input_ids"]
 
     class FakeLM:
+        device = torch.device("cpu")  # a transformers model's property: where its weights are
+
         def eval(self):
             return self
 

@@ -14,7 +14,8 @@ def test_fedit_on_real_sst2_mrpc_beats_majority(tmp_path):
     data_dir = data_dir_or_skip()
     cfg = RunConfig(method="fedit", tasks=["sst2", "sst2", "mrpc", "mrpc"], model_name="minilm",
                     data_dir=data_dir, train_samples=160, test_samples=100, global_rounds=2, local_epochs=2,
-                    lr=3e-3, batch_size=16, max_length=96, quiet=True, output_dir=str(tmp_path / "run"))
+                    lr=3e-3, batch_size=16, max_length=96, quiet=True, device="cpu", precision="fp32",
+                    output_dir=str(tmp_path / "run"))
     result = run(cfg)
     last = result.headline
     # Test sets are class-balanced, so the majority-class rate is 0.5 on every client.
@@ -43,7 +44,7 @@ def test_fedlease_on_real_data_recovers_tasks_and_exports_to_peft(tmp_path):
     cfg = RunConfig(method="fedlease", tasks=["sst2", "sst2", "mrpc", "mrpc"], model_name="minilm",
                     data_dir=data_dir, train_samples=200, test_samples=64, warmup_rounds=3, global_rounds=4,
                     local_epochs=2, lr=3e-3, batch_size=32, max_length=96, head_policy="frozen", quiet=True,
-                    output_dir=str(tmp_path / "run"))
+                    device="cpu", precision="fp32", output_dir=str(tmp_path / "run"))
     result = run(cfg)
     client_map = json.loads((result.run_dir / "lora_client_map_round_3.json").read_text())
     # The clustering recovers the task groups: SST-2 clients together, MRPC clients together.

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Bottom to top. A module may import from its own layer or any layer below it, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("fedpeft.errors", "fedpeft.seeding", "fedpeft.hub", "fedpeft.figures", "fedpeft.methods",
+    ("foundation", ("fedpeft.errors", "fedpeft.atomic", "fedpeft.seeding", "fedpeft.hub", "fedpeft.figures", "fedpeft.methods",
                     "fedpeft.hardware")),
     ("data", ("fedpeft.data", "fedpeft.metrics", "fedpeft.nlg_metrics")),
     ("models", ("fedpeft.models",)),

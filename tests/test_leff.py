@@ -288,7 +288,7 @@ def test_distillation_ignores_proxy_labels_and_reduces_the_loss(bb4):
 def test_students_are_cached_per_round_and_segment(leff_cfg, bb4):
     alg, _ = bound(leff_cfg(sampling="round_robin", tasks=["demo-sentiment"] * 2), bb4)
     state = alg.init()
-    msgs = alg.configure(state, 2)  # round 2: every client's block is start 1, so prefix [0] and suffix [2, 3]
+    msgs = alg.configure(state, 2, list(range(len(alg.federation))))  # round 2: every client's block is start 1, so prefix [0] and suffix [2, 3]
     assert [m.config["block_start"] for m in msgs.values()] == [1, 1]
     segments = [tuple(d["segment"]) for d in state["round_info"][2]["distilled"]]
     assert sorted(segments) == [(0, 0), (2, 3)]  # each distinct segment distilled once
@@ -307,7 +307,7 @@ def test_client_trains_its_block_through_the_frozen_students(leff_cfg, bb4, budg
     n_starts = L - budget + 1
     alg.cfg.sampling = "round_robin"
     rnd = start + 1 + n_starts  # round_robin picks start (rnd - 1) mod n_blocks
-    msg = alg.configure(state, rnd)[0]
+    msg = alg.configure(state, rnd, list(range(len(alg.federation))))[0]
     assert msg.config["block_start"] == start
     emb_before = {n: p.detach().clone() for n, p in alg.runtime.extra["embeddings"].named_parameters()}
     reply = alg.fit(msg, clients[0])
@@ -356,7 +356,7 @@ def test_a_round_leaves_untrained_layers_bitwise_and_averages_the_head_over_all(
     alg, clients = bound(leff_cfg(tasks=["demo-sentiment"] * 2, sampling="round_robin"), bb4)
     state = alg.init()
     before = {l: {n: t.clone() for n, t in b.items()} for l, b in state["blocks"].items()}
-    msgs = alg.configure(state, 1)  # both clients: block 0
+    msgs = alg.configure(state, 1, list(range(len(alg.federation))))  # both clients: block 0
     replies = {c.cid: alg.fit(msgs[c.cid], c) for c in clients}
     state = alg.aggregate(state, 1, replies)
     for l in range(1, L):
@@ -419,7 +419,7 @@ def test_bytes_match_the_closed_form(leff_cfg, bb4, start):
     p_emb = sum(p.numel() for p in alg.runtime.extra["embeddings"].parameters())
     m_pre, m_suf = math.ceil(start * r), math.ceil((L - start - b) * r)
     for rnd, first in ((start + 1, True), (start + 1 + L, False)):
-        msgs = alg.configure(state, rnd)
+        msgs = alg.configure(state, rnd, list(range(len(alg.federation))))
         msg = msgs[0]
         assert msg.config["block_start"] == start
         down = 4 * ((b + m_pre + m_suf) * p_blk + p_head) + (4 * p_emb if first else 0)
@@ -473,14 +473,16 @@ def test_missing_proxy_is_a_clear_error(tmp_path):
 
 
 def test_partial_participation_trains_only_the_sampled_clients(leff_cfg, bb4):
+    from fedpeft.engines.participation import participants
+
     alg, clients = bound(leff_cfg(tasks=["demo-sentiment"] * 4, participation=0.5, global_rounds=3), bb4)
     state = alg.init()
-    msgs = alg.configure(state, 1)
-    part = [cid for cid, m in msgs.items() if m.config["participate"]]
-    assert len(part) == 2 and part == alg.participants(1)
-    assert all(msgs[c].nbytes == 0 for c in msgs if c not in part)
-    replies = {c.cid: alg.fit(msgs[c.cid], c) for c in clients}
-    assert all(replies[c].nbytes == 0 and not replies[c].config["participated"] for c in replies if c not in part)
+    part = participants(alg.cfg, 4, 1)
+    assert len(part) == 2 and part == participants(alg.cfg, 4, 1)  # ceil(0.5 · 4), the same draw again
+    msgs = alg.configure(state, 1, part)
+    assert sorted(msgs) == part  # blocks are assigned (and students distilled) for the sample only
+    assert sorted(state["assigned"][1]) == part
+    replies = {c: alg.fit(msgs[c], clients[c]) for c in part}
     trained = {l for c in part for l in range(msgs[c].config["block_start"],
                                               msgs[c].config["block_start"] + msgs[c].config["budget"])}
     before = {l: {n: t.clone() for n, t in state["blocks"][l].items()} for l in range(L)}
@@ -542,7 +544,7 @@ def test_deberta_head_set_includes_the_relative_embedding_layernorm(leff_cfg, de
     assert set(alg.aset()) == {"encoder.LayerNorm.weight", "encoder.LayerNorm.bias"}
     assert "encoder.rel_embeddings.weight" in {n for n, _ in alg.runtime.extra["block_owner"][0].named_parameters(prefix="encoder")}
     state = alg.init()
-    msgs = alg.configure(state, 1)
+    msgs = alg.configure(state, 1, list(range(len(alg.federation))))
     replies = {c.cid: alg.fit(msgs[c.cid], c) for c in clients}
     p_blk = sum(p.numel() for p in alg.blocks()[0].parameters())
     p_head = sum(v.numel() for v in state["head_init"][2].values())
@@ -572,7 +574,7 @@ def test_resume_equals_uninterrupted(leff_cfg, bb4, tmp_path):
     kw = dict(layer_budgets=["1", "2"], global_rounds=3)
     full = run(leff_cfg(**kw, output_dir=str(tmp_path / "a")), backbone=bb4)
     run(leff_cfg(**kw, output_dir=str(tmp_path / "c")), backbone=bb4, stop_after=1)
-    resumed = run(leff_cfg(**kw, resume=str(tmp_path / "c")), backbone=bb4)
+    resumed = run(leff_cfg(**kw, output_dir=str(tmp_path / "c"), resume=str(tmp_path / "c")), backbone=bb4)
 
     def summary(res):
         return [(r["round"], r["client"], r.get("accuracy"), r.get("loss"), r["bytes_up"], r["bytes_down"])
@@ -603,7 +605,7 @@ def test_last_update_importance_is_data_free_and_uniform_at_first(leff_cfg, bb4)
     alg, clients = bound(leff_cfg(importance_source="last_update", tasks=["demo-sentiment"] * 2), bb4)
     alg.importance = None  # must not be called: no server batch is used
     state = alg.init()
-    msgs = alg.configure(state, 1)
+    msgs = alg.configure(state, 1, list(range(len(alg.federation))))
     assert state["round_info"][1]["importance"] is None
     assert all(np.allclose(p, 1 / len(p)) for p in state["round_info"][1]["block_probabilities"].values())
     state = alg.aggregate(state, 1, {c.cid: alg.fit(msgs[c.cid], c) for c in clients})
@@ -612,5 +614,5 @@ def test_last_update_importance_is_data_free_and_uniform_at_first(leff_cfg, bb4)
     assert len(scores) == L and all((scores[l] > 0) == (l in trained) for l in range(L))
     g = {0: {"w": torch.tensor([1.0, 2.0])}}
     assert update_importance(g, {0: {"w": torch.tensor([1.5, 2.0])}}, 0.5) == [pytest.approx((1.0 * 1.5) ** 2)]
-    alg.configure(state, 2)
+    alg.configure(state, 2, list(range(len(alg.federation))))
     assert state["round_info"][2]["importance"] == scores

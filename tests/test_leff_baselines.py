@@ -98,7 +98,7 @@ def make(tiny_cfg, bb3):
 
 
 def one_round(alg, clients, rnd, state):
-    msgs = alg.configure(state, rnd)
+    msgs = alg.configure(state, rnd, list(range(len(alg.federation))))
     before = {n: p.detach().clone() for n, p in alg.runtime.model.named_parameters()}
     replies = {c.cid: alg.fit(msgs[c.cid], c) for c in clients}
     return msgs, replies, before
@@ -107,7 +107,7 @@ def one_round(alg, clients, rnd, state):
 def test_fedbitfit_trains_and_sends_biases_and_classifier_only(make):
     alg, clients = make("fedbitfit")
     state = alg.init()
-    msgs = alg.configure(state, 1)
+    msgs = alg.configure(state, 1, list(range(len(alg.federation))))
     alg.load_for_eval(msgs[0], clients[0])
     frozen = {n: p.detach().clone() for n, p in alg.runtime.model.named_parameters()}
     reply = alg.fit(msgs[0], clients[0])
@@ -136,7 +136,7 @@ def test_fedlora_puts_lora_on_every_block_linear_and_averages_the_classifier(mak
     assert {k for k in replies[0].tensors if k.startswith("head.")} == {"head.out_proj.weight", "head.out_proj.bias"}
     assert "head.dense.weight" in msgs[0].tensors  # the frozen pooler goes down once
     state = alg.aggregate(state, 1, replies)
-    assert "head.dense.weight" not in alg.configure(state, 2)[0].tensors
+    assert "head.dense.weight" not in alg.configure(state, 2, list(range(len(alg.federation))))[0].tensors
     n = [len(c.train) for c in clients]
     for key in ("head.out_proj.weight",):
         expected = (replies[0].tensors[key].double() * n[0] + replies[1].tensors[key].double() * n[1]) / sum(n)
@@ -172,7 +172,7 @@ def test_slora_stages(make):
     state = alg.aggregate(state, 2, replies)  # the last stage-1 round: the transition runs
     assert all(float(v.abs().sum()) == 0.0 for v in state["sparse"].values())  # W reset to W_0
     assert any(float(v.abs().sum()) > 0 for k, v in state["lora"].items() if k.endswith(".B"))
-    msgs = alg.configure(state, 3)
+    msgs = alg.configure(state, 3, list(range(len(alg.federation))))
     assert not any(k.startswith("sparse.") for k in msgs[0].tensors)
     reply = alg.fit(msgs[0], clients[0])
     assert {k for k in reply.tensors if k.startswith("lora.")} == {"lora." + k for k in state["lora"]}

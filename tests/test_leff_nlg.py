@@ -97,7 +97,8 @@ def nlg_cfg(tmp_path, data_root):
                     partition="dirichlet_cut", alpha=1.0, train_samples=16, test_samples=3, global_rounds=2,
                     batch_size=4, eval_batch_size=8, max_length=48, max_new_tokens=6, proxy_dataset="webnlg",
                     distill_steps=2, distill_examples=40, distill_batch_size=8, importance_examples=12,
-                    layer_budgets=["1"], lr=1e-3, rank=4, quiet=True, output_dir=str(tmp_path / "run"))
+                    layer_budgets=["1"], lr=1e-3, rank=4, quiet=True, device="cpu", precision="fp32",
+                    output_dir=str(tmp_path / "run"))
         base.update(kw)
         return RunConfig(**base).validate()
 
@@ -343,7 +344,7 @@ def test_rate_one_client_model_equals_the_global_model(nlg_cfg, decoder, k):
 def test_client_trains_its_block_through_the_frozen_students(nlg_cfg, decoder, budgets, start):
     alg, clients = bound(nlg_cfg(layer_budgets=budgets, sampling="round_robin", global_rounds=20), decoder)
     state = alg.init()
-    msgs = alg.configure(state, start + 1)
+    msgs = alg.configure(state, start + 1, list(range(len(alg.federation))))
     msg = msgs[0]
     b = msg.config["budget"]
     assert msg.config["block_start"] == start
@@ -368,7 +369,7 @@ def test_a_round_leaves_untrained_layers_bitwise(nlg_cfg, gpt2):
     alg, clients = bound(nlg_cfg(sampling="round_robin"), gpt2)
     state = alg.init()
     old = {l: {n: t.clone() for n, t in blk.items()} for l, blk in state["blocks"].items()}
-    msgs = alg.configure(state, 1)  # round robin: every client trains block 0
+    msgs = alg.configure(state, 1, list(range(len(alg.federation))))  # round robin: every client trains block 0
     replies = {c.cid: alg.fit(msgs[c.cid], c) for c in clients}
     state = alg.aggregate(state, 1, replies)
     for l in range(1, L):
@@ -392,7 +393,7 @@ def test_decoder_bytes_match_the_closed_form(nlg_cfg, gpt2, start):
     assert sum(p.numel() for p in alg.runtime.extra["emb_params"].values()) == p_emb
     m_pre, m_suf = math.ceil(start * 0.5), math.ceil((L - start - 1) * 0.5)
     for rnd, first in ((start + 1, True), (start + 1 + L, False)):
-        msgs = alg.configure(state, rnd)
+        msgs = alg.configure(state, rnd, list(range(len(alg.federation))))
         assert msgs[0].config["block_start"] == start
         assert msgs[0].nbytes == 4 * ((1 + m_pre + m_suf) * p_blk + p_aset) + (4 * p_emb if first else 0)
         replies = {c.cid: alg.fit(msgs[c.cid], c) for c in clients}
@@ -438,9 +439,9 @@ def test_leff_evaluates_the_global_model_not_the_client_model(nlg_cfg, gpt2):
     """Every client is scored with Θ_g: the same generations whichever client asks."""
     alg, clients = bound(nlg_cfg(), gpt2)
     state = alg.init()
-    msgs = alg.configure(state, 1)
+    msgs = alg.configure(state, 1, list(range(len(alg.federation))))
     alg.fit(msgs[0], clients[0])  # leaves a client's blocks in the runtime
-    alg.load_for_eval(alg.configure_evaluate(state, 1, msgs)[1], clients[1])
+    alg.load_for_eval(alg.configure_evaluate(state, 1, list(range(len(alg.federation))), msgs)[1], clients[1])
     batch = texts_batch(gpt2.tokenizer, TEXTS)
     got = alg.runtime.model.full_logits(**batch)
     ref_alg, _ = bound(nlg_cfg(), gpt2)
@@ -517,7 +518,7 @@ def test_fedbitfit_on_decoders(nlg_cfg, gpt2, llama):
     per_block = 3 * 32 + 32 + 4 * 32 + 32 + 32 + 32  # c_attn, attn.c_proj, c_fc, mlp.c_proj, ln_1, ln_2
     assert alg.trained_numel(1) == L * per_block + 32
     state = alg.init()
-    msgs = alg.configure(state, 1)
+    msgs = alg.configure(state, 1, list(range(len(alg.federation))))
     reply = alg.fit(msgs[0], clients[0])
     assert set(reply.tensors) == {"bias." + n for n in names}
     with pytest.raises(FedPeftError, match="has none \\(Llama-style models have no biases\\)"):

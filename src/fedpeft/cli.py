@@ -13,10 +13,30 @@ import sys
 from pathlib import Path
 
 from fedpeft.config import RunConfig, field_help, read_settings
-from fedpeft.errors import FedPeftError
+from fedpeft.errors import FedPeftError, RunFailed
 
-GROUP_TITLES = {"run": "what to run", "data": "data", "training": "local training", "model": "model, LoRA and head",
-                "generation": "decoders and generation", "fedlease": "FedLEASE", "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine", "output": "output"}
+GROUP_TITLES = {"run": "what to run", "data": "data", "dataset": "your own data (--dataset: a file or a hub dataset)",
+                "federation": "who takes part: clients, sampling, scoring",
+                "training": "local training", "model": "model, LoRA and head",
+                "generation": "decoders and generation", "chat": "chat models and instruction data", "fedlease": "FedLEASE",
+                "leff": "LEFF and its baselines", "baselines": "baselines", "flower": "Flower engine",
+                "privacy": "differential privacy", "tracking": "experiment tracking", "output": "output"}
+
+
+class UsageError(Exception):
+    """An argparse mistake, reported as one line by `main` (argparse would print the whole usage)."""
+
+    def __init__(self, message: str, prog: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line naming the command's --help instead of its full usage
+    (`fedpeft run`'s usage alone is ~50 lines)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(" ".join(message.split()), self.prog)
 
 
 def _type_of(f: dataclasses.Field):
@@ -63,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedpeft.bench.suites import SUITES
 
     _SUITES = ", ".join(SUITES)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fedpeft", description="Federated parameter-efficient fine-tuning: FedLEASE, LEFF and their baselines.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="train and evaluate a federation",
@@ -76,11 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress output")
     report = sub.add_parser("report", help="print the summary of a finished or stopped run")
     report.add_argument("run_dir", help="a run folder")
-    export = sub.add_parser("export", help="write a run's adapters as standard PEFT LoRA folders",
-                            description="Write every FedLEASE expert (or the global LoRA) as a PEFT adapter "
-                                        "that peft.PeftModel.from_pretrained loads, with routers and heads beside them.")
+    export = sub.add_parser("export", help="write a run's adapters as standard PEFT LoRA folders, with a model card",
+                            description="Write the adapters the clients use (every FedLEASE expert, the global LoRA, "
+                                        "each FedSA-LoRA client's A and B, FedDPA's global and local LoRAs, ...) as "
+                                        "PEFT adapters that peft.PeftModel.from_pretrained loads, with routers and heads "
+                                        "beside them, manifest.json and a model card (README.md).")
     export.add_argument("run_dir", help="a run folder")
     export.add_argument("--out", default=None, help="destination (default: RUN_DIR/export)")
+    export.add_argument("--merge", action="store_true",
+                        help="also fold the one adapter into the base weights and save merged/, a plain transformers "
+                             "folder with the tokenizer (methods whose clients all use one adapter: fedit, ffa-lora, "
+                             "fedprox, fedlora, slora)")
     bench = sub.add_parser("bench", help="run a method matrix on one federation and tabulate it",
                            description="Run a suite's method matrix into OUT/SUITE/LABEL-seedK/ (finished runs "
                                        "are skipped, stopped ones resumed) and write results.md, results.csv "
@@ -101,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: a local QQP folder, else a reachable hub), or force one")
     bench.add_argument("--report-only", action="store_true",
                        help="run nothing: tabulate the finished runs of the matrix and list the others")
+    bench.add_argument("--tracking", choices=("none", "tensorboard", "mlflow"), default=None,
+                       help="log each run as its own run under one experiment named after the suite, in "
+                            "OUT/SUITE/mlflow.db or OUT/SUITE/tensorboard/ (pip install 'fedpeft[tracking]')")
+    bench.add_argument("--tracking-uri", "--tracking_uri", dest="tracking_uri", default=None,
+                       help="mlflow: another tracking URI; tensorboard: another folder for the event folders")
     tune = sub.add_parser("tune", help="choose a setting per method on a validation carve-out (never on test)",
                           description="Run each main method of a suite once per value of one setting, every run "
                                       "scored on a stratified hold-out of each client's training data "
@@ -130,12 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("dir")
     certs.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"],
                        help="names/IPs SuperNodes use to reach the SuperLink (default: 127.0.0.1 localhost)")
-    fsub.add_parser("node-key", help="a SuperNode key pair (PATH, PATH.pub) for SuperNode authentication"
-                    ).add_argument("path")
+    certs.add_argument("--force", action="store_true", help="replace existing certificate and key files")
+    node_key = fsub.add_parser("node-key", help="a SuperNode key pair (PATH, PATH.pub) for SuperNode authentication")
+    node_key.add_argument("path")
+    node_key.add_argument("--force", action="store_true", help="replace an existing key pair")
     conn = fsub.add_parser("connection", help="add a SuperLink connection to $FLWR_HOME/config.toml (default ~/.flwr)")
     conn.add_argument("name")
     conn.add_argument("address", help="HOST:PORT of the SuperLink")
-    conn.add_argument("--root-certificates", default=None, help="the CA file (ca.crt); without it: insecure")
+    conn.add_argument("--root-certificates", default=None, help="the CA file (ca.crt)")
+    conn.add_argument("--insecure", action="store_true",
+                      help="no TLS (127.0.0.1 or a trusted network only): refused unless given when there is no CA")
     return parser
 
 
@@ -147,21 +182,29 @@ def flower_command(args: argparse.Namespace) -> None:
     if args.flower_command == "app":
         print(f"Flower App folder: {deploy.write_app(args.dir)}")
     elif args.flower_command == "certs":
-        for role, path in deploy.write_certificates(args.dir, args.hosts).items():
+        for role, path in deploy.write_certificates(args.dir, args.hosts, force=args.force).items():
             print(f"{role}: {path}")
     elif args.flower_command == "node-key":
-        priv, pub = deploy.write_node_key(args.path)
+        priv, pub = deploy.write_node_key(args.path, force=args.force)
         print(f"private key (keep on the node): {priv}\npublic key (register on the SuperLink): {pub}")
     else:
         home = os.environ.get("FLWR_HOME") or os.path.expanduser("~/.flwr")
-        print(f"connection {args.name!r} in {deploy.write_connection(home, args.name, args.address, root_certificates=args.root_certificates)}")
+        path = deploy.write_connection(home, args.name, args.address, root_certificates=args.root_certificates,
+                                       insecure=args.insecure)
+        if not args.root_certificates:
+            import sys
+
+            print(deploy.INSECURE_WARNING.format(name=args.name, address=args.address), file=sys.stderr)
+        print(f"connection {args.name!r} in {path}")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     settings = read_settings(args.config) if getattr(args, "config", None) else {}
+    if settings:
+        RunConfig.from_dict(settings, source=args.config)  # the file's own mistakes name the file
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    merged = {**{k.replace("-", "_"): v for k, v in settings.items()}, **given}
-    return RunConfig.from_dict(merged, source=args.config or "the command line")
+    merged = {**{k.replace("-", "_") if isinstance(k, str) else k: v for k, v in settings.items()}, **given}
+    return RunConfig.from_dict(merged, source="the command line")
 
 
 def demo_config(args: argparse.Namespace) -> RunConfig:
@@ -181,24 +224,39 @@ def print_summary(run_dir: Path) -> None:
     summary = run_dir / "summary.md"
     if not summary.is_file():
         raise FedPeftError(f"{run_dir} has no summary.md: is it a fedpeft run folder?")
-    print(summary.read_text())
+    print(summary.read_text(errors="replace"))
     print(f"Run folder: {run_dir}  (config.json, training_log.txt, training_history.json, metrics.csv, "
           f"summary.md, learning_curves.png)")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        words = sys.argv[1:] if argv is None else list(argv)
+        commands = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+        prog = exc.prog
+        if prog == "fedpeft" and words and words[0] in commands:  # extra arguments are found by the top parser
+            prog = f"fedpeft {words[0]}"
+        print(f"fedpeft: error: {exc} (see `{prog} --help`)", file=sys.stderr)
+        return 2
     try:
         if args.command == "report":
+            from fedpeft.records.history import read_history
+
             run_dir = Path(args.run_dir)
-            if not (run_dir / "training_history.json").is_file():
-                raise FedPeftError(f"{run_dir} is not a fedpeft run folder (no training_history.json)")
+            history = read_history(run_dir)  # one clear error for a folder that is not a run, or a damaged history
             if not (run_dir / "summary.md").is_file():
-                import json
-
-                from fedpeft.records.history import RunHistory
-
-                RunHistory.from_json(run_dir, json.loads((run_dir / "training_history.json").read_text())).finish()
+                try:
+                    history.finish()
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    raise FedPeftError(f"{run_dir}/training_history.json is not a fedpeft training history "
+                                       f"(no summary can be made of it: {exc!r})") from None
             print_summary(run_dir)
             return 0
         if args.command == "export":
@@ -206,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             from fedpeft.records.history import setup_logging
 
             setup_logging(None, quiet=False)
-            out = export_run(args.run_dir, args.out)
-            print(f"Exported to {out} (manifest.json lists the adapters)")
+            out = export_run(args.run_dir, args.out, merge=args.merge)
+            print(f"Exported to {out} (manifest.json lists the adapters, README.md is the model card)")
             return 0
         if args.command == "flower":
             flower_command(args)
@@ -216,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             from fedpeft.bench.matrix import bench as run_bench
 
             run_bench(_suite(args), args.seeds, args.out, labels=args.methods, data_dir=args.data_dir,
-                      threads=args.threads, report_only=args.report_only)
+                      threads=args.threads, report_only=args.report_only, tracking=args.tracking,
+                      tracking_uri=args.tracking_uri)
             return 0
         if args.command == "tune":
             from fedpeft.bench.tune import parse_values, tune as run_tune
@@ -232,8 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg)
         print_summary(result.run_dir)
         return 0
+    except RunFailed as exc:
+        print(f"fedpeft: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except FedPeftError as exc:
-        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        print(f"fedpeft: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = (f"run the same `fedpeft {args.command}` command again to continue" if args.command in ("bench", "tune")

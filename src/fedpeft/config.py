@@ -2,19 +2,37 @@
 
 The CLI flags and a TOML file both map onto these fields; each field's metadata carries its help
 text and any alias (the official FedLEASE code's underscore names are accepted as they are).
+
+Each field also says what `--resume` may do with it (metadata `resume`):
+- `same` (the default): the setting shapes the run (method, tasks, model, rank, seed, partition,
+  sizes, learning rate, ...). It is part of the fingerprint the checkpoint carries, and a resume
+  that asks for another value refuses and names it, before any work.
+- `free`: where and how fast the run executes, never what it computes (`quiet`, `threads`,
+  `data_dir`, `round_timeout`, `client_cpus`, `client_gpus`): a resume applies a new value and says so.
+- `grow`: `global_rounds` may be raised on resume (train a finished run further), never lowered;
+  the rounds already run are those of a longer run, since no method but SLoRA (whose sparse stage
+  is a fraction of all rounds) schedules by the total.
+- `folder`: not a setting of the run but of this command (`output_dir`, `resume`, `overwrite`).
+
+Values are type-checked whatever their source (flags, TOML, JSON, Python): a whole number where an
+int is due, a finite number where a float is, a list of strings where a list is, so that a wrong
+config file is one clear error instead of a traceback deep inside a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft import hardware
 from fedpeft.errors import FedPeftError
-from fedpeft.methods import METHODS as _CATALOGUE, leff_family
+from fedpeft.methods import METHODS as _CATALOGUE, dp_methods, leff_family
 
 METHODS = tuple(_CATALOGUE)
 # LEFF and the baselines of the LEFF paper: one task per run, a server importance batch held out of
@@ -25,8 +43,9 @@ LABEL_SPLITS = ("class_balanced", "natural")
 # `classifier` and `none` are what RunConfig.resolved() gives the LEFF paper's PEFT baselines and
 # decoders; a user may ask for `classifier` (only out_proj trained and averaged) with any method.
 HEAD_POLICIES = ("local", "frozen", "shared", "classifier", "none")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = hardware.PRECISIONS
 ENGINES = ("local", "flower-sim", "flower")
+AGGREGATIONS = ("mean", "trimmed-mean", "median")
 ROUTINGS = ("adaptive_topM", "fixed_topk")
 EXPERT_MODES = ("clustered", "single_shared", "per_client")
 CLUSTERINGS = ("hierarchical", "spectral", "task")
@@ -37,10 +56,22 @@ LEFF_IMPORTANCE_SOURCES = ("server_batch", "last_update")
 ROUTER_AGGREGATIONS = ("cluster", "local")
 FEDDPA_WEIGHTINGS = ("fixed", "instance")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+LABEL_KINDS = ("auto", "classification", "regression", "generation")
+CHAT_TEMPLATES = ("auto", "none")
+# The settings of --dataset: without it each of them is a mistake (RunConfig.validate says which).
+_DATASET_FIELDS = ("dataset_name", "text_columns", "label_column", "label_names", "prompt_column", "target_column",
+                   "client_column", "test_file")
+DP_MODES = ("off", "central", "local")
+DP_METHODS = dp_methods()
+TRACKERS = ("none", "tensorboard", "mlflow")
 
 
-def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "run", **kw) -> Any:
-    meta = {"help": help, "choices": choices, "group": group}
+RESUME_KINDS = ("same", "free", "grow", "folder")
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "run", resume: str = "same") -> Any:
+    assert resume in RESUME_KINDS, resume
+    meta = {"help": help, "choices": choices, "group": group, "resume": resume}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -54,7 +85,7 @@ class RunConfig:
     model_name: str = _f("minilm", "backbone: 'minilm' (packaged, offline), a hub id, a local path, or a model factory 'module:function' (a function, called with no arguments, of a module importable in every process that loads the model, Flower clients included, that returns a fedpeft.models.backbone.Backbone)", group="model")
     engine: str = _f("local", "execution engine: local (in-process), flower-sim (Flower's Simulation Engine); 'flower' marks runs of the deployed ServerApp (started with flwr run, see README)", choices=ENGINES)
     # Data
-    data_dir: str | None = _f(None, "data root with GLUE task folders (glue/SST-2/{train,dev}.tsv, ...) and e2e/, webnlg/ for generation tasks (default: $FEDPEFT_DATA_DIR)", group="data")
+    data_dir: str | None = _f(None, "data root with GLUE task folders (glue/SST-2/{train,dev}.tsv, ...) and e2e/, webnlg/ for generation tasks (default: $FEDPEFT_DATA_DIR)", group="data", resume="free")
     partition: str = _f("task", "how clients get their data", choices=PARTITIONS, group="data")
     label_split: str = _f("class_balanced", "label proportions under --partition task", choices=LABEL_SPLITS, group="data")
     alpha: float = _f(0.5, "Dirichlet concentration for --partition dirichlet", group="data")
@@ -65,8 +96,28 @@ class RunConfig:
     carve_out: bool = _f(False, "for tasks with no local train split, carve train and test pools out of the validation split", group="data")
     max_length: int = _f(128, "maximum tokens per example", group="data")
     validation_fraction: float = _f(0.0, "hold out this share of every client's training examples (stratified) and score on it instead of the test split: for choosing hyperparameters without looking at test data", group="data")
+    # Who takes part, and when clients are scored
+    num_clients: int | None = _f(None, "make N clients of the one task in --tasks (e.g. --tasks sst2 --num-clients 1000 --partition dirichlet)", group="federation")
+    participation: float = _f(1.0, "fraction f of the clients that train each round: ceil(f*N), drawn uniformly from the run seed per round", group="federation")
+    clients_per_round: int | None = _f(None, "train exactly K clients each round (instead of --participation)", group="federation")
+    eval_every: int = _f(1, "score every N rounds (the last round is always scored)", group="federation")
+    eval_clients: str = _f("all", "who is scored in a scored round: all clients, or the round's sampled ones (the last round always scores all)", choices=("all", "sampled"), group="federation")
+    test_source: str = _f("validation", "where test examples come from: the task's validation split, or carved out of its train split (disjoint from every client's training examples) when many clients need more test data than the validation split holds", choices=("validation", "train"), group="federation")
+    client_store: str = _f("memory", "where clients keep what persists between rounds (local heads and LoRAs, optimiser state): in memory, or on disk in the run folder, loaded when the client is sampled", choices=("memory", "disk"), group="federation")
+    # Your own data (data/custom.py, docs/data.md#your-own-data)
+    dataset: str | None = _f(None, "your own data: a .csv, .tsv, .json, .jsonl or .parquet file, or a Hugging Face hub dataset id (ID or ID:CONFIG, online); it becomes one task, named after it", group="dataset")
+    dataset_name: str | None = _f(None, "the task name of --dataset (default: the file's stem, or the hub id's last part)", group="dataset")
+    text_columns: list[str] = _f([], "the one or two text columns of --dataset (default: text)", group="dataset")
+    label_column: str | None = _f(None, "the label column of --dataset (default: label): whole numbers, booleans or strings are classes (accuracy, F1, MCC), floats are scores (Pearson, Spearman)", group="dataset")
+    label_kind: str = _f("auto", "what the label column is: auto (from its type), classification or regression; the resolved settings say generation for a prompt/target dataset", choices=LABEL_KINDS, group="dataset")
+    label_names: list[str] = _f([], "the label column's values in class order (default: sorted, numbers by value); with two classes, F1 is that of the second", group="dataset")
+    prompt_column: str | None = _f(None, "generation: the prompt column of --dataset (with --target-column; on a decoder)", group="dataset")
+    target_column: str | None = _f(None, "generation: the column of the text to generate", group="dataset")
+    client_column: str | None = _f(None, "one client per distinct value of this column (e.g. a user or hospital id), holding its rows; --tasks is then not needed", group="dataset")
+    test_file: str | None = _f(None, "test examples from this file of the same columns (for a hub dataset: the name of a split) instead of a hold-out", group="dataset")
+    test_fraction: float = _f(0.2, "share of the rows held out as test examples when there is no --test-file (stratified by class, or by client with --client-column; a fixed split, whatever the --seed)", group="dataset")
     # Rounds and local training
-    global_rounds: int = _f(25, "total rounds (warmup included, as in the official FedLEASE code)", group="training")
+    global_rounds: int = _f(25, "total rounds (warmup included, as in the official FedLEASE code); with --resume, a higher value trains the run further", group="training", resume="grow")
     warmup_rounds: int = _f(5, "warmup rounds (methods with a warmup phase only)", group="training")
     local_epochs: int = _f(2, "local epochs per round", group="training")
     lr: float = _f(1e-3, "learning rate", group="training")
@@ -74,9 +125,11 @@ class RunConfig:
     eval_batch_size: int = _f(32, "evaluation batch size (examples are sorted by length, so small batches pad little)", group="training")
     weight_decay: float = _f(0.05, "AdamW weight decay", group="training")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", group="training")
-    precision: str = _f("fp32", "training precision on CPU (bf16 = autocast; routers, softmax, losses stay float32)", choices=PRECISIONS, group="training")
+    device: str = _f("auto", "where the model, its adapters, heads and batches compute: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda, cuda:N or mps; aggregation and the server state stay on the CPU. Resolved once and saved in config.json", group="training")
+    precision: str = _f("auto", "auto (bf16 where the device runs it natively: a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX; float32 elsewhere), fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler, CUDA only); routers, softmax and losses stay float32. Resolved once and saved in config.json", choices=PRECISIONS, group="training")
+    gradient_checkpointing: bool = _f(False, "recompute each transformer block's activations in the backward pass instead of keeping them (Hugging Face gradient checkpointing, non-reentrant): less memory for long sequences and large decoders, about a third more compute, the same loss and gradients", group="training")
     seed: int = _f(42, "run seed; every client/round/phase seed derives from it", group="training")
-    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", group="training")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", group="training", resume="free")
     # LoRA and head
     rank: int = _f(4, "LoRA rank r", group="model")
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)", group="model")
@@ -90,6 +143,8 @@ class RunConfig:
     length_penalty: float = _f(1.0, "beam search: exponent of the length normalisation of beam scores", group="generation")
     no_repeat_ngram_size: int = _f(0, "never generate an n-gram twice, for this n (0 = off)", group="generation")
     gen_batch_size: int = _f(16, "prompts generated together (left-padded, KV cache)", group="generation")
+    # Chat models and instruction data (data/chat.py)
+    chat_template: str = _f("auto", "instruction tasks (inst-*, a prompt/target --dataset) on a chat model: auto puts the prompt in a user turn of the tokenizer's chat template when it has one (loss on the assistant's tokens only); none uses the plain prompt", choices=CHAT_TEMPLATES, group="chat")
     # FedLEASE
     max_clusters: int = _f(8, "FedLEASE: M_max, the upper bound on the number of experts", group="fedlease")
     routing: str = _f("adaptive_topM", "FedLEASE routing", choices=ROUTINGS, group="fedlease")
@@ -122,26 +177,47 @@ class RunConfig:
     importance_source: str = _f("server_batch", "LEFF: gradients for the importance from one pass over the server batch, or data-free from the last aggregation, g = -dTheta/lr (uniform in round 1)", choices=LEFF_IMPORTANCE_SOURCES, group="leff")
     importance_normalise: str = _f("max", "LEFF: block scores divided by their max before the softmax (max) or the literal Eq. 6 (none)", choices=LEFF_NORMALISE, group="leff")
     importance_temperature: float = _f(1.0, "LEFF: softmax temperature tau", group="leff")
-    participation: float = _f(1.0, "LEFF family: fraction f of clients per round (ceil(f*N), uniformly from the seed)", group="leff")
     train_head_set: bool = _f(True, "LEFF / FedAvg-full: train and average the always-trainable set (the classification head)", group="leff")
     constant_lr: bool = _f(False, "LEFF family: constant learning rate in each local run (the LEFF paper states one learning rate and no schedule) instead of linear decay", group="leff")
     slora_stage1_fraction: float = _f(0.25, "SLoRA: fraction of rounds in the sparse stage 1", group="leff")
     slora_density: float = _f(0.01, "SLoRA: density of the stage-1 sparse mask", group="leff")
     # Flower engine
-    client_cpus: float = _f(1.0, "flower-sim: CPUs reserved per simulated client (Ray resources)", group="flower")
-    client_gpus: float = _f(0.0, "flower-sim: GPUs (fractions allowed) reserved per simulated client", group="flower")
-    round_timeout: float = _f(3600.0, "Flower: seconds to wait for the replies of a round before aggregating those that arrived", group="flower")
+    client_cpus: float = _f(1.0, "flower-sim: CPUs reserved per simulated client (Ray resources)", group="flower", resume="free")
+    client_gpus: float = _f(0.0, "flower-sim: GPUs (fractions allowed) reserved per simulated client", group="flower", resume="free")
+    round_timeout: float = _f(3600.0, "Flower: seconds to wait for the replies of a round before aggregating those that arrived", group="flower", resume="free")
+    max_reply_bytes: int = _f(0, "Flower: most bytes one client reply may hold; larger replies are rejected (0: twice the largest message the server sent in the run, plus 1 MiB)", group="flower", resume="free")
+    max_round_bytes: int = _f(0, "Flower: most bytes all replies of one round may hold, smallest replies counted first (0: clients x (largest message sent + 1 MiB) + one reply bound)", group="flower", resume="free")
+    aggregation: str = _f("mean", "FedAvg-type aggregation (FedIT, FFA-LoRA, FedSA-LoRA, FedProx): data-size-weighted mean, or the coordinate-wise trimmed-mean / median of Yin et al. 2018, robust to a few clients sending arbitrary updates", choices=AGGREGATIONS, group="training")
+    trim_fraction: float = _f(0.1, "--aggregation trimmed-mean: the share of clients cut at each end, per coordinate, in [0, 0.5)", group="training")
+    # Differential privacy (algorithms/privacy.py, docs/privacy.md)
+    dp: str = _f("off", "user-level differential privacy for " + ", ".join(DP_METHODS) + ": each client's update (what it uploads minus what it was sent) is clipped to --dp-clip, and Gaussian noise of std --dp-noise x --dp-clip is added to each aggregation group's sum at the server (central) or to the update by the client before upload (local)", choices=DP_MODES, group="privacy")
+    dp_clip: float = _f(1.0, "C: the L2 norm each client's update is clipped to, over all it uploads ('inf': no clipping, only with --dp-noise 0)", group="privacy")
+    dp_noise: float | None = _f(None, "sigma: the noise std in units of C (give this or --dp-epsilon)", group="privacy")
+    dp_epsilon: float | None = _f(None, "target epsilon: sigma is computed for the run's rounds and sampling rate (give this or --dp-noise)", group="privacy")
+    dp_delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee reported each round", group="privacy")
+    dp_seed: int | None = _f(None, "seed the DP noise to reproduce an experiment; by default it comes from the OS's randomness, as the guarantee needs noise nobody can regenerate (a seed saved in config.json can be)", group="privacy")
+    # Experiment tracking (records/tracking.py)
+    tracking: str = _f("none", "log the run to a tracker: tensorboard (events in RUN_DIR/tensorboard) or mlflow (a local store, RUN_DIR/mlflow.db, unless --tracking-uri); needs pip install 'fedpeft[tracking]'", choices=TRACKERS, group="tracking", resume="free")
+    tracking_uri: str | None = _f(None, "mlflow: the tracking URI (a server, or sqlite:///FILE) instead of the run folder's store; tensorboard: the folder the run's event folder goes under", group="tracking", resume="free")
+    tracking_experiment: str = _f("fedpeft", "the experiment the run is logged under (fedpeft bench uses the suite's name)", group="tracking", resume="free")
     # Output
-    output_dir: str | None = _f(None, "run folder (default: runs/<method>-<time>)", group="output")
-    resume: str | None = _f(None, "continue the stopped run in this folder", group="output")
-    quiet: bool = _f(False, "no progress bar; warnings and the final summary only", group="output")
+    output_dir: str | None = _f(None, "run folder (default: runs/<method>-<time>, made unique); it must not hold another run", group="output", resume="folder")
+    resume: str | None = _f(None, "continue the stopped run in this folder; flags may change only --global-rounds (upwards), --threads, --quiet, --data-dir and the Flower timeouts/resources", group="output", resume="folder")
+    overwrite: bool = _f(False, "replace the run that --output_dir holds: the folder is emptied first", group="output", resume="folder")
+    quiet: bool = _f(False, "no progress bar; warnings and the final summary only", group="output", resume="free")
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
         self.validate()
+        if self.dataset_resolved:  # config.json alone makes the dataset's task known to this process
+            from fedpeft.data.custom import register_dataset
+
+            register_dataset(self.dataset_spec())
 
     def validate(self) -> "RunConfig":
         """Check every field once, early; raise FedPeftError with what to change."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _typed(f, getattr(self, f.name)))
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -174,13 +250,128 @@ class RunConfig:
             raise FedPeftError(f"--feddpa-lambda must be in [0, 1], got {self.feddpa_lambda}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise FedPeftError(f"--validation-fraction must be in [0, 1), got {self.validation_fraction}")
+        if not 0.0 < self.participation <= 1.0:
+            raise FedPeftError(f"--participation must be in (0, 1], got {self.participation}")
+        for name in ("num_clients", "clients_per_round"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise FedPeftError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.eval_every < 1:
+            raise FedPeftError(f"--eval-every must be at least 1, got {self.eval_every}")
         self.samples_for_tasks()  # checks the TASK=TRAIN:TEST syntax
+        self._validate_dataset()
         self._validate_leff()
         if self.client_cpus <= 0 or self.client_gpus < 0 or self.round_timeout <= 0:
             raise FedPeftError("--client-cpus and --round-timeout must be positive and --client-gpus not negative")
+        if self.max_reply_bytes < 0 or self.max_round_bytes < 0:
+            raise FedPeftError("--max-reply-bytes and --max-round-bytes must be 0 (derived) or positive")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise FedPeftError(f"--trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.threads is not None and self.threads < 1:
             raise FedPeftError(f"--threads must be at least 1, got {self.threads}")
+        hardware.check_device(self.device)
+        self._validate_dp()
         return self
+
+    def _validate_dataset(self) -> None:
+        E = FedPeftError
+        if not self.dataset:
+            given = [f for f in _DATASET_FIELDS if getattr(self, f)] + (["label_kind"] if self.label_kind != "auto" else [])
+            if given:
+                raise E(f"{_flag(given[0])} describes your own data: give the file with --dataset too")
+            return
+        if len(self.text_columns) > 2:
+            raise E(f"--text-columns takes one or two columns, got {len(self.text_columns)}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise E(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        if self.client_column:
+            if self.partition != "task":
+                raise E(f"--client-column gives each client the rows of one value: --partition {self.partition} "
+                        "does not apply; leave --partition at task")
+            if self.num_clients:
+                raise E("--client-column makes one client per value: leave out --num-clients")
+
+    @property
+    def dataset_resolved(self) -> bool:
+        """True once --dataset's columns have been read (RunConfig.with_dataset): its task is fully
+        described by these settings (name, kind, columns, classes) and its clients are in `tasks`."""
+        if not (self.dataset and self.dataset_name and self.tasks and self.label_kind != "auto"):
+            return False
+        if self.label_kind == "generation":
+            return bool(self.prompt_column and self.target_column)
+        return bool(self.text_columns and self.label_column and (self.label_kind == "regression" or self.label_names))
+
+    def dataset_spec(self):
+        """The task description of a resolved --dataset (data/custom.py), from these settings alone."""
+        from fedpeft.data.custom import DatasetSpec
+
+        return DatasetSpec(name=self.dataset_name, source=self.dataset, kind=self.label_kind,
+                           text_columns=tuple(self.text_columns), label_column=self.label_column,
+                           prompt_column=self.prompt_column, target_column=self.target_column,
+                           client_column=self.client_column, test_file=self.test_file,
+                           test_fraction=self.test_fraction, label_values=tuple(self.label_names))
+
+    def with_dataset(self) -> "RunConfig":
+        """These settings with --dataset resolved: its columns read, its task kind and classes decided,
+        its task registered, and `tasks` filled (one per value of --client-column, or --num-clients
+        times); itself when there is no dataset or it is resolved already."""
+        if not self.dataset or self.dataset_resolved:
+            return self
+        from fedpeft.data.custom import absolute_if_here, resolve_dataset
+
+        # a file found from the working folder is saved with its absolute path (Ray workers, a resume from
+        # elsewhere); one under the data root stays relative to it (each Flower node has its own root)
+        source, test_file = absolute_if_here(self.dataset), self.test_file and absolute_if_here(self.test_file)
+        spec, n_values = resolve_dataset(
+            source, name=self.dataset_name or None, text_columns=self.text_columns, label_column=self.label_column,
+            prompt_column=self.prompt_column, target_column=self.target_column, client_column=self.client_column,
+            test_file=test_file, test_fraction=self.test_fraction, label_kind=self.label_kind,
+            label_names=self.label_names, data_dir=self.resolved_data_dir())
+        values = self.to_dict()
+        values.update(dataset=source, test_file=test_file, dataset_name=spec.name, text_columns=list(spec.text_columns), label_column=spec.label_column,
+                      label_kind=spec.kind, label_names=list(spec.label_names or spec.label_values))
+        name, tasks = spec.name, list(self.tasks)
+        if self.client_column:
+            expected = [name] * n_values
+            if tasks and tasks != expected:
+                raise FedPeftError(f"--client-column {self.client_column} makes {n_values} clients of {name}: leave "
+                                   "--tasks out (one client per value)")
+            values["tasks"] = expected
+        elif not tasks:
+            if not self.num_clients:
+                raise FedPeftError(f"how many clients share {name}? give --num-clients N, --tasks {name} {name} …, "
+                                   "or --client-column COLUMN")
+            values["tasks"] = [name]  # resolved() makes the --num-clients clients of it
+        elif name not in tasks:
+            raise FedPeftError(f"--tasks does not name the dataset's task {name!r}: list it once per client "
+                               f"(e.g. --tasks {name} {name}) or give --tasks {name} --num-clients N")
+        return RunConfig(**values)
+
+    def _validate_dp(self) -> None:
+        E = FedPeftError
+        if not self.dp_clip > 0:
+            raise E(f"--dp-clip must be positive (or inf), got {self.dp_clip}")
+        if self.dp_noise is not None and not self.dp_noise >= 0:
+            raise E(f"--dp-noise must be 0 or more, got {self.dp_noise}")
+        if self.dp_epsilon is not None and not self.dp_epsilon > 0:
+            raise E(f"--dp-epsilon must be positive, got {self.dp_epsilon}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise E(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp == "off":
+            given = [_flag(n) for n in ("dp_noise", "dp_epsilon", "dp_seed") if getattr(self, n) is not None]
+            if given:
+                raise E(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --dp central or --dp local")
+            return
+        if self.method not in DP_METHODS:
+            raise E(f"--dp {self.dp}: {self.method} is not in the FedAvg family differential privacy covers "
+                    f"({', '.join(DP_METHODS)}): its uploads are not all clipped, noised updates (docs/privacy.md)")
+        if (self.dp_noise is None) == (self.dp_epsilon is None):
+            raise E(f"--dp {self.dp} needs exactly one of --dp-noise (sigma) or --dp-epsilon (a target from which "
+                    "sigma is computed)")
+        if self.dp_clip == float("inf") and self.dp_noise != 0:
+            raise E("--dp-clip inf bounds nothing, so no noise makes it private: use it only with --dp-noise 0")
+        if self.aggregation != "mean":
+            raise E(f"--dp {self.dp} accounts for the weighted mean of clipped updates: --aggregation "
+                    f"{self.aggregation} has another sensitivity; use --aggregation mean")
 
     def _validate_leff(self) -> None:
         E = FedPeftError
@@ -195,8 +386,6 @@ class RunConfig:
             raise E(f"--importance-examples must be at least 1, got {self.importance_examples}")
         if not self.importance_temperature > 0:
             raise E(f"--importance-temperature must be positive, got {self.importance_temperature}")
-        if not 0.0 < self.participation <= 1.0:
-            raise E(f"--participation must be in (0, 1], got {self.participation}")
         if not 0.0 <= self.slora_stage1_fraction < 1.0 or not 0.0 < self.slora_density <= 1.0:
             raise E("--slora-stage1-fraction must be in [0, 1) and --slora-density in (0, 1]")
 
@@ -206,10 +395,10 @@ class RunConfig:
         items = [str(x) for x in self.layer_budgets]
         if len(items) == 1 and items[0].startswith("uniform:"):
             lo, _, hi = items[0][len("uniform:"):].partition("-")
-            if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+            if not (_COUNT.fullmatch(lo) and _COUNT.fullmatch(hi) and 1 <= int(lo) <= int(hi)):
                 raise E(f"--layer-budgets {items[0]!r} is not uniform:a-b with 1 <= a <= b, e.g. uniform:1-4")
             return int(lo), int(hi)
-        if not items or not all(x.isdigit() and int(x) >= 1 for x in items):
+        if not items or not all(_COUNT.fullmatch(x) and int(x) >= 1 for x in items):
             raise E(f"--layer-budgets takes whole numbers >= 1 (e.g. --layer-budgets 1 2 4), got {' '.join(items)}")
         return [int(x) for x in items]
 
@@ -222,6 +411,8 @@ class RunConfig:
         """Checks that only matter when a run starts (a config file may be partial before that)."""
         if not self.tasks:
             raise FedPeftError("no clients: give one task per client, e.g. --tasks sst2 sst2 mrpc mrpc")
+        if self.clients_per_round is not None and self.clients_per_round > len(self.tasks):
+            raise FedPeftError(f"--clients-per-round {self.clients_per_round} exceeds the {len(self.tasks)} clients")
         if self.method == "fedlease" and self.experts == "clustered" and self.phase2_rounds < 1:
             raise FedPeftError(
                 f"--global-rounds ({self.global_rounds}) must exceed --warmup-rounds "
@@ -246,13 +437,34 @@ class RunConfig:
         for item in self.task_samples:
             task, _, sizes = item.partition("=")
             tr, _, te = sizes.partition(":")
-            if not (task and tr.isdigit() and te.isdigit() and int(tr) > 0 and int(te) > 0):
+            if not (task and _COUNT.fullmatch(tr) and _COUNT.fullmatch(te) and int(tr) > 0 and int(te) > 0):
                 raise FedPeftError(f"--task-samples {item!r} is not TASK=TRAIN:TEST with positive numbers, e.g. mrpc=500:64")
             train[task], test[task] = int(tr), int(te)
         return train, test
 
     def resolved_data_dir(self) -> str | None:
         return self.data_dir or os.environ.get("FEDPEFT_DATA_DIR") or None
+
+    def resolved_device(self) -> str:
+        """The device this run computes on (see `resolved`). On flower-sim a client computes where its
+        Ray resources put it: on its GPU share when --client-gpus > 0, on the CPU otherwise."""
+        if self.engine != "flower-sim":
+            return hardware.resolve_device(self.device)
+        kind = hardware.device_type(self.device)
+        if self.client_gpus > 0:
+            if kind not in ("auto", "cuda"):
+                raise FedPeftError(f"--client-gpus {self.client_gpus:g} reserves a GPU share for every simulated "
+                                   f"client, but --device {self.device} keeps them off the GPU: use --device auto "
+                                   f"(or cuda), or --client-gpus 0")
+            if not hardware.cuda_available():
+                raise FedPeftError(f"--client-gpus {self.client_gpus:g} needs a CUDA GPU and none is visible here: "
+                                   f"use --client-gpus 0 (the clients train on the CPU)")
+            return hardware.resolve_device("cuda" if kind == "auto" else self.device)
+        if kind == "cuda":
+            raise FedPeftError(f"--engine flower-sim --device {self.device}: a simulated client sees a GPU only "
+                               f"through its Ray GPU share: give --client-gpus (e.g. 0.25: four clients share "
+                               f"one GPU), or use --device auto or cpu")
+        return hardware.resolve_device(hardware.CPU if kind == "auto" else self.device)
 
     def resolved(self, *, model_type: str | None = None) -> "RunConfig":
         """Every setting that has an automatic value, resolved once: the run folder's config.json
@@ -267,14 +479,24 @@ class RunConfig:
           (`classifier`), and a decoder has no head (`none`);
         - `proxy_dataset`: `auto` is the LEFF paper's pairing, WebNLG for generation tasks, WNLI
           otherwise (docs/methods/leff.md#proxy-dataset);
-        - `data_dir`: the flag, else $FEDPEFT_DATA_DIR.
+        - `data_dir`: the flag, else $FEDPEFT_DATA_DIR;
+        - `device`: `auto` is CUDA when a GPU is visible, else the CPU (on flower-sim: CUDA exactly
+          when the clients have a GPU share, --client-gpus); an explicit device must exist here;
+        - `precision`: `auto` is bf16 where that device runs it natively, else fp32 (hardware.py).
         """
         from fedpeft.data.tasks import backbone_kind, get_task
 
+        if self.dataset and not self.dataset_resolved:
+            return self.with_dataset().resolved(model_type=model_type)
         spec = _CATALOGUE[self.method]
         values = self.to_dict()
-        for t in self.tasks:
+        for t in dict.fromkeys(self.tasks):
             get_task(t)  # an unknown task: one clear error before anything loads
+        if self.num_clients is not None and len(self.tasks) != self.num_clients:
+            if len(self.tasks) != 1:
+                raise FedPeftError(f"--num-clients {self.num_clients} makes clients of ONE task; --tasks lists "
+                                   f"{len(self.tasks)}: give one task, or one task per client without --num-clients")
+            values["tasks"] = self.tasks * self.num_clients
         causal = bool(self.tasks) and backbone_kind(self.tasks) == "causal"
         if spec.head == "head_set":
             values["head_policy"] = "shared" if self.train_head_set else "frozen"
@@ -285,6 +507,8 @@ class RunConfig:
         if self.proxy_dataset == "auto":
             values["proxy_dataset"] = "webnlg" if any(get_task(t).is_generation for t in self.tasks) else "wnli"
         values["data_dir"] = self.resolved_data_dir()
+        values["device"] = self.resolved_device()
+        values["precision"] = hardware.resolve_precision(self.precision, values["device"])
         if spec.lora_targets and not self.target_modules:
             from fedpeft.models.targets import lora_targets
 
@@ -292,7 +516,7 @@ class RunConfig:
                 from fedpeft.models.backbone import load_backbone
 
                 model_type = load_backbone(self.model_name, kind="causal" if causal else "encoder",
-                                           quantization=self.quantization).model_type
+                                           quantization=self.quantization, device=values["device"]).model_type
             values["target_modules"] = lora_targets(model_type, spec.lora_targets)
         return RunConfig(**values)
 
@@ -301,21 +525,57 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from fedpeft.atomic import atomic_write
+
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "settings") -> "RunConfig":
+        """The settings `values` names; the result remembers which ones were given (`_given`), so
+        that `--resume` knows what the command asks to change."""
+        if not isinstance(values, dict):
+            raise FedPeftError(f"{source} must hold a table of settings (name = value), not a {_kind(values)}")
         known = {f.name for f in dataclasses.fields(cls)}
         clean = {}
         for key, value in values.items():
-            name = key.replace("-", "_")
+            name = key.replace("-", "_") if isinstance(key, str) else key
             if name not in known:
                 raise FedPeftError(f"unknown setting {key!r} in {source}: see `fedpeft run --help` for the names")
             clean[name] = value
         try:
-            return cls(**clean)
-        except TypeError as exc:  # pragma: no cover - dataclass signature errors
-            raise FedPeftError(f"bad settings in {source}: {exc}") from None
+            cfg = cls(**clean)
+        except FedPeftError as exc:
+            if source in ("settings", "the command line"):
+                raise
+            raise FedPeftError(f"{source}: {exc}") from None
+        cfg._given = frozenset(clean)
+        return cfg
+
+    # ---------------------------------------------------------------- resume
+    def resume_kind(self, name: str) -> str:
+        """What `--resume` may do with setting `name` (the module docstring lists the kinds)."""
+        if name == "global_rounds" and self.method == "slora":
+            return "same"  # SLoRA's sparse stage is a fraction of all rounds: the total shapes the run
+        return _FIELDS[name].metadata["resume"]
+
+    def sample_size(self, n: int) -> int:
+        """Clients drawn per round out of n: K = --clients-per-round, else ceil(f·N) for
+        --participation f (engines/participation.py draws them; the DP accountant counts them)."""
+        if self.clients_per_round is not None:
+            return min(n, int(self.clients_per_round))
+        return min(n, max(1, math.ceil(self.participation * n - 1e-9)))
+
+    def shaping_settings(self) -> dict[str, Any]:
+        """The settings that shape the run (resume kind `same`): the fingerprint a checkpoint carries."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if self.resume_kind(f.name) == "same"}
+
+    def requested(self) -> dict[str, Any]:
+        """The settings this config asks for explicitly: the names given to `from_dict` (the CLI,
+        a TOML file), or, for a RunConfig made in Python, the fields that differ from their default."""
+        names = getattr(self, "_given", None)
+        if names is None:
+            names = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _default(f)}
+        return {n: getattr(self, n) for n in sorted(names)}
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
@@ -326,23 +586,110 @@ class RunConfig:
 def read_settings(path: str | Path) -> dict[str, Any]:
     """The settings in a TOML or JSON file, as a plain dict (not yet validated)."""
     p = Path(path)
+    if p.is_dir():
+        raise FedPeftError(f"config file {p} is a folder, not a file of settings")
     if not p.is_file():
         raise FedPeftError(f"config file {p} does not exist")
     try:
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
         if p.suffix == ".json":
-            return json.loads(p.read_text())
-        import tomllib
-
-        with p.open("rb") as fh:
-            data = tomllib.load(fh)
-    except (ValueError, OSError) as exc:
-        raise FedPeftError(f"cannot read config file {p}: {exc}") from None
+            data = json.loads(text)
+        else:
+            data = toml_module().loads(text)
+    except UnicodeDecodeError as exc:
+        raise FedPeftError(f"cannot read config file {p}: byte {exc.object[exc.start]:#04x} at offset {exc.start} "
+                           "is not UTF-8; save the file as UTF-8") from None
+    except (ValueError, OSError, RecursionError) as exc:
+        raise FedPeftError(f"cannot read config file {p}: {_one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise FedPeftError(f"config file {p} must hold a table of settings (name = value), not a {_kind(data)}")
     # Allow a [run] table or top-level keys.
     return data.get("run", data) if isinstance(data.get("run"), dict) else data
 
 
+def toml_module():
+    """tomllib (Python 3.11+), or the tomli package it came from on Python 3.10."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
+_COUNT = re.compile(r"[0-9]+")
+_FIELDS: dict[str, dataclasses.Field] = {}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _kind(value: Any) -> str:
+    return {list: "list", dict: "table", str: "string", bool: "boolean", int: "whole number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _typed(f: dataclasses.Field, value: Any) -> Any:
+    """`value` checked against field `f`'s annotation (ints may stand for floats, and numbers for the
+    strings of a list such as --layer-budgets); a wrong type is a FedPeftError naming the setting."""
+    ann = str(f.type).replace(" ", "")
+    optional = ann.endswith("|None")
+    base = ann[: -len("|None")] if optional else ann
+    if value is None and optional:
+        return None
+    flag = _flag(f.name)
+
+    def wrong(what: str) -> FedPeftError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return FedPeftError(f"{flag} must be {what}, got {shown} (a {_kind(value)})")
+
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("a whole number")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise wrong("a finite number") from None
+        if not math.isfinite(number):
+            raise wrong("a finite number")
+        return number
+    if base == "str":
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if base == "list[str]":
+        if not isinstance(value, (list, tuple)):
+            example = f', e.g. {f.name} = ["sst2", "sst2"]' if f.name == "tasks" else ""
+            raise wrong(f"a list of strings{example}")
+        out = []
+        for item in value:
+            if isinstance(item, int) and not isinstance(item, bool):
+                item = str(item)
+            if not isinstance(item, str):
+                raise wrong("a list of strings")
+            out.append(item)
+        return out
+    raise AssertionError(f"RunConfig.{f.name}: no type check for {f.type}")  # a new annotation: add it above
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+_FIELDS.update({f.name: f for f in dataclasses.fields(RunConfig)})
 
 
 def field_help() -> list[tuple[dataclasses.Field, str]]:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fedpeft.atomic import atomic_write_with
 from fedpeft.errors import FedPeftError
 
 
@@ -28,8 +29,7 @@ def save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+    return atomic_write_with(path, lambda fh: fig.savefig(fh, format="png"))
 
 
 def square(distance: Any, labels: Sequence[str] | None = None) -> np.ndarray:

@@ -3,7 +3,8 @@
 Generation runs Hugging Face `generate` on the causal LM inside `CausalLM` (LoRA or FedLEASE's
 mixture layers included: `MoELoRALinear` routes every token it sees, so with a KV cache each decoding
 step routes its one new token, exactly as the full-sequence forward would route it). Prompts are
-LEFT-padded (`collate_prompts`); only the new tokens are decoded, cut at the first EOS.
+LEFT-padded (`collate_prompts`); only the new tokens are decoded, cut at the first EOS. Prompts go
+to the device the model is on and generation runs under the run's autocast there.
 
 `score_generation` is the one place generated text meets a metric: the task's registered metrics
 through `fedpeft.metrics.compute_metrics(task, hypotheses, references)` when that function knows
@@ -70,19 +71,18 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """New token ids per row of a LEFT-padded prompt batch, cut before the first EOS."""
     import warnings
 
-    from fedpeft.training import autocast
+    from fedpeft.training import autocast, model_device
 
     lm = model.lm
     lm.eval()
-    device = getattr(lm, "device", None)  # transformers models know it; a k-bit decoder sits on a GPU
-    if device is not None:
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    device = getattr(lm, "device", None) or model_device(lm)  # the run's device (a k-bit decoder: its GPU)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     eos = model.tokenizer.eos_token_id
-    with autocast(precision), warnings.catch_warnings():
+    with autocast(precision, device), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "generation flags are not valid" for flags we set to their defaults
         out = lm.generate(input_ids=input_ids, attention_mask=attention_mask,
                           generation_config=_generation_config(settings, model.tokenizer))
-    new = out[:, input_ids.shape[1]:].tolist()
+    new = out[:, input_ids.shape[1]:].tolist()  # .tolist() copies to the host
     return [row[: row.index(eos)] if eos in row else row for row in new]
 
 

@@ -28,17 +28,20 @@ class MethodSpec:
     #                       paper's PEFT baselines); "head_set": LEFF's trainable set decides (--train-head-set)
     lora_targets: str = "attention"  # default LoRA targets: "attention" (per-architecture q/v), "block_linears"
     #                                  (every block linear), "" (the method puts no LoRA)
+    dp: bool = False  # `--dp central|local` applies: a FedAvg-family method whose every upload is a clipped,
+    #                   noised update (algorithms/privacy.py, docs/privacy.md)
 
 
 CATALOGUE: tuple[MethodSpec, ...] = (
     MethodSpec("fedlease", "lora", "fedlease.algorithm:FedLEASE",
-               "LoRA experts allocated by clustering warmup B matrices, adaptive top-M routers", has_warmup=True),
-    MethodSpec("fedit", "lora", "fedit:FedIT", "FedAvg over one shared LoRA (A and B averaged separately)"),
-    MethodSpec("ffa-lora", "lora", "ffa_lora:FFALoRA", "A frozen at the common init, only B trained and averaged"),
-    MethodSpec("fedsa-lora", "lora", "fedsa_lora:FedSALoRA", "A averaged, B kept local"),
+               "LoRA experts allocated by clustering warmup B matrices, adaptive top-M routers", has_warmup=True,
+               dp=True),
+    MethodSpec("fedit", "lora", "fedit:FedIT", "FedAvg over one shared LoRA (A and B averaged separately)", dp=True),
+    MethodSpec("ffa-lora", "lora", "ffa_lora:FFALoRA", "A frozen at the common init, only B trained and averaged", dp=True),
+    MethodSpec("fedsa-lora", "lora", "fedsa_lora:FedSALoRA", "A averaged, B kept local", dp=True),
     MethodSpec("feddpa", "lora", "feddpa:FedDPA", "a global and a personal LoRA, mixed at inference"),
     MethodSpec("ifca", "lora", "ifca:IFCA", "K cluster LoRAs, each client picks the lowest-loss one"),
-    MethodSpec("fedprox", "lora", "fedprox:FedProx", "FedIT plus a proximal term on the trained LoRA"),
+    MethodSpec("fedprox", "lora", "fedprox:FedProx", "FedIT plus a proximal term on the trained LoRA", dp=True),
     MethodSpec("leff", "leff", "leff.algorithm:LEFF",
                "importance-sampled blocks trained in full, the rest distilled into students", head="head_set",
                lora_targets=""),
@@ -57,6 +60,11 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in CATALOGUE}
 
 def method_names() -> tuple[str, ...]:
     return tuple(METHODS)
+
+
+def dp_methods() -> tuple[str, ...]:
+    """The methods `--dp` applies to (the FedAvg family)."""
+    return tuple(m.name for m in CATALOGUE if m.dp)
 
 
 def leff_family() -> tuple[str, ...]:

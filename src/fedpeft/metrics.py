@@ -6,6 +6,7 @@ clients, the mean of task means; docs/methods/fedlease.md#metrics-and-aggregates
 
 - "accuracy": `sklearn.metrics.accuracy_score`;
 - "f1": `sklearn.metrics.f1_score` of the positive class (label 1; MRPC, QQP);
+- "f1_macro": the unweighted mean of every class's F1 (a multi-class dataset of the user's);
 - "matthews": `sklearn.metrics.matthews_corrcoef` (CoLA);
 - "pearson", "spearman": `scipy.stats.pearsonr` / `spearmanr` (STS-B).
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from fedpeft.data.tasks import get_task
 
-METRIC_NAMES = ("accuracy", "f1", "matthews", "pearson", "spearman")
+METRIC_NAMES = ("accuracy", "f1", "f1_macro", "matthews", "pearson", "spearman")
 
 
 def _finite(value) -> float:
@@ -54,6 +55,8 @@ def _metric(name: str, predictions: np.ndarray, labels: np.ndarray) -> float:
         return _finite(skm.accuracy_score(labels, predictions))
     if name == "f1":
         return _finite(skm.f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0))
+    if name == "f1_macro":
+        return _finite(skm.f1_score(labels, predictions, average="macro", zero_division=0))
     if name == "matthews":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,8 +1,13 @@
 """The local train / evaluate loop: plain PyTorch, short enough to read in one sitting.
 
 AdamW over exactly the parameters the method trains, linear decay to 0 within the local run, no
-warmup steps, gradient clipping, optional bf16 autocast (losses stay float32). Every random draw
-(data order, dropout) comes from the seed the caller derives for (client, round, phase).
+warmup steps, gradient clipping, optional bf16 / fp16 autocast (losses stay float32; fp16 with a
+gradient scaler). Every random draw (data order, dropout) comes from the seed the caller derives for
+(client, round, phase).
+
+Devices: batches are built on the CPU and moved to the device the model's parameters are on
+(`model_device`); autocast follows that device's type; what the loop hands back (predictions, a
+continued optimiser's state) is on `hardware.WIRE_DEVICE`, so client stores never hold device memory.
 
 Generation data (`EncodedLM`, token labels [B, T]) trains a causal LM: the loss is the float32
 cross-entropy of the shifted next-token predictions, averaged over the target tokens of the batch.
@@ -10,7 +15,6 @@ cross-entropy of the shifted next-token predictions, averaged over the target to
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedpeft import hardware
 from fedpeft.data.batching import Encoded, EncodedLM, eval_batches, num_batches, train_batches
 
 
@@ -35,10 +40,9 @@ class TrainStats:
     end_step: int = 0
 
 
-def autocast(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(precision: str, device):
+    """Autocast for a resolved `precision` on `device` (a torch.device or name): its type decides."""
+    return hardware.autocast(precision, device)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -49,17 +53,33 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> t
 
 
 def model_device(model) -> torch.device:
-    """Where the model's weights are: the CPU, or a GPU for a k-bit (bitsandbytes) decoder."""
+    """Where the model computes: the device of its parameters (the run's --device; a k-bit decoder's GPU)."""
     return next(model.parameters()).device
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """A batch's tensors on `device` (the same tensors when they are there already)."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def to_wire(value):
+    """`value` (a tensor, or dicts / lists of them, e.g. an optimiser's state_dict) with every tensor on
+    `hardware.WIRE_DEVICE`: what a client keeps between rounds and what a checkpoint saves."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(hardware.WIRE_DEVICE)
+    if isinstance(value, dict):
+        return {k: to_wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_wire(v) for v in value)
+    return value
 
 
 def batch_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor, precision: str,
                regression: bool) -> torch.Tensor:
     """The loss of one batch: a classification/regression loss, or (token labels) the causal-LM loss."""
     device = model_device(model)
-    if device.type != "cpu":
-        batch, labels = {k: v.to(device) for k, v in batch.items()}, labels.to(device)
-    with autocast(precision):
+    batch, labels = to_device(batch, device), labels.to(device)
+    with autocast(precision, device):
         out = model(**batch, labels=labels) if labels.dim() == 2 else model(**batch)
     if labels.dim() == 2:
         logits, targets = out
@@ -83,10 +103,12 @@ def train_local(model, data: Encoded, params: list[torch.nn.Parameter], *, epoch
     params = [p for p in params if p.requires_grad]
     if not params:
         raise RuntimeError("nothing to train: no parameter requires grad")
-    torch.manual_seed(seed)  # dropout stream of this (client, round, phase)
-    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)  # dropout stream of this (client, round, phase), on every device's generator
+    rng = np.random.default_rng(seed)  # data order: numpy, the same on every device
     steps_total = schedule_steps or epochs * num_batches(len(data), batch_size)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    # fp16 (CUDA): the loss is scaled so small gradients survive float16; steps with inf/NaN are skipped
+    scaler = torch.amp.GradScaler(hardware.device_type(params[0].device)) if precision == "fp16" else None
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -101,10 +123,18 @@ def train_local(model, data: Encoded, params: list[torch.nn.Parameter], *, epoch
             if extra_loss is not None:
                 loss = loss + extra_loss()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                if max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clip the true gradients
+                if max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
             schedule.step()
             compute += time.perf_counter() - t0
             losses.append(loss.item())
@@ -114,7 +144,7 @@ def train_local(model, data: Encoded, params: list[torch.nn.Parameter], *, epoch
     model.eval()
     return TrainStats(float(np.mean(losses)), len(losses), examples, real, padded,
                       time.perf_counter() - start, compute,
-                      optimizer.state_dict() if optimizer_state is not None or schedule_steps else None,
+                      to_wire(optimizer.state_dict()) if optimizer_state is not None or schedule_steps else None,
                       start_step + len(losses))
 
 
@@ -123,14 +153,15 @@ def predict(model, data: Encoded, *, batch_size: int, precision: str = "fp32",
             regression: bool = False) -> tuple[np.ndarray, float]:
     """Predictions in the data's original order, and the mean loss."""
     model.eval()
+    device = model_device(model)
     preds = np.zeros(len(data), dtype=np.float32 if regression else np.int64)
     total = 0.0
     for idx, batch in eval_batches(data, batch_size):
-        labels = batch.pop("labels")
-        with autocast(precision):
-            logits = model(**batch).float()
+        labels = batch.pop("labels").to(device)
+        with autocast(precision, device):
+            logits = model(**to_device(batch, device)).float()
         total += task_loss(logits, labels, regression).item() * len(idx)
-        preds[idx] = (logits.squeeze(-1) if regression else logits.argmax(-1)).numpy()
+        preds[idx] = (logits.squeeze(-1) if regression else logits.argmax(-1)).to(hardware.WIRE_DEVICE).numpy()
     return preds, total / max(1, len(data))
 
 
@@ -138,12 +169,12 @@ def predict(model, data: Encoded, *, batch_size: int, precision: str = "fp32",
 def lm_mean_loss(model, data: EncodedLM, *, batch_size: int, precision: str = "fp32") -> float:
     """Mean cross-entropy per target token over the whole dataset (each token weighs the same)."""
     model.eval()
+    device = model_device(model)
     total, count = 0.0, 0
     for _, batch in eval_batches(data, batch_size):
         labels = batch.pop("labels")
-        device = model_device(model)
-        batch, labels = {k: v.to(device) for k, v in batch.items()}, labels.to(device)
-        with autocast(precision):
+        batch, labels = to_device(batch, device), labels.to(device)
+        with autocast(precision, device):
             logits, targets = model(**batch, labels=labels)
         total += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         count += targets.numel()

@@ -20,7 +20,7 @@ from fedpeft.algorithms.leff.structure import parameter_role
 from fedpeft.algorithms.local_training import fit_report
 from fedpeft.algorithms.lora_runtime import wrap_model
 from fedpeft.algorithms.replies import accept
-from fedpeft.algorithms.tensors import mark_synced, prefixed, unprefixed, weighted_mean
+from fedpeft.algorithms.tensors import mark_synced, on_wire, prefixed, unprefixed, weighted_mean
 from fedpeft.errors import FedPeftError
 
 BIAS_PREFIX = "bias."
@@ -53,12 +53,12 @@ class FedBitFit(Algorithm):
         return peak_client_memory(self, self.trained_numel(rnd))
 
     def init(self):
-        return {"bias": {n: p.detach().clone() for n, p in self.biases().items()},
+        return {"bias": on_wire(self.biases()),
                 "head_init": self.heads.inits(), "heads": {}}
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         return {c.client_id: Message({**prefixed(BIAS_PREFIX, state["bias"]), **self.heads.download(state, c)},
-                                     {"round": rnd}) for c in self.federation}
+                                     {"round": rnd}) for c in (self.federation[i] for i in clients)}
 
     def aggregate(self, state, rnd, replies):
         ok = accept(self, rnd, replies, {BIAS_PREFIX + n: t.shape for n, t in state["bias"].items()})
@@ -81,5 +81,5 @@ class FedBitFit(Algorithm):
     def fit(self, instruction, client):
         self.load_for_eval(instruction, client)
         stats = self.train_client(client, list(self.biases().values()), tag="fit", rnd=instruction.config["round"])
-        up = {n: p.detach().clone() for n, p in self.biases().items()}
+        up = on_wire(self.biases())
         return Message({**prefixed(BIAS_PREFIX, up), **self.heads.keep(client)}, fit_report(client, stats))

@@ -29,6 +29,7 @@ from fedpeft.algorithms.base import Message, Runtime
 from fedpeft.algorithms.fedit import LORA_PREFIX, FedIT
 from fedpeft.algorithms.lora_runtime import build_lora_runtime
 from fedpeft.algorithms.tensors import prefixed, unprefixed
+from fedpeft.hardware import WIRE_DEVICE
 from fedpeft.models.adapters import get_lora_state, init_lora_state, lora_parameters, set_lora_state
 from fedpeft.seeding import derive_seed, torch_generator
 
@@ -58,6 +59,30 @@ class FedDPA(FedIT):
                 site.lora.scaling[LOCAL] = (1.0 - lam) * s
         for p in lora_parameters(self.runtime.sites, adapter=GLOBAL) + lora_parameters(self.runtime.sites, adapter=LOCAL):
             p.requires_grad_(False)  # set_adapter switches grads on; the caller decides what trains
+
+    # ------------------------------------------------------------ export
+    exports_one_adapter = False
+
+    def export(self, state, backbone, out, base_path, stores=None):
+        """The global LoRA (global_lora/) and every client's local LoRA (client_<i>_local/), from the
+        clients' stores when the run folder holds them: a client is scored with the two mixed."""
+        from fedpeft.algorithms.lora_runtime import export_lora
+
+        lam = float(self.cfg.feddpa_lambda)
+        mix = (f"{lam:g} × global + {1 - lam:g} × the client's local LoRA (the adapter outputs summed)"
+               if self.cfg.feddpa_weighting == "fixed" else
+               "1 − w × global + w × the client's local LoRA, w chosen per test instance (--feddpa-weighting instance)")
+        export_lora(backbone, self.cfg, state["lora"], out / "global_lora", base_path)
+        adapters = {"global_lora": {"path": "global_lora", "clients": "all", "use": f"in each client's mixture: {mix}"}}
+        for cid, store in sorted((stores or {}).items()):
+            if "local_lora" in store:
+                name = f"client_{cid}_local"
+                export_lora(backbone, self.cfg, store["local_lora"], out / name, base_path)
+                adapters[name] = {"path": name, "clients": [cid], "use": f"in client {cid}'s mixture: {mix}"}
+        if len(adapters) == 1:
+            adapters["global_lora"]["note"] = ("the clients' local LoRAs are not in this run folder (a deployed "
+                                               "Flower run keeps them on its nodes): only the global LoRA is exported")
+        return adapters
 
     # ------------------------------------------------------------ client
     def local_init(self) -> dict:
@@ -110,15 +135,15 @@ class FedDPA(FedIT):
     def _embed(self, data, idx: np.ndarray) -> torch.Tensor:
         """Pooled last hidden states of data[idx] with the local LoRA alone (official code: adapter 'local')."""
         from fedpeft.data.batching import collate
-        from fedpeft.training import autocast
+        from fedpeft.training import autocast, to_device
 
-        model, out = self.runtime.model, []
+        model, out, device = self.runtime.model, [], self.device
         for start in range(0, len(idx), self.cfg.eval_batch_size):
             batch = collate(data, idx[start:start + self.cfg.eval_batch_size])
             batch.pop("labels")
-            with autocast(self.cfg.precision):
-                out.append(model.pooled(**batch).float())
-        return torch.cat(out) if out else torch.zeros(0, model.hidden)
+            with autocast(self.cfg.precision, device):
+                out.append(model.pooled(**to_device(batch, device)).float())
+        return torch.cat(out) if out else torch.zeros(0, model.hidden, device=device)
 
     @torch.inference_mode()
     def instance_weights(self, client, rnd: int) -> np.ndarray:
@@ -137,33 +162,34 @@ class FedDPA(FedIT):
         train_emb = self._embed(client.train, used)
         test_emb = self._embed(client.test, np.arange(n_test))
         pos = {int(j): i for i, j in enumerate(used)}
-        ref_emb = train_emb[torch.as_tensor([[pos[int(j)] for j in row] for row in refs], dtype=torch.long)]
+        rows = torch.as_tensor([[pos[int(j)] for j in row] for row in refs], dtype=torch.long, device=train_emb.device)
+        ref_emb = train_emb[rows]
         sims = F.cosine_similarity(test_emb.unsqueeze(1), ref_emb, dim=-1).mean(1)
         self.use("mixture")
-        return (self.cfg.feddpa_max_weight * sims).clamp(0.0, 1.0).numpy()
+        return (self.cfg.feddpa_max_weight * sims).clamp(0.0, 1.0).to(WIRE_DEVICE).numpy()
 
     @torch.inference_mode()
     def _predict_weighted(self, client, weights: np.ndarray):
         from fedpeft.data.batching import eval_batches
-        from fedpeft.training import autocast, task_loss
+        from fedpeft.training import autocast, task_loss, to_device
 
-        model, sites = self.runtime.model, self.runtime.sites
+        model, sites, device = self.runtime.model, self.runtime.sites, self.device
         model.eval()
         preds = np.zeros(len(client.test), dtype=np.float32 if client.regression else np.int64)
         total = 0.0
         try:
             for idx, batch in eval_batches(client.test, self.cfg.eval_batch_size):
-                labels = batch.pop("labels")
-                w = torch.as_tensor(weights[idx], dtype=torch.float32).view(-1, 1, 1)
+                labels = batch.pop("labels").to(device)
+                w = torch.as_tensor(weights[idx], dtype=torch.float32, device=device).view(-1, 1, 1)
                 for site in sites:
                     s = self.runtime.extra["scale"][id(site.lora)]
                     site.lora.scaling[GLOBAL] = (1.0 - w) * s
                     site.lora.scaling[LOCAL] = w * s
                 # The per-instance scalings are [B, 1, 1]: they need the padded [B, S, H] activations.
-                with autocast(self.cfg.precision), model.padded():
-                    logits = model(**batch).float()
+                with autocast(self.cfg.precision, device), model.padded():
+                    logits = model(**to_device(batch, device)).float()
                 total += task_loss(logits, labels, client.regression).item() * len(idx)
-                preds[idx] = (logits.squeeze(-1) if client.regression else logits.argmax(-1)).numpy()
+                preds[idx] = (logits.squeeze(-1) if client.regression else logits.argmax(-1)).to(WIRE_DEVICE).numpy()
         finally:
             self.use("mixture")  # scalars again: the tensors above are for this batch only
         return preds, total / max(1, len(client.test))

@@ -15,7 +15,7 @@ from fedpeft.algorithms.base import Algorithm, Client, Message, Runtime
 from fedpeft.algorithms.local_training import fit_report
 from fedpeft.algorithms.lora_runtime import build_lora_runtime, export_lora
 from fedpeft.algorithms.replies import accept
-from fedpeft.algorithms.tensors import is_synced, mark_synced, prefixed, unprefixed, weighted_mean
+from fedpeft.algorithms.tensors import aggregate_states, is_synced, mark_synced, prefixed, unprefixed
 from fedpeft.models.adapters import get_lora_state, init_lora_state, lora_parameters, select_factors, set_lora_state
 from fedpeft.seeding import torch_generator
 
@@ -42,9 +42,9 @@ class FedIT(Algorithm):
             "heads": {},
         }
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         out = {}
-        for c in self.federation:
+        for c in (self.federation[i] for i in clients):
             # Until a client has replied once it gets the whole common initialisation
             # (docs/methods/fedlease.md#common-initialisation); afterwards only the factors the method sends.
             factors = self.sent_factors if is_synced(state, c.client_id) else ("A", "B")
@@ -57,18 +57,27 @@ class FedIT(Algorithm):
         expected = {LORA_PREFIX + k: v.shape for k, v in select_factors(state["lora"], self.sent_factors).items()}
         ok = accept(self, rnd, replies, expected)
         if ok:
+            ok = self.privacy.receive(state, rnd, ok, lambda cid: self.sent_to(state, cid))  # --dp central: clipped
             ups = [unprefixed(LORA_PREFIX, r.tensors) for r in ok.values()]
-            state["lora"].update(self.average(ups, [r.config["num_examples"] for r in ok.values()]))
-            self.heads.aggregate(state, ok)
+            weights = [r.config["num_examples"] for r in ok.values()]
+            state["lora"].update(self.privacy.mean(state, rnd, ups, weights, "lora", average=self.average))
+            self.heads.aggregate(state, ok, mean=lambda s, w, key: self.privacy.mean(state, rnd, s, w, key))
             mark_synced(state, ok)
         return state
 
     def average(self, ups, weights):
-        return weighted_mean(ups, weights)
+        """FedAvg (`--aggregation mean`) or a coordinate-wise robust aggregate (trimmed-mean, median)."""
+        return aggregate_states(ups, weights, self.cfg.aggregation, self.cfg.trim_fraction)
 
-    def export(self, state, backbone, out, base_path):
+    def sent_to(self, state, cid: int) -> dict[str, torch.Tensor]:
+        """What client `cid` was sent this round, by message name (the reference of its update under --dp)."""
+        return {**prefixed(LORA_PREFIX, state["lora"]), **self.heads.download(state, self.federation[cid])}
+
+    exports_one_adapter = True
+
+    def export(self, state, backbone, out, base_path, stores=None):
         export_lora(backbone, self.cfg, state["lora"], out / "global_lora", base_path)
-        return {"global_lora": {"path": "global_lora"}}
+        return {"global_lora": {"path": "global_lora", "clients": "all", "use": "alone, by every client"}}
 
     # ------------------------------------------------------------ client
     def local_extra_loss(self, lora_params: list[torch.nn.Parameter]):
@@ -96,5 +105,6 @@ class FedIT(Algorithm):
         kept = [f for f in ("A", "B") if f not in self.sent_factors]
         if kept:
             client.store["lora"] = select_factors(lora, kept)
-        up = select_factors(lora, self.sent_factors)
-        return Message({**prefixed(LORA_PREFIX, up), **self.heads.keep(client)}, fit_report(client, stats))
+        up = {**prefixed(LORA_PREFIX, select_factors(lora, self.sent_factors)), **self.heads.keep(client)}
+        up = self.privacy.upload(up, instruction.tensors, cid=client.cid, rnd=instruction.config["round"])  # --dp local
+        return Message(up, fit_report(client, stats))

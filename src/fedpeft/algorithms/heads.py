@@ -17,7 +17,7 @@ of each shape is drawn from (run seed, "head-init", number of labels), identical
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -74,13 +74,16 @@ class HeadPolicy:
         return self.model.head_parameters() if self.trains else []
 
     def keep(self, client) -> dict[str, torch.Tensor]:
-        """After training: store the head; return what the reply uploads (only under `shared`)."""
-        client.store["head"] = self.model.head_state()
+        """After training: store the head (a frozen one is unchanged: the store keeps the shared init,
+        no per-client copy); return what the reply uploads (only under `shared`)."""
+        if self.trains:
+            client.store["head"] = self.model.head_state()
         return prefixed(HEAD_PREFIX, client.store["head"]) if self.shared else {}
 
     def aggregate(self, state: dict[str, Any], replies: Mapping[int, Message],
-                  group_of: Mapping[int, Any] | None = None) -> None:
-        """Under `shared`: the data-size-weighted mean within each (group, head shape)."""
+                  group_of: Mapping[int, Any] | None = None, mean: Callable | None = None) -> None:
+        """Under `shared`: the data-size-weighted mean within each (group, head shape). `mean(heads,
+        weights, key)` replaces `weighted_mean` (--dp central: the noisy mean of the group `key`)."""
         if not self.shared:
             return
         buckets: dict[Any, list[int]] = {}
@@ -89,7 +92,8 @@ class HeadPolicy:
             buckets.setdefault((group, self.federation[cid].num_labels), []).append(cid)
         for key, members in buckets.items():
             heads = [unprefixed(HEAD_PREFIX, replies[c].tensors) for c in members]
-            state["heads"][key] = weighted_mean(heads, [replies[c].config["num_examples"] for c in members])
+            weights = [replies[c].config["num_examples"] for c in members]
+            state["heads"][key] = mean(heads, weights, key) if mean else weighted_mean(heads, weights)
 
     def global_head(self, state: dict[str, Any], num_labels: int) -> dict[str, torch.Tensor]:
         """The federation-wide head of a shape (LEFF scores the global model with it)."""
@@ -129,13 +133,15 @@ class ClassifierOnly(HeadPolicy):
         client.store["head"] = self.model.head_state()
         return prefixed(HEAD_PREFIX, {k: client.store["head"][k] for k in CLASSIFIER})
 
-    def aggregate(self, state, replies, group_of=None):
+    def aggregate(self, state, replies, group_of=None, mean=None):
         buckets: dict[int, list[int]] = {}
         for cid in replies:
             buckets.setdefault(self.federation[cid].num_labels, []).append(cid)
         for n, members in buckets.items():
             heads = [unprefixed(HEAD_PREFIX, replies[c].tensors) for c in members]
-            state["heads"][("all", n)] = weighted_mean(heads, [replies[c].config["num_examples"] for c in members])
+            weights = [replies[c].config["num_examples"] for c in members]
+            key = ("all", n)
+            state["heads"][key] = mean(heads, weights, key) if mean else weighted_mean(heads, weights)
 
 
 class NoHead(HeadPolicy):
@@ -159,7 +165,7 @@ class NoHead(HeadPolicy):
     def keep(self, client):
         return {}
 
-    def aggregate(self, state, replies, group_of=None):
+    def aggregate(self, state, replies, group_of=None, mean=None):
         pass
 
 

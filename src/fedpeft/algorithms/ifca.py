@@ -51,9 +51,9 @@ class IFCA(FedIT):
             "heads": {},
         }
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         out = {}
-        for c in self.federation:
+        for c in (self.federation[i] for i in clients):
             tensors = {}
             for k, lora in enumerate(state["clusters"]):
                 tensors.update(prefixed(cluster_prefix(k), lora))
@@ -87,7 +87,9 @@ class IFCA(FedIT):
         state["choices"] = {"round": rnd, "clusters": {str(c): r.config["cluster"] for c, r in ok.items()}}
         return state
 
-    def export(self, state, backbone, out, base_path):
+    exports_one_adapter = False
+
+    def export(self, state, backbone, out, base_path, stores=None):
         """One PEFT folder per cluster LoRA (cluster_<k>/), with the clients that chose it last."""
         from fedpeft.algorithms.lora_runtime import export_lora
 
@@ -95,7 +97,8 @@ class IFCA(FedIT):
         for k, lora in enumerate(state["clusters"]):
             export_lora(backbone, self.cfg, lora, out / f"cluster_{k}", base_path)
             adapters[f"cluster_{k}"] = {"path": f"cluster_{k}",
-                                        "clients": sorted(c for c, j in state["assign"].items() if j == k)}
+                                        "clients": sorted(c for c, j in state["assign"].items() if j == k),
+                                        "use": "alone, by the clients that chose this cluster last"}
         return adapters
 
     def round_info(self, state, rnd: int) -> dict:

@@ -10,10 +10,12 @@ from fedpeft.algorithms.messages import Client
 from fedpeft.seeding import derive_seed
 
 
-def train(cfg, model, client: Client, params: list[torch.nn.Parameter], *, tag: str, rnd: int, **kwargs):
+def train(cfg, model, client: Client, params: list[torch.nn.Parameter], *, tag: str, rnd: int,
+          epochs: int | None = None, **kwargs):
     """One local run over `params` with the run's optimiser settings and the seed of (tag, client,
-    round). Grads are on for exactly these parameters during the run and off after it. `kwargs` go
-    to `training.train_local` (FedProx's extra loss, FedLEASE's warmup optimiser state)."""
+    round), for `epochs` (default: --local-epochs). Grads are on for exactly these parameters during
+    the run and off after it. `kwargs` go to `training.train_local` (FedProx's extra loss,
+    FedLEASE's warmup optimiser state)."""
     from fedpeft.training import train_local
 
     params = list(params)
@@ -21,13 +23,20 @@ def train(cfg, model, client: Client, params: list[torch.nn.Parameter], *, tag: 
         p.requires_grad_(True)
     kwargs.setdefault("constant_lr", cfg.constant_lr)
     try:
-        return train_local(
-            model, client.train, params, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+        stats = train_local(
+            model, client.train, params, epochs=epochs or cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
             seed=derive_seed(cfg.seed, tag, client.cid, rnd), weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm, precision=cfg.precision, regression=client.regression, **kwargs)
     finally:
         for p in params:
             p.requires_grad_(False)
+    # A client never keeps (nor sends) a diverged model: the fit fails, the engine restores the
+    # client's store to before the round, and the client misses this round. This also covers what
+    # no server check sees, such as FedLEASE's warmup LoRA between its uploads.
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise FloatingPointError(f"client {client.cid}: local training ({tag}, round {rnd}) diverged to NaN/Inf "
+                                 f"parameters (train loss {stats.loss:.4g}); a lower --lr may help")
+    return stats
 
 
 def fit_report(client: Client, stats) -> dict[str, Any]:

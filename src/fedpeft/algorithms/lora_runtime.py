@@ -7,14 +7,17 @@ import copy
 import torch
 
 from fedpeft.algorithms.base import Runtime
+from fedpeft.hardware import half_dtype
+from fedpeft.models.placement import is_quantized
 from fedpeft.models.adapters import inject_lora, lora_sites
 
 
-def frozen_linears_to_bf16(model: torch.nn.Module) -> None:
-    """Store the frozen backbone's Linear layers in bfloat16 for `--precision bf16`.
+def frozen_linears_to(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Store the frozen backbone's Linear layers in `dtype` (bfloat16 for `--precision bf16`,
+    float16 for `fp16`).
 
-    CPU autocast would cast these weights to bf16 on every forward anyway (it caches only tensors
-    that require grad), so the matmuls see the same values; only the repeated casts go away.
+    Autocast would cast these weights to the half dtype on every forward anyway (it caches only
+    tensors that require grad), so the matmuls see the same values; only the repeated casts go away.
     LayerNorms and embeddings stay float32; adapters are created in float32 afterwards. A decoder's
     LM head tied to its input embeddings (SmolLM2) stays float32 too: converting it would convert
     the shared embedding matrix, and with it the residual stream.
@@ -22,7 +25,7 @@ def frozen_linears_to_bf16(model: torch.nn.Module) -> None:
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and id(module.weight) not in embeddings:
-            module.to(torch.bfloat16)
+            module.to(dtype)
 
 
 def wrap_model(peft_model, backbone):
@@ -40,8 +43,9 @@ def build_lora_runtime(cfg, backbone, *, rank: int, adapter_names: tuple[str, ..
     """Backbone copy (the cached backbone stays pristine) + LoRA of `rank` on cfg.target_modules,
     every parameter frozen; the methods switch on what they train."""
     encoder = copy.deepcopy(backbone.model)
-    if cfg.precision == "bf16":
-        frozen_linears_to_bf16(encoder)
+    half = half_dtype(cfg.precision)
+    if half is not None and not is_quantized(encoder):
+        frozen_linears_to(encoder, half)
     peft_model = inject_lora(encoder, rank=rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                              targets=list(cfg.target_modules), adapter_names=adapter_names)
     for p in peft_model.parameters():

@@ -10,12 +10,22 @@ from typing import Any, Callable
 import torch
 
 from fedpeft.data.batching import Encoded
+from fedpeft.hardware import WIRE_DEVICE
 
 
 @dataclass
 class Message:
+    """Named tensors and plain values. Its tensors are on `hardware.WIRE_DEVICE` (the CPU): a tensor
+    given on another device (a GPU-trained parameter) is copied there, so the server and the wire
+    never see device memory."""
+
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        wire = torch.device(WIRE_DEVICE)
+        if any(t.device != wire for t in self.tensors.values()):
+            self.tensors = {k: t.detach().to(WIRE_DEVICE) for k, t in self.tensors.items()}
 
     @property
     def nbytes(self) -> int:

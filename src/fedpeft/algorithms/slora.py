@@ -26,7 +26,8 @@ from fedpeft.algorithms.base import Message
 from fedpeft.algorithms.fedlora import FedLoRA
 from fedpeft.algorithms.local_training import fit_report
 from fedpeft.algorithms.replies import accept
-from fedpeft.algorithms.tensors import mark_synced, prefixed, unprefixed, weighted_mean
+from fedpeft.hardware import WIRE_DEVICE
+from fedpeft.algorithms.tensors import mark_synced, on_wire, prefixed, unprefixed, weighted_mean
 from fedpeft.models.adapters import lora_key
 from fedpeft.seeding import derive_seed
 
@@ -100,7 +101,7 @@ class SLoRA(FedLoRA):
 
     def init(self):
         state = super().init()
-        state["sparse"] = {k: torch.zeros_like(m.delta) for k, m in self.sparse().items()}
+        state["sparse"] = {k: torch.zeros(m.delta.shape, dtype=m.delta.dtype) for k, m in self.sparse().items()}
         return state
 
     def set_sparse(self, values: dict[str, torch.Tensor]) -> None:
@@ -108,11 +109,11 @@ class SLoRA(FedLoRA):
             for k, m in self.sparse().items():
                 m.delta.copy_(values[k] if values else torch.zeros_like(m.delta))
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         if rnd > self.stage1_rounds:
-            return super().configure(state, rnd)
+            return super().configure(state, rnd, clients)
         return {c.client_id: Message({**prefixed(SPARSE_PREFIX, state["sparse"]), **self.heads.download(state, c)},
-                                     {"round": rnd, "stage": 1}) for c in self.federation}
+                                     {"round": rnd, "stage": 1}) for c in (self.federation[i] for i in clients)}
 
     def aggregate(self, state, rnd, replies):
         if rnd > self.stage1_rounds:
@@ -135,7 +136,8 @@ class SLoRA(FedLoRA):
             mod = self.sparse()[key]
             base = site.lora.base_layer
             shape = base.parametrizations.weight.original.shape
-            delta_w = torch.zeros(shape).reshape(-1).index_add(0, mod.index, state["sparse"][key]).view(shape)
+            index = mod.index.to(WIRE_DEVICE)  # the server state is on the wire device, the mask on the model's
+            delta_w = torch.zeros(shape).reshape(-1).index_add(0, index, state["sparse"][key]).view(shape)
             if stores_transposed(base):
                 delta_w = delta_w.T
             a, b = svd_lora_init(delta_w, self.lora_rank(), scaling)
@@ -166,5 +168,5 @@ class SLoRA(FedLoRA):
         self.load_for_eval(instruction, client)
         params = [m.delta for m in self.sparse().values()]
         stats = self.train_client(client, params, tag="fit", rnd=instruction.config["round"])
-        up = {k: m.delta.detach().clone() for k, m in self.sparse().items()}
+        up = on_wire({k: m.delta for k, m in self.sparse().items()})
         return Message({**prefixed(SPARSE_PREFIX, up), **self.heads.keep(client)}, fit_report(client, stats))

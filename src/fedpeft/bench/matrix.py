@@ -3,20 +3,21 @@
 A run folder counts as finished when it has summary.md and its training_history.json holds the
 last round (round == global_rounds). A folder whose config.json differs from the suite's settings
 (an edited suite) is an error rather than a silent reuse. A folder with a checkpoint but no summary is resumed from the
-checkpoint (`--resume`); anything else is run from the start. One log line per run started and
-finished (with its headline), and one per run skipped.
+checkpoint (`--resume`); anything else is run from the start (`--overwrite`). One log line per
+run started and finished (with its headline), and one per run skipped.
 
-Two `bench` commands may share an --out (e.g. one per core): a run folder being trained holds a
-`.bench.lock` with its process id, and the other command skips that run instead of training it into
-the same folder at the same time. A lock whose process is gone is taken over. Process ids are local,
-so this guards commands on one machine only.
+Two `bench` commands may share an --out (e.g. one per core): a run folder being trained is locked
+by the process training it (the run folder's own lock, run/assemble.py: an flock the kernel frees
+when that process ends, however it ends), and the other command skips that run instead of training
+it into the same folder at the same time. The lock is taken before the folder is looked at, so
+"finished?" and "run it" are one step; a lock file is never deleted, so no command can remove
+another's lock. flock guards processes on one machine (and on file systems that support it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Callable
 from fedpeft.bench.runs import is_finished, run_dir_for
 from fedpeft.bench.suites import Suite
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import CPU
 
 log = logging.getLogger("fedpeft")
 
@@ -39,7 +41,9 @@ class RunRef:
 
 
 # Fields that may differ between a finished run and the suite without making it a different run.
-_IGNORED = {"output_dir", "resume", "quiet", "data_dir", "threads"}
+# The device is where a run computes, like its threads; its precision changes its numbers and is compared.
+_IGNORED = {"output_dir", "resume", "quiet", "data_dir", "threads", "device", "tracking", "tracking_uri",
+            "tracking_experiment"}
 
 
 def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
@@ -56,7 +60,12 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
         return
     model_type = getattr(backbone, "model_type", None)
     # A folder saved before a setting became automatic holds the unresolved value: resolve both sides.
-    saved = RunConfig.from_dict(raw, source=str(run_dir / "config.json")).resolved(model_type=model_type).to_dict()
+    # The saved device and precision are already concrete (what the run used, maybe on another machine's
+    # GPU): compared as they are, never resolved again here, where that GPU may not exist.
+    hw = {k: raw[k] for k in ("device", "precision", "client_gpus") if k in raw}
+    saved = RunConfig.from_dict({**raw, "device": CPU, "precision": "fp32", "client_gpus": 0.0},
+                                source=str(run_dir / "config.json"))
+    saved = {**saved.resolved(model_type=model_type).to_dict(), **hw}
     saved = {k: v for k, v in saved.items() if k in raw}
     planned = cfg.resolved(model_type=model_type).to_dict()
     # LEFF's settings do not touch another method's run (a new LEFF default must not orphan old runs)
@@ -70,43 +79,22 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
                                f"{planned[key]!r}: remove that folder or use another --out")
 
 
-LOCK = ".bench.lock"
+def claim(run_dir: Path) -> bool:
+    """Take the run folder's lock for this process (run/assemble.py); False if another process holds it."""
+    from fedpeft.run.assemble import lock_run_dir
 
-
-def _alive(pid: int) -> bool:
+    run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        lock_run_dir(run_dir)
+    except FedPeftError:
         return False
-    except PermissionError:  # somebody else's live process
-        return True
     return True
 
 
-def claim(run_dir: Path) -> int | None:
-    """Take run_dir's lock for this process; return the pid of the live process holding it instead, if any."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / LOCK
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = int(lock.read_text().strip())
-            except (OSError, ValueError):  # being written, or garbage: look again, then take it over
-                holder = 0
-            if holder and holder != os.getpid() and _alive(holder):
-                return holder
-            lock.unlink(missing_ok=True)  # left by a process that is gone
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        return None
-    raise FedPeftError(f"cannot take the lock {lock}: another process keeps recreating it")
-
-
 def release(run_dir: Path) -> None:
-    (run_dir / LOCK).unlink(missing_ok=True)
+    from fedpeft.run.assemble import release_run_dir
+
+    release_run_dir(run_dir)
 
 
 def _headline_text(history) -> str:
@@ -127,12 +115,18 @@ def _say(msg: str) -> None:
 
 def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] | None = None,
                data_dir: str | None = None, backbone=None, runner: Callable | None = None,
-               say: Callable[[str], None] = _say, threads: int | None = None) -> list[RunRef]:
+               say: Callable[[str], None] = _say, threads: int | None = None,
+               tracking: str | None = None, tracking_uri: str | None = None) -> list[RunRef]:
     """Run (or skip, or resume) every (label, seed) of the suite; return them in suite order.
 
     `backbone` is passed to every run (tests inject a tiny model); `runner` replaces
-    fedpeft.run.run (tests count calls).
+    fedpeft.run.run (tests count calls). `tracking`: every run is logged as its own run (named
+    LABEL-seedK) under one experiment, the suite's name, in one store: OUT/SUITE/mlflow.db (MLflow)
+    or OUT/SUITE/tensorboard/ (TensorBoard) unless `tracking_uri` names another.
     """
+    if tracking and tracking != "none" and tracking_uri is None:
+        dest = (Path(out) / suite.name).resolve()
+        tracking_uri = f"sqlite:///{dest / 'mlflow.db'}" if tracking == "mlflow" else str(dest / "tensorboard")
     if runner is None:
         from fedpeft.run import run as runner
     plan = suite.plan(list(seeds), labels)
@@ -153,14 +147,15 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
         cfg = suite.config(entry, seed, output_dir=str(run_dir), data_dir=data_dir)
         if threads is not None:
             cfg.threads = threads  # not a setting of the run: wall times are, so the report says it
+        if tracking and tracking != "none":  # not settings of the run either: where it is logged
+            cfg.tracking, cfg.tracking_uri, cfg.tracking_experiment = tracking, tracking_uri, suite.name
         tag = f"[{i}/{len(plan)}] {entry.label} seed {seed}"
-        check_same_settings(run_dir, cfg, backbone)
-        holder = claim(run_dir)
-        if holder is not None:
-            say(f"{tag}: being run by another process (pid {holder}), skipped ({run_dir})")
+        if not claim(run_dir):
+            say(f"{tag}: being run by another process, skipped ({run_dir})")
             refs.append(RunRef(entry.label, seed, cfg.method, run_dir, "busy"))
             continue
         try:
+            check_same_settings(run_dir, cfg, backbone)
             if is_finished(run_dir):  # checked under the lock: another command may have just finished it
                 say(f"{tag}: finished earlier, skipped ({run_dir})")
                 refs.append(RunRef(entry.label, seed, cfg.method, run_dir, "skipped"))
@@ -168,6 +163,9 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
             status = "ran"
             if (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.json").is_file():
                 cfg.resume, status = str(run_dir), "resumed"
+                cfg.output_dir = None  # the run's folder is --resume's
+            elif any((run_dir / name).exists() for name in ("config.json", "training_history.json")):
+                cfg.overwrite = True  # stopped before its first checkpoint: nothing to keep, run it again
             say(f"{tag}: {'resuming' if cfg.resume else 'started'} -> {run_dir}")
             start = time.perf_counter()
             result = runner(cfg, backbone=backbone)
@@ -181,7 +179,7 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
 def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] | None = None,
           data_dir: str | None = None, backbone=None, runner: Callable | None = None,
           say: Callable[[str], None] = _say, threads: int | None = None,
-          report_only: bool = False) -> dict[str, Path]:
+          report_only: bool = False, tracking: str | None = None, tracking_uri: str | None = None) -> dict[str, Path]:
     """Run the matrix, then write results.csv, results.md and results.png in OUT/<suite>/.
 
     `report_only`: run nothing; tabulate the runs of the plan that are finished (a matrix still
@@ -201,7 +199,7 @@ def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] 
             say(f"bench {suite.name}: not finished, left out of the report: {', '.join(pending)}")
     else:
         refs = run_matrix(suite, seeds, out, labels=labels, data_dir=data_dir, backbone=backbone,
-                          runner=runner, say=say, threads=threads)
+                          runner=runner, say=say, threads=threads, tracking=tracking, tracking_uri=tracking_uri)
     dest = Path(out) / suite.name
     busy = [f"{r.label} seed {r.seed}" for r in refs if r.status == "busy"]
     if busy:

@@ -7,19 +7,24 @@ Definitions (the same as a run's summary.md):
 - overall: the mean of the task means; best round: the non-warmup round with the highest overall;
 - bytes per client per round: mean over the Phase-2 rounds (phase "train": no init broadcast, no
   warmup) of the round's bytes divided by the number of clients;
-- seconds per round: mean wall time over the rounds that trained (init excluded).
+- seconds per round: mean wall time over the rounds that trained (init excluded);
+- precision, device: what the run computed with (its resolved config.json: `--precision auto`
+  is bf16 on hardware with native bf16, fp32 elsewhere).
 The std over seeds is the sample standard deviation (ddof = 1); with one seed only the mean shows.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Any, Iterable
 
+from fedpeft.atomic import atomic_write
 from fedpeft.bench.tables import FIXED_COLUMNS, TAIL_COLUMNS, mean_std, task_columns
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import CPU
 
 # The FedLEASE paper's main GLUE table (docs/methods/fedlease.md#reference-results): RoBERTa-large,
 # 16 clients (SST-2, QNLI, MRPC, QQP x 4), accuracy %.
@@ -61,7 +66,7 @@ def row_from_history(label: str, seed: int, history: dict[str, Any], run_dir: st
         bytes_down_per_client_round=_mean([r.get("bytes_down", 0) / n_clients for r in phase2]),
         seconds_per_round=_mean([r.get("seconds", 0.0) for r in trained]),
         total_seconds=sum(r.get("seconds", 0.0) for r in rounds),
-        rounds=max((r["round"] for r in rounds), default=0), run_dir=str(run_dir),
+        rounds=max((r["round"] for r in rounds), default=0), **_hardware_of(run_dir), run_dir=str(run_dir),
     )
     # LEFF family: analytic client memory (max over rounds), client compute per round (mean over the
     # clients' local runs), and steady-state bytes: uploads of rounds 1..T, the broadcasts that rounds
@@ -77,6 +82,18 @@ def row_from_history(label: str, seed: int, history: dict[str, Any], run_dir: st
     row["steady_bytes_down_per_client_round"] = _mean(
         [r.get("bytes_down", 0) / n_clients for r in rounds if 1 <= r["round"] < last])
     return row
+
+
+def _hardware_of(run_dir: str | Path) -> dict[str, str]:
+    """The precision and device a run actually used (its resolved config.json; a folder written
+    before they were settings used float32 on the CPU)."""
+    import json
+
+    try:
+        saved = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"precision": saved.get("precision", "fp32"), "device": saved.get("device", CPU)}
 
 
 def load_rows(refs: Iterable[Any]) -> list[dict[str, Any]]:
@@ -118,12 +135,12 @@ def _pm(ms: tuple[float, float | None], scale: float = 100.0, digits: int = 2) -
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     cols = FIXED_COLUMNS + task_columns(rows) + TAIL_COLUMNS
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in cols})
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in cols})
+    return atomic_write(path, buf.getvalue())
 
 
 def markdown(rows: list[dict[str, Any]], *, title: str, description: str = "") -> str:
@@ -214,8 +231,8 @@ def write_report(rows: list[dict[str, Any]], dest: str | Path, *, suite=None, se
     if suite is not None and suite.extra.get("report") == "leff":
         from fedpeft.bench.leff_report import leff_markdown
 
-        files["md"].write_text(leff_markdown(rows, title=title, description=suite.description))
+        atomic_write(files["md"], leff_markdown(rows, title=title, description=suite.description))
     else:
-        files["md"].write_text(markdown(rows, title=title, description=suite.description if suite else ""))
+        atomic_write(files["md"], markdown(rows, title=title, description=suite.description if suite else ""))
     files["png"] = plot(rows, dest / "results.png", title=f"{name}: overall by method")
     return files

@@ -103,13 +103,14 @@ def _matrix(ablations: bool = True) -> tuple[Entry, ...]:
 _GLUE_BASE: dict[str, Any] = dict(
     tasks=_clients(GLUE4, 4), model_name="minilm", carve_out=True, rank=4, lora_alpha=16.0,
     head_policy="frozen", lr=3e-3, batch_size=16, eval_batch_size=64, max_clusters=8, quiet=True,
-    threads=None,
+    threads=None, precision="auto",  # bf16 where the hardware runs it natively, fp32 elsewhere
 )
 
 # Generation: 8 clients (E2E, WebNLG and two instruction tasks x 2) on the packaged SmolLM2, FedIT vs
 # FedDPA vs FedLEASE (the FedLEASE paper's decoder comparison, at CPU size). Task ids are those of
-# the NLG data readers. bf16: SmolLM2 LoRA steps are ~2.5x faster than fp32 on CPUs with bf16
-# matmuls (benchmarks/decoder_throughput.py). lr 5e-4 is a common LoRA rate for small decoders, not
+# the NLG data readers. Precision auto: bf16 where the CPU has native bf16 matmuls (SmolLM2 LoRA steps
+# are ~2.5x faster than fp32 there, benchmarks/decoder_throughput.py), fp32 elsewhere (an AVX2 CPU runs
+# bf16 matmuls far slower than fp32); each run's config.json and results.csv say which it used. lr 5e-4 is a common LoRA rate for small decoders, not
 # tuned here. Cost, ESTIMATED (the suite has not run yet: its tasks land with the NLG readers) from
 # benchmarks/decoder_throughput.py and a 4-client SmolLM2 smoke run at one thread: per client-round
 # ~7 s for 4 bf16 steps of 8 x ~100 tokens + ~10 s to generate 16 x <= 48 tokens, so ~11 minutes per
@@ -118,15 +119,18 @@ NLG4 = ("e2e", "webnlg", "inst-sst2", "inst-cola")
 _NLG_BASE: dict[str, Any] = dict(
     tasks=_clients(NLG4, 2), model_name="smollm2", train_samples=32, test_samples=16, max_length=128,
     global_rounds=5, warmup_rounds=2, local_epochs=1, batch_size=8, eval_batch_size=16, rank=8,
-    lora_alpha=16.0, lr=5e-4, precision="bf16", num_beams=1, max_new_tokens=48, gen_batch_size=16,
+    lora_alpha=16.0, lr=5e-4, precision="auto", num_beams=1, max_new_tokens=48, gen_batch_size=16,
     max_clusters=4, quiet=True, threads=None,
+    # Plain prompts for inst-sst2 / inst-cola, as the recorded results (benchmarks/results/nlg-cpu.md) were
+    # made: SmolLM2's chat template adds a ~25-token system prompt that --max-length 128 would have to fit.
+    chat_template="none",
 )
 
 SUITES: dict[str, Suite] = {
     "nlg-cpu": Suite(
         name="nlg-cpu",
         description="8 clients (E2E, WebNLG, inst-sst2, inst-cola x 2), SmolLM2-135M, r = 8 on q/v, 32 train / "
-                    "16 test per client, 5 rounds (FedLEASE: 2 warmup + 3), greedy decoding, bf16; "
+                    "16 test per client, 5 rounds (FedLEASE: 2 warmup + 3), greedy decoding, precision auto; "
                     "FedIT, FedDPA, FedLEASE in under an hour on 2 cores",
         base=_NLG_BASE,
         entries=(Entry("fedit", {"method": "fedit"}), Entry("feddpa", {"method": "feddpa"}),
@@ -136,7 +140,8 @@ SUITES: dict[str, Suite] = {
         name="glue4-cpu",
         swap=("cola", "qqp"),
         description="16 clients (SST-2, QNLI, MRPC, CoLA x 4), MiniLM, 128 train / 64 test per client, 64 tokens, "
-                    "bf16, 8 rounds (FedLEASE: 3 warmup + 5), 1 local epoch; one method in about 5 minutes on 2 cores",
+                    "precision auto, 8 rounds (FedLEASE: 3 warmup + 5), 1 local epoch; one method in about 5 minutes "
+                    "on 2 cores with native bf16",
         # Sizes: the largest that keeps one method near 5 minutes on 2 idle cores. Checked on a
         # validation hold-out (--validation-fraction 0.2), never on the test clients: at this size
         # MiniLM learns SST-2 well, QNLI and MRPC barely (a single client with 512 examples reaches
@@ -144,7 +149,7 @@ SUITES: dict[str, Suite] = {
         # (the official code's choice): with it the warmup B matrices separated into 3 clusters on
         # the validation run against 2 with a trained local head.
         base={**_GLUE_BASE, "train_samples": 128, "test_samples": 64,
-              "task_samples": ["mrpc=128:64", "cola=128:64"], "max_length": 64, "precision": "bf16",
+              "task_samples": ["mrpc=128:64", "cola=128:64"], "max_length": 64,
               "global_rounds": 8, "warmup_rounds": 3, "local_epochs": 1},
         entries=_matrix(),
     ),
@@ -170,8 +175,8 @@ SUITES: dict[str, Suite] = {
         entries=_matrix(),
         requires_gpu=True,
         note="the paper suite trains RoBERTa-large (355 M parameters) on 16 x 1000 examples x 2 epochs x "
-             "25 rounds = 800,000 example passes per method; fedpeft trains on CPU, where that is "
-             "roughly 2-3 days per method on 2 cores (about 0.25 s per 128-token example forward + "
+             "25 rounds = 800,000 example passes per method; on a GPU (--device auto finds it) that is "
+             "hours, on a CPU roughly 2-3 days per method on 2 cores (about 0.25 s per 128-token example forward + "
              "backward); it needs the hub model 'roberta-large' (or a local copy via --model_name) "
              "and QQP, which the offline GLUE data does not have (a local glue/QQP folder or the hub)",
     ),

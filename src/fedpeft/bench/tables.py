@@ -8,7 +8,8 @@ from typing import Any
 
 FIXED_COLUMNS = ["label", "method", "seed"]
 TAIL_COLUMNS = ["overall", "best_round", "best_overall", "bytes_up_per_client_round",
-                "bytes_down_per_client_round", "seconds_per_round", "total_seconds", "rounds", "run_dir",
+                "bytes_down_per_client_round", "seconds_per_round", "total_seconds", "rounds", "precision",
+                "device", "run_dir",
                 "peak_client_memory_bytes", "client_compute_seconds", "steady_bytes_up_per_client_round",
                 "steady_bytes_down_per_client_round"]
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import statistics
 from pathlib import Path
 from typing import Any, Callable
 
+from fedpeft.atomic import atomic_write
 from fedpeft.bench.matrix import _say, run_matrix
 from fedpeft.bench.runs import is_finished, read_history, run_dir_for
 from fedpeft.bench.suites import Entry, Suite
@@ -140,8 +142,9 @@ def _write(md: Path, csv_path: Path, suite: Suite, key: str, values: list[Any], 
             for seed, x in by_v.get(v, []):
                 rows.append({"method": label, key: v, "seed": seed, "validation_overall": x,
                              "picked": v == picks[label]})
-    md.write_text("\n".join(lines) + "\n")
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["method", key, "seed", "validation_overall", "picked"])
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write(md, "\n".join(lines) + "\n")
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=["method", key, "seed", "validation_overall", "picked"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(csv_path, buf.getvalue())

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from fedpeft.data import prompts
 from fedpeft.data.root import ENV_DATA_DIR, resolve_data_root
-from fedpeft.data.sources import load_examples
+from fedpeft.data.sources import load_examples, text_file_errors
 from fedpeft.data.tasks import GenExample, TaskSpec, get_task
 from fedpeft.errors import FedPeftError
 from fedpeft.hub import hub_reachable
@@ -110,8 +110,9 @@ def read_e2e_csv(path: str | os.PathLike) -> list[tuple[str, str, int]]:
 @functools.lru_cache(maxsize=8)
 def _read_e2e_cached(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, str, int], ...]:
     rows = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f, text_file_errors(path) as where:
         reader = csv.reader(f)
+        where.reader = reader
         header = next(reader, None)
         if header is None:
             raise FedPeftError(f"{path} is empty; it should start with the header mr,ref.")

@@ -2,7 +2,9 @@
 
 Where the data comes from, in order:
 
-1. a demo task (`demo-*`): the TSV files bundled in `fedpeft/data/demo/`;
+1. a demo task (`demo-*`): the TSV files bundled in `fedpeft/data/demo/`, read by the general reader of
+   a dataset (`custom.py`) from a small description (`demo_dataset`): its two files, its text and label
+   columns, its label names;
 2. a local data root, given as `data_dir` or else by the environment variable `FEDPEFT_DATA_DIR`:
    the task folder is `ROOT/glue/<DIR>/` or, for a plain GLUE distribution, `ROOT/<DIR>/`
    (`<DIR>` is the GLUE folder name, e.g. `SST-2`); the train split is `train.tsv`, the
@@ -26,6 +28,7 @@ docstring for the exact rule). The local root itself is resolved in `root.py`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import logging
@@ -37,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpeft.data import custom
 from fedpeft.data.root import ENV_DATA_DIR, resolve_data_root
 from fedpeft.data.tasks import DEMO_TASKS, Example, TaskSpec, get_task
 from fedpeft.errors import FedPeftError
@@ -85,7 +89,6 @@ _LAYOUTS: dict[str, _Layout] = {
         "sentence1", "sentence2", "gold_label", {"entailment": 0, "neutral": 1, "contradiction": 2}
     ),
 }
-_DEMO_LAYOUT = _Layout("text_a", "text_b", "label", None)  # label map filled per task
 
 _GLUE_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
 _GLUE_FILES_MNLI = {"train": "train.tsv", "validation": "dev_matched.tsv"}
@@ -106,8 +109,15 @@ _HF_SPLITS = {"train": "train", "validation": "validation"}
 _HF_SPLITS_MNLI = {"train": "train", "validation": "validation_matched"}
 
 
-def _demo_label_map(spec: TaskSpec) -> dict[str, int]:
-    return {str(i): i for i in range(spec.num_labels)}
+def demo_dataset(task: str) -> custom.DatasetSpec:
+    """A bundled demo task as a dataset of the general reader: `<task>.train.tsv` and, as its test
+    file, `<task>.validation.tsv` (columns text_a, text_b for pairs, and label, the class id)."""
+    spec = get_task(task)
+    return custom.DatasetSpec(
+        name=spec.name, source=str(DEMO_DIR / f"{spec.name}.train.tsv"), kind="classification",
+        text_columns=("text_a", "text_b") if spec.is_pair else ("text_a",), label_column="label",
+        test_file=str(DEMO_DIR / f"{spec.name}.validation.tsv"),
+        label_values=tuple(str(i) for i in range(spec.num_labels)), label_names=spec.label_names, builtin=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +125,7 @@ def _demo_label_map(spec: TaskSpec) -> dict[str, int]:
 
 
 def read_task_tsv(task: str, path: str | os.PathLike) -> list[Example]:
-    """Parse one TSV file in `task`'s layout (a GLUE layout, or text_a/text_b/label for demo tasks).
+    """Parse one TSV file in `task`'s GLUE layout.
 
     Cached per process on (task, path, modification time, size); a fresh list is returned each
     call, holding shared frozen `Example`s.
@@ -129,18 +139,50 @@ def read_task_tsv(task: str, path: str | os.PathLike) -> list[Example]:
     return list(_read_cached(spec.name, str(path), stat.st_mtime_ns, stat.st_size))
 
 
+class _Where:
+    reader = None
+
+
+@contextlib.contextmanager
+def text_file_errors(path: str | os.PathLike):
+    """Turn what a damaged text data file raises while it is read into one FedPeftError naming the
+    file and line: a byte that is not UTF-8 (the line found by rereading the file as bytes), or a
+    field longer than Python's csv limit. Set `.reader` on the yielded object to the csv reader."""
+    where = _Where()
+    try:
+        yield where
+    except UnicodeDecodeError:
+        line, column, byte = first_non_utf8(path)
+        raise FedPeftError(f"{path}, line {line}: byte {byte:#04x} (column {column}) is not UTF-8; save the file "
+                           "as UTF-8 or fix that line.") from None
+    except csv.Error as exc:
+        line = where.reader.line_num if where.reader is not None else "?"
+        if "field larger than field limit" in str(exc):
+            raise FedPeftError(f"{path}, line {line}: a field is longer than {csv.field_size_limit()} characters "
+                               "(Python's csv limit); is this the right file? Fix or remove that row.") from None
+        raise FedPeftError(f"{path}, line {line}: {exc}; fix or remove that row.") from None
+
+
+def first_non_utf8(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(line, column, byte) of the first byte of `path` that is not UTF-8 (columns count bytes from 1)."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                return number, exc.start + 1, raw[exc.start]
+    return 0, 0, 0  # pragma: no cover - only called after a decode error
+
+
 @functools.lru_cache(maxsize=64)
 def _read_cached(task: str, path: str, mtime_ns: int, size: int) -> tuple[Example, ...]:
     spec = get_task(task)
-    if spec.source == "demo":
-        layout = _DEMO_LAYOUT
-        label_map = _demo_label_map(spec)
-    else:
-        layout = _LAYOUTS[spec.name]
-        label_map = layout.label_map
+    layout = _LAYOUTS[spec.name]
+    label_map = layout.label_map
     # utf-8-sig drops the byte-order mark that starts the GLUE MRPC header.
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f, text_file_errors(path) as where:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        where.reader = reader
         if layout.header:
             header = next(reader, None)
             if header is None:
@@ -192,8 +234,6 @@ def _read_cached(task: str, path: str, mtime_ns: int, size: int) -> tuple[Exampl
                     )
                 label = label_map[raw]
             text_b = row[ib] if ib is not None else None
-            if spec.source == "demo" and not text_b:
-                text_b = None
             examples.append(Example(text_a=row[ia], text_b=text_b, label=label))
     return tuple(examples)
 
@@ -250,7 +290,7 @@ def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = No
             "fedpeft.data.nlg_sources.load_gen_examples, not load_examples."
         )
     if spec.source == "demo":
-        return read_task_tsv(spec.name, DEMO_DIR / f"{spec.name}.{split}.tsv")
+        return custom.load_split(demo_dataset(spec.name), split)
     root = resolve_data_root(data_dir)
     if root is None:
         return list(_load_from_hub(spec.name, split))

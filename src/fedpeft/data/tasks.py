@@ -20,6 +20,12 @@ prompts in `prompts.py`, metrics in `nlg_metrics.py`):
   They report ROUGE-1 (as FedLEASE/FedDPA do for instruction tasks), plus BLEU for the two text
   tasks and accuracy (normalised exact match) for the label-word tasks. `inst-mrpc` (paraphrase,
   answer "yes"/"no") is a fifth to swap in.
+
+A dataset of the user's (`--dataset`, `data/custom.py`) becomes a task at run time: its spec is made
+from the run's resolved settings and added with `register_task`, so every process that reads those
+settings knows it by name. Instruction tasks (`chat=True`: the `inst-*` tasks and a prompt/target
+dataset) put their prompt in a user turn of the tokenizer's chat template on a chat model
+(`data/chat.py`).
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ class TaskSpec:
     """"glue" or "demo" (generation tasks name their own source, e.g. "e2e")."""
     kind: str = "classification"
     """"classification" (labels, a head) or "generation" (prompt → text, a causal LM, `GenExample`s)."""
+    pair: bool = False
+    """Examples are sentence pairs (a dataset of the user's with two text columns; GLUE pairs are listed below)."""
+    chat: bool = False
+    """An instruction task: on a chat model the prompt is a user turn of the tokenizer's chat template."""
 
     @property
     def is_generation(self) -> bool:
@@ -61,7 +71,7 @@ class TaskSpec:
     @property
     def is_pair(self) -> bool:
         """True when examples are sentence pairs (text_b is set)."""
-        return self.name in _PAIR_TASKS
+        return self.pair or self.name in _PAIR_TASKS
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,7 @@ _TEXT_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")  # the E2E challe
 
 def _gen(name, metrics, source, hf_name=("", "")) -> TaskSpec:
     return TaskSpec(
+        chat=name.startswith("inst-"),
         name=name,
         glue_dir="",
         num_labels=0,
@@ -171,6 +182,8 @@ _PAIR_TASKS = frozenset(
 )
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
+BUILTIN_TASKS: frozenset[str] = frozenset(TASKS)
+TEXT_METRICS = _TEXT_METRICS
 GLUE_TASKS: tuple[str, ...] = tuple(s.name for s in _SPECS if s.source == "glue" and not s.is_generation)
 DEMO_TASKS: tuple[str, ...] = tuple(s.name for s in _SPECS if s.source == "demo")
 GENERATION_TASKS: tuple[str, ...] = tuple(s.name for s in _SPECS if s.is_generation)
@@ -183,6 +196,15 @@ def get_task(name: str) -> TaskSpec:
     except (KeyError, TypeError, AttributeError):
         known = ", ".join(TASKS)
         raise FedPeftError(f"Unknown task {name!r}; choose one of: {known}.") from None
+
+
+def register_task(spec: TaskSpec) -> None:
+    """Add a task made at run time (a dataset of the user's, `data/custom.py`). A task registered
+    before under the same name is replaced; a built-in task never is."""
+    if spec.name in BUILTIN_TASKS:
+        raise FedPeftError(f"the task name {spec.name!r} is a built-in task: give your dataset another name "
+                           "with --dataset-name")
+    TASKS[spec.name] = spec
 
 
 def backbone_kind(tasks: list[str]) -> str:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import WIRE_DEVICE
 
 FACTORS = ("A", "B")
 _KEY = re.compile(r"^layer\.(\d+)\.([A-Za-z_][\w]*)\.(A|B)$")
@@ -113,8 +114,8 @@ def _factor(site: LoraSite, factor: str, adapter: str) -> nn.Parameter:
 
 def get_lora_state(sites: list[LoraSite], *, factors: Iterable[str] = FACTORS,
                    adapter: str = "default") -> dict[str, torch.Tensor]:
-    # CPU copies whatever device the model is on: these tensors travel in messages.
-    return {lora_key(s.layer, s.module, f): _factor(s, f, adapter).detach().to("cpu", copy=True)
+    # Copies on the wire device whatever device the model is on: these tensors travel in messages.
+    return {lora_key(s.layer, s.module, f): _factor(s, f, adapter).detach().to(WIRE_DEVICE, copy=True)
             for s in sites for f in factors}
 
 

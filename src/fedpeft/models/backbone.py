@@ -100,8 +100,11 @@ def _offline_message(name: str) -> str:
             f"--model_name minilm or smollm2 (packaged) or a local model folder")
 
 
-def load_backbone(name: str, kind: str = "encoder", quantization: str = "none") -> Backbone:
-    """Load the model and tokenizer once per process (cached by name, kind and quantization).
+def load_backbone(name: str, kind: str = "encoder", quantization: str = "none", device: str = "auto") -> Backbone:
+    """Load the model and tokenizer once per process (cached by name, kind and quantization), on the
+    CPU: the run moves its own copy to the run's device. A k-bit decoder (`quantization` 8bit / 4bit)
+    is loaded straight onto the GPU `device` names (bitsandbytes), prepared for training
+    (`placement.prepare_kbit`), and stays there.
 
     `module:function` names a model factory (see the module docstring)."""
     if kind not in KINDS:
@@ -109,7 +112,7 @@ def load_backbone(name: str, kind: str = "encoder", quantization: str = "none") 
     if is_model_factory(name):
         return _factory_backbone(name, kind, quantization)
     if kind == "causal":
-        return _load_causal_cached(name, quantization)
+        return _load_causal_cached(name, quantization, device if quantization != "none" else "auto")
     if quantization != "none":
         raise FedPeftError("--quantization applies to decoders (generation tasks) only: use --quantization none")
     from fedpeft.models.decoders import PACKAGED_DECODERS
@@ -177,7 +180,7 @@ def _factory_cached(name: str) -> Backbone:
 
 
 @lru_cache(maxsize=2)
-def _load_causal_cached(name: str, quantization: str) -> Backbone:
+def _load_causal_cached(name: str, quantization: str, device: str = "auto") -> Backbone:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -186,7 +189,7 @@ def _load_causal_cached(name: str, quantization: str) -> Backbone:
     hf_logging.disable_progress_bar()
     if name in PACKAGED:
         raise FedPeftError(f"{name!r} is an encoder: generation tasks need a decoder such as --model_name smollm2")
-    qkw = quantization_kwargs(quantization)  # clear error before any download
+    qkw = quantization_kwargs(quantization, device)  # clear error before any download
     for attempt in (1, 2):
         path, local, kwargs = _source(name)
         try:
@@ -207,6 +210,10 @@ def _load_causal_cached(name: str, quantization: str) -> Backbone:
             if local:
                 raise FedPeftError(f"cannot load the model in {path}: {exc}") from None
             raise FedPeftError(_offline_message(name) + f" ({type(exc).__name__})") from None
+    if quantization != "none":
+        from fedpeft.models.placement import prepare_kbit
+
+        model = prepare_kbit(model)  # PEFT's k-bit preparation: frozen, norms and embeddings in float32
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -270,3 +277,24 @@ def sentence_transformers_pooling(path: str) -> str:
         except ValueError:
             pass
     return "first"
+
+
+# Models whose position ids start after the padding index (RoBERTa's layout): two of their
+# max_position_embeddings are never a token's position.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer", "xmod"}
+
+
+def max_positions(model) -> int | None:
+    """How many tokens one sequence may have on this model: its learned or declared position table
+    (RoBERTa-style offsets taken off), or None for a model with relative positions only (DeBERTa-v3)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if getattr(cfg, "position_biased_input", True) is False:
+        return None
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    if getattr(cfg, "model_type", None) in _OFFSET_POSITIONS:
+        n -= (getattr(cfg, "pad_token_id", None) or 1) + 1
+    return n

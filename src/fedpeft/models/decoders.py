@@ -7,6 +7,13 @@ its config and tokenizer as a plain Hugging Face folder under the user's cache
 The folder is written to a temporary name and renamed when complete, with a marker listing every file
 and its size; a folder whose marker is missing or whose files differ from it (an interrupted copy, a
 truncated file) is removed and rebuilt.
+
+SmolLM2-Instruct is a chat model: its GGUF file carries the chat template (metadata key
+`tokenizer.chat_template`, ChatML with a default system prompt). transformers reads it into the
+tokenizer and `save_pretrained` writes it (chat_template.jinja); when a tokenizer comes without it, it
+is read from the GGUF file (`gguf_chat_template`). A cache folder without a template (built before
+fedpeft used chat templates) is rebuilt, so instruction tasks get the model's own template
+(data/chat.py).
 """
 
 from __future__ import annotations
@@ -67,7 +74,24 @@ def _cache_ok(folder: Path, source: dict) -> bool:
     files = marker.get("files")
     if marker.get("source") != source or not isinstance(files, dict) or "model.safetensors" not in files:
         return False
+    if "chat_template.jinja" not in files and "chat_template" not in _json(folder / "tokenizer_config.json"):
+        return False  # a copy from before the chat template was kept: build it again, with it
     return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def gguf_chat_template(gguf: Path) -> str | None:
+    """The chat template in a GGUF file's metadata (`tokenizer.chat_template`), or None."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.chat_template")
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None and field.data else None
 
 
 def _build_smollm2(gguf: Path, folder: Path, source: dict) -> None:
@@ -84,6 +108,8 @@ def _build_smollm2(gguf: Path, folder: Path, source: dict) -> None:
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = gguf_chat_template(gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain float32 tensors now; only the "loaded from GGUF" flags stop save_pretrained.
     model.hf_quantizer = None
@@ -102,24 +128,28 @@ def _build_smollm2(gguf: Path, folder: Path, source: dict) -> None:
                            f"set FEDPEFT_CACHE to a writable folder with 600 MB free") from None
 
 
-def check_quantization(quantization: str) -> None:
-    """8-bit / 4-bit loading needs bitsandbytes and a CUDA GPU; say which is missing."""
+def check_quantization(quantization: str, device: str = "auto") -> None:
+    """8-bit / 4-bit loading needs bitsandbytes and a CUDA GPU as the run's device; say which is missing."""
     if quantization not in QUANTIZATIONS:
         raise FedPeftError(f"unknown --quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if quantization == "none":
         return
-    import torch
+    from fedpeft.hardware import cuda_available, device_type
 
-    if not torch.cuda.is_available():
+    if not cuda_available():
         raise FedPeftError(f"--quantization {quantization} needs a CUDA GPU (bitsandbytes); "
                            f"none is available here: use --quantization none")
+    if device_type(device) not in ("auto", "cuda"):
+        raise FedPeftError(f"--quantization {quantization} loads the decoder onto a CUDA GPU (bitsandbytes), "
+                           f"but --device is {device}: use --device auto or cuda, or --quantization none")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise FedPeftError(f"--quantization {quantization} needs bitsandbytes: pip install bitsandbytes")
 
 
-def quantization_kwargs(quantization: str) -> dict:
-    """from_pretrained arguments for k-bit loading (bitsandbytes imported only here, through transformers)."""
-    check_quantization(quantization)
+def quantization_kwargs(quantization: str, device: str = "auto") -> dict:
+    """from_pretrained arguments for k-bit loading (bitsandbytes imported only here, through transformers):
+    the whole decoder on the GPU `device` names (cuda:N → N; cuda or auto → 0)."""
+    check_quantization(quantization, device)
     if quantization == "none":
         return {}
     import torch
@@ -130,7 +160,8 @@ def quantization_kwargs(quantization: str) -> dict:
     else:
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                  bnb_4bit_compute_dtype=torch.bfloat16)
-    return {"quantization_config": bnb, "device_map": {"": 0}}
+    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    return {"quantization_config": bnb, "device_map": {"": index}}
 
 
 def is_causal_config(config) -> bool:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import WIRE_DEVICE
 from fedpeft.models.varlen import FastDropout, encode_varlen, pool_varlen, supports_varlen, use_fast_dropout
 
 
@@ -69,8 +70,9 @@ class TaskModel(nn.Module):
     # ---------------------------------------------------------------- heads
     def head(self, num_labels: int) -> ClassificationHead:
         key = str(num_labels)
-        if key not in self.heads:
-            self.heads[key] = ClassificationHead(self.hidden, num_labels)
+        if key not in self.heads:  # made when first needed, on the device the encoder computes on
+            device = next(self.encoder.parameters()).device
+            self.heads[key] = ClassificationHead(self.hidden, num_labels).to(device)
         return self.heads[key]
 
     def use_head(self, num_labels: int, state: dict[str, torch.Tensor], *, trainable: bool) -> None:
@@ -81,7 +83,8 @@ class TaskModel(nn.Module):
         self.num_labels = num_labels
 
     def head_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.head(self._current()).state_dict().items()}
+        """Copies of the current head's tensors on the wire device (a client keeps them, or sends them)."""
+        return {k: v.detach().to(WIRE_DEVICE, copy=True) for k, v in self.head(self._current()).state_dict().items()}
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head(self._current()).parameters())

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedpeft.hardware import CPU
+
 ATTENTION = "fedpeft_varlen"
 VARLEN_MODEL_TYPES = ("bert", "roberta")
 
@@ -53,7 +55,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     from torch's default generator (so `torch.manual_seed` fixes the masks, as it fixes F.dropout's),
     compared with ⌊p·2³²⌋: P(drop) is p to within 2⁻³² (torch's own float32 uniforms resolve 2⁻²⁴).
     It is 3× faster than torch's per-element mt19937 draws. Elsewhere: torch.rand on the device."""
-    if device.type != "cpu":
+    if device.type != CPU:
         return torch.rand(shape, device=device) >= p
     n = math.prod(shape)
     seed = int(torch.randint(0, 2 ** 62, (1,)))

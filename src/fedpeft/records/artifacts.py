@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fedpeft.records.atomic import atomic_write_json
+from fedpeft.atomic import atomic_write_json
 
 log = logging.getLogger("fedpeft")
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError
-from fedpeft.run.assemble import build_algorithm, open_history, open_run_dir, settle
+from fedpeft.run.assemble import (build_algorithm, check_new_run_dir, open_history, open_run_dir,
+                                  release_run_dir, settle)
 
 
 @dataclass
@@ -27,33 +28,40 @@ def run(cfg: RunConfig, *, backbone=None, stop_after: int | None = None, fail=No
     """Train and evaluate the federation `cfg` describes; write the run folder.
 
     `backbone` lets tests pass a tiny model; `stop_after` stops after that round (resume tests);
-    `fail` injects client failures {(round, client): exception}.
+    `fail` injects client failures {(round, client): exception}. The run folder's lock is held
+    from the first look at the folder to the end of the run, and freed however the run ends.
     """
     if cfg.engine == "flower":
         raise FedPeftError("--engine flower is the deployed ServerApp: start it with `flwr run APP_DIR SUPERLINK` "
                            "(docs/flower.md), or use --engine flower-sim on one machine")
-    cfg, backbone = settle(cfg, backbone)
-    if cfg.engine == "flower-sim":
-        from fedpeft.run.flower import run_flower_sim
+    if cfg.resume is None and cfg.output_dir:
+        check_new_run_dir(Path(cfg.output_dir), overwrite=cfg.overwrite)  # before loading anything
+    run_dir = Path(cfg.resume) if cfg.resume else None
+    try:
+        cfg, backbone = settle(cfg, backbone)
+        if cfg.engine == "flower-sim":
+            from fedpeft.run.flower import run_flower_sim
+
+            run_dir, resume = open_run_dir(cfg)
+            history = run_flower_sim(cfg, run_dir, resume=resume, stop_after=stop_after, backbone=backbone)
+            return RunResult(run_dir, history, cfg)
+
+        from fedpeft.engines.local import LocalEngine
+        from fedpeft.records.progress import Progress
+        from fedpeft.run.federation import prepare_clients
 
         run_dir, resume = open_run_dir(cfg)
-        history = run_flower_sim(cfg, run_dir, resume=resume, stop_after=stop_after, backbone=backbone)
+        infos, clients = prepare_clients(cfg, backbone.tokenizer)
+        algorithm = build_algorithm(cfg, backbone, infos)
+        history = open_history(run_dir, cfg, infos, resume=resume)
+        progress = Progress(algorithm.num_rounds, enabled=not cfg.quiet)
+        try:
+            LocalEngine(algorithm, clients, history, run_dir, progress=progress, fail=fail).run(
+                resume=resume, stop_after=stop_after)
+        finally:
+            progress.close()
+            history.save()
+        history.finish()
         return RunResult(run_dir, history, cfg)
-
-    from fedpeft.engines.local import LocalEngine
-    from fedpeft.records.progress import Progress
-    from fedpeft.run.federation import prepare_clients
-
-    run_dir, resume = open_run_dir(cfg)
-    infos, clients = prepare_clients(cfg, backbone.tokenizer)
-    algorithm = build_algorithm(cfg, backbone, infos)
-    history = open_history(run_dir, cfg, infos, resume=resume)
-    progress = Progress(algorithm.num_rounds, enabled=not cfg.quiet)
-    try:
-        LocalEngine(algorithm, clients, history, run_dir, progress=progress, fail=fail).run(
-            resume=resume, stop_after=stop_after)
     finally:
-        progress.close()
-        history.save()
-    history.finish()
-    return RunResult(run_dir, history, cfg)
+        release_run_dir(run_dir)

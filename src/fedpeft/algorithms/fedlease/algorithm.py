@@ -20,9 +20,11 @@ distance; M does not change, since the clustering runs only once.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedpeft.algorithms.base import Algorithm, Artifact, Client, Message, Runtime
@@ -33,14 +35,19 @@ from fedpeft.algorithms.lora_runtime import build_lora_runtime
 from fedpeft.algorithms.replies import accept
 from fedpeft.algorithms.tensors import is_synced, mark_synced, prefixed, unprefixed, weighted_mean
 from fedpeft.data.batching import num_batches
-from fedpeft.models.adapters import get_lora_state, init_lora_state, lora_parameters, parse_lora_key, set_lora_state
-from fedpeft.models.moe.layer import inject_moe_lora, moe_layers, set_own_expert, set_record_usage
+from fedpeft.errors import RunFailed
+from fedpeft.models.adapters import (get_lora_state, init_lora_state, lora_key, lora_parameters, parse_lora_key,
+                                     set_lora_state)
+from fedpeft.models.moe.layer import inject_moe_lora, moe_layers, set_own_expert, set_record_usage, solo_expert
 from fedpeft.models.moe.state import load_moe_state, moe_key, moe_state, parse_moe_key
 from fedpeft.seeding import torch_generator
 
 log = logging.getLogger("fedpeft")
 
 MOE_PREFIX = "moe."
+# Above this many clustered clients, clustering.json names clustering_distance.npy instead of listing
+# the matrix, and the per-client figures (dendrogram, MDS, heat-map) are not drawn.
+MAX_LISTED_CLIENTS = 200
 
 
 class FedLEASE(Algorithm):
@@ -75,9 +82,9 @@ class FedLEASE(Algorithm):
                                {c.client_id: state["lora"] for c in self.federation}, n)
         return state
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         out = {}
-        for c in self.federation:
+        for c in (self.federation[i] for i in clients):
             cid = c.client_id
             cfg = {"round": rnd, "phase": self.phase(rnd)}
             warm = rnd <= self.warmup_rounds
@@ -104,27 +111,37 @@ class FedLEASE(Algorithm):
         return out
 
     def aggregate(self, state, rnd, replies):
-        mark_synced(state, replies)  # they hold the common initialisation now
         if rnd < self.warmup_rounds:
+            mark_synced(state, replies)  # they hold the common initialisation now
             return state  # warmup: nothing aggregated or sent until the one upload at the end of round W
+        rejected: set[int] = set()
         uploads = {cid: r for cid, r in replies.items() if r.config.get("uploaded_warmup")}
         if uploads:
             expected = {LORA_PREFIX + k: v.shape for k, v in state["lora"].items()}
-            uploads = accept(self, rnd, uploads, expected)
+            ok = accept(self, rnd, uploads, expected)
+            rejected |= set(uploads) - set(ok)
+            # --dp central: each warmup LoRA clipped against the common initialisation it started from
+            uploads = self.privacy.receive(state, rnd, ok, lambda cid: self._warmup_sent(state, cid))
         if rnd == self.warmup_rounds:
             if not uploads:
-                raise RuntimeError("no client uploaded its warmup LoRA: nothing to cluster")
+                why = "every upload was rejected" if rejected else "no client uploaded one"
+                raise RunFailed(f"round {rnd}: no warmup LoRA to cluster ({why}; see the log); the run stopped with "
+                                f"the checkpoint of round {rnd - 1}")
             self._cluster(state, rnd, uploads)
         elif uploads:
             self._late_join(state, rnd, uploads)
         trained = {cid: r for cid, r in replies.items() if "own_expert" in r.config}
         if trained:
-            self._aggregate_experts(state, rnd, trained)
+            rejected |= self._aggregate_experts(state, rnd, trained)
+        # They hold the common initialisation now; a rejected client is rolled back to before this
+        # round (engines/local.py), so it is sent the initialisation again if this was its first reply.
+        mark_synced(state, set(replies) - rejected)
         return state
 
     def _cluster(self, state, rnd, uploads: dict[int, Message]) -> None:
         from fedpeft.algorithms.fedlease.clustering import b_distance_matrix, cluster_clients, task_clusters
 
+        t0 = time.perf_counter()
         cids = sorted(uploads)
         loras = {cid: unprefixed(LORA_PREFIX, uploads[cid].tensors) for cid in cids}
         b_only = [{k: v for k, v in loras[cid].items() if k.endswith(".B")} for cid in cids]
@@ -147,28 +164,35 @@ class FedLEASE(Algorithm):
             log.info("  expert %d ← clients %s (%s)", j, [cids[m] for m in members],
                      ", ".join(f"{t} × {tasks.count(t)}" for t in dict.fromkeys(tasks)))
         state["warmup_b"] = {cid: b for cid, b in zip(cids, b_only)}
-        state["clustering"] = {"clients": cids, **result.to_json()}
+        info = result.to_json()
+        # the N×N distances as one tensor (a JSON list of 10^6 floats at N = 1,000 is not state)
+        state["clustering_distance"] = torch.from_numpy(np.asarray(info.pop("distance"), dtype=np.float64))
+        state["clustering"] = {"clients": cids, "seconds": time.perf_counter() - t0, **info}
         self._start_phase2(state, cluster_of, loras, result.num_clusters,
                            heads={cid: unprefixed(HEAD_PREFIX, uploads[cid].tensors) for cid in cids},
-                           sizes={cid: uploads[cid].config["num_examples"] for cid in cids})
+                           sizes={cid: uploads[cid].config["num_examples"] for cid in cids},
+                           mean=lambda s, w, group: self.privacy.mean(state, rnd, s, w, group))
         self.record_event("clustering", round=rnd, num_experts=state["num_experts"],
                           silhouette=state["clustering"].get("silhouette"),
                           client_to_expert={str(c): j for c, j in sorted(state["cluster_of"].items())})
 
     def _start_phase2(self, state, cluster_of: dict[int, int], loras: dict[int, dict], m: int,
-                      heads: dict[int, dict] | None = None, sizes: dict[int, int] | None = None) -> None:
+                      heads: dict[int, dict] | None = None, sizes: dict[int, int] | None = None,
+                      mean=None) -> None:
         """Eq. 3 experts (n-weighted means of the members' warmup LoRAs), one router per cluster from
         (seed, j), so all members of a cluster start identical.
 
-        `sizes`: the n_i uploaded with the warmup LoRAs; the federation's sizes by default."""
+        `sizes`: the n_i uploaded with the warmup LoRAs; the federation's sizes by default. `mean(states,
+        weights, group)`: the mean of one cluster's uploads (--dp central: with its noise)."""
         n = sizes or {cid: self.num_examples(cid) for cid in cluster_of}
+        mean = mean or (lambda states, weights, group: weighted_mean(states, weights))
         state["num_experts"] = m
         state["cluster_of"] = dict(cluster_of)
         experts = {}
         for j in range(m):
             members = [cid for cid, c in cluster_of.items() if c == j]
-            mean = weighted_mean([loras[cid] for cid in members], [n[cid] for cid in members])
-            for key, tensor in mean.items():
+            expert = mean([loras[cid] for cid in members], [n[cid] for cid in members], ("expert", j))
+            for key, tensor in expert.items():
                 layer, module, factor = parse_lora_key(key)
                 experts[moe_key(layer, module, j, factor)] = tensor
         state["experts"] = experts
@@ -181,8 +205,8 @@ class FedLEASE(Algorithm):
                     members = [c for c, cj in cluster_of.items() if cj == j and self.federation[c].num_labels == labels
                                and heads.get(c)]
                     if members:
-                        state["heads"][(j, labels)] = weighted_mean([heads[c] for c in members],
-                                                                    [n[c] for c in members])
+                        state["heads"][(j, labels)] = mean([heads[c] for c in members], [n[c] for c in members],
+                                                           (j, labels))
 
     def _router_init(self, dims: dict[tuple[int, str], int], j: int, m: int) -> dict[str, torch.Tensor]:
         """Cluster j's initial routers (Kaiming-uniform) from (seed, j); `dims` maps (layer, module) to its d_in.
@@ -198,12 +222,12 @@ class FedLEASE(Algorithm):
         return out
 
     def _late_join(self, state, rnd, uploads) -> None:
-        from fedpeft.algorithms.fedlease.clustering import assign_late_client, b_distance_matrix
+        from fedpeft.algorithms.fedlease.clustering import assign_late_client, b_distance_row
 
         for cid in sorted(uploads):
             b_new = {k: v for k, v in unprefixed(LORA_PREFIX, uploads[cid].tensors).items() if k.endswith(".B")}
             members = sorted(state["cluster_of"])
-            dist = b_distance_matrix([b_new] + [state["warmup_b"][c] for c in members])[0, 1:]
+            dist = b_distance_row(b_new, [state["warmup_b"][c] for c in members])
             j = assign_late_client(dist, [state["cluster_of"][c] for c in members])
             if self.cfg.clustering == "task":  # the oracle: the expert of a client with the same task, if any
                 task = self.federation[cid].task
@@ -213,24 +237,40 @@ class FedLEASE(Algorithm):
             log.info("round %d: late client %d (missed the warmup upload) joins expert %d", rnd, cid, j)
             self.record_event("late_join", round=rnd, client=cid, expert=j)
 
-    def _aggregate_experts(self, state, rnd, replies) -> None:
-        """Expert j and router j from cluster j's replies only; an empty cluster keeps its values."""
+    def _aggregate_experts(self, state, rnd, replies) -> set[int]:
+        """Expert j and router j from cluster j's replies only; an empty cluster keeps its values.
+        Returns the clients whose replies were rejected."""
+        rejected = set()
         for j in range(state["num_experts"]):
             members = {cid: r for cid, r in replies.items() if state["cluster_of"].get(cid) == j}
             if not members:
                 continue
             ok = accept(self, rnd, members, self._upload_shapes(state, j))
+            rejected |= set(members) - set(ok)
             if not ok:
                 continue
+            ok = self.privacy.receive(state, rnd, ok, lambda cid: self._phase2_sent(state, cid, j))  # --dp central
             weights = [r.config["num_examples"] for r in ok.values()]
             ups = [unprefixed(MOE_PREFIX, r.tensors) for r in ok.values()]
-            mean = weighted_mean(ups, weights)
+            mean = self.privacy.mean(state, rnd, ups, weights, ("expert", j))
             for key, tensor in mean.items():
                 if key.endswith(".router"):
                     state["routers"][j][key] = tensor
                 else:
                     state["experts"][key] = tensor
-            self.heads.aggregate(state, ok, group_of={cid: j for cid in ok})
+            self.heads.aggregate(state, ok, group_of={cid: j for cid in ok},
+                                 mean=lambda s, w, key: self.privacy.mean(state, rnd, s, w, key))
+        return rejected
+
+    def _warmup_sent(self, state, cid: int) -> dict[str, torch.Tensor]:
+        """What a warmup upload started from: the common LoRA and head initialisations (--dp's reference)."""
+        labels = self.federation[cid].num_labels
+        return {**prefixed(LORA_PREFIX, state["lora"]), **prefixed(HEAD_PREFIX, state["head_init"].get(labels, {}))}
+
+    def _phase2_sent(self, state, cid: int, j: int) -> dict[str, torch.Tensor]:
+        """What a client of cluster j was sent this round: the experts, router j, its group's head."""
+        return {**prefixed(MOE_PREFIX, state["experts"]), **prefixed(MOE_PREFIX, state["routers"][j]),
+                **self.heads.download(state, self.federation[cid], group=j)}
 
     def _upload_shapes(self, state, j: int) -> dict[str, torch.Size]:
         shapes = {MOE_PREFIX + k: t.shape for k, t in state["experts"].items() if parse_moe_key(k)[2] == j}
@@ -254,14 +294,18 @@ class FedLEASE(Algorithm):
                             for j in range(state["num_experts"])},
                 "tasks": {str(c.client_id): c.task for c in self.federation},
             }
-            d = info["distance"]
+            d = state["clustering_distance"].numpy()
             names = [f"{c} ({self.federation[c].task})" for c in info["clients"]]
             labels = [state["cluster_of"][c] for c in info["clients"]]
             out += [Artifact(f"lora_client_map_round_{rnd}.json", data=client_map),
-                    Artifact("clustering.json", data=info),
-                    Artifact("dendrogram.png", draw=lambda p: plots.plot_dendrogram(d, names, p)),
-                    Artifact("mds.png", draw=lambda p: plots.plot_mds(d, labels, names, p, seed=self.cfg.seed)),
-                    Artifact("distance_heatmap.png", draw=lambda p: plots.plot_distance_heatmap(d, names, p))]
+                    Artifact("clustering_distance.npy", draw=lambda p: np.save(open(p, "wb"), d))]
+            if len(names) <= MAX_LISTED_CLIENTS:  # the matrix in the JSON and per-client figures stay readable
+                out += [Artifact("clustering.json", data={**info, "distance": d.tolist()}),
+                        Artifact("dendrogram.png", draw=lambda p: plots.plot_dendrogram(d, names, p)),
+                        Artifact("mds.png", draw=lambda p: plots.plot_mds(d, labels, names, p, seed=self.cfg.seed)),
+                        Artifact("distance_heatmap.png", draw=lambda p: plots.plot_distance_heatmap(d, names, p))]
+            else:
+                out.append(Artifact("clustering.json", data={**info, "distance": "clustering_distance.npy"}))
             if info.get("silhouette"):
                 scores = {int(k): v for k, v in info["silhouette"].items()}
                 out.append(Artifact("silhouette.png",
@@ -276,7 +320,7 @@ class FedLEASE(Algorithm):
                 out.append(Artifact("expert_usage.png", draw=lambda p: plots.plot_expert_usage(usage, p)))
         return out
 
-    def export(self, state, backbone, out, base_path):
+    def export(self, state, backbone, out, base_path, stores=None):
         """One PEFT folder per expert (expert_<j>/) and, with cluster routers, routers_cluster_<j>.safetensors."""
         import copy
 
@@ -296,7 +340,9 @@ class FedLEASE(Algorithm):
         for j in range(m):
             folder = export_expert_as_peft(encoder, j, out / f"expert_{j}", base_path, cfg.target_modules)
             adapters[f"expert_{j}"] = {"path": folder.name,
-                                       "clients": sorted(c for c, cj in state["cluster_of"].items() if cj == j)}
+                                       "clients": sorted(c for c, cj in state["cluster_of"].items() if cj == j),
+                                       "use": "in a mixture of experts: every client routes each token over all "
+                                              "experts with its cluster's routers"}
             if cfg.router_aggregation == "cluster":
                 load_moe_state(encoder, state["routers"][j], strict=True, experts=[], include_router=True)
                 save_routers(encoder, out / f"routers_cluster_{j}.safetensors")
@@ -361,22 +407,28 @@ class FedLEASE(Algorithm):
         if self.runtime.extra.get("num_experts") is not None:
             raise RuntimeError("warmup after the mixture was built")
         state = client.store.get("lora") or unprefixed(LORA_PREFIX, instruction.tensors)
+        if self.privacy.local and "dp_sent" not in client.store and any(k.startswith(LORA_PREFIX) for k in instruction.tensors):
+            client.store["dp_sent"] = dict(instruction.tensors)  # the common init: its warmup upload's reference
         set_lora_state(self.runtime.sites, state)
         self.heads.load(instruction, client)
 
     def fit(self, instruction, client):
         phase = instruction.config["phase"]
         if phase == "late_upload":
-            if "lora" not in client.store:
-                raise RuntimeError(f"client {client.cid} has no warmup LoRA to upload")
+            if "lora" not in client.store:  # never sampled during the warmup: the whole warmup runs now
+                return self._fit_warmup(instruction, client, whole=True)
             client.store.pop("warmup_optimizer", None)  # its warmup is over too: free the optimiser state
-            return self._warmup_reply(client, uploaded=True, stats=None)
+            return self._warmup_reply(client, uploaded=True, stats=None, rnd=instruction.config["round"])
         if phase == "warmup":
             return self._fit_warmup(instruction, client)
         return self._fit_phase2(instruction, client)
 
-    def _fit_warmup(self, instruction, client):
-        """The warmup's W·E epochs as ONE AdamW run (state and LR schedule carried across warmup rounds)."""
+    def _fit_warmup(self, instruction, client, *, whole: bool = False):
+        """The warmup's W·E epochs as ONE AdamW run (state and LR schedule carried across the warmup
+        rounds the client is sampled in). `whole`: a client first sampled after the warmup runs all
+        W·E epochs at once and uploads (docs/methods/fedlease.md#late-join)."""
+        if self.runtime.extra.get("num_experts") is not None:
+            return self._late_warmup_on_mixture(instruction, client)
         self._load_warmup(instruction, client)
         rt = self.runtime
         params = lora_parameters(rt.sites)
@@ -384,20 +436,42 @@ class FedLEASE(Algorithm):
         stats = self.train_client(
             client, params, tag="warmup", rnd=instruction.config["round"],
             optimizer_state=client.store.get("warmup_optimizer"), start_step=client.store.get("warmup_step", 0),
-            schedule_steps=steps)
+            schedule_steps=steps, epochs=self.warmup_rounds * self.cfg.local_epochs if whole else None)
         client.store["warmup_optimizer"] = stats.optimizer_state
         client.store["warmup_step"] = stats.end_step
         client.store["lora"] = get_lora_state(rt.sites)
         head = self.heads.keep(client)
-        if instruction.config.get("upload"):
+        if whole or instruction.config.get("upload"):
             client.store.pop("warmup_optimizer", None)  # warmup is over: free the optimiser state
-            return self._warmup_reply(client, uploaded=True, stats=stats, head=head)
+            return self._warmup_reply(client, uploaded=True, stats=stats, head=head, rnd=instruction.config["round"])
         return self._warmup_reply(client, uploaded=False, stats=stats)
 
-    def _warmup_reply(self, client, *, uploaded: bool, stats, head=None) -> Message:
+    def _late_warmup_on_mixture(self, instruction, client) -> Message:
+        """The whole warmup of a client first sampled after the clustering, in a process whose model
+        already holds the mixture: expert slot 0 alone is plain LoRA (`solo_expert`), loaded with the
+        common initialisation, trained for W·E epochs and read out as the client's warmup LoRA. The
+        slot is overwritten by the next instruction that loads the experts."""
+        model = self.runtime.model.encoder
+        init = unprefixed(LORA_PREFIX, instruction.tensors)
+        slot = {moe_key(layer, module, 0, factor): t for key, t in init.items()
+                for layer, module, factor in [parse_lora_key(key)]}
+        load_moe_state(model, slot, strict=True, experts=[0], include_router=False)
+        self.heads.load(instruction, client)
+        epochs = self.warmup_rounds * self.cfg.local_epochs
+        with solo_expert(model, 0) as params:
+            stats = self.train_client(client, params, tag="warmup", rnd=instruction.config["round"], epochs=epochs,
+                                      schedule_steps=epochs * num_batches(len(client.train), self.cfg.batch_size))
+        client.store["lora"] = {lora_key(layer, module, factor): t
+                                for key, t in moe_state(model, experts=[0], include_router=False).items()
+                                for layer, module, _, factor in [parse_moe_key(key)]}
+        return self._warmup_reply(client, uploaded=True, stats=stats, head=self.heads.keep(client),
+                                  rnd=instruction.config["round"])
+
+    def _warmup_reply(self, client, *, uploaded: bool, stats, head=None, rnd: int = 0) -> Message:
         tensors = {}
         if uploaded:
             tensors = {**prefixed(LORA_PREFIX, client.store["lora"]), **(head or {})}
+            tensors = self.privacy.upload(tensors, client.store.get("dp_sent", {}), cid=client.cid, rnd=rnd)
         cfg = {"num_examples": len(client.train), "uploaded_warmup": uploaded}
         if stats is not None:
             cfg.update(fit_report(client, stats))
@@ -416,5 +490,6 @@ class FedLEASE(Algorithm):
         up = moe_state(model, experts=[j], include_router=share_router)
         if not share_router:
             client.store["router"] = {k: v for k, v in moe_state(model, experts=[], include_router=True).items()}
-        return Message({**prefixed(MOE_PREFIX, up), **self.heads.keep(client)},
-                       {**fit_report(client, stats), "own_expert": j})
+        up = {**prefixed(MOE_PREFIX, up), **self.heads.keep(client)}
+        up = self.privacy.upload(up, instruction.tensors, cid=client.cid, rnd=instruction.config["round"])  # --dp local
+        return Message(up, {**fit_report(client, stats), "own_expert": j})

@@ -34,12 +34,27 @@ def _as_float64(x: Any) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def b_distance_matrix(b_by_client: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """D[i, j] = mean over modules l of (1 - cos(vec B_i^l, vec B_j^l)), in float64 (Eq. 2).
+# Above this many clients the per-module Gram matrices (N² · numel multiply-adds each, 10^8 pairs at
+# N = 10,000) are multiplied in float32 and summed in float64: about 4× faster on CPUs with wide
+# float32 units, and the distances agree with the float64 ones to ~1e-6 (tests/test_clustering.py).
+GRAM_FLOAT32_ABOVE = 2048
 
-    `b_by_client[i]` maps a module key (e.g. "layer.3.query") to client i's B matrix. Every client
-    must have the same keys and shapes. A zero-norm B has cosine 0 with everything (distance 1).
-    """
+
+def _unit_rows(b_by_client: Sequence[Mapping[str, Any]], key: str, first_shape=None) -> np.ndarray:
+    """vec B^l of every client for module `key`, each scaled to unit norm (zero-norm rows stay 0)."""
+    mats = [_as_float64(client[key]) for client in b_by_client]
+    shape = mats[0].shape if first_shape is None else first_shape
+    for i, m in enumerate(mats):
+        if m.shape != shape:
+            raise FedPeftError(f"Client {i} has B matrix '{key}' of shape {m.shape}, but client 0's has shape {shape}.")
+        if not np.all(np.isfinite(m)):
+            raise FedPeftError(f"Client {i} has non-finite values in B matrix '{key}'.")
+    x = np.stack([m.reshape(-1) for m in mats])  # [N, numel]
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)  # zero-norm rows stay 0: cosine 0
+
+
+def _check_keys(b_by_client: Sequence[Mapping[str, Any]]) -> list[str]:
     if len(b_by_client) == 0:
         raise FedPeftError("Eq. 2 needs the B matrices of at least one client, but none were given.")
     keys = sorted(b_by_client[0])  # fixed summation order, whatever the dicts' insertion order
@@ -50,21 +65,34 @@ def b_distance_matrix(b_by_client: Sequence[Mapping[str, Any]]) -> np.ndarray:
             key = sorted(set(client) ^ set(keys))[0]
             where = "lacks" if key in b_by_client[0] else "has an unexpected"
             raise FedPeftError(f"Client {i} {where} B matrix '{key}' compared with client 0's modules.")
+    return keys
 
+
+def b_distance_row(b_new: Mapping[str, Any], b_others: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """d(new, i) for every client i of `b_others`: the first row of b_distance_matrix([new] + others)
+    without the N² of the whole matrix (a late joiner is compared with the clustered clients)."""
+    keys = _check_keys([b_new, *b_others])
+    cos_sum = np.zeros(len(b_others))
+    for key in keys:
+        x = _unit_rows([b_new, *b_others], key)
+        cos_sum += x[1:] @ x[0]
+    return np.clip(1.0 - cos_sum / len(keys), 0.0, 2.0)
+
+
+def b_distance_matrix(b_by_client: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """D[i, j] = mean over modules l of (1 - cos(vec B_i^l, vec B_j^l)), in float64 (Eq. 2); for more
+    than GRAM_FLOAT32_ABOVE clients the products are float32, the sums float64.
+
+    `b_by_client[i]` maps a module key (e.g. "layer.3.query") to client i's B matrix. Every client
+    must have the same keys and shapes. A zero-norm B has cosine 0 with everything (distance 1).
+    """
+    keys = _check_keys(b_by_client)
     n = len(b_by_client)
     cos_sum = np.zeros((n, n))
     for key in keys:
-        mats = [_as_float64(client[key]) for client in b_by_client]
-        for i, m in enumerate(mats):
-            if m.shape != mats[0].shape:
-                raise FedPeftError(
-                    f"Client {i} has B matrix '{key}' of shape {m.shape}, but client 0's has shape {mats[0].shape}."
-                )
-            if not np.all(np.isfinite(m)):
-                raise FedPeftError(f"Client {i} has non-finite values in B matrix '{key}'.")
-        x = np.stack([m.reshape(-1) for m in mats])  # [N, numel]
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)  # zero-norm rows stay 0: cosine 0
+        x = _unit_rows(b_by_client, key)
+        if n > GRAM_FLOAT32_ABOVE:
+            x = x.astype(np.float32)
         cos_sum += x @ x.T
 
     d = 1.0 - cos_sum / len(keys)
@@ -144,8 +172,9 @@ def _cut(z: np.ndarray, n: int, k: int) -> np.ndarray:
     """
     parent = list(range(2 * n - 1))
 
-    def root(a: int) -> int:
+    def root(a: int) -> int:  # with path halving: near-constant time, so 10,000 clients cut in a blink
         while parent[a] != a:
+            parent[a] = parent[parent[a]]
             a = parent[a]
         return a
 

@@ -23,7 +23,6 @@ two share one code path (docs/methods/leff.md#reduction-to-fedavg-full).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -41,7 +40,7 @@ from fedpeft.algorithms.leff.sampling import (block_probabilities, block_scores,
                                               layer_importance)
 from fedpeft.algorithms.local_training import fit_report
 from fedpeft.algorithms.replies import accept
-from fedpeft.algorithms.tensors import is_synced, mark_synced, prefixed, unprefixed, weighted_mean
+from fedpeft.algorithms.tensors import is_synced, mark_synced, on_wire, prefixed, unprefixed, weighted_mean
 from fedpeft.errors import FedPeftError
 from fedpeft.seeding import derive_seed
 
@@ -103,7 +102,7 @@ class LEFF(Algorithm):
     # ------------------------------------------------------------ server
     def init(self) -> dict[str, Any]:
         return {"blocks": {l: module_params(b) for l, b in enumerate(self.blocks())},
-                "aset": {n: p.detach().clone() for n, p in self.aset().items()},
+                "aset": on_wire(self.aset()),
                 "head_init": self.heads.inits(), "heads": {}}
 
     def aset(self) -> dict[str, nn.Parameter]:
@@ -113,15 +112,6 @@ class LEFF(Algorithm):
         with torch.no_grad():
             for n, p in self.aset().items():
                 p.copy_(values[n])
-
-    def participants(self, rnd: int) -> list[int]:
-        """ceil(f·N) clients, uniformly without replacement, from (seed, round); f = 1 (all) by default."""
-        n = len(self.federation)
-        k = math.ceil(self.cfg.participation * n - 1e-9)
-        if k >= n:
-            return list(range(n))
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, "leff-participation", rnd))
-        return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
 
     def load_global(self, state) -> None:
         """Put Θ_g (blocks and the head set) into the runtime model."""
@@ -141,7 +131,7 @@ class LEFF(Algorithm):
         examples for a classifier, LM loss on proxy texts (disjoint from the distillation ones) for a
         decoder, the latter over micro-batches whose gradients add up to the whole batch's."""
         from fedpeft.data.batching import collate
-        from fedpeft.training import task_loss
+        from fedpeft.training import task_loss, to_device
 
         if self._server_batch is None:
             from fedpeft.algorithms.leff.server_data import importance_batch, importance_lm_batch
@@ -156,7 +146,7 @@ class LEFF(Algorithm):
                                     lambda: self._lm_losses(data))
 
         def loss_fn():
-            batch = collate(data, list(range(len(data))))
+            batch = to_device(collate(data, list(range(len(data)))), self.device)
             labels = batch.pop("labels")
             return task_loss(self.runtime.model(**batch), labels, regression)
 
@@ -168,12 +158,13 @@ class LEFF(Algorithm):
         import torch.nn.functional as F
 
         from fedpeft.data.batching import collate
+        from fedpeft.training import to_device
 
         # Targets of a row: positions max(p, 1).. (position 0 has no context to predict it from).
         total = max(1, sum(len(x) - max(int(p), 1) for x, p in zip(data.input_ids, data.prompt_lengths)))
         size = self.cfg.eval_batch_size
         for start in range(0, len(data), size):
-            batch = collate(data, list(range(start, min(start + size, len(data)))))
+            batch = to_device(collate(data, list(range(start, min(start + size, len(data))))), self.device)
             logits, targets = self.runtime.model(**batch)
             yield F.cross_entropy(logits.float(), targets, reduction="sum") / total
 
@@ -201,12 +192,12 @@ class LEFF(Algorithm):
             infos.append(info)
         return self._students[key]
 
-    def configure(self, state, rnd):
+    def configure(self, state, rnd, clients):
         if rnd > self.num_rounds:  # the engine's look-ahead after the last round: nothing to train
-            return {c.client_id: Message({}, {"round": rnd, "participate": False}) for c in self.federation}
+            return {cid: Message({}, {"round": rnd}) for cid in clients}
         self._students = {k: v for k, v in self._students.items() if k[0] == rnd}
         L, cfg = self.num_layers, self.cfg
-        part = self.participants(rnd)
+        part = list(clients)
         starts = {b: block_starts(L, b, cfg.blocks) for b in {self.budgets[c] for c in part}}
         t0 = time.perf_counter()
         scores = None
@@ -216,13 +207,10 @@ class LEFF(Algorithm):
         probs = {b: (block_probabilities(block_scores(scores, s, b), normalise=cfg.importance_normalise,
                                          temperature=cfg.importance_temperature)
                      if scores is not None else np.full(len(s), 1.0 / len(s))) for b, s in starts.items()}
-        out, assigned, distilled, memory = {}, {}, [], {}
+        out, assigned, distilled, memory, sent = {}, {}, [], {}, {}
         t1 = time.perf_counter()
-        for c in self.federation:
-            cid = c.client_id
-            if cid not in part:
-                out[cid] = Message({}, {"round": rnd, "participate": False})
-                continue
+        for cid in part:
+            c = self.federation[cid]
             b = self.budgets[cid]
             k = starts[b][0] if len(starts[b]) == 1 else draw_block(
                 cfg.sampling, starts[b], probs[b], seed=cfg.seed, rnd=rnd, client=cid)
@@ -231,13 +219,15 @@ class LEFF(Algorithm):
             tensors = {block_key(l, n): t for l in range(k, k + b) for n, t in state["blocks"][l].items()}
             for tag, student in (("pre", pre), ("suf", suf)):
                 for j, blk in enumerate(student):
-                    tensors.update({f"{tag}.{j}.{n}": p.detach() for n, p in blk.named_parameters()})
+                    if id(blk) not in sent:  # one wire copy of a student, however many clients get it
+                        sent[id(blk)] = module_params(blk)
+                    tensors.update(prefixed(f"{tag}.{j}.", sent[id(blk)]))
             tensors.update(self.heads.download(state, c))
             if self.cfg.train_head_set:
                 tensors.update({ASET_PREFIX + n: t for n, t in state["aset"].items()})
             if not is_synced(state, cid):  # the frozen embeddings, until the client first replies
-                tensors.update({EMB_PREFIX + n: p.detach() for n, p in self.runtime.extra["emb_params"].items()})
-            out[cid] = Message(tensors, {"round": rnd, "participate": True, "block_start": k, "budget": b,
+                tensors.update(prefixed(EMB_PREFIX, self._embeddings_on_wire()))
+            out[cid] = Message(tensors, {"round": rnd, "block_start": k, "budget": b,
                                          "m_pre": len(pre), "m_suf": len(suf)})
             assigned[cid] = (k, b)
             memory[cid] = self.client_memory(b, len(pre) + len(suf))
@@ -259,7 +249,13 @@ class LEFF(Algorithm):
         log.info("round %d: blocks %s", rnd, " ".join(f"c{cid}:{k}-{k + b - 1}" for cid, (k, b) in assigned.items()))
         return out
 
-    def configure_evaluate(self, state, rnd, broadcast):
+    def _embeddings_on_wire(self) -> dict[str, torch.Tensor]:
+        """The frozen embeddings as sent to a client that never received them (copied once per process)."""
+        if "emb_wire" not in self.runtime.extra:
+            self.runtime.extra["emb_wire"] = on_wire(self.runtime.extra["emb_params"])
+        return self.runtime.extra["emb_wire"]
+
+    def configure_evaluate(self, state, rnd, clients, broadcast):
         """Θ_g for every client to score after every round (LEFF scores the global model): all blocks,
         𝒜 and the global head, plus the frozen embeddings to a client that never received them.
         Counted as `bytes_eval_down`."""
@@ -267,9 +263,8 @@ class LEFF(Algorithm):
         tensors.update(prefixed(ASET_PREFIX, state["aset"]))
         if self.has_head:
             tensors.update(prefixed(HEAD_PREFIX, self.heads.global_head(state, self.federation[0].num_labels)))
-        emb = prefixed(EMB_PREFIX, {k: p.detach() for k, p in self.runtime.extra["emb_params"].items()})
-        return {c.client_id: Message({**tensors, **({} if is_synced(state, c.client_id) else emb)}, {"round": rnd})
-                for c in self.federation}
+        emb = prefixed(EMB_PREFIX, self._embeddings_on_wire())
+        return {cid: Message({**tensors, **({} if is_synced(state, cid) else emb)}, {"round": rnd}) for cid in clients}
 
     def client_memory(self, budget: int, student_layers: int) -> int:
         """Client model memory, float32: parameters held + gradients and AdamW moments of the trained
@@ -292,8 +287,6 @@ class LEFF(Algorithm):
         assigned = state.get("assigned", {}).get(rnd, {})
         ok = {}
         for cid, reply in sorted(replies.items()):
-            if not reply.config.get("participated", True):
-                continue
             if cid not in assigned:
                 log.warning("round %d: ignored a reply from client %d, which was not assigned a block", rnd, cid)
                 continue
@@ -341,8 +334,6 @@ class LEFF(Algorithm):
 
     def fit(self, instruction: Message, client: Client) -> Message:
         conf = instruction.config
-        if not conf.get("participate", True):
-            return Message({}, {"num_examples": len(client.train), "participated": False})
         self._runtime_holds = None  # the runtime's blocks and head now hold this client's state
         tensors = instruction.tensors
         emb = {k[len(EMB_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMB_PREFIX)}
@@ -368,9 +359,9 @@ class LEFF(Algorithm):
             p.requires_grad_(True)
         with assembled(self.runtime, pre + blocks + suf):
             stats = self.train_client(client, params, tag="fit", rnd=conf["round"])
-        up = {block_key(k + i, n): p.detach().clone() for i, blk in enumerate(blocks) for n, p in blk.named_parameters()}
+        up = {block_key(k + i, n): t for i, blk in enumerate(blocks) for n, t in module_params(blk).items()}
         if self.cfg.train_head_set:
-            up.update({ASET_PREFIX + n: p.detach().clone() for n, p in self.aset().items()})
+            up.update(prefixed(ASET_PREFIX, on_wire(self.aset())))
         return Message({**up, **self.heads.keep(client)}, {**fit_report(client, stats), "block_start": k, "budget": b})
 
     def _load_student(self, tensors, tag: str, count: int, offset: int) -> list[nn.Module]:

@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from fedpeft.algorithms.tensors import weighted_mean
+from fedpeft.algorithms.tensors import on_wire, weighted_mean
 from fedpeft.errors import FedPeftError
 
 EMB_PREFIX = "emb."
@@ -28,7 +28,8 @@ def parse_block_key(key: str) -> tuple[int, str]:
 
 
 def module_params(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
+    """Copies of a module's parameters on the wire device (server state and messages)."""
+    return on_wire(dict(module.named_parameters()))
 
 
 def load_params(module: nn.Module | dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], what: str) -> None:

@@ -203,6 +203,7 @@ def distill_segment(embeddings: nn.Module, global_blocks: Sequence[nn.Module], a
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = params[0].device  # the run's device: students are copies of the global model's blocks
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     modules = [m for m in (embeddings, owner) if m is not None] + [*global_blocks, *student]
@@ -213,7 +214,7 @@ def distill_segment(embeddings: nn.Module, global_blocks: Sequence[nn.Module], a
         with eager_attention(modules):
             for step in range(steps):
                 idx = rng.choice(len(proxy), size=min(batch_size, len(proxy)), replace=False)
-                batch = collate(proxy, idx)
+                batch = {k: v.to(device) for k, v in collate(proxy, idx).items()}  # to the teacher's device
                 with torch.no_grad():
                     h_in = prefix_hidden(embeddings, global_blocks[:a], batch, owner)
                     h_t, a_t = run_blocks(teacher, h_in, batch["attention_mask"], True, owner)

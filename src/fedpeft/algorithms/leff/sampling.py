@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import accumulation_dtype
 from fedpeft.seeding import derive_seed
 
 
@@ -103,8 +104,9 @@ def layer_importance(model: torch.nn.Module, layer_params: Sequence[Sequence[tor
             for ps in layer_params:
                 total = 0.0
                 for p in ps:
-                    if p.grad is not None:
-                        total += float((p.grad.double() * p.double()).pow(2).sum())
+                    if p.grad is not None:  # float64 on the parameter's device (float32 where it has none: MPS)
+                        acc = accumulation_dtype(p.device)
+                        total += float((p.grad.to(acc) * p.to(acc)).pow(2).sum())
                 out.append(total)
         return out
     finally:

@@ -6,6 +6,7 @@
   label skew and `"iid"` for classification and regression tasks;
 - `generation.py`: the same partitions for generation tasks, keyed on `GenExample.group`, and the
   regrouping of E2E examples on another MR attribute (`regroup_e2e`);
+- `by_client.py`: a dataset's natural partition (`--client-column`), one client per value;
 - `dirichlet_cut.py`: LEFF's per-class Dirichlet cut (`partition="dirichlet_cut"`);
 - `validation.py`: `hold_out_validation`, a validation set held out of a client's train set;
 - `client.py`: `ClientData` (one client's examples) and `label_skew`;

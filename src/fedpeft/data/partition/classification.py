@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedpeft.data.partition.client import ClientData
-from fedpeft.data.partition.common import _SPLIT_NAMES, _class_of, _class_proportions, largest_remainder
+from fedpeft.data.partition.common import _SPLIT_NAMES, _class_proportions, class_ids, largest_remainder, take
 from fedpeft.errors import FedPeftError
 
 logger = logging.getLogger(__package__)  # fedpeft.data.partition, the logger's name before the split
@@ -61,8 +61,8 @@ def _partition_classification(spec, task, clients, pools, train_samples, test_sa
         results[i] = ClientData(
             client_id=i,
             task=task,
-            train=[pools[task][0][j] for j in train_ids],
-            test=[pools[task][1][j] for j in test_ids],
+            train=take(pools[task][0], train_ids),
+            test=take(pools[task][1], test_ids),
             train_ids=tuple(train_ids),
             test_ids=tuple(test_ids),
             pool_proportions=pool_props,
@@ -103,9 +103,8 @@ def _draw(spec, split, split_id, pool, clients, n, mode, proportions, seed) -> l
         return [[int(j) for j in order[m * n : (m + 1) * n]] for m in range(k)]
 
     C = spec.num_labels
-    by_class = [[] for _ in range(C)]
-    for j, ex in enumerate(pool):
-        by_class[_class_of(spec, ex)].append(j)
+    labels = class_ids(spec, pool)
+    by_class = [np.flatnonzero(labels == c) for c in range(C)]  # arrays: a pool may have millions of rows
     if mode == "natural":
         natural = _class_proportions(spec, pool)
         counts = [largest_remainder(n, natural, start=i) for i in clients]
@@ -125,13 +124,13 @@ def _draw(spec, split, split_id, pool, clients, n, mode, proportions, seed) -> l
                 f"request fewer {kind} samples per client, fewer {spec.name} clients or another "
                 "label split."
             )
-    shuffled = [[by_class[c][j] for j in rng.permutation(len(by_class[c]))] for c in range(C)]
+    shuffled = [by_class[c][rng.permutation(len(by_class[c]))] for c in range(C)]
     taken = [0] * C
     out = []
     for cnt in counts:
         ids = []
         for c in range(C):
-            ids.extend(shuffled[c][taken[c] : taken[c] + cnt[c]])
+            ids.extend(shuffled[c][taken[c] : taken[c] + cnt[c]].tolist())
             taken[c] += cnt[c]
         out.append([ids[j] for j in rng.permutation(len(ids))])
     return out

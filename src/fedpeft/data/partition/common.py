@@ -29,11 +29,26 @@ def reserved_ids(task: str, pool_size: int, n: int, seed: int) -> list[int]:
 
 def _without_reserved(task, train_pool, test_pool, reserve, seed):
     held = set(reserved_ids(task, len(train_pool), reserve, seed))
+    if hasattr(train_pool, "subset"):  # a dataset's pool (data/custom.py): no example is made
+        return train_pool.subset([j for j in range(len(train_pool)) if j not in held]), test_pool
     return [ex for j, ex in enumerate(train_pool) if j not in held], test_pool
 
 
+def take(pool: Sequence, ids: Sequence[int]) -> list:
+    """pool[j] for every j of `ids`; a dataset's pool (data/custom.py) makes them in one gather."""
+    return pool.take(ids) if hasattr(pool, "take") else [pool[j] for j in ids]
+
+
+def class_ids(spec: TaskSpec, pool: Sequence[Example]) -> np.ndarray:
+    """The class id of every example of `pool`; a dataset's pool holds them as an array already."""
+    ids = getattr(pool, "label_ids", None)
+    if ids is not None:
+        return ids
+    return np.fromiter((_class_of(spec, ex) for ex in pool), dtype=np.int64, count=len(pool))
+
+
 def _class_proportions(spec: TaskSpec, pool: Sequence[Example]) -> np.ndarray:
-    counts = np.bincount([_class_of(spec, ex) for ex in pool], minlength=spec.num_labels)
+    counts = np.bincount(class_ids(spec, pool), minlength=spec.num_labels)
     total = counts.sum()
     return counts / total if total else np.full(spec.num_labels, 1.0 / spec.num_labels)
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedpeft.data.partition.client import ClientData
-from fedpeft.data.partition.common import _class_of, _class_proportions
+from fedpeft.data.partition.common import _class_of, _class_proportions, take
 from fedpeft.data.tasks import get_task
 from fedpeft.errors import FedPeftError
 
@@ -58,7 +58,9 @@ def _dirichlet_cut(tasks, pools, train_samples, test_samples, alpha, seed, min_t
             index = {g: c for c, g in enumerate(groups)}
             labels, n_classes = [index[train_pool[j].group or ""] for j in sub], len(groups)
         else:
-            labels, n_classes = [_class_of(spec, train_pool[j]) for j in sub], spec.num_labels
+            ids = getattr(train_pool, "label_ids", None)  # a dataset's pool has them as an array
+            labels = [int(ids[j]) if ids is not None else _class_of(spec, train_pool[j]) for j in sub]
+            n_classes = spec.num_labels
         for _attempt in range(100):
             parts = dirichlet_cut_ids(labels, n_classes, len(clients), alpha, rng)
             smallest = min(len(p) for p in parts)
@@ -78,6 +80,6 @@ def _dirichlet_cut(tasks, pools, train_samples, test_samples, alpha, seed, min_t
         for k, i in enumerate(clients):
             train_ids = [int(sub[j]) for j in rng.permutation(parts[k])]
             test_ids = [int(j) for j in test_order[k * n_test:(k + 1) * n_test]]
-            results[i] = ClientData(i, task, [train_pool[j] for j in train_ids], [test_pool[j] for j in test_ids],
+            results[i] = ClientData(i, task, take(train_pool, train_ids), take(test_pool, test_ids),
                                     tuple(train_ids), tuple(test_ids), pool_props)
     return [results[i] for i in range(len(tasks))]

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedpeft.data.partition.by_client import _partition_by_client
 from fedpeft.data.partition.classification import _partition_classification
 from fedpeft.data.partition.client import ClientData
 from fedpeft.data.partition.common import _without_reserved
@@ -51,8 +52,12 @@ def build_federation(
     reserve: int = 0,
     min_train: int = 1,
     e2e_key: str = "food",
+    test_source: str = "validation",
 ) -> list[ClientData]:
     """Build one `ClientData` per entry of `tasks` (client i has task `tasks[i]`).
+
+    `test_source="train"`: every task's test pool is carved out of its train split, sized for its
+    clients' test examples (`pools.test_pool_from_train`), disjoint from every training example.
 
     `e2e_key`: the MR attribute E2E examples are grouped on for a label-skew partition (LEFF's
     Dirichlet cut, `e2e_partition_key`; an MR without it is the group "missing").
@@ -65,8 +70,13 @@ def build_federation(
     the task, split, class, need and supply.
     """
     _validate(tasks, train_samples, test_samples, partition, label_split, alpha, seed)
+    def need(task: str) -> int:
+        per_client = test_samples[task] if isinstance(test_samples, Mapping) else test_samples
+        return tasks.count(task) * int(per_client)
+
     pools = {
-        task: load_federation_pools(task, data_dir, carve_out=carve_out) for task in dict.fromkeys(tasks)
+        task: load_federation_pools(task, data_dir, carve_out=carve_out, test_source=test_source, test_need=need(task))
+        for task in dict.fromkeys(tasks)
     }
     if e2e_key != "food":
         pools = {task: regroup_e2e(task, pool, e2e_key) for task, pool in pools.items()}
@@ -104,6 +114,10 @@ def partition_pools(
     if reserve > 0:
         pools = {task: _without_reserved(task, *pools[task], reserve, seed) for task in dict.fromkeys(tasks)
                  if task in pools}
+    natural = [t for t in dict.fromkeys(tasks) if t in pools and getattr(pools[t][0], "client_ids", None) is not None]
+    if natural and partition != "task":
+        raise FedPeftError(f"the dataset {natural[0]} is split by its client column, one client per value: "
+                           f"--partition {partition} does not apply; leave --partition at task")
     if partition == "dirichlet_cut":
         return _dirichlet_cut(tasks, pools, train_samples, test_samples, alpha, seed, min_train)
     mode = "dirichlet" if partition == "dirichlet" or label_split == "dirichlet" else label_split
@@ -116,6 +130,10 @@ def partition_pools(
         if task not in pools:
             raise FedPeftError(f"No data pools were given for task {task}; load them first.")
         clients = [i for i, t in enumerate(tasks) if t == task]
+        if task in natural:  # --client-column: one client per value of the column (partition/by_client.py)
+            n_train, n_test = (int(x[task]) if isinstance(x, Mapping) else int(x) for x in (train_samples, test_samples))
+            results.update(_partition_by_client(spec, clients, pools[task], n_train, n_test, seed))
+            continue
         if spec.is_generation:
             n_train, n_test = (int(x[task]) if isinstance(x, Mapping) else int(x) for x in (train_samples, test_samples))
             gen_mode = "dirichlet" if mode == "dirichlet" else "iid"

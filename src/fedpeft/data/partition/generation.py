@@ -14,7 +14,7 @@ import numpy as np
 
 from fedpeft.data.partition.classification import _draw
 from fedpeft.data.partition.client import ClientData
-from fedpeft.data.partition.common import _SPLIT_NAMES, largest_remainder
+from fedpeft.data.partition.common import _SPLIT_NAMES, largest_remainder, take
 from fedpeft.data.tasks import get_task
 from fedpeft.errors import FedPeftError
 
@@ -65,8 +65,8 @@ def _partition_generation(spec, clients, pools, n_train, n_test, mode, alpha, se
         i: ClientData(
             client_id=i,
             task=spec.name,
-            train=[train_pool[j] for j in out_ids[0][k]],
-            test=[test_pool[j] for j in out_ids[1][k]],
+            train=take(train_pool, out_ids[0][k]),
+            test=take(test_pool, out_ids[1][k]),
             train_ids=tuple(out_ids[0][k]),
             test_ids=tuple(out_ids[1][k]),
         )

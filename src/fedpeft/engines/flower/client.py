@@ -4,7 +4,11 @@ Every message carries, in its `fedpeft` control record, the run's config, the fe
 list) and the stage ("query", "fit", "evaluate") with the round. The client's identity is its
 `partition-id` (node config; the Simulation Engine sets it per virtual node). Node config may also
 give `data-dir` (this machine's data root) and `state-dir` (where the client keeps its store between
-runs, so a resumed server finds its clients' state).
+runs, so a resumed server finds its clients' state), and `allow-model-factories` (run/flower.py).
+
+The client decides its own paths: the store folder is the node's `state-dir` (or, for flower-sim, the
+folder the simulated ClientApp was made with), and the file names under it are derived here (a hash
+of the run key, the partition id, the round number), never a name the server sent.
 
 The client's `store` lives in `Context.state` as torch-serialised bytes, tagged by where it was
 left: `fit<r>` after the fit of round r, `round<r>` after its evaluation. A fit of round r starts
@@ -38,34 +42,42 @@ def run_key(cfg_dict: dict[str, Any], run_dir) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def make_client_app(setup):
+def make_client_app(setup, *, state_dir: str | None = None):
     """A Flower ClientApp whose every message goes to `handle` with `setup(control, node_config)`,
-    the run layer's function that returns this node's (algorithm, client) for the run."""
+    the run layer's function that returns this node's (algorithm, client) for the run. `state_dir`:
+    where stores are kept when the node config names no `state-dir` (flower-sim: the run folder)."""
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
 
     @app.query()
     def _query(message, context):
-        return handle(message, context, setup)
+        return handle(message, context, setup, state_dir=state_dir)
 
     @app.train()
     def _train(message, context):
-        return handle(message, context, setup)
+        return handle(message, context, setup, state_dir=state_dir)
 
     @app.evaluate()
     def _evaluate(message, context):
-        return handle(message, context, setup)
+        return handle(message, context, setup, state_dir=state_dir)
 
     return app
 
 
-def handle(message, context, setup):
+def handle(message, context, setup, *, state_dir: str | None = None):
     """Every message type of the fedpeft ClientApp lands here."""
     from flwr.app import Message as FlowerMessage, MetricRecord, RecordDict
 
+    from fedpeft.errors import FedPeftError
+
     ctl = control_of(message.content)
-    stage, rnd = ctl["stage"], int(ctl.get("round", 0))
+    stage = ctl.get("stage")
+    rnd = ctl.get("round", 0)
+    if stage not in ("query", "fit", "evaluate") or not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
+        raise FedPeftError(f"not a fedpeft message: stage {str(stage)[:40]!r}, round {str(rnd)[:40]!r}")
+    if not isinstance(ctl.get("run_key"), str):
+        raise FedPeftError("not a fedpeft message: no run key")
     pid = partition_id(context.node_config)
     alg, client = setup(ctl, context.node_config)
     if stage == "query":
@@ -73,7 +85,7 @@ def handle(message, context, setup):
         reply = {"client_id": info.client_id, "task": info.task, "num_labels": info.num_labels,
                  "num_examples": info.num_examples}
         return FlowerMessage(RecordDict({CONTROL: encode_config(reply)}), reply_to=message)
-    state_dir = _state_dir(context.node_config, ctl)
+    state_dir = _state_dir(context.node_config, state_dir, ctl["run_key"])
     client.store = _load_store(context, stage, rnd, pid, state_dir, ctl["run_key"])
     instruction = from_records(message.content)
     if stage == "fit":
@@ -98,9 +110,13 @@ def partition_id(node_config) -> int:
 
 
 # ------------------------------------------------------------ the store across messages
-def _state_dir(node_config, ctl) -> Path | None:
-    path = node_config.get("state-dir") or ctl.get("state_dir")
-    return Path(str(path)) / ctl["run_key"] if path else None
+def _state_dir(node_config, default: str | None, key: str) -> Path | None:
+    """The node's own folder for this run's stores: `state-dir` from the node config (it wins), else the
+    ClientApp's default; the sub-folder is named by a hash of the run key, never by the key itself."""
+    root = node_config.get("state-dir") or default
+    if not root:
+        return None
+    return Path(str(root)) / ("run-" + hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
 def _tags(context, key: str) -> dict[str, bytes]:

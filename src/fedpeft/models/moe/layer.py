@@ -48,6 +48,7 @@ __all__ = [
     "remove_moe_lora",
     "set_own_expert",
     "set_record_usage",
+    "solo_expert",
 ]
 
 ROUTINGS = ("adaptive_topM", "fixed_topk")
@@ -113,6 +114,7 @@ class MoELoRALinear(nn.Module):
         self.expert_calls = 0
         self.record_usage = False
         self.adapters_enabled = True
+        self.solo: int | None = None  # set: expert `solo` alone, as plain LoRA (solo_expert below)
         self.reset_usage()
 
         device = base_layer.weight.device
@@ -231,8 +233,9 @@ class MoELoRALinear(nn.Module):
         result = self.base_layer(x)
         if not self.adapters_enabled:
             return result
-        if self.num_experts == 1:  # plain LoRA, exactly
-            a, b = self.lora_A[0], self.lora_B[0]
+        if self.num_experts == 1 or self.solo is not None:  # plain LoRA, exactly
+            e = 0 if self.solo is None else self.solo
+            a, b = self.lora_A[e], self.lora_B[e]
             self.expert_calls += 1
             if self.record_usage:
                 self._record(torch.ones(x.shape[:-1].numel(), 1, device=x.device))
@@ -456,6 +459,21 @@ def remove_moe_lora(model: nn.Module, merge_expert: int | None = None) -> nn.Mod
         new = moe.base_layer if merge_expert is None else moe.merged_linear(merge_expert)
         _set_submodule(model, name, new)
     return model
+
+
+@contextlib.contextmanager
+def solo_expert(model: nn.Module, expert: int) -> Iterator[list[nn.Parameter]]:
+    """Inside this block every MoELoRALinear computes W0 x + s·B_e A_e dropout(x) with e = `expert`
+    alone: the plain LoRA forward, router unused. Yields expert e's factors (A then B of every layer).
+    FedLEASE trains a late joiner's warmup LoRA this way on a model that already holds the mixture."""
+    layers = _require_layers(model)
+    try:
+        for _, m in layers:
+            m.solo = int(expert)
+        yield [m.lora_A[expert] for _, m in layers] + [m.lora_B[expert] for _, m in layers]
+    finally:
+        for _, m in layers:
+            m.solo = None
 
 
 def set_own_expert(model: nn.Module, own_expert: int) -> None:

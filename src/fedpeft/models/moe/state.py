@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import WIRE_DEVICE
 from fedpeft.models.moe.layer import _require_layers
 
 __all__ = [
@@ -103,8 +104,8 @@ def moe_state(
     `experts=None` gives all experts; `experts=[j]` only expert j (e.g. the upload). Routers are
     included unless `include_router=False`.
     """
-    # Messages carry CPU tensors whatever device the model is on (a k-bit decoder on a GPU).
-    return {k: p.detach().to("cpu", copy=True) for k, p in _expected(model, experts, include_router).items()}
+    # Messages carry wire-device (CPU) tensors whatever device the model computes on.
+    return {k: p.detach().to(WIRE_DEVICE, copy=True) for k, p in _expected(model, experts, include_router).items()}
 
 
 @torch.no_grad()
