@@ -211,6 +211,26 @@ def test_threads_reach_every_run_without_changing_its_settings(tmp_path, tiny_ba
     assert [r.status for r in refs] == ["skipped"] and seen == [1]
 
 
+def test_encoder_path_reaches_every_run_and_is_a_setting_of_the_run(tmp_path, tiny_backbone):
+    """bench --encoder-path varlen runs the matrix that way; a finished padded run is not reused for it."""
+    seen = []
+
+    def runner(cfg, backbone=None):
+        from fedpeft.run import run
+
+        seen.append(cfg.encoder_path)
+        return run(cfg, backbone=backbone)
+
+    suite = tiny_suite()
+    run_matrix(suite, [1], tmp_path, labels=["fedit"], backbone=tiny_backbone, runner=runner, say=lambda m: None)
+    run_matrix(suite, [1], tmp_path / "fast", labels=["fedit"], backbone=tiny_backbone, runner=runner,
+               say=lambda m: None, encoder_path="varlen")
+    assert seen == ["padded", "varlen"]
+    with pytest.raises(FedPeftError):
+        run_matrix(suite, [1], tmp_path, labels=["fedit"], backbone=tiny_backbone, runner=runner,
+                   say=lambda m: None, encoder_path="varlen")
+
+
 def test_report_only_tabulates_finished_runs_and_names_the_rest(tmp_path, tiny_backbone):
     calls, said = [], []
     suite = tiny_suite()

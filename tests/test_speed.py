@@ -216,3 +216,42 @@ def test_use_fast_dropout_switches_plain_dropout_modules():
     m.eval()
     x = torch.randn(3, 4)
     assert torch.equal(m[1](x), x)
+
+
+# ---------------------------------------------------------------------------------------------- the setting
+def _dropouts(model: nn.Module) -> set[type]:
+    return {type(m) for m in model.modules() if isinstance(m, nn.Dropout)}
+
+
+def test_encoder_path_padded_is_the_reference_and_varlen_switches_both_levers():
+    """--encoder-path padded: the encoder's own forward and torch's dropout everywhere (heads made
+    later included); varlen: the padding-free forward and FastDropout everywhere."""
+    enc = inject_lora(tiny_encoder("bert"), rank=2, alpha=4.0, dropout=0.1, targets=["query", "value"])
+    padded = TaskModel(enc, 16, "mean")  # the default
+    padded.head(2)
+    assert padded.varlen is False and _dropouts(padded) == {nn.Dropout}
+    enc = inject_lora(tiny_encoder("bert"), rank=2, alpha=4.0, dropout=0.1, targets=["query", "value"])
+    fast = TaskModel(enc, 16, "mean", "varlen")
+    fast.head(2)
+    assert fast.varlen is True and _dropouts(fast) == {FastDropout}
+
+
+def test_encoder_path_rejects_an_unknown_value():
+    from fedpeft.errors import FedPeftError
+
+    with pytest.raises(FedPeftError, match="encoder path"):
+        TaskModel(tiny_encoder("bert"), 16, "mean", "packed")
+
+
+def test_run_config_encoder_path_reaches_the_model():
+    """RunConfig(encoder_path=...) → the LoRA runtime's TaskModel; padded by default."""
+    from fedpeft.algorithms.lora_runtime import build_lora_runtime
+    from fedpeft.config import RunConfig
+    from tiny_models import tiny_bert
+
+    bb = tiny_bert()
+    for path, varlen in ((None, False), ("varlen", True)):
+        cfg = RunConfig(method="fedit", target_modules=["query", "value"], precision="fp32",
+                        **({} if path is None else {"encoder_path": path}))
+        rt = build_lora_runtime(cfg, bb, rank=2)
+        assert rt.model.varlen is varlen

@@ -58,6 +58,7 @@ FEDDPA_WEIGHTINGS = ("fixed", "instance")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 LABEL_KINDS = ("auto", "classification", "regression", "generation")
 CHAT_TEMPLATES = ("auto", "none")
+ENCODER_PATHS = ("padded", "varlen")
 # The settings of --dataset: without it each of them is a mistake (RunConfig.validate says which).
 _DATASET_FIELDS = ("dataset_name", "text_columns", "label_column", "label_names", "prompt_column", "target_column",
                    "client_column", "test_file")
@@ -127,6 +128,7 @@ class RunConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", group="training")
     device: str = _f("auto", "where the model, its adapters, heads and batches compute: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda, cuda:N or mps; aggregation and the server state stay on the CPU. Resolved once and saved in config.json", group="training")
     precision: str = _f("auto", "auto (bf16 where the device runs it natively: a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX; float32 elsewhere), fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler, CUDA only); routers, softmax and losses stay float32. Resolved once and saved in config.json", choices=PRECISIONS, group="training")
+    encoder_path: str = _f("padded", "how a BERT/RoBERTa encoder runs a batch: padded (the model's own forward over the padded [batch, length] tensor, torch's dropout: the reference) or varlen (padding-free: the projections, LoRA and feed-forward run on the real tokens only, with a 3x cheaper dropout of the same probability; the same outputs in evaluation, different dropout draws in training, so a seed's numbers differ from padded's; docs/benchmarks.md has the accuracy comparison). Decoders, DeBERTa and FedDPA's instance weighting always run padded", choices=ENCODER_PATHS, group="training")
     gradient_checkpointing: bool = _f(False, "recompute each transformer block's activations in the backward pass instead of keeping them (Hugging Face gradient checkpointing, non-reentrant): less memory for long sequences and large decoders, about a third more compute, the same loss and gradients", group="training")
     seed: int = _f(42, "run seed; every client/round/phase seed derives from it", group="training")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", group="training", resume="free")

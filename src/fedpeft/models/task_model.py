@@ -20,10 +20,10 @@ from fedpeft.models.varlen import FastDropout, encode_varlen, pool_varlen, suppo
 class ClassificationHead(nn.Module):
     """RoBERTa-style head on the first token: dense → tanh → dropout → out_proj."""
 
-    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1):
+    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1, *, fast_dropout: bool = False):
         super().__init__()
         self.dense = nn.Linear(hidden, hidden)
-        self.dropout = FastDropout(dropout)
+        self.dropout = FastDropout(dropout) if fast_dropout else nn.Dropout(dropout)
         self.out_proj = nn.Linear(hidden, num_labels)
 
     def forward(self, first_token: torch.Tensor) -> torch.Tensor:
@@ -45,6 +45,7 @@ def init_head_state(hidden: int, num_labels: int, generator: torch.Generator) ->
 
 
 POOLINGS = ("first", "mean")
+ENCODER_PATHS = ("padded", "varlen")  # config.ENCODER_PATHS: --encoder-path
 
 
 class TaskModel(nn.Module):
@@ -53,26 +54,34 @@ class TaskModel(nn.Module):
     `pooling` is how a sequence becomes the head's input: the first token (BERT/RoBERTa
     classification) or the mean over real tokens (sentence-transformers encoders such as MiniLM,
     whose first token was never trained to summarise the sentence).
+
+    `encoder_path` (`--encoder-path`): `padded` runs the encoder's own forward on the padded batch
+    with torch's dropout (the reference); `varlen` runs a BERT-style encoder padding-free
+    (models/varlen.py) and switches every dropout of the encoder and the heads to `FastDropout`.
     """
 
-    def __init__(self, encoder: nn.Module, hidden: int, pooling: str = "first"):
+    def __init__(self, encoder: nn.Module, hidden: int, pooling: str = "first", encoder_path: str = "padded"):
         super().__init__()
         if pooling not in POOLINGS:
             raise FedPeftError(f"unknown pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+        if encoder_path not in ENCODER_PATHS:
+            raise FedPeftError(f"unknown encoder path {encoder_path!r}: choose one of {', '.join(ENCODER_PATHS)}")
         self.encoder = encoder
         self.hidden = hidden
         self.pooling = pooling
         self.heads = nn.ModuleDict()
         self.num_labels: int | None = None
-        self.varlen = True  # padding-free forward where the encoder supports it (models/varlen.py)
-        use_fast_dropout(self.encoder)
+        self.fast = encoder_path == "varlen"
+        self.varlen = self.fast  # padding-free forward where the encoder supports it (models/varlen.py)
+        if self.fast:
+            use_fast_dropout(self.encoder)
 
     # ---------------------------------------------------------------- heads
     def head(self, num_labels: int) -> ClassificationHead:
         key = str(num_labels)
         if key not in self.heads:  # made when first needed, on the device the encoder computes on
             device = next(self.encoder.parameters()).device
-            self.heads[key] = ClassificationHead(self.hidden, num_labels).to(device)
+            self.heads[key] = ClassificationHead(self.hidden, num_labels, fast_dropout=self.fast).to(device)
         return self.heads[key]
 
     def use_head(self, num_labels: int, state: dict[str, torch.Tensor], *, trainable: bool) -> None:

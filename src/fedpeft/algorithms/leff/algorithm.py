@@ -63,7 +63,7 @@ class LEFF(Algorithm):
 
     # ------------------------------------------------------------ model
     def build_runtime(self, backbone) -> Runtime:
-        return build_leff_runtime(backbone, self.name)
+        return build_leff_runtime(backbone, self.name, self.cfg.encoder_path)
 
     @property
     def is_causal(self) -> bool:
