@@ -7,10 +7,10 @@
   matmuls through slow fallbacks, measured 90x slower than fp32 on an AVX2-only EPYC), so a
   benchmark skips bf16 exactly where a run would not pick it.
 - `LoadMonitor`: samples the 1-minute load average every few seconds while the benchmark runs. A
-  run is **final** only when no sample exceeds the thread count + 0.5 (the benchmark's own threads
-  count toward the load; the 0.5 absorbs the sampling noise); otherwise it is **contended** and its
-  absolute figures are provisional (ratios inside the run are still paired). `--quick` runs are
-  never final.
+  run is **final** only when no sample exceeds the thread count (the benchmark's own threads count
+  toward the load, so an idle machine sits near it); otherwise it is **PROVISIONAL**: other work
+  shared the cores, so its absolute figures are not the machine's (ratios between interleaved passes
+  inside the run are still paired). `--quick` runs are never final.
 """
 
 from __future__ import annotations
@@ -74,18 +74,18 @@ class LoadMonitor:
 
     def summary(self, quick: bool = False) -> dict[str, Any]:
         s = sorted(self.samples) or [os.getloadavg()[0]]
-        limit = self.threads + 0.5
+        limit = float(self.threads)
         contended = s[-1] > limit
-        status = "quick (smoke check, not a measurement)" if quick else ("contended" if contended else "final")
+        status = "quick (smoke check, not a measurement)" if quick else ("PROVISIONAL" if contended else "final")
         return {"load_min": s[0], "load_median": s[len(s) // 2], "load_max": s[-1], "samples": len(s),
                 "limit": limit, "contended": contended, "status": status}
 
 
 def status_line(load: dict[str, Any]) -> str:
     text = (f"1-minute load average during the run: min {load['load_min']:.2f}, median {load['load_median']:.2f}, "
-            f"max {load['load_max']:.2f} over {load['samples']} samples; limit {load['limit']:.1f} "
-            f"(threads + 0.5) → **{load['status']}**")
-    if load["status"] == "contended":
+            f"max {load['load_max']:.2f} over {load['samples']} samples; limit {load['limit']:.0f} "
+            f"(the thread count) → **{load['status']}**")
+    if load["status"] == "PROVISIONAL":
         text += (": the absolute figures are provisional (other processes shared the cores); "
                  "ratios between interleaved passes are still paired. Rerun on an idle machine for final figures.")
     return text

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Throughput of fedpeft's training path on this machine, every figure measured in ONE run.
 
-    python benchmarks/throughput.py [--quick] [--out DIR] [--data-dir DIR]
+    python benchmarks/throughput.py [--quick] [--threads N] [--out DIR] [--data-dir DIR] [--sections ...]
 
 Sections (one function each):
 
 1. machine matmul peak: float32 and bfloat16 GFLOP/s, at a large square size and at MiniLM's own
    shapes (tokens per batch × 384 × 384/1536); the peak of a dtype is the max of its rows;
 2. local training on real SST-2 sentences: one client through `FedIT.fit` (so `train_local`
-   exactly as FedIT calls it: LoRA r=4 on query/value, head trained, batch 32), fp32 and bf16;
+   exactly as FedIT calls it: LoRA r=4 on query/value, head trained, batch 32), fp32 and (where the
+   CPU has native bf16) bf16, each with `--encoder-path padded` (the reference) and `varlen` (the
+   padding-free forward and cheaper dropout, models/varlen.py): the fast path's gain in the same run;
 3. the same step on synthetic random tokens, 32 × 64, no padding;
 4. one FedIT round of 8 SST-2 clients through the in-process engine, with where the time goes;
 5. a short FedIT run in fp32 and in bf16 with the same seed: final accuracies and their gap.
@@ -18,9 +20,13 @@ except the backbone's `embeddings` module (encoder layers + pooler + LoRA + head
 forward pass and 2N for the backward pass to the activations (the frozen weights get no weight
 gradient). Attention-score FLOPs (∝ sequence length) are not counted.
 
-Timings are medians over >= 3 passes after a discarded warm-up pass; torch's thread count is used
-as it is (set OMP_NUM_THREADS to change it). Output: tables on stdout, and results.md +
-results.json in --out (default bench-results/throughput/).
+Timings are medians over >= 3 passes after a discarded warm-up pass, the variants interleaved;
+`--threads N` sets torch's thread count (default: torch's own). Output: tables on stdout, and
+results.md + results.json in --out (default bench-results/throughput/). results.json has the
+headline figures as top-level plain numbers: `fp32_share_of_fp32_peak`, `bf16_share_of_bf16_peak`
+(null without native bf16), `native_bf16` (true/false), each share for the encoder path a run uses
+by default (`headline_encoder_path`), and `*_by_encoder_path` for both paths. The run is PROVISIONAL
+when the 1-minute load average exceeded the thread count at any sample (machine.LoadMonitor).
 """
 
 from __future__ import annotations
@@ -43,11 +49,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import LoadMonitor, cpu_model, isa_line, machine_info, status_line  # noqa: E402
+from machine import LoadMonitor, isa_line, machine_info, status_line  # noqa: E402
 
 from fedpeft import metrics, training
 from fedpeft.algorithms.base import Client, ClientInfo
-from fedpeft.config import RunConfig
+from fedpeft.config import ENCODER_PATHS, RunConfig
+from fedpeft.errors import FedPeftError
 from fedpeft.data.batching import Encoded, train_batches
 from fedpeft.run.assemble import build_algorithm
 from fedpeft.run.federation import prepare_clients
@@ -59,6 +66,8 @@ from fedpeft.run import run
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "minilm"
 SEED = 42
+DEFAULT_PATH = RunConfig().encoder_path  # the path a run takes unless told: the headline figures are its
+SECTIONS = ("matmul", "training", "synthetic", "round", "accuracy")
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -116,11 +125,11 @@ def pct(x: float) -> str:
 
 
 def resolve_data_dir(arg: str | None) -> str:
-    candidates = [arg, os.environ.get("FEDPEFT_DATA_DIR"), REPO.parent / "shared" / "data", "/work/shared/data"]
-    for c in candidates:
-        if c and (Path(c) / "glue" / "SST-2" / "train.tsv").is_file():
-            return str(c)
-    sys.exit("SST-2 not found: pass --data-dir or set FEDPEFT_DATA_DIR to a folder holding glue/SST-2/train.tsv")
+    root = arg or os.environ.get("FEDPEFT_DATA_DIR")
+    if not root or not (Path(root) / "glue" / "SST-2" / "train.tsv").is_file():
+        raise FedPeftError(f"SST-2 not found{f' under {root}' if root else ''}: pass --data-dir or set "
+                           "FEDPEFT_DATA_DIR to a data root holding glue/SST-2/train.tsv")
+    return str(root)
 
 
 def header(settings: Settings, quick: bool, data_dir: str) -> dict[str, Any]:
@@ -207,9 +216,8 @@ def bench_matmul(settings: Settings, model_shapes: list[tuple[str, int, int, int
 
 
 # ---------------------------------------------------------------------------------------- 2./3. training
-def measure_fit(alg, instruction, client: Client, precision: str) -> dict[str, float]:
+def measure_fit(alg, instruction, client: Client) -> dict[str, float]:
     """One FedIT local run (`fit` → `train_local`) from the same instruction: identical work every call."""
-    alg.cfg.precision = precision
     t = time.perf_counter()
     reply = alg.fit(instruction, client)
     wall = time.perf_counter() - t
@@ -228,17 +236,18 @@ def matmul_padding(alg) -> bool:
 
 def bench_training(algs: dict[str, Any], instructions: dict[str, Any], client: Client, settings: Settings,
                    n_params: int, peak: dict[str, float], label: str) -> dict[str, Any]:
-    """One pass per precision (each precision's own runtime, as a run at that precision builds it),
-    interleaved so a burst of contention hits every precision; a warm-up pass of each is discarded."""
-    precisions = tuple(algs)
-    for p in precisions:
-        measure_fit(algs[p], instructions[p], client, p)  # warm-up pass
-    passes = {p: [] for p in precisions}
+    """One pass per variant ("fp32 padded", "bf16 varlen", ...: each its own runtime, as a run with
+    that precision and encoder path builds it), interleaved so a burst of contention hits every
+    variant; a warm-up pass of each is discarded."""
+    variants = tuple(algs)
+    for v in variants:
+        measure_fit(algs[v], instructions[v], client)  # warm-up pass
+    passes = {v: [] for v in variants}
     for _ in range(settings.reps):
-        for p in precisions:
-            passes[p].append(measure_fit(algs[p], instructions[p], client, p))
+        for v in variants:
+            passes[v].append(measure_fit(algs[v], instructions[v], client))
     out = {"label": label, "passes": passes, "by_precision": {}}
-    for p in precisions:
+    for p in variants:
         runs = passes[p]
         real, padded = runs[0]["real_tokens"], runs[0]["padded_tokens"]
         executed = padded if matmul_padding(algs[p]) else real
@@ -256,12 +265,17 @@ def bench_training(algs: dict[str, Any], instructions: dict[str, Any], client: C
             "useful_gflops": useful, "executed_gflops": 4 * n_params * executed / compute / 1e9,
             "frac_fp32_peak": useful / peak["float32"], "frac_bf16_peak": useful / peak["bfloat16"],
             "compute_share_of_fit": compute / median([r["fit_seconds"] for r in runs]),
+            "precision": algs[p].cfg.precision, "encoder_path": algs[p].cfg.encoder_path,
         }
     bp = out["by_precision"]
-    if "bf16" in bp:
-        out["bf16_speedup"] = bp["bf16"]["real_tokens_per_s"] / bp["fp32"]["real_tokens_per_s"]
-        out["bf16_speedup_paired"] = median([f["compute_seconds"] / b["compute_seconds"]
-                                             for f, b in zip(passes["fp32"], passes["bf16"])])
+
+    def gain(fast: str, slow: str) -> dict[str, float]:
+        """fast over slow in real tokens/s: of the medians, and the median of the per-pass ratios."""
+        return {"ratio": bp[fast]["real_tokens_per_s"] / bp[slow]["real_tokens_per_s"],
+                "paired": median([a["compute_seconds"] / b["compute_seconds"] for a, b in zip(passes[slow], passes[fast])])}
+
+    out["bf16_speedup"] = {e: gain(f"bf16 {e}", f"fp32 {e}") for e in ENCODER_PATHS if f"bf16 {e}" in bp}
+    out["varlen_speedup"] = {p: gain(f"{p} varlen", f"{p} padded") for p in ("fp32", "bf16") if f"{p} varlen" in bp}
     return out
 
 
@@ -269,7 +283,7 @@ def bench_local_sst2(algs, clients, broadcasts, settings, n_params, peak) -> dic
     """Section 2: one SST-2 client, real sentences, length-grouped batches."""
     c = clients[0]
     return bench_training(algs, {p: b[c.cid] for p, b in broadcasts.items()}, c, settings, n_params, peak,
-                          f"SST-2, {len(c.train)} examples × {algs['fp32'].cfg.local_epochs} epoch(s)")
+                          f"SST-2, {len(c.train)} examples × {next(iter(algs.values())).cfg.local_epochs} epoch(s)")
 
 
 def bench_synthetic(algs, clients, broadcasts, settings, n_params, peak, vocab: int) -> dict[str, Any]:
@@ -416,9 +430,16 @@ def render(res: dict[str, Any]) -> str:
            f"{' / '.join(f'{x:.2f}' for x in h['load_average_end'])}",
            f"- {status_line(res['load'])}",
            f"- {h['date']}; medians of {s['reps']} passes after a discarded warm-up pass; total {res['total_seconds']:.0f} s", "",
-           f"**Headline ({res['status']})**: SST-2 training fp32 = {pct(res['fp32_share_of_fp32_peak'])} of the fp32 peak"
+           f"**Headline ({res['status']})**: SST-2 training with `--encoder-path {res['headline_encoder_path']}` "
+           f"(a run's default): fp32 = {pct(res['fp32_share_of_fp32_peak'])} of the fp32 peak"
            + (f", bf16 = {pct(res['bf16_share_of_bf16_peak'])} of the bf16 peak" if res["bf16_share_of_bf16_peak"] is not None
-              else " (no native bf16: bf16 not measured)") + ".", ""]
+              else " (no native bf16: bf16 not measured)") + "; by encoder path: " + ", ".join(
+               f"{e}: fp32 {pct(res['fp32_share_of_fp32_peak_by_encoder_path'][e])}"
+               + (f", bf16 {pct(res['bf16_share_of_bf16_peak_by_encoder_path'][e])}"
+                  if res["bf16_share_of_bf16_peak_by_encoder_path"].get(e) is not None else "")
+               for e in res["fp32_share_of_fp32_peak_by_encoder_path"]) + ".", ""]
+    if "matmul" not in res:
+        return "\n".join(out)
 
     mm = res["matmul"]
     out += ["## 1. Matmul peak (same run)", "",
@@ -436,27 +457,37 @@ def render(res: dict[str, Any]) -> str:
             f"; the {parts['embeddings']:,} embedding parameters are excluded).", ""]
     rows = []
     for sec in ("local", "synthetic"):
+        if sec not in res:
+            continue
         r = res[sec]
-        for p, m in r["by_precision"].items():
-            rows.append([r["label"], p, m["real_tokens_per_s"], pct(m["padding_fraction"]),
+        for v, m in r["by_precision"].items():
+            rows.append([r["label"], m["precision"], m["encoder_path"], m["real_tokens_per_s"], pct(m["padding_fraction"]),
                          pct(m["matmul_padding_fraction"]), m["tokens_per_batch"],
                          m["seconds_per_step"], m["useful_gflops"], m["executed_gflops"], pct(m["frac_fp32_peak"]),
-                         pct(m["frac_bf16_peak"]) if p == "bf16" else "-", pct(m["compute_share_of_fit"])])
-    out += [table(["data", "precision", "real tok/s", "batch padding", "matmul padding", "tok/batch", "s/step",
-                   "GFLOP/s (real tok)", "GFLOP/s (executed)", "of fp32 peak", "of bf16 peak", "compute / fit wall"],
-                  rows), ""]
-    loc, syn = res["local"], res["synthetic"]
-    if "bf16_speedup" in loc:
-        out += [f"- bf16 speed-up vs fp32 (real tok/s): SST-2 **{loc['bf16_speedup']:.2f}×** "
-                f"(paired per pass {loc['bf16_speedup_paired']:.2f}×), synthetic **{syn['bf16_speedup']:.2f}×** "
-                f"(paired {syn['bf16_speedup_paired']:.2f}×)"]
-    out += ["- SST-2 real tok/s as a share of synthetic " f"{s['batch_size']}×{s['synthetic_len']}: " + ", ".join(
-        f"{p} {pct(loc['by_precision'][p]['real_tokens_per_s'] / syn['by_precision'][p]['real_tokens_per_s'])}"
-        for p in loc["by_precision"]) + " (what short sentences cost)",
-            "- batch padding: the collated batch's padding; matmul padding: what the matmuls multiply (0 on the "
+                         pct(m["frac_bf16_peak"]) if m["precision"] == "bf16" else "-", pct(m["compute_share_of_fit"])])
+    out += [table(["data", "precision", "encoder path", "real tok/s", "batch padding", "matmul padding", "tok/batch",
+                   "s/step", "GFLOP/s (real tok)", "GFLOP/s (executed)", "of fp32 peak", "of bf16 peak",
+                   "compute / fit wall"], rows), ""]
+    for sec in ("local", "synthetic"):
+        r = res.get(sec)
+        if r is None:
+            continue
+        for p, g in r["varlen_speedup"].items():
+            out.append(f"- {r['label']}: padding-free (varlen) vs padded, {p}: **{g['ratio']:.2f}×** real tok/s "
+                       f"(paired per pass {g['paired']:.2f}×)")
+        for e, g in r["bf16_speedup"].items():
+            out.append(f"- {r['label']}: bf16 vs fp32, {e}: **{g['ratio']:.2f}×** (paired per pass {g['paired']:.2f}×)")
+    if "synthetic" in res:
+        loc, syn = res["local"], res["synthetic"]
+        out += ["- SST-2 real tok/s as a share of synthetic " f"{s['batch_size']}×{s['synthetic_len']}: " + ", ".join(
+            f"{v} {pct(loc['by_precision'][v]['real_tokens_per_s'] / syn['by_precision'][v]['real_tokens_per_s'])}"
+            for v in loc["by_precision"]) + " (what short sentences cost)"]
+    out += ["- batch padding: the collated batch's padding; matmul padding: what the matmuls multiply (0 on the "
             "padding-free path, models/varlen.py)", ""]
 
-    rd = res["round"]
+    rd = res.get("round")
+    if rd is None:
+        return "\n".join(out)
     out += [f"## 4. One FedIT round: {rd['clients']} SST-2 clients × {rd['train']} train / {rd['test']} test, "
             f"{rd['local_epochs']} local epoch(s), fp32", ""]
     out += [table(["round", "wall s", "Σ compute s", "outside compute", "accuracy", "padding"],
@@ -470,7 +501,9 @@ def render(res: dict[str, Any]) -> str:
                 f"{k} {v:.2f} s" for k, v in rd["setup_seconds"].items()) +
             f", checkpoint + history files {rd['outside_rounds_seconds (checkpoints, history files)']:.2f} s in total.", ""]
 
-    acc = res["accuracy"]
+    acc = res.get("accuracy", "not run")
+    if acc == "not run":
+        return "\n".join(out)
     if acc is None:
         out += ["## 5. bf16 vs fp32 accuracy: skipped (no native bf16 on this CPU)", ""]
         return "\n".join(out)
@@ -485,14 +518,32 @@ def render(res: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, settings: Settings | None = None) -> int:
+    """The benchmark; `settings` replaces the --quick/full sizes (tests pass tinier ones)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: a 1–2 minute smoke check, not a measurement")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     ap.add_argument("--out", default="bench-results/throughput", help="folder for results.md and results.json")
     ap.add_argument("--data-dir", default=None, help="data root with glue/SST-2 (default: $FEDPEFT_DATA_DIR)")
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, metavar="SECTION",
+                    help=f"which sections to run (default: all of {' '.join(SECTIONS)}; training always runs, "
+                         "with matmul: the headline figures need both)")
     args = ap.parse_args(argv)
+    try:
+        return _main(args, settings)
+    except FedPeftError as e:
+        print(f"fedpeft: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, settings: Settings | None) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise FedPeftError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     logging.getLogger("fedpeft").setLevel(logging.WARNING)
-    settings = QUICK if args.quick else Settings()
+    settings = settings or (QUICK if args.quick else Settings())
+    sections = set(args.sections) | {"matmul", "training"}
     data_dir = resolve_data_dir(args.data_dir)
     start = time.perf_counter()
     res: dict[str, Any] = {"header": header(settings, args.quick, data_dir)}
@@ -500,50 +551,62 @@ def main(argv: list[str] | None = None) -> int:
     monitor = LoadMonitor(h["threads"]).start()
     print(f"torch {h['torch']} | threads {h['threads']} | CPU {h['cpu']} | quick={args.quick}", flush=True)
     print(isa_line(h), flush=True)
+    print(f"load average at start: {' / '.join(f'{x:.2f}' for x in h['load_average_start'])}", flush=True)
     precisions = ("fp32", "bf16") if h["native_bf16"] else ("fp32",)
+    variants = {f"{p} {e}": (p, e) for p in precisions for e in ENCODER_PATHS}
 
     step = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
-    step("loading MiniLM and one SST-2 client")
+    step(f"loading MiniLM and one SST-2 client, {len(variants)} runtimes ({', '.join(variants)})")
     algs, broadcasts = {}, {}
-    for p in precisions:  # each precision's own runtime: bf16 stores the frozen Linears in bf16, as a run does
+    for v, (p, e) in variants.items():  # each its own runtime: bf16 stores the frozen Linears in bf16, as a run does
         cfg = base_config(data_dir, settings, tasks=["sst2"], train_samples=settings.local_examples, test_samples=32,
-                          global_rounds=1, local_epochs=settings.local_epochs, precision=p)
-        algs[p], clients, broadcasts[p] = fedit_client(cfg)
-    alg = algs["fp32"]
+                          global_rounds=1, local_epochs=settings.local_epochs, precision=p, encoder_path=e)
+        algs[v], clients, broadcasts[v] = fedit_client(cfg)
+    alg = algs[f"fp32 {DEFAULT_PATH}"]
     alg.runtime.model.head(clients[0].info.num_labels)  # heads are created on first use: count it too
     n_params, parts = non_embedding_params(alg.runtime.model)
     res["params"] = {"non_embedding": n_params, "breakdown": parts}
     hidden, inter = alg.runtime.model.hidden, load_backbone(MODEL).model.config.intermediate_size
-    m_sst2 = sst2_batch_tokens(clients[0], settings.batch_size, padded=matmul_padding(alg))
+    m_shapes = {"padded": sst2_batch_tokens(clients[0], settings.batch_size, padded=True),
+                "varlen": sst2_batch_tokens(clients[0], settings.batch_size, padded=False)}
     m_syn = settings.batch_size * settings.synthetic_len
     model_shapes = []
-    for tag, m in ((f"SST-2 batch ({m_sst2} tok)", m_sst2), (f"synthetic batch ({m_syn} tok)", m_syn)):
+    for tag, m in [(f"SST-2 batch, {e} ({m} tok)", m) for e, m in m_shapes.items()] + [(f"synthetic batch ({m_syn} tok)", m_syn)]:
         model_shapes += [(f"{tag}: q/k/v/out proj", m, hidden, hidden), (f"{tag}: FFN up", m, hidden, inter),
                          (f"{tag}: FFN down", m, inter, hidden)]
 
     step("1. matmul peak")
     res["matmul"] = bench_matmul(settings, model_shapes)
     peak = res["matmul"]["peak_gflops"]
-    step(f"2. local training on SST-2 ({', '.join(precisions)})")
+    step(f"   peaks (same run): fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s"
+         + ("" if h["native_bf16"] else " (no native bf16: its peak is shown, bf16 training is skipped)"))
+    step(f"2. local training on SST-2 ({', '.join(variants)})")
     res["local"] = bench_local_sst2(algs, clients, broadcasts, settings, n_params, peak)
-    step(f"3. synthetic tokens ({', '.join(precisions)})")
-    res["synthetic"] = bench_synthetic(algs, clients, broadcasts, settings, n_params, peak,
-                                       load_backbone(MODEL).tokenizer.vocab_size)
+    if "synthetic" in sections:
+        step(f"3. synthetic tokens ({', '.join(variants)})")
+        res["synthetic"] = bench_synthetic(algs, clients, broadcasts, settings, n_params, peak,
+                                           load_backbone(MODEL).tokenizer.vocab_size)
     del algs
-    step("4. one FedIT round")
-    res["round"] = bench_fedit_round(data_dir, settings)
-    step("5. bf16 vs fp32 accuracy")
-    res["accuracy"] = bench_precision_accuracy(data_dir, settings) if h["native_bf16"] else None
+    if "round" in sections:
+        step("4. one FedIT round")
+        res["round"] = bench_fedit_round(data_dir, settings)
+    if "accuracy" in sections:
+        step("5. bf16 vs fp32 accuracy")
+        res["accuracy"] = bench_precision_accuracy(data_dir, settings) if h["native_bf16"] else None
     res["total_seconds"] = time.perf_counter() - start
     res["header"]["load_average_end"] = os.getloadavg()
     monitor.stop()
     res["load"] = monitor.summary(quick=args.quick)
     local = res["local"]["by_precision"]
+    fp32_by = {e: local[f"fp32 {e}"]["frac_fp32_peak"] for e in ENCODER_PATHS}
+    bf16_by = {e: (local[f"bf16 {e}"]["frac_bf16_peak"] if f"bf16 {e}" in local else None) for e in ENCODER_PATHS}
     # The headline figures, as plain top-level numbers for scripts.
-    res = {"status": res["load"]["status"], "native_bf16": h["native_bf16"],
-           "fp32_share_of_fp32_peak": local["fp32"]["frac_fp32_peak"],
-           "bf16_share_of_bf16_peak": local["bf16"]["frac_bf16_peak"] if "bf16" in local else None,
-           "fp32_peak_gflops": peak["float32"], "bf16_peak_gflops": peak["bfloat16"], **res}
+    res = {"status": res["load"]["status"], "native_bf16": bool(h["native_bf16"]),
+           "fp32_share_of_fp32_peak": fp32_by[DEFAULT_PATH], "bf16_share_of_bf16_peak": bf16_by[DEFAULT_PATH],
+           "headline_encoder_path": DEFAULT_PATH,
+           "fp32_share_of_fp32_peak_by_encoder_path": fp32_by, "bf16_share_of_bf16_peak_by_encoder_path": bf16_by,
+           "fp32_peak_gflops": peak["float32"], "bf16_peak_gflops": peak["bfloat16"],
+           "threads": h["threads"], "cpu": h["cpu"], **res}
     step("done")
 
     report = render(res)
