@@ -298,6 +298,37 @@ def test_students_are_cached_per_round_and_segment(leff_cfg, bb4):
             assert torch.equal(a[key], b[key])
 
 
+def test_distill_reuse_reuses_a_student_only_while_its_blocks_and_those_before_are_unchanged(leff_cfg, bb4):
+    """--distill-reuse unchanged: round-robin blocks repeat every L rounds; the suffix [1, 3] of block 0
+    is distilled in round 1, reused in round 5 while blocks 0..3 are the same tensors, and distilled
+    again once block 0 (before the segment) changed. Off (the paper): distilled every time."""
+    def segments(info, key):
+        return sorted(tuple(d["segment"]) for d in info.get(key, []))
+
+    for reuse in ("off", "unchanged"):
+        alg, _ = bound(leff_cfg(sampling="round_robin", tasks=["demo-sentiment"] * 2, distill_reuse=reuse,
+                                global_rounds=12), bb4)
+        state = alg.init()
+        ids = list(range(len(alg.federation)))
+        first = alg.configure(state, 1, ids)
+        assert segments(state["round_info"][1], "distilled") == [(1, 3)]
+        again = alg.configure(state, 5, ids)  # same block starts as round 1, nothing aggregated in between
+        if reuse == "off":
+            assert segments(state["round_info"][5], "distilled") == [(1, 3)]
+            assert "reused" not in state["round_info"][5]
+        else:
+            assert segments(state["round_info"][5], "distilled") == []
+            assert state["round_info"][5]["reused"] == [{"segment": [1, 3], "from_round": 1}]
+            for key, t in first[0].tensors.items():
+                if key.startswith("suf."):
+                    assert torch.equal(again[0].tensors[key], t)  # the very student of round 1
+            blocks = dict(state["blocks"])
+            blocks[0] = {n: t + 1e-3 for n, t in blocks[0].items()}  # block 0 feeds the segment: its input changed
+            state["blocks"] = blocks
+            alg.configure(state, 9, ids)
+            assert segments(state["round_info"][9], "distilled") == [(1, 3)] and state["round_info"][9]["reused"] == []
+
+
 # ----------------------------------------------------------------------------------------- client
 @pytest.mark.parametrize("budgets,start", [(["1"], 0), (["1"], L - 1), (["2"], 1), ([str(L)], 0)])
 def test_client_trains_its_block_through_the_frozen_students(leff_cfg, bb4, budgets, start):

@@ -59,6 +59,7 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 LABEL_KINDS = ("auto", "classification", "regression", "generation")
 CHAT_TEMPLATES = ("auto", "none")
 ENCODER_PATHS = ("padded", "varlen")
+DISTILL_REUSE = ("off", "unchanged")
 # The settings of --dataset: without it each of them is a mistake (RunConfig.validate says which).
 _DATASET_FIELDS = ("dataset_name", "text_columns", "label_column", "label_names", "prompt_column", "target_column",
                    "client_column", "test_file")
@@ -171,6 +172,7 @@ class RunConfig:
     distill_steps: int = _f(200, "LEFF: distillation steps per student per round (0: students stay at their evenly spaced init)", group="leff")
     distill_lr: float = _f(1e-4, "LEFF: distillation AdamW learning rate", group="leff")
     distill_batch_size: int = _f(16, "LEFF: distillation batch size", group="leff")
+    distill_reuse: str = _f("off", "LEFF: off (the paper: every round distils every segment a client needs) or unchanged (a segment whose teacher blocks, and every block before it, are the very tensors they were when its student was distilled in an earlier round reuses that student instead of distilling again: the teacher and its inputs are the same function, but the student keeps that round's batch draws, so numbers differ from off; a resumed run distils afresh in its first round)", choices=DISTILL_REUSE, group="leff")
     distill_examples: int = _f(512, "LEFF: proxy texts used for distillation", group="leff")
     proxy_dataset: str = _f("auto", "LEFF: public proxy texts for distillation (and, on a decoder, the importance batch): 'auto' (the paper's pairing: webnlg for generation tasks, wnli otherwise), a GLUE task folder (wnli), 'webnlg' (WebNLG train references, for E2E on a decoder) or 'demo' (the bundled synthetic texts)", group="leff")
     importance_examples: int = _f(64, "LEFF family: labelled server examples held out of every client's pool, for the importance pass", group="leff")
