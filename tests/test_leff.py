@@ -285,6 +285,58 @@ def test_distillation_ignores_proxy_labels_and_reduces_the_loss(bb4):
     assert all(not p.requires_grad for blk in s1 for p in blk.parameters())
 
 
+def test_teacher_cache_gives_the_per_step_targets_and_the_same_student(bb4):
+    """--distill-teacher cached: a batch's inputs and targets read from the round's cache equal the
+    per-step path's on its real tokens (float rounding apart), and distillation takes the same steps."""
+    from fedpeft.algorithms.leff.distill import TeacherCache, prefix_hidden, run_blocks
+    from fedpeft.data.batching import collate
+
+    proxy = _proxy(bb4, 16)
+    assert len({len(x) for x in proxy.input_ids}) > 1  # texts of several lengths: padding is exercised
+    emb, blocks = bb4.model.embeddings, list(bb4.model.encoder.layer)
+    cache = TeacherCache(emb, blocks, proxy, starts={0, 1}, ends={0, 3}, chunk=5)
+    idx = [3, 0, 7, 11, 14]
+    batch = collate(proxy, idx)
+    was = bb4.model.training
+    bb4.model.eval()
+    try:
+        with torch.no_grad(), eager_attention([emb, *blocks]):
+            h_in = prefix_hidden(emb, blocks[:1], batch)
+            h_t, a_t = run_blocks(blocks[1:4], h_in, batch["attention_mask"], True)
+    finally:
+        bb4.model.train(was)
+    mask, c_in, c_t, c_a = cache.batch(idx, 1, 3)
+    assert torch.equal(mask, batch["attention_mask"]) and c_in.shape == h_in.shape and c_a.shape == a_t.shape
+    real = mask.bool()
+    torch.testing.assert_close(c_in[real], h_in[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c_t[real], h_t[real], atol=1e-5, rtol=1e-5)
+    pairs = (real[:, :, None] & real[:, None, :])[:, None].expand_as(a_t)  # real query rows × real keys
+    torch.testing.assert_close(c_a[pairs], a_t[pairs], atol=1e-6, rtol=1e-5)
+    kw = dict(rate=0.5, alpha=0.5, steps=10, lr=3e-3, batch_size=8, seed=3)
+    s1, i1 = distill_segment(emb, blocks, 1, 3, proxy, **kw)
+    s2, i2 = distill_segment(emb, blocks, 1, 3, proxy, teacher_cache=cache, **kw)
+    assert i2["steps"] == 10 and i1["loss_first"] == pytest.approx(i2["loss_first"], rel=1e-3)
+    assert i1["loss_last"] == pytest.approx(i2["loss_last"], rel=1e-3)
+    for a, b in zip(s1, s2):
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+
+
+def test_cached_teacher_in_a_round_distils_the_same_segments_as_per_step(leff_cfg, bb4):
+    infos = {}
+    for mode in ("per-step", "cached"):
+        alg, _ = bound(leff_cfg(tasks=["demo-sentiment"] * 3, distill_teacher=mode, distill_steps=4), bb4)
+        state = alg.init()
+        alg.configure(state, 1, list(range(len(alg.federation))))
+        infos[mode] = {tuple(d["segment"]): d for d in state["round_info"][1]["distilled"]}
+        assert ("teacher_cache_seconds" in state["round_info"][1]) == (mode == "cached")
+        assert alg._teacher_cache is None  # freed after the round's configure
+    assert infos["per-step"].keys() == infos["cached"].keys()
+    for seg, d in infos["per-step"].items():
+        if d["steps"]:
+            assert infos["cached"][seg]["loss_last"] == pytest.approx(d["loss_last"], rel=1e-3)
+
+
 def test_students_are_cached_per_round_and_segment(leff_cfg, bb4):
     alg, _ = bound(leff_cfg(sampling="round_robin", tasks=["demo-sentiment"] * 2), bb4)
     state = alg.init()

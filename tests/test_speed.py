@@ -227,7 +227,7 @@ def test_encoder_path_padded_is_the_reference_and_varlen_switches_both_levers():
     """--encoder-path padded: the encoder's own forward and torch's dropout everywhere (heads made
     later included); varlen: the padding-free forward and FastDropout everywhere."""
     enc = inject_lora(tiny_encoder("bert"), rank=2, alpha=4.0, dropout=0.1, targets=["query", "value"])
-    padded = TaskModel(enc, 16, "mean")  # the default
+    padded = TaskModel(enc, 16, "mean")  # TaskModel's own default: the reference
     padded.head(2)
     assert padded.varlen is False and _dropouts(padded) == {nn.Dropout}
     enc = inject_lora(tiny_encoder("bert"), rank=2, alpha=4.0, dropout=0.1, targets=["query", "value"])
@@ -244,13 +244,13 @@ def test_encoder_path_rejects_an_unknown_value():
 
 
 def test_run_config_encoder_path_reaches_the_model():
-    """RunConfig(encoder_path=...) → the LoRA runtime's TaskModel; padded by default."""
+    """RunConfig(encoder_path=...) → the LoRA runtime's TaskModel; varlen by default (the comparison in docs/benchmarks.md)."""
     from fedpeft.algorithms.lora_runtime import build_lora_runtime
     from fedpeft.config import RunConfig
     from tiny_models import tiny_bert
 
     bb = tiny_bert()
-    for path, varlen in ((None, False), ("varlen", True)):
+    for path, varlen in ((None, True), ("padded", False)):
         cfg = RunConfig(method="fedit", target_modules=["query", "value"], precision="fp32",
                         **({} if path is None else {"encoder_path": path}))
         rt = build_lora_runtime(cfg, bb, rank=2)

@@ -52,12 +52,13 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
     architecture when a test injects one)."""
     import dataclasses
 
-    from fedpeft.config import LEFF_FAMILY, RunConfig
+    from fedpeft.config import ENCODER_PATH_BEFORE_THE_SETTING, LEFF_FAMILY, RunConfig
 
     try:
         raw = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return
+    raw.setdefault("encoder_path", ENCODER_PATH_BEFORE_THE_SETTING)  # a run saved before the setting ran padded
     model_type = getattr(backbone, "model_type", None)
     # A folder saved before a setting became automatic holds the unresolved value: resolve both sides.
     # The saved device and precision are already concrete (what the run used, maybe on another machine's

@@ -34,7 +34,7 @@ from fedpeft.algorithms.base import Algorithm, Client, Message, Runtime
 from fedpeft.algorithms.heads import HEAD_PREFIX
 from fedpeft.algorithms.leff.blocks import (ASET_PREFIX, EMB_PREFIX, block_key, layerwise_mean, load_params,
                                             module_params, parse_block_key, update_importance)
-from fedpeft.algorithms.leff.distill import distill_segment, student_depth
+from fedpeft.algorithms.leff.distill import TeacherCache, caches_teacher, distill_segment, student_depth
 from fedpeft.algorithms.leff.runtime import assembled, build_leff_runtime, scratch_blocks
 from fedpeft.algorithms.leff.sampling import (block_probabilities, block_scores, block_starts, draw_block,
                                               layer_importance)
@@ -60,6 +60,9 @@ class LEFF(Algorithm):
         # --distill-reuse unchanged: (a, b) → the last student distilled for blocks a..b, the round, and
         # the teacher tensors of blocks 0..b it was distilled from (references into that round's state)
         self._reusable: dict[tuple[int, int], dict[str, Any]] = {}
+        # --distill-teacher cached: this round's segments, and the teacher cache built for them on first need
+        self._round_segments: set[tuple[int, int]] = set()
+        self._teacher_cache: TeacherCache | None = None
         self._server_batch = None  # the encoded importance batch
         self._proxy = None  # the encoded proxy texts
         self._runtime_holds: Any = None  # which global state the runtime model holds now
@@ -195,16 +198,33 @@ class LEFF(Algorithm):
                         reused.append({"segment": [a, b], "from_round": prev["round"]})
                     return prev["student"]
             self.load_global(state)
+            cache = self.teacher_cache(state) if distil else None
             student, info = distill_segment(
                 self.runtime.extra["embeddings"], self.blocks(), a, b, self.proxy() if distil else None,
                 rate=self.cfg.compression_rate, alpha=self.cfg.distill_alpha, steps=self.cfg.distill_steps,
                 lr=self.cfg.distill_lr, batch_size=self.cfg.distill_batch_size,
-                seed=derive_seed(self.cfg.seed, "leff-distill", rnd, a, b), owner=self.runtime.extra["block_owner"][0])
+                seed=derive_seed(self.cfg.seed, "leff-distill", rnd, a, b), owner=self.runtime.extra["block_owner"][0],
+                teacher_cache=cache)
             self._students[key] = student
             infos.append(info)
             if distil and self.cfg.distill_reuse == "unchanged":
                 self._reusable[(a, b)] = {"teacher": teacher, "student": student, "round": rnd}
         return self._students[key]
+
+    def teacher_cache(self, state) -> TeacherCache | None:
+        """The round's teacher cache under --distill-teacher cached (built once, for every segment of
+        the round), else None. The runtime holds Θ_g (`load_global`) when this is called."""
+        owner = self.runtime.extra["block_owner"][0]
+        if self.cfg.distill_teacher != "cached" or not caches_teacher(owner):
+            return None
+        if self._teacher_cache is None:
+            t = time.perf_counter()
+            self._teacher_cache = TeacherCache(
+                self.runtime.extra["embeddings"], self.blocks(), self.proxy(),
+                starts={a for a, _ in self._round_segments}, ends={b for _, b in self._round_segments},
+                chunk=max(self.cfg.distill_batch_size, 64), owner=owner)
+            self._teacher_cache_seconds = time.perf_counter() - t
+        return self._teacher_cache
 
     def configure(self, state, rnd, clients):
         if rnd > self.num_rounds:  # the engine's look-ahead after the last round: nothing to train
@@ -223,11 +243,16 @@ class LEFF(Algorithm):
                      if scores is not None else np.full(len(s), 1.0 / len(s))) for b, s in starts.items()}
         out, assigned, distilled, reused, memory, sent = {}, {}, [], [], {}, {}
         t1 = time.perf_counter()
+        ks = {cid: starts[self.budgets[cid]][0] if len(starts[self.budgets[cid]]) == 1 else draw_block(
+            cfg.sampling, starts[self.budgets[cid]], probs[self.budgets[cid]], seed=cfg.seed, rnd=rnd, client=cid)
+            for cid in part}
+        self._round_segments = ({(0, k - 1) for cid, k in ks.items() if k > 0}
+                                | {(k + self.budgets[cid], L - 1) for cid, k in ks.items() if k + self.budgets[cid] < L})
+        self._teacher_cache, self._teacher_cache_seconds = None, 0.0
         for cid in part:
             c = self.federation[cid]
             b = self.budgets[cid]
-            k = starts[b][0] if len(starts[b]) == 1 else draw_block(
-                cfg.sampling, starts[b], probs[b], seed=cfg.seed, rnd=rnd, client=cid)
+            k = ks[cid]
             pre = self.student(state, rnd, 0, k - 1, distilled, reused) if k > 0 else []
             suf = self.student(state, rnd, k + b, L - 1, distilled, reused) if k + b < L else []
             tensors = {block_key(l, n): t for l in range(k, k + b) for n, t in state["blocks"][l].items()}
@@ -245,6 +270,7 @@ class LEFF(Algorithm):
                                          "m_pre": len(pre), "m_suf": len(suf)})
             assigned[cid] = (k, b)
             memory[cid] = self.client_memory(b, len(pre) + len(suf))
+        self._teacher_cache = None  # its tensors are this round's: free them
         # What aggregate(rnd) must check the replies against, and what round_info(rnd) reports:
         # kept in the state, for this round and the one before (the engine configures r + 1 before
         # it records round r).
@@ -257,6 +283,7 @@ class LEFF(Algorithm):
             "importance": scores, "block_probabilities": {b: p.tolist() for b, p in probs.items()},
             "importance_seconds": t_imp, "distill_seconds": time.perf_counter() - t1, "distilled": distilled,
             **({"reused": reused} if self.cfg.distill_reuse != "off" else {}),
+            **({"teacher_cache_seconds": self._teacher_cache_seconds} if self.cfg.distill_teacher == "cached" else {}),
             "client_memory_bytes": memory, "peak_client_memory_bytes": max(memory.values(), default=0),
         }
         self.record_event("leff_blocks", round=rnd, blocks=state["round_info"][rnd]["blocks"],
