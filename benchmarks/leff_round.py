@@ -2,31 +2,27 @@
 """A LEFF round against a FedAvg-full round on the leff-cpu suite's settings, and where LEFF's time goes.
 
     python benchmarks/leff_round.py [--rounds 3] [--distill-steps 200] [--threads 1] [--seed 1]
-                                    [--variants paper ...] [--out DIR] [--data-dir DIR] [--quick]
+                                    [--variants fedavg-full paper ...] [--out DIR] [--data-dir DIR] [--quick]
 
-Each variant is one `fedpeft run` (the in-process engine) of the leff-cpu suite's base settings
-(src/fedpeft/bench/suites.py: SST-2, 4 clients, Dirichlet α = 0.05 over 4 × 128 examples, MiniLM,
-64 tokens, 1 local epoch, batch 16, layer budget 1, r_c = 0.5) with `--distill-steps` (default 200,
-the paper's and RunConfig's; the suite itself uses 20 to fit a CPU) and `--rounds` rounds. Variants:
+Every variant builds the leff-cpu suite's federation (src/fedpeft/bench/suites.py: SST-2, 4 clients,
+Dirichlet α = 0.05 over 4 × 128 examples, MiniLM, 64 tokens, 1 local epoch, batch 16, layer budget 1,
+r_c = 0.5, --precision auto) with `--distill-steps` (default 200, the paper's and RunConfig's; the
+suite itself uses 20 to fit a CPU) and runs `--rounds` whole rounds through the algorithm, as the
+in-process engine does: configure (LEFF: importance + distillation of the round's students), every
+client's fit, aggregation, then every client scores the global model. Variants:
 
-- `fedavg-full`: the reference round (every client trains the whole model).
-- `paper`: LEFF as the paper runs it: every segment's student initialised from evenly spaced
-  teacher blocks and distilled for `--distill-steps` steps, every round.
-- `reuse`: `--distill-reuse unchanged`: a segment whose teacher blocks and every block before it are
-  unchanged since the round that distilled its student reuses that student (numerics change: the
-  student was distilled on that round's draws; off by default).
-- `warm`: `--distill-warm-start`: a segment distilled in an earlier round starts from that student
-  (numerics change; off by default).
+- `fedavg-full`: the reference round (every client trains the whole model);
+- `paper`: LEFF as the paper runs it (the defaults: per-step teacher, fp32 distillation, no reuse);
+- `cached`: `--distill-teacher cached` (the teacher's outputs once per round; equal up to rounding);
+- `bf16`: `--distill-precision run` (distillation under the run's autocast: bf16 here when native);
+- `reuse`: `--distill-reuse unchanged` (a student whose blocks are unchanged is reused);
+- `fast`: the three together.
 
-What one round costs: the engine's round r runs every client's fit, aggregates, configures round
-r + 1 (LEFF: the importance batch and the distillation of round r + 1's students) and scores every
-client; round 1's own students are distilled before the loop, outside any round. So rounds
-1..R − 1 are whole LEFF rounds, and the table quotes their median (round R configures nothing).
-Split: fit (Σ clients' fit), configure (LEFF: distillation + importance), evaluation, the rest.
-
-The machine header (CPU model, instruction sets, threads, load average) comes from fedpeft.hardware;
-the figures are PROVISIONAL when the 1-minute load average exceeded the thread count during the run.
-Output: a table on stdout, results.md and results.json in --out (default bench-results/leff_round/).
+Per round: configure / fit / aggregate / evaluate seconds, the segments distilled and reused; the
+table quotes each variant's median round and its ratio to FedAvg-full's median round. The machine
+header (CPU model, instruction sets, threads, load average) comes from fedpeft.hardware; the figures
+are PROVISIONAL when the 1-minute load average exceeded the thread count during the run. Output: a
+table on stdout, results.md and results.json in --out (default bench-results/leff_round/).
 """
 
 from __future__ import annotations
@@ -37,7 +33,6 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,47 +49,60 @@ from fedpeft.errors import FedPeftError
 VARIANTS = {
     "fedavg-full": {"method": "fedavg-full"},
     "paper": {"method": "leff"},
+    "cached": {"method": "leff", "distill_teacher": "cached"},
+    "bf16": {"method": "leff", "distill_precision": "run"},
     "reuse": {"method": "leff", "distill_reuse": "unchanged"},
-    "warm": {"method": "leff", "distill_warm_start": True},
-    "reuse+warm": {"method": "leff", "distill_reuse": "unchanged", "distill_warm_start": True},
+    "fast": {"method": "leff", "distill_teacher": "cached", "distill_precision": "run", "distill_reuse": "unchanged"},
 }
+PARTS = ("configure", "fit", "aggregate", "evaluate")
 
 
-def config(variant: str, args, out: Path) -> RunConfig:
-    values = {**SUITES["leff-cpu"].base, **VARIANTS[variant], "global_rounds": args.rounds,
-              "distill_steps": args.distill_steps, "seed": args.seed, "threads": args.threads,
-              "output_dir": str(out / variant), "quiet": True}
+def config(variant: str, args) -> RunConfig:
+    values = {**SUITES["leff-cpu"].base, **VARIANTS[variant], "global_rounds": max(args.rounds, 2),
+              "distill_steps": args.distill_steps, "seed": args.seed, "threads": args.threads, "quiet": True}
     if args.data_dir:
         values["data_dir"] = args.data_dir
     if args.quick:
-        values.update(train_samples=32, test_samples=32)
-    return RunConfig.from_dict(values, source=f"benchmarks/leff_round.py variant {variant!r}")
+        values.update(train_samples=32, test_samples=32, distill_examples=64)
+    return RunConfig.from_dict(values, source=f"benchmarks/leff_round.py variant {variant!r}").resolved()
 
 
-def one_run(variant: str, args, out: Path) -> dict[str, Any]:
-    from fedpeft.run import run
+def one_variant(variant: str, args) -> dict[str, Any]:
+    from fedpeft.models.backbone import load_backbone
+    from fedpeft.run import bound
 
-    cfg = config(variant, args, out)
-    t = time.perf_counter()
-    result = run(cfg)
-    wall = time.perf_counter() - t
-    history = result.history
+    cfg = config(variant, args)
+    alg, clients = bound(cfg, load_backbone(cfg.model_name))
+    ids = list(range(len(clients)))
+    state = alg.init()
     rounds = []
-    for entry in history.rounds:
-        rnd = entry["round"]
-        if rnd < 1 or rnd >= args.rounds:  # round R configures nothing: not a whole round
-            continue
-        recs = [r for r in history.records if r["round"] == rnd]
-        fit = sum(r.get("fit_seconds") or 0.0 for r in recs)
-        split = {"fit": fit, "configure (LEFF: distillation + importance)": entry["configure_seconds"],
-                 "evaluation": entry["evaluate_seconds"]}
-        split["rest (aggregation, bookkeeping)"] = entry["seconds"] - sum(split.values())
-        nxt = next((e for e in history.rounds if e["round"] == rnd + 1), {})
-        rounds.append({"round": rnd, "seconds": entry["seconds"], "split": split,
-                       "distilled_segments": len(nxt.get("distilled", [])),
-                       "reused_segments": len(nxt.get("reused", [])), "overall": entry["overall"]})
-    final = history.rounds[-1]["overall"]
-    return {"variant": variant, "run_seconds": wall, "rounds": rounds, "final_overall": final,
+    for rnd in range(1, args.rounds + 1):
+        t = {}
+        t0 = time.perf_counter()
+        ins = alg.configure(state, rnd, ids)
+        t["configure"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        replies = {c.cid: alg.fit(ins[c.cid], c) for c in clients}
+        t["fit"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        state = alg.aggregate(state, rnd, replies)
+        t["aggregate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        evaluation = alg.configure_evaluate(state, rnd, ids, ins)
+        for c in clients:
+            alg.evaluate(evaluation[c.cid], c)
+        t["evaluate"] = time.perf_counter() - t0
+        info = state.get("round_info", {}).get(rnd, {})
+        rounds.append({"round": rnd, "seconds": sum(t.values()), "split": t,
+                       "distilled": len([d for d in info.get("distilled", []) if d.get("steps")]),
+                       "reused": len(info.get("reused", [])),
+                       "importance_seconds": info.get("importance_seconds"), "distill_seconds": info.get("distill_seconds"),
+                       "teacher_cache_seconds": info.get("teacher_cache_seconds")})
+        print(f"  {variant} round {rnd}: {sum(t.values()):.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
+              + (f" = importance {info['importance_seconds']:.1f} + distillation {info['distill_seconds']:.1f}"
+                 if "distill_seconds" in info else "")
+              + f"; distilled {rounds[-1]['distilled']}, reused {rounds[-1]['reused']})", flush=True)
+    return {"variant": variant, "precision": cfg.precision, "rounds": rounds,
             "median_round_seconds": statistics.median(r["seconds"] for r in rounds)}
 
 
@@ -102,40 +110,37 @@ def render(res: dict[str, Any]) -> str:
     h = res["header"]
     out = [f"# LEFF round vs FedAvg-full round{' (--quick: smoke check)' if h['quick'] else ''}", "",
            f"- {h['date']}; CPU {h['cpu']} ({h['logical_cpus']} logical CPUs); {isa_line(h)}",
-           f"- torch {h['torch']}, {h['threads']} thread(s); leff-cpu settings, {h['rounds']} rounds, "
+           f"- torch {h['torch']}, {h['threads']} thread(s); leff-cpu settings, {h['rounds']} round(s) per variant, "
            f"distill_steps {h['distill_steps']}, seed {h['seed']}",
            f"- {status_line(res['load'])}", ""]
     ref = res["runs"].get("fedavg-full")
-    rows = []
+    out += ["| variant | rounds | median round s | " + " | ".join(f"{p} s" for p in PARTS)
+            + " | of which distillation s | segments distilled / reused | vs FedAvg-full |", "|---" * (len(PARTS) + 6) + "|"]
     for name, r in res["runs"].items():
         med = r["median_round_seconds"]
         mid = sorted(r["rounds"], key=lambda x: x["seconds"])[(len(r["rounds"]) - 1) // 2]
-        sp = mid["split"]
-        rows.append(f"| {name} | {med:.1f} | " + " | ".join(f"{v:.1f}" for v in sp.values())
-                    + f" | {mid['distilled_segments']} / {mid['reused_segments']} | "
-                    + (f"{med / ref['median_round_seconds']:.2f}×" if ref else "-") + f" | {r['final_overall']:.4f} |")
-    out += ["| variant | median round s | fit s | configure s (distillation) | evaluation s | rest s | "
-            "segments distilled / reused (next round) | vs FedAvg-full | final overall |",
-            "|---|---|---|---|---|---|---|---|---|", *rows, "",
-            "Split columns: the median round's. Rounds 1..R−1 (each includes the next round's distillation).",
-            "final overall: one seed, a smoke signal, not an accuracy comparison."]
+        out.append(f"| {name} | {len(r['rounds'])} | {med:.1f} | " + " | ".join(f"{mid['split'][p]:.1f}" for p in PARTS)
+                   + f" | {mid['distill_seconds'] or 0.0:.1f} | {mid['distilled']} / {mid['reused']} | "
+                   + (f"{med / ref['median_round_seconds']:.2f}×" if ref else "-") + " |")
+    out += ["", "Part columns: the median round's. configure = LEFF's importance batch + distillation of the "
+            "round's students (+ the teacher cache under `cached`)."]
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per run (≥ 2; the median is over rounds 1..R-1)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per variant (the table quotes the median)")
     ap.add_argument("--distill-steps", type=int, default=200, help="distillation steps per student (paper: 200)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--variants", nargs="+", default=["fedavg-full", "paper"], choices=list(VARIANTS))
     ap.add_argument("--out", default="bench-results/leff_round")
     ap.add_argument("--data-dir", default=None, help="data root with glue/SST-2 and glue/WNLI (default: $FEDPEFT_DATA_DIR)")
-    ap.add_argument("--quick", action="store_true", help="32 train / 32 test per client: a smoke check")
+    ap.add_argument("--quick", action="store_true", help="32 train / 32 test per client, 64 distillation texts: a smoke check")
     args = ap.parse_args(argv)
     try:
-        if args.rounds < 2:
-            raise FedPeftError(f"--rounds must be at least 2 (round R configures nothing), got {args.rounds}")
+        if args.rounds < 1:
+            raise FedPeftError(f"--rounds must be at least 1, got {args.rounds}")
         if args.threads < 1:
             raise FedPeftError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
@@ -147,13 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "seed": args.seed, "quick": args.quick}, "runs": {}}
         print(f"CPU {info['cpu']} | {isa_line(info)} | threads {info['threads']}", flush=True)
         monitor = LoadMonitor(info["threads"]).start()
-        with tempfile.TemporaryDirectory() as tmp:
-            for v in args.variants:
-                r = one_run(v, args, Path(tmp))
-                res["runs"][v] = r
-                print(f"{v}: median round {r['median_round_seconds']:.1f} s, rounds "
-                      + ", ".join(f"{x['seconds']:.1f}" for x in r["rounds"]) + f"; final overall {r['final_overall']:.4f}",
-                      flush=True)
+        for v in args.variants:
+            res["runs"][v] = one_variant(v, args)
+            print(f"{v}: median round {res['runs'][v]['median_round_seconds']:.1f} s", flush=True)
         monitor.stop()
         res["load"] = monitor.summary(quick=args.quick)
         ref = res["runs"].get("fedavg-full")

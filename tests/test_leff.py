@@ -337,6 +337,24 @@ def test_cached_teacher_in_a_round_distils_the_same_segments_as_per_step(leff_cf
             assert infos["cached"][seg]["loss_last"] == pytest.approx(d["loss_last"], rel=1e-3)
 
 
+def test_distill_precision_run_distils_under_the_runs_autocast(leff_cfg, bb4):
+    """--distill-precision fp32 (default) distils in float32 whatever --precision says; run uses the run's
+    bf16 autocast: the same segments, losses that differ by bf16 rounding only."""
+    losses = {}
+    for precision, dp in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "run")):
+        alg, _ = bound(leff_cfg(tasks=["demo-sentiment"] * 3, precision=precision, distill_precision=dp,
+                                distill_steps=3), bb4)
+        state = alg.init()
+        alg.configure(state, 1, list(range(len(alg.federation))))
+        losses[(precision, dp)] = {tuple(d["segment"]): d["loss_last"] for d in state["round_info"][1]["distilled"]
+                                   if d["steps"]}
+    assert losses[("fp32", "fp32")] and losses[("fp32", "fp32")] == losses[("bf16", "fp32")]
+    run = losses[("bf16", "run")]
+    assert run.keys() == losses[("fp32", "fp32")].keys() and run != losses[("fp32", "fp32")]
+    for seg, v in losses[("fp32", "fp32")].items():
+        assert run[seg] == pytest.approx(v, rel=0.1, abs=1e-4)
+
+
 def test_students_are_cached_per_round_and_segment(leff_cfg, bb4):
     alg, _ = bound(leff_cfg(sampling="round_robin", tasks=["demo-sentiment"] * 2), bb4)
     state = alg.init()

@@ -63,6 +63,7 @@ ENCODER_PATHS = ("padded", "varlen")
 ENCODER_PATH_BEFORE_THE_SETTING = "padded"
 DISTILL_REUSE = ("off", "unchanged")
 DISTILL_TEACHERS = ("per-step", "cached")
+DISTILL_PRECISIONS = ("fp32", "run")
 # The settings of --dataset: without it each of them is a mistake (RunConfig.validate says which).
 _DATASET_FIELDS = ("dataset_name", "text_columns", "label_column", "label_names", "prompt_column", "target_column",
                    "client_column", "test_file")
@@ -177,6 +178,7 @@ class RunConfig:
     distill_batch_size: int = _f(16, "LEFF: distillation batch size", group="leff")
     distill_reuse: str = _f("off", "LEFF: off (the paper: every round distils every segment a client needs) or unchanged (a segment whose teacher blocks, and every block before it, are the very tensors they were when its student was distilled in an earlier round reuses that student instead of distilling again: the teacher and its inputs are the same function, but the student keeps that round's batch draws, so numbers differ from off; a resumed run distils afresh in its first round)", choices=DISTILL_REUSE, group="leff")
     distill_teacher: str = _f("per-step", "LEFF: per-step (the paper's loop: every distillation step runs the global blocks before the segment and the segment itself on its batch) or cached (the global model runs over the distillation texts once per round and every step reads its batch's hidden states and attention from that: the same batches and targets up to float rounding, the teacher's cost paid once instead of once per step; DeBERTa keeps per-step)", choices=DISTILL_TEACHERS, group="leff")
+    distill_precision: str = _f("fp32", "LEFF: fp32 (the server distils in float32 whatever --precision says) or run (the distillation runs under the run's --precision autocast, bf16 where the hardware has it: the students' matmuls in bf16, so the students differ from fp32's by bf16 rounding)", choices=DISTILL_PRECISIONS, group="leff")
     distill_examples: int = _f(512, "LEFF: proxy texts used for distillation", group="leff")
     proxy_dataset: str = _f("auto", "LEFF: public proxy texts for distillation (and, on a decoder, the importance batch): 'auto' (the paper's pairing: webnlg for generation tasks, wnli otherwise), a GLUE task folder (wnli), 'webnlg' (WebNLG train references, for E2E on a decoder) or 'demo' (the bundled synthetic texts)", group="leff")
     importance_examples: int = _f(64, "LEFF family: labelled server examples held out of every client's pool, for the importance pass", group="leff")

@@ -42,6 +42,7 @@ from fedpeft.algorithms.local_training import fit_report
 from fedpeft.algorithms.replies import accept
 from fedpeft.algorithms.tensors import is_synced, mark_synced, on_wire, prefixed, unprefixed, weighted_mean
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import autocast
 from fedpeft.seeding import derive_seed
 
 log = logging.getLogger("fedpeft")
@@ -199,12 +200,14 @@ class LEFF(Algorithm):
                     return prev["student"]
             self.load_global(state)
             cache = self.teacher_cache(state) if distil else None
-            student, info = distill_segment(
-                self.runtime.extra["embeddings"], self.blocks(), a, b, self.proxy() if distil else None,
-                rate=self.cfg.compression_rate, alpha=self.cfg.distill_alpha, steps=self.cfg.distill_steps,
-                lr=self.cfg.distill_lr, batch_size=self.cfg.distill_batch_size,
-                seed=derive_seed(self.cfg.seed, "leff-distill", rnd, a, b), owner=self.runtime.extra["block_owner"][0],
-                teacher_cache=cache)
+            precision = self.cfg.precision if self.cfg.distill_precision == "run" else "fp32"
+            with autocast(precision, next(self.blocks()[0].parameters()).device):
+                student, info = distill_segment(
+                    self.runtime.extra["embeddings"], self.blocks(), a, b, self.proxy() if distil else None,
+                    rate=self.cfg.compression_rate, alpha=self.cfg.distill_alpha, steps=self.cfg.distill_steps,
+                    lr=self.cfg.distill_lr, batch_size=self.cfg.distill_batch_size,
+                    seed=derive_seed(self.cfg.seed, "leff-distill", rnd, a, b), owner=self.runtime.extra["block_owner"][0],
+                    teacher_cache=cache)
             self._students[key] = student
             infos.append(info)
             if distil and self.cfg.distill_reuse == "unchanged":
