@@ -98,9 +98,10 @@ def one_variant(variant: str, args) -> dict[str, Any]:
                        "reused": len(info.get("reused", [])),
                        "importance_seconds": info.get("importance_seconds"), "distill_seconds": info.get("distill_seconds"),
                        "teacher_cache_seconds": info.get("teacher_cache_seconds")})
-        print(f"  {variant} round {rnd}: {sum(t.values()):.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
-              + (f" = importance {info['importance_seconds']:.1f} + distillation {info['distill_seconds']:.1f}"
+        inner = (f" (importance {info['importance_seconds']:.1f}, distillation {info['distill_seconds']:.1f})"
                  if "distill_seconds" in info else "")
+        print(f"  {variant} round {rnd}: {sum(t.values()):.1f} s (" + ", ".join(
+            f"{k} {v:.1f}{inner if k == 'configure' else ''}" for k, v in t.items())
               + f"; distilled {rounds[-1]['distilled']}, reused {rounds[-1]['reused']})", flush=True)
     return {"variant": variant, "precision": cfg.precision, "rounds": rounds,
             "median_round_seconds": statistics.median(r["seconds"] for r in rounds)}
