@@ -193,7 +193,8 @@ class TeacherCache:
     once per round, for every segment of the round to read instead of running the prefix and the
     teacher on each step's batch.
 
-    The pool runs in chunks of `chunk` texts (in pool order, each chunk padded to its own longest text)
+    The pool runs in chunks of `chunk` texts (sorted by length, so a chunk pads little; each chunk padded
+    to its own longest text)
     through the embeddings and the global blocks, one block at a time, keeping the hidden states entering
     the blocks in `starts` and leaving the blocks in `ends`, and the attention probabilities of the
     blocks in `ends`, in tensors padded to the pool's longest text W. `batch(idx, a, b)` returns a step's
@@ -220,33 +221,36 @@ class TeacherCache:
             for mod in modules:
                 mod.eval()
             with torch.no_grad(), eager_attention(modules):
+                order = sorted(range(n), key=lambda i: lengths[i])
                 for lo in range(0, n, chunk):
-                    idx = list(range(lo, min(n, lo + chunk)))
+                    idx = order[lo:lo + chunk]
+                    rows = torch.tensor(idx, dtype=torch.long, device=device)
                     batch = {k: v.to(device) for k, v in collate(proxy, idx).items()}
                     mask, w = batch["attention_mask"], batch["attention_mask"].shape[1]
-                    self.mask[lo:lo + len(idx), :w] = mask
+                    self.mask[rows, :w] = mask
                     hidden = prefix_hidden(embeddings, [], batch, owner)
                     top = max(keep)  # the deepest boundary a segment needs: no block runs past it
                     for layer in range(top + 1):
                         if layer in keep:
-                            self._put(self.hidden, layer, hidden, lo, (n, width, hidden.shape[-1]))
+                            self._put(self.hidden, layer, hidden, rows, (n, width, hidden.shape[-1]))
                         if layer == top:
                             break
                         hidden, att = run_blocks([global_blocks[layer]], hidden, mask, layer in ends, owner)
                         if layer in ends:
-                            self._put(self.attention, layer, att, lo, (n, att.shape[1], width, width))
+                            self._put(self.attention, layer, att, rows, (n, att.shape[1], width, width))
         finally:
             for m, mode in was_training.items():
                 m.train(mode)
 
     @staticmethod
-    def _put(store: dict[int, torch.Tensor], key: int, value: torch.Tensor, lo: int, shape: tuple) -> None:
+    def _put(store: dict[int, torch.Tensor], key: int, value: torch.Tensor, rows: torch.Tensor, shape: tuple) -> None:
+        """Write a chunk's [c, w, H] states or [c, heads, w, w] probabilities into the pool's rows."""
         if key not in store:
             store[key] = value.new_zeros(shape)
         if value.dim() == 3:
-            store[key][lo:lo + value.shape[0], :value.shape[1]] = value
+            store[key][rows, :value.shape[1]] = value
         else:
-            store[key][lo:lo + value.shape[0], :, :value.shape[2], :value.shape[3]] = value
+            store[key][rows, :, :value.shape[2], :value.shape[3]] = value
 
     def batch(self, idx, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = torch.as_tensor(np.asarray(idx), dtype=torch.long)
