@@ -18,6 +18,11 @@ client's fit, aggregation, then every client scores the global model. Variants:
 - `reuse`: `--distill-reuse unchanged` (a student whose blocks are unchanged is reused);
 - `fast`: the three together.
 
+`--step-costs S` adds a paired measurement of one distillation step: the segment of blocks 1..L−1
+(the longest a budget-1 client needs) distilled for S steps per-step (the paper's loop), with the
+cached teacher (its one-off cache build timed apart), and cached under bf16 autocast, interleaved
+over 3 passes; it prints the median seconds per step of each.
+
 Per round: configure / fit / aggregate / evaluate seconds, the segments distilled and reused; the
 table quotes each variant's median round and its ratio to FedAvg-full's median round. The machine
 header (CPU model, instruction sets, threads, load average) comes from fedpeft.hardware; the figures
@@ -107,6 +112,41 @@ def one_variant(variant: str, args) -> dict[str, Any]:
             "median_round_seconds": statistics.median(r["seconds"] for r in rounds)}
 
 
+def step_costs(args) -> dict[str, Any]:
+    """Median seconds per distillation step of segment 1..L-1: per-step teacher, cached teacher, cached + bf16."""
+    from fedpeft.algorithms.leff.distill import TeacherCache, distill_segment
+    from fedpeft.hardware import autocast
+    from fedpeft.models.backbone import load_backbone
+    from fedpeft.run import bound
+
+    cfg = config("paper", args)
+    alg, _ = bound(cfg, load_backbone(cfg.model_name))
+    state = alg.init()
+    alg.load_global(state)
+    emb, blocks, proxy, owner = alg.runtime.extra["embeddings"], alg.blocks(), alg.proxy(), alg.runtime.extra["block_owner"][0]
+    a, b = 1, len(blocks) - 1
+    t = time.perf_counter()
+    cache = TeacherCache(emb, blocks, proxy, starts={a}, ends={b}, chunk=64, owner=owner)
+    cache_seconds = time.perf_counter() - t
+    kw = dict(rate=cfg.compression_rate, alpha=cfg.distill_alpha, steps=args.step_costs, lr=cfg.distill_lr,
+              batch_size=cfg.distill_batch_size, seed=1, owner=owner)
+    modes = {"per-step": (None, "fp32"), "cached": (cache, "fp32"), "cached + bf16": (cache, "bf16")}
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(3):
+        for m, (c, precision) in modes.items():
+            t = time.perf_counter()
+            with autocast(precision, next(blocks[0].parameters()).device):
+                distill_segment(emb, blocks, a, b, proxy, teacher_cache=c, **kw)
+            samples[m].append((time.perf_counter() - t) / args.step_costs)
+    out = {"segment": [a, b], "steps": args.step_costs, "cache_build_seconds": cache_seconds,
+           "texts": len(proxy), "seconds_per_step": {m: statistics.median(v) for m, v in samples.items()},
+           "samples": samples}
+    print("distillation step, segment %d-%d: " % (a, b) + ", ".join(
+        f"{m} {v:.3f} s/step" for m, v in out["seconds_per_step"].items())
+          + f"; cache build {cache_seconds:.1f} s for {len(proxy)} texts", flush=True)
+    return out
+
+
 def render(res: dict[str, Any]) -> str:
     h = res["header"]
     out = [f"# LEFF round vs FedAvg-full round{' (--quick: smoke check)' if h['quick'] else ''}", "",
@@ -125,6 +165,13 @@ def render(res: dict[str, Any]) -> str:
                    + (f"{med / ref['median_round_seconds']:.2f}×" if ref else "-") + " |")
     out += ["", "Part columns: the median round's. configure = LEFF's importance batch + distillation of the "
             "round's students (+ the teacher cache under `cached`)."]
+    sc = res.get("step_costs")
+    if sc:
+        base = sc["seconds_per_step"]["per-step"]
+        out += ["", f"One distillation step, segment {sc['segment'][0]}–{sc['segment'][1]}, median of 3 interleaved passes "
+                f"of {sc['steps']} steps:", "", "| mode | s / step | vs per-step |", "|---|---|---|"]
+        out += [f"| {m} | {v:.3f} | {v / base:.2f}× |" for m, v in sc["seconds_per_step"].items()]
+        out += ["", f"The cache itself: {sc['cache_build_seconds']:.1f} s for {sc['texts']} texts, once per round."]
     return "\n".join(out)
 
 
@@ -134,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill-steps", type=int, default=200, help="distillation steps per student (paper: 200)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--variants", nargs="+", default=["fedavg-full", "paper"], choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=["fedavg-full", "paper"], choices=list(VARIANTS),
+                    help="variants to run whole rounds of (none: only --step-costs)")
     ap.add_argument("--out", default="bench-results/leff_round")
     ap.add_argument("--data-dir", default=None, help="data root with glue/SST-2 and glue/WNLI (default: $FEDPEFT_DATA_DIR)")
+    ap.add_argument("--step-costs", type=int, default=0, metavar="S",
+                    help="also time S distillation steps per mode (per-step, cached, cached + bf16), interleaved")
     ap.add_argument("--quick", action="store_true", help="32 train / 32 test per client, 64 distillation texts: a smoke check")
     args = ap.parse_args(argv)
     try:
@@ -153,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "seed": args.seed, "quick": args.quick}, "runs": {}}
         print(f"CPU {info['cpu']} | {isa_line(info)} | threads {info['threads']}", flush=True)
         monitor = LoadMonitor(info["threads"]).start()
+        if args.step_costs > 0:
+            res["step_costs"] = step_costs(args)
         for v in args.variants:
             res["runs"][v] = one_variant(v, args)
             print(f"{v}: median round {res['runs'][v]['median_round_seconds']:.1f} s", flush=True)
