@@ -301,7 +301,9 @@ def test_item12_warmup_exchanges_nothing_until_one_upload_at_round_w(tiny_cfg, t
 def test_d3_warmup_epochs_are_one_adamw_run(tiny_cfg, tiny_backbone):
     """W = 2, E = 1 equals ONE AdamW run with one linear schedule over 2 epochs (an independent loop
     here), and differs from two fresh runs; the optimiser state is carried in the store, then freed."""
-    cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=2, global_rounds=3, local_epochs=1)
+    # the head trained with the LoRA (head policy local): the reference loop below steps it too
+    cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=2, global_rounds=3, local_epochs=1,
+                   head_policy="local")
     alg, clients = _setup(cfg, tiny_backbone)
     rt, c = alg.runtime, clients[0]
     model, sites = rt.model, rt.sites
