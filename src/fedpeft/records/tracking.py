@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import FedPeftError
-from fedpeft.records.atomic import atomic_write_json
+from fedpeft.atomic import atomic_write_json
 
 log = logging.getLogger("fedpeft")
 
