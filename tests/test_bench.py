@@ -56,6 +56,25 @@ def test_matrix_runs_every_label_and_seed_writes_reports_and_resumes(tmp_path, t
     md = files["md"].read_text()
     assert "| fedit | 1,2 |" in md and "| fedlease-top1 | 1 |" in md and "87.76" in md
     assert files["png"].stat().st_size > 1000
+    # Paired comparisons from the runs' predictions.npz: every label against both references, and the
+    # saved outcomes reproduce the headline overall of the run's history exactly.
+    import json
+
+    from fedpeft.bench.stats import overall
+    from fedpeft.records.predictions import read_predictions
+
+    for r in rows:
+        saved = read_predictions(r["run_dir"])
+        history = json.loads((tmp_path / "tiny" / f"{r['label']}-seed{r['seed']}" / "training_history.json").read_text())
+        assert saved.round == history["rounds"][-1]["round"] == int(r["rounds"])
+        assert overall(saved) == pytest.approx(history["rounds"][-1]["overall"], abs=1e-9)
+    assert "## Paired comparisons" in md and "Against **fedlease**:" in md and "Against **fedit**:" in md
+    assert "| fedit | s1: " in md and "| fedlease-top1 | s1: " in md
+    with open(files["paired"]) as fh:
+        paired = list(csv.DictReader(fh))
+    assert {(p["label"], p["reference"]) for p in paired} == {
+        ("fedit", "fedlease"), ("fedlease-top1", "fedlease"), ("fedlease", "fedit"), ("fedlease-top1", "fedit")}
+    assert next(p for p in paired if p["label"] == "fedit")["seeds"] == "1 2"
 
     # Resume: a second call runs nothing; a removed run folder is the only one run again.
     calls.clear()
