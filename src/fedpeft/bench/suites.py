@@ -68,6 +68,18 @@ class Suite:
         return RunConfig.from_dict(values, source=f"suite {self.name!r}, entry {entry.label!r}")
 
 
+def shrunk(suite: Suite, **overrides: Any) -> Suite:
+    """The same suite (entries, seeds policy, every base setting not overridden) with some base settings
+    replaced and no GPU requirement: how a test runs the paper suite's plumbing on a tiny model and a
+    few examples on the CPU (tests/test_paper_suite.py). Named `<suite>-shrunk`, so its runs never mix
+    with the real suite's."""
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise FedPeftError(f"shrunk({suite.name!r}): unknown setting {unknown[0]!r}")
+    return dataclasses.replace(suite, name=f"{suite.name}-shrunk", base={**suite.base, **overrides},
+                               requires_gpu=False, note=None)
+
+
 def _clients(tasks: tuple[str, ...], per_task: int) -> list[str]:
     return [t for t in tasks for _ in range(per_task)]
 
