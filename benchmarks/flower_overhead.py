@@ -61,8 +61,7 @@ def cpu_model() -> str:
 def data_root(arg: str | None) -> str | None:
     if arg == "demo":
         return None
-    for cand in (arg, os.environ.get("FEDPEFT_DATA_DIR"), str(ROOT.parent / "shared" / "data"),
-                 str(ROOT.parents[1] / "shared" / "data")):
+    for cand in (arg, os.environ.get("FEDPEFT_DATA_DIR")):
         if cand and (Path(cand) / "glue" / "SST-2").is_dir():
             return str(Path(cand).resolve())
     sys.exit("fedpeft: error: real SST-2 not found: pass --data ROOT (holding glue/SST-2/) or --data demo")
@@ -140,8 +139,8 @@ def cold_client_start(model: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
-    ap.add_argument("--data", default=None, help="data root holding glue/SST-2 (default: $FEDPEFT_DATA_DIR, "
-                                                  "../shared/data), or 'demo' for the bundled demo task")
+    ap.add_argument("--data", default=None, help="data root holding glue/SST-2 (default: $FEDPEFT_DATA_DIR), or"
+                                                  " 'demo' for the bundled demo task")
     ap.add_argument("--method", default="fedit")
     ap.add_argument("--clients", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--rounds", type=int, default=3)

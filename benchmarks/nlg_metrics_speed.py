@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,10 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     root = args.data_dir or os.environ.get("FEDPEFT_DATA_DIR")
     if root is None:
-        for candidate in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")):
-            if candidate.is_dir():
-                root = str(candidate)
-                break
+        sys.exit("no data root: pass --data-dir or set FEDPEFT_DATA_DIR to a folder holding e2e/ and webnlg/")
 
     from fedpeft import nlg_metrics as M
     from fedpeft.data.nlg_sources import load_gen_examples

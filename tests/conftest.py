@@ -13,9 +13,6 @@ if TESTS_DIR not in sys.path:
 if TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), TESTS_DIR) if p)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from tiny_models import tiny_bert
@@ -42,7 +39,7 @@ def tiny_cfg(tmp_path):
 
 
 def data_dir_or_skip() -> str:
-    path = os.environ.get("FEDPEFT_DATA_DIR") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
+    path = os.environ.get("FEDPEFT_DATA_DIR")
     if not path or not Path(path).is_dir():
         pytest.skip("real GLUE data not found: set FEDPEFT_DATA_DIR to a data root laid out as "
                     "glue/SST-2/{train,dev}.tsv (one folder per GLUE task)")

@@ -314,7 +314,8 @@ def test_a_default_that_became_auto_still_matches_runs_saved_before(tmp_path):
 
     suite = get_suite("glue4-mini")
     cfg = suite.config(suite.entries[0], 1)
-    saved = {**cfg.to_dict(), "proxy_dataset": "wnli"}
+    # a saved config.json holds the precision the run resolved (never "auto")
+    saved = {**cfg.to_dict(), "proxy_dataset": "wnli", "precision": cfg.resolved().precision}
     (tmp_path / "config.json").write_text(json.dumps(saved))
     check_same_settings(tmp_path, cfg)  # no error
     # for a FedLEASE run LEFF's settings are moot ...
@@ -323,6 +324,7 @@ def test_a_default_that_became_auto_still_matches_runs_saved_before(tmp_path):
     # ... for a LEFF run they are not
     leff = get_suite("leff-cpu")
     lcfg = leff.config(leff.entries[0], 1)
-    (tmp_path / "config.json").write_text(json.dumps({**lcfg.to_dict(), "proxy_dataset": "webnlg"}))
+    (tmp_path / "config.json").write_text(json.dumps({**lcfg.to_dict(), "proxy_dataset": "webnlg",
+                                                      "precision": lcfg.resolved().precision}))
     with pytest.raises(FedPeftError, match="proxy_dataset"):
         check_same_settings(tmp_path, lcfg)

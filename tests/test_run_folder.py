@@ -203,3 +203,14 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tiny_cfg
     (killed / "config.json").write_text(json.dumps({**cfg, "output_dir": str(killed)}))
     resumed = run(RunConfig(resume=str(killed), quiet=True), backbone=tiny_backbone)
     assert records(resumed) == records(full)
+
+
+def test_a_run_refused_while_loading_its_data_leaves_the_folder_free(tiny_cfg, tiny_backbone, tmp_path):
+    """A mistake found after the folder opened (too few examples for the clients) takes back the run's
+    config.json: the corrected command runs in the same folder without --overwrite."""
+    out = tmp_path / "run"
+    with pytest.raises(FedPeftError):
+        run(tiny_cfg(train_samples=100_000, output_dir=str(out)), backbone=tiny_backbone)
+    assert not (out / "config.json").exists() and (out / "training_log.txt").exists()
+    result = run(tiny_cfg(output_dir=str(out)), backbone=tiny_backbone)
+    assert (out / "config.json").exists() and len(result.history.rounds) == 3

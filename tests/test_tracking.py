@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from fedpeft.config import RunConfig
 from fedpeft.run import run
 
 
@@ -53,7 +54,7 @@ def test_mlflow_store_holds_params_metrics_artifacts_and_resume_continues_the_ru
     stopped = run(tiny_cfg(method="fedlease", warmup_rounds=1, global_rounds=3, tracking="mlflow",
                            tracking_experiment="lab", output_dir=str(out)), backbone=tiny_backbone, stop_after=2)
     first_id = json.loads((out / "tracking.json").read_text())["run_id"]
-    result = run(tiny_cfg(resume=str(out)), backbone=tiny_backbone)
+    result = run(RunConfig(resume=str(out), quiet=True), backbone=tiny_backbone)  # its settings: config.json
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("lab")
     runs = client.search_runs([experiment.experiment_id])

@@ -69,9 +69,12 @@ TRACKERS = ("none", "tensorboard", "mlflow")
 RESUME_KINDS = ("same", "free", "grow", "folder")
 
 
-def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "run", resume: str = "same") -> Any:
+def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "run", resume: str = "same",
+       infinite: bool = False) -> Any:
+    """A setting: its help, choices, --help group, what --resume may do with it, and (floats)
+    whether +inf is a value it takes (NaN never is)."""
     assert resume in RESUME_KINDS, resume
-    meta = {"help": help, "choices": choices, "group": group, "resume": resume}
+    meta = {"help": help, "choices": choices, "group": group, "resume": resume, "infinite": infinite}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -191,7 +194,7 @@ class RunConfig:
     trim_fraction: float = _f(0.1, "--aggregation trimmed-mean: the share of clients cut at each end, per coordinate, in [0, 0.5)", group="training")
     # Differential privacy (algorithms/privacy.py, docs/privacy.md)
     dp: str = _f("off", "user-level differential privacy for " + ", ".join(DP_METHODS) + ": each client's update (what it uploads minus what it was sent) is clipped to --dp-clip, and Gaussian noise of std --dp-noise x --dp-clip is added to each aggregation group's sum at the server (central) or to the update by the client before upload (local)", choices=DP_MODES, group="privacy")
-    dp_clip: float = _f(1.0, "C: the L2 norm each client's update is clipped to, over all it uploads ('inf': no clipping, only with --dp-noise 0)", group="privacy")
+    dp_clip: float = _f(1.0, "C: the L2 norm each client's update is clipped to, over all it uploads ('inf': no clipping, only with --dp-noise 0)", group="privacy", infinite=True)
     dp_noise: float | None = _f(None, "sigma: the noise std in units of C (give this or --dp-epsilon)", group="privacy")
     dp_epsilon: float | None = _f(None, "target epsilon: sigma is computed for the run's rounds and sampling rate (give this or --dp-noise)", group="privacy")
     dp_delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee reported each round", group="privacy")
@@ -340,7 +343,7 @@ class RunConfig:
             if not self.num_clients:
                 raise FedPeftError(f"how many clients share {name}? give --num-clients N, --tasks {name} {name} …, "
                                    "or --client-column COLUMN")
-            values["tasks"] = [name]  # resolved() makes the --num-clients clients of it
+            values["tasks"] = [name] * self.num_clients
         elif name not in tasks:
             raise FedPeftError(f"--tasks does not name the dataset's task {name!r}: list it once per client "
                                f"(e.g. --tasks {name} {name}) or give --tasks {name} --num-clients N")
@@ -663,8 +666,8 @@ def _typed(f: dataclasses.Field, value: Any) -> Any:
             number = float(value)
         except OverflowError:
             raise wrong("a finite number") from None
-        if not math.isfinite(number):
-            raise wrong("a finite number")
+        if math.isnan(number) or (math.isinf(number) and not (f.metadata.get("infinite") and number > 0)):
+            raise wrong("a finite number" + (" or inf" if f.metadata.get("infinite") else ""))
         return number
     if base == "str":
         if not isinstance(value, str):

@@ -368,6 +368,16 @@ def open_run_dir(cfg: RunConfig) -> tuple[Path, bool]:
     return run_dir, has_checkpoint
 
 
+def abandon_new_run(run_dir: Path) -> None:
+    """A new run refused before its first round (a user mistake found while loading the data or
+    building the method): take back its config.json, so that the corrected command can use the same
+    folder without --overwrite. Its log stays (it says what went wrong); a folder that holds a
+    history or a checkpoint is never touched."""
+    if any((run_dir / name).exists() for name in RUN_FILES[1:]):
+        return
+    (run_dir / "config.json").unlink(missing_ok=True)
+
+
 def open_history(run_dir: Path, cfg: RunConfig, federation, *, resume: bool):
     from fedpeft.records.history import RunHistory
 

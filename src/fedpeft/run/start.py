@@ -9,7 +9,7 @@ from typing import Any
 
 from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError
-from fedpeft.run.assemble import (build_algorithm, check_new_run_dir, open_history, open_run_dir,
+from fedpeft.run.assemble import (abandon_new_run, build_algorithm, check_new_run_dir, open_history, open_run_dir,
                                   release_run_dir, settle)
 
 
@@ -51,8 +51,13 @@ def run(cfg: RunConfig, *, backbone=None, stop_after: int | None = None, fail=No
         from fedpeft.run.federation import prepare_clients
 
         run_dir, resume = open_run_dir(cfg)
-        infos, clients = prepare_clients(cfg, backbone.tokenizer)
-        algorithm = build_algorithm(cfg, backbone, infos)
+        try:
+            infos, clients = prepare_clients(cfg, backbone.tokenizer)
+            algorithm = build_algorithm(cfg, backbone, infos)
+        except FedPeftError:
+            if not resume:
+                abandon_new_run(run_dir)
+            raise
         history = open_history(run_dir, cfg, infos, resume=resume)
         progress = Progress(algorithm.num_rounds, enabled=not cfg.quiet)
         try:
