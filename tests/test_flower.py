@@ -768,3 +768,31 @@ def test_exchange_pulls_replies_early_and_stops_at_the_timeout():
     t0 = time.time()
     got = exchange(Grid(), [object(), object()], timeout=1.5)
     assert len(got) == 1 and 1.4 < time.time() - t0 < 3.0
+
+
+def test_a_rejected_fit_reply_rolls_the_nodes_store_back(tmp_path, tiny_backbone):
+    """A SuperNode whose fit reply the server rejects keeps, after the round, the store it would have
+    had without that fit (FedSA-LoRA: its local B): the same bytes as when its fit failed outright."""
+    import torch
+
+    from fedpeft.engines.flower.client import STATE_RECORD
+    from fedpeft.engines.flower.records import store_from_bytes
+
+    settings = _settings(method="fedsa-lora", global_rounds=2, head_policy="local")
+    stores = {}
+    for name, grid in (("reference", hostile.reference_grid("wrong dtype", len(TASKS), NODE_TRUST)),
+                       ("hostile", hostile.hostile_grid("wrong dtype", len(TASKS), NODE_TRUST))):
+        hostile.serve_on(grid, settings, tmp_path / name, tiny_backbone)
+        tags = dict(grid.nodes[hostile.HOSTILE_NODE].state.config_records[STATE_RECORD])
+        stores[name] = store_from_bytes(tags[f"round{hostile.HOSTILE_ROUND}"])
+    ref, got = stores["reference"], stores["hostile"]
+    assert ref.keys() == got.keys() and any(isinstance(v, dict) and v for v in ref.values())
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return torch.equal(a, b)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return a == b
+
+    assert same(ref, got)

@@ -285,6 +285,76 @@ def test_distillation_ignores_proxy_labels_and_reduces_the_loss(bb4):
     assert all(not p.requires_grad for blk in s1 for p in blk.parameters())
 
 
+def test_teacher_cache_gives_the_per_step_targets_and_the_same_student(bb4):
+    """--distill-teacher cached: a batch's inputs and targets read from the round's cache equal the
+    per-step path's on its real tokens (float rounding apart), and distillation takes the same steps."""
+    from fedpeft.algorithms.leff.distill import TeacherCache, prefix_hidden, run_blocks
+    from fedpeft.data.batching import collate
+
+    proxy = _proxy(bb4, 16)
+    assert len({len(x) for x in proxy.input_ids}) > 1  # texts of several lengths: padding is exercised
+    emb, blocks = bb4.model.embeddings, list(bb4.model.encoder.layer)
+    cache = TeacherCache(emb, blocks, proxy, starts={0, 1}, ends={0, 3}, chunk=5)
+    idx = [3, 0, 7, 11, 14]
+    batch = collate(proxy, idx)
+    was = bb4.model.training
+    bb4.model.eval()
+    try:
+        with torch.no_grad(), eager_attention([emb, *blocks]):
+            h_in = prefix_hidden(emb, blocks[:1], batch)
+            h_t, a_t = run_blocks(blocks[1:4], h_in, batch["attention_mask"], True)
+    finally:
+        bb4.model.train(was)
+    mask, c_in, c_t, c_a = cache.batch(idx, 1, 3)
+    assert torch.equal(mask, batch["attention_mask"]) and c_in.shape == h_in.shape and c_a.shape == a_t.shape
+    real = mask.bool()
+    torch.testing.assert_close(c_in[real], h_in[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c_t[real], h_t[real], atol=1e-5, rtol=1e-5)
+    pairs = (real[:, :, None] & real[:, None, :])[:, None].expand_as(a_t)  # real query rows × real keys
+    torch.testing.assert_close(c_a[pairs], a_t[pairs], atol=1e-6, rtol=1e-5)
+    kw = dict(rate=0.5, alpha=0.5, steps=10, lr=3e-3, batch_size=8, seed=3)
+    s1, i1 = distill_segment(emb, blocks, 1, 3, proxy, **kw)
+    s2, i2 = distill_segment(emb, blocks, 1, 3, proxy, teacher_cache=cache, **kw)
+    assert i2["steps"] == 10 and i1["loss_first"] == pytest.approx(i2["loss_first"], rel=1e-3)
+    assert i1["loss_last"] == pytest.approx(i2["loss_last"], rel=1e-3)
+    for a, b in zip(s1, s2):
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+
+
+def test_cached_teacher_in_a_round_distils_the_same_segments_as_per_step(leff_cfg, bb4):
+    infos = {}
+    for mode in ("per-step", "cached"):
+        alg, _ = bound(leff_cfg(tasks=["demo-sentiment"] * 3, distill_teacher=mode, distill_steps=4), bb4)
+        state = alg.init()
+        alg.configure(state, 1, list(range(len(alg.federation))))
+        infos[mode] = {tuple(d["segment"]): d for d in state["round_info"][1]["distilled"]}
+        assert ("teacher_cache_seconds" in state["round_info"][1]) == (mode == "cached")
+        assert alg._teacher_cache is None  # freed after the round's configure
+    assert infos["per-step"].keys() == infos["cached"].keys()
+    for seg, d in infos["per-step"].items():
+        if d["steps"]:
+            assert infos["cached"][seg]["loss_last"] == pytest.approx(d["loss_last"], rel=1e-3)
+
+
+def test_distill_precision_run_distils_under_the_runs_autocast(leff_cfg, bb4):
+    """--distill-precision fp32 (default) distils in float32 whatever --precision says; run uses the run's
+    bf16 autocast: the same segments, losses that differ by bf16 rounding only."""
+    losses = {}
+    for precision, dp in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "run")):
+        alg, _ = bound(leff_cfg(tasks=["demo-sentiment"] * 3, precision=precision, distill_precision=dp,
+                                distill_steps=3), bb4)
+        state = alg.init()
+        alg.configure(state, 1, list(range(len(alg.federation))))
+        losses[(precision, dp)] = {tuple(d["segment"]): d["loss_last"] for d in state["round_info"][1]["distilled"]
+                                   if d["steps"]}
+    assert losses[("fp32", "fp32")] and losses[("fp32", "fp32")] == losses[("bf16", "fp32")]
+    run = losses[("bf16", "run")]
+    assert run.keys() == losses[("fp32", "fp32")].keys() and run != losses[("fp32", "fp32")]
+    for seg, v in losses[("fp32", "fp32")].items():
+        assert run[seg] == pytest.approx(v, rel=0.1, abs=1e-4)
+
+
 def test_students_are_cached_per_round_and_segment(leff_cfg, bb4):
     alg, _ = bound(leff_cfg(sampling="round_robin", tasks=["demo-sentiment"] * 2), bb4)
     state = alg.init()
@@ -296,6 +366,37 @@ def test_students_are_cached_per_round_and_segment(leff_cfg, bb4):
     for key in a:
         if key.startswith(("pre.", "suf.")):
             assert torch.equal(a[key], b[key])
+
+
+def test_distill_reuse_reuses_a_student_only_while_its_blocks_and_those_before_are_unchanged(leff_cfg, bb4):
+    """--distill-reuse unchanged: round-robin blocks repeat every L rounds; the suffix [1, 3] of block 0
+    is distilled in round 1, reused in round 5 while blocks 0..3 are the same tensors, and distilled
+    again once block 0 (before the segment) changed. Off (the paper): distilled every time."""
+    def segments(info, key):
+        return sorted(tuple(d["segment"]) for d in info.get(key, []))
+
+    for reuse in ("off", "unchanged"):
+        alg, _ = bound(leff_cfg(sampling="round_robin", tasks=["demo-sentiment"] * 2, distill_reuse=reuse,
+                                global_rounds=12), bb4)
+        state = alg.init()
+        ids = list(range(len(alg.federation)))
+        first = alg.configure(state, 1, ids)
+        assert segments(state["round_info"][1], "distilled") == [(1, 3)]
+        again = alg.configure(state, 5, ids)  # same block starts as round 1, nothing aggregated in between
+        if reuse == "off":
+            assert segments(state["round_info"][5], "distilled") == [(1, 3)]
+            assert "reused" not in state["round_info"][5]
+        else:
+            assert segments(state["round_info"][5], "distilled") == []
+            assert state["round_info"][5]["reused"] == [{"segment": [1, 3], "from_round": 1}]
+            for key, t in first[0].tensors.items():
+                if key.startswith("suf."):
+                    assert torch.equal(again[0].tensors[key], t)  # the very student of round 1
+            blocks = dict(state["blocks"])
+            blocks[0] = {n: t + 1e-3 for n, t in blocks[0].items()}  # block 0 feeds the segment: its input changed
+            state["blocks"] = blocks
+            alg.configure(state, 9, ids)
+            assert segments(state["round_info"][9], "distilled") == [(1, 3)] and state["round_info"][9]["reused"] == []
 
 
 # ----------------------------------------------------------------------------------------- client

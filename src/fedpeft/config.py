@@ -58,6 +58,12 @@ FEDDPA_WEIGHTINGS = ("fixed", "instance")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 LABEL_KINDS = ("auto", "classification", "regression", "generation")
 CHAT_TEMPLATES = ("auto", "none")
+ENCODER_PATHS = ("padded", "varlen")
+# A run saved before --encoder-path existed ran the padded forward: its config.json says nothing of it.
+ENCODER_PATH_BEFORE_THE_SETTING = "padded"
+DISTILL_REUSE = ("off", "unchanged")
+DISTILL_TEACHERS = ("per-step", "cached")
+DISTILL_PRECISIONS = ("fp32", "run")
 # The settings of --dataset: without it each of them is a mistake (RunConfig.validate says which).
 _DATASET_FIELDS = ("dataset_name", "text_columns", "label_column", "label_names", "prompt_column", "target_column",
                    "client_column", "test_file")
@@ -130,6 +136,7 @@ class RunConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", group="training")
     device: str = _f("auto", "where the model, its adapters, heads and batches compute: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda, cuda:N or mps; aggregation and the server state stay on the CPU. Resolved once and saved in config.json", group="training")
     precision: str = _f("auto", "auto (bf16 where the device runs it natively: a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX; float32 elsewhere), fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler, CUDA only); routers, softmax and losses stay float32. Resolved once and saved in config.json", choices=PRECISIONS, group="training")
+    encoder_path: str = _f("varlen", "how a BERT/RoBERTa encoder runs a batch: varlen (padding-free: the projections, LoRA and feed-forward run on the real tokens only, with a 3x cheaper dropout of the same probability) or padded (the model's own forward over the padded [batch, length] tensor with torch's dropout, as runs made before this setting did). The two give the same outputs in evaluation and different dropout draws in training, so a seed's numbers differ; a 3-seed comparison found the difference inside the seed noise (docs/benchmarks.md). Decoders, DeBERTa and FedDPA's instance weighting always run padded", choices=ENCODER_PATHS, group="training")
     gradient_checkpointing: bool = _f(False, "recompute each transformer block's activations in the backward pass instead of keeping them (Hugging Face gradient checkpointing, non-reentrant): less memory for long sequences and large decoders, about a third more compute, the same loss and gradients", group="training")
     seed: int = _f(42, "run seed; every client/round/phase seed derives from it", group="training")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", group="training", resume="free")
@@ -172,6 +179,9 @@ class RunConfig:
     distill_steps: int = _f(200, "LEFF: distillation steps per student per round (0: students stay at their evenly spaced init)", group="leff")
     distill_lr: float = _f(1e-4, "LEFF: distillation AdamW learning rate", group="leff")
     distill_batch_size: int = _f(16, "LEFF: distillation batch size", group="leff")
+    distill_reuse: str = _f("off", "LEFF: off (the paper: every round distils every segment a client needs) or unchanged (a segment whose teacher blocks, and every block before it, are the very tensors they were when its student was distilled in an earlier round reuses that student instead of distilling again: the teacher and its inputs are the same function, but the student keeps that round's batch draws, so numbers differ from off; a resumed run distils afresh in its first round)", choices=DISTILL_REUSE, group="leff")
+    distill_teacher: str = _f("per-step", "LEFF: per-step (the paper's loop: every distillation step runs the global blocks before the segment and the segment itself on its batch) or cached (the global model runs over the distillation texts once per round and every step reads its batch's hidden states and attention from that: the same batches and targets up to float rounding, the teacher's cost paid once instead of once per step; DeBERTa keeps per-step)", choices=DISTILL_TEACHERS, group="leff")
+    distill_precision: str = _f("fp32", "LEFF: fp32 (the server distils in float32 whatever --precision says) or run (the distillation runs under the run's --precision autocast, bf16 where the hardware has it: the students' matmuls in bf16, so the students differ from fp32's by bf16 rounding)", choices=DISTILL_PRECISIONS, group="leff")
     distill_examples: int = _f(512, "LEFF: proxy texts used for distillation", group="leff")
     proxy_dataset: str = _f("auto", "LEFF: public proxy texts for distillation (and, on a decoder, the importance batch): 'auto' (the paper's pairing: webnlg for generation tasks, wnli otherwise), a GLUE task folder (wnli), 'webnlg' (WebNLG train references, for E2E on a decoder) or 'demo' (the bundled synthetic texts)", group="leff")
     importance_examples: int = _f(64, "LEFF family: labelled server examples held out of every client's pool, for the importance pass", group="leff")

@@ -34,7 +34,7 @@ class FedBitFit(Algorithm):
         for p in encoder.parameters():
             p.requires_grad_(False)
         causal = getattr(backbone, "kind", "encoder") == "causal"
-        model = wrap_model(encoder, backbone)
+        model = wrap_model(encoder, backbone, self.cfg.encoder_path)
         biases = {n: p for n, p in encoder.named_parameters()
                   if n.endswith(".bias") and (parameter_role(n)[0] == "block"
                                               or (causal and parameter_role(n)[0] == "head_set"))}

@@ -186,7 +186,8 @@ class FedDPA(FedIT):
                     s = self.runtime.extra["scale"][id(site.lora)]
                     site.lora.scaling[GLOBAL] = (1.0 - w) * s
                     site.lora.scaling[LOCAL] = w * s
-                with autocast(self.cfg.precision, device):
+                # The per-instance scalings are [B, 1, 1]: they need the padded [B, S, H] activations.
+                with autocast(self.cfg.precision, device), model.padded():
                     logits = model(**to_device(batch, device)).float()
                 total += task_loss(logits, labels, client.regression).item() * len(idx)
                 preds[idx] = (logits.squeeze(-1) if client.regression else logits.argmax(-1)).to(WIRE_DEVICE).numpy()

@@ -28,15 +28,16 @@ def frozen_linears_to(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat1
             module.to(dtype)
 
 
-def wrap_model(peft_model, backbone):
-    """The model the methods drive: an encoder + heads (`TaskModel`), or a decoder (`CausalLM`)."""
+def wrap_model(peft_model, backbone, encoder_path: str = "padded"):
+    """The model the methods drive: an encoder + heads (`TaskModel`, run the `encoder_path` way:
+    `--encoder-path`), or a decoder (`CausalLM`)."""
     if getattr(backbone, "kind", "encoder") == "causal":
         from fedpeft.models.causal_model import CausalLM
 
         return CausalLM(peft_model, backbone.tokenizer, backbone.hidden_size)
     from fedpeft.models.task_model import TaskModel
 
-    return TaskModel(peft_model, backbone.hidden_size, backbone.pooling)
+    return TaskModel(peft_model, backbone.hidden_size, backbone.pooling, encoder_path)
 
 
 def build_lora_runtime(cfg, backbone, *, rank: int, adapter_names: tuple[str, ...] = ("default",)) -> Runtime:
@@ -50,7 +51,7 @@ def build_lora_runtime(cfg, backbone, *, rank: int, adapter_names: tuple[str, ..
                              targets=list(cfg.target_modules), adapter_names=adapter_names)
     for p in peft_model.parameters():
         p.requires_grad_(False)
-    return Runtime(wrap_model(peft_model, backbone), lora_sites(peft_model))
+    return Runtime(wrap_model(peft_model, backbone, cfg.encoder_path), lora_sites(peft_model))
 
 
 def export_lora(backbone, cfg, lora_state: dict[str, torch.Tensor], folder, base_path: str) -> None:

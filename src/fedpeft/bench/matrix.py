@@ -53,12 +53,13 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
     architecture when a test injects one)."""
     import dataclasses
 
-    from fedpeft.config import LEFF_FAMILY, RunConfig
+    from fedpeft.config import ENCODER_PATH_BEFORE_THE_SETTING, LEFF_FAMILY, RunConfig
 
     try:
         raw = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return
+    raw.setdefault("encoder_path", ENCODER_PATH_BEFORE_THE_SETTING)  # a run saved before the setting ran padded
     model_type = getattr(backbone, "model_type", None)
     # A folder saved before a setting became automatic holds the unresolved value: resolve both sides.
     # The saved device and precision are already concrete (what the run used, maybe on another machine's
@@ -126,13 +127,16 @@ def _say(msg: str) -> None:
 def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] | None = None,
                data_dir: str | None = None, backbone=None, runner: Callable | None = None,
                say: Callable[[str], None] = _say, threads: int | None = None,
-               tracking: str | None = None, tracking_uri: str | None = None) -> list[RunRef]:
+               tracking: str | None = None, tracking_uri: str | None = None,
+               encoder_path: str | None = None) -> list[RunRef]:
     """Run (or skip, or resume) every (label, seed) of the suite; return them in suite order.
 
     `backbone` is passed to every run (tests inject a tiny model); `runner` replaces
     fedpeft.run.run (tests count calls). `tracking`: every run is logged as its own run (named
     LABEL-seedK) under one experiment, the suite's name, in one store: OUT/SUITE/mlflow.db (MLflow)
-    or OUT/SUITE/tensorboard/ (TensorBoard) unless `tracking_uri` names another.
+    or OUT/SUITE/tensorboard/ (TensorBoard) unless `tracking_uri` names another. `encoder_path`:
+    every run with that --encoder-path (a setting of the run: a finished run with the other one is
+    refused by check_same_settings, not reused).
     """
     if tracking and tracking != "none" and tracking_uri is None:
         dest = (Path(out) / suite.name).resolve()
@@ -147,6 +151,8 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
     for i, (entry, seed) in enumerate(plan, 1):
         run_dir = run_dir_for(Path(out), suite, entry.label, seed)
         cfg = suite.config(entry, seed, output_dir=str(run_dir), data_dir=data_dir)
+        if encoder_path is not None:
+            cfg.encoder_path = encoder_path
         if threads is not None:
             cfg.threads = threads  # not a setting of the run: wall times are, so the report says it
         if tracking and tracking != "none":  # not settings of the run either: where it is logged
@@ -181,7 +187,8 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
 def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] | None = None,
           data_dir: str | None = None, backbone=None, runner: Callable | None = None,
           say: Callable[[str], None] = _say, threads: int | None = None,
-          report_only: bool = False, tracking: str | None = None, tracking_uri: str | None = None) -> dict[str, Path]:
+          report_only: bool = False, tracking: str | None = None, tracking_uri: str | None = None,
+          encoder_path: str | None = None) -> dict[str, Path]:
     """Run the matrix, then write results.csv, results.md and results.png in OUT/<suite>/.
 
     `report_only`: run nothing; tabulate the runs of the plan that are finished (a matrix still
@@ -201,7 +208,8 @@ def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] 
             say(f"bench {suite.name}: not finished, left out of the report: {', '.join(pending)}")
     else:
         refs = run_matrix(suite, seeds, out, labels=labels, data_dir=data_dir, backbone=backbone,
-                          runner=runner, say=say, threads=threads, tracking=tracking, tracking_uri=tracking_uri)
+                          runner=runner, say=say, threads=threads, tracking=tracking, tracking_uri=tracking_uri,
+                          encoder_path=encoder_path)
     dest = Path(out) / suite.name
     busy = [f"{r.label} seed {r.seed}" for r in refs if r.status == "busy"]
     if busy:

@@ -7,20 +7,23 @@ different label counts) live side by side, one module per number of labels.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from fedpeft.errors import FedPeftError
 from fedpeft.hardware import WIRE_DEVICE
+from fedpeft.models.varlen import FastDropout, encode_varlen, pool_varlen, supports_varlen, use_fast_dropout
 
 
 class ClassificationHead(nn.Module):
     """RoBERTa-style head on the first token: dense → tanh → dropout → out_proj."""
 
-    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1):
+    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1, *, fast_dropout: bool = False):
         super().__init__()
         self.dense = nn.Linear(hidden, hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout) if fast_dropout else nn.Dropout(dropout)
         self.out_proj = nn.Linear(hidden, num_labels)
 
     def forward(self, first_token: torch.Tensor) -> torch.Tensor:
@@ -42,6 +45,7 @@ def init_head_state(hidden: int, num_labels: int, generator: torch.Generator) ->
 
 
 POOLINGS = ("first", "mean")
+ENCODER_PATHS = ("padded", "varlen")  # config.ENCODER_PATHS: --encoder-path
 
 
 class TaskModel(nn.Module):
@@ -50,24 +54,34 @@ class TaskModel(nn.Module):
     `pooling` is how a sequence becomes the head's input: the first token (BERT/RoBERTa
     classification) or the mean over real tokens (sentence-transformers encoders such as MiniLM,
     whose first token was never trained to summarise the sentence).
+
+    `encoder_path` (`--encoder-path`): `padded` runs the encoder's own forward on the padded batch
+    with torch's dropout (the reference); `varlen` runs a BERT-style encoder padding-free
+    (models/varlen.py) and switches every dropout of the encoder and the heads to `FastDropout`.
     """
 
-    def __init__(self, encoder: nn.Module, hidden: int, pooling: str = "first"):
+    def __init__(self, encoder: nn.Module, hidden: int, pooling: str = "first", encoder_path: str = "padded"):
         super().__init__()
         if pooling not in POOLINGS:
             raise FedPeftError(f"unknown pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+        if encoder_path not in ENCODER_PATHS:
+            raise FedPeftError(f"unknown encoder path {encoder_path!r}: choose one of {', '.join(ENCODER_PATHS)}")
         self.encoder = encoder
         self.hidden = hidden
         self.pooling = pooling
         self.heads = nn.ModuleDict()
         self.num_labels: int | None = None
+        self.fast = encoder_path == "varlen"
+        self.varlen = self.fast  # padding-free forward where the encoder supports it (models/varlen.py)
+        if self.fast:
+            use_fast_dropout(self.encoder)
 
     # ---------------------------------------------------------------- heads
     def head(self, num_labels: int) -> ClassificationHead:
         key = str(num_labels)
         if key not in self.heads:  # made when first needed, on the device the encoder computes on
             device = next(self.encoder.parameters()).device
-            self.heads[key] = ClassificationHead(self.hidden, num_labels).to(device)
+            self.heads[key] = ClassificationHead(self.hidden, num_labels, fast_dropout=self.fast).to(device)
         return self.heads[key]
 
     def use_head(self, num_labels: int, state: dict[str, torch.Tensor], *, trainable: bool) -> None:
@@ -90,8 +104,24 @@ class TaskModel(nn.Module):
         return self.num_labels
 
     # ---------------------------------------------------------------- forward
+    @contextlib.contextmanager
+    def padded(self):
+        """Run the padded [B, S] forward inside this block: for code that shapes per-sentence tensors
+        against [B, S, H] activations (FedDPA's per-instance LoRA scaling)."""
+        before = self.varlen
+        self.varlen = False
+        try:
+            yield
+        finally:
+            self.varlen = before
+
     def pooled(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """The sequence representation the head reads (first token or masked mean)."""
+        """The sequence representation the head reads (first token or masked mean).
+
+        A BERT-style encoder runs padding-free (models/varlen.py) unless `self.varlen` is False."""
+        if self.varlen and supports_varlen(self.encoder):
+            hidden, where = encode_varlen(self.encoder, input_ids, attention_mask, token_type_ids)
+            return pool_varlen(hidden, where, attention_mask, self.pooling)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids

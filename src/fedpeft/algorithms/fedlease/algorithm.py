@@ -168,12 +168,13 @@ class FedLEASE(Algorithm):
         info = result.to_json()
         # the N×N distances as one tensor (a JSON list of 10^6 floats at N = 1,000 is not state)
         state["clustering_distance"] = torch.from_numpy(np.asarray(info.pop("distance"), dtype=np.float64))
-        state["clustering"] = {"clients": cids, "seconds": time.perf_counter() - t0, **info}
+        state["clustering"] = {"clients": cids, **info}  # no wall time in the state: a resumed run's must be equal
+        seconds = time.perf_counter() - t0
         self._start_phase2(state, cluster_of, loras, result.num_clusters,
                            heads={cid: unprefixed(HEAD_PREFIX, uploads[cid].tensors) for cid in cids},
                            sizes={cid: uploads[cid].config["num_examples"] for cid in cids},
                            mean=lambda s, w, group: self.privacy.mean(state, rnd, s, w, group))
-        self.record_event("clustering", round=rnd, num_experts=state["num_experts"],
+        self.record_event("clustering", round=rnd, num_experts=state["num_experts"], seconds=seconds,
                           silhouette=state["clustering"].get("silhouette"),
                           client_to_expert={str(c): j for c, j in sorted(state["cluster_of"].items())})
 

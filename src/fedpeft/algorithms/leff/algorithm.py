@@ -34,7 +34,7 @@ from fedpeft.algorithms.base import Algorithm, Client, Message, Runtime
 from fedpeft.algorithms.heads import HEAD_PREFIX
 from fedpeft.algorithms.leff.blocks import (ASET_PREFIX, EMB_PREFIX, block_key, layerwise_mean, load_params,
                                             module_params, parse_block_key, update_importance)
-from fedpeft.algorithms.leff.distill import distill_segment, student_depth
+from fedpeft.algorithms.leff.distill import TeacherCache, caches_teacher, distill_segment, student_depth
 from fedpeft.algorithms.leff.runtime import assembled, build_leff_runtime, scratch_blocks
 from fedpeft.algorithms.leff.sampling import (block_probabilities, block_scores, block_starts, draw_block,
                                               layer_importance)
@@ -42,6 +42,7 @@ from fedpeft.algorithms.local_training import fit_report
 from fedpeft.algorithms.replies import accept
 from fedpeft.algorithms.tensors import is_synced, mark_synced, on_wire, prefixed, unprefixed, weighted_mean
 from fedpeft.errors import FedPeftError
+from fedpeft.hardware import autocast
 from fedpeft.seeding import derive_seed
 
 log = logging.getLogger("fedpeft")
@@ -57,13 +58,19 @@ class LEFF(Algorithm):
         self.budgets: list[int] = []
         # Caches, rebuilt on demand (server state lives in `state` only):
         self._students: dict[tuple[int, int, int], list[nn.Module]] = {}  # (round, a, b) → distilled student
+        # --distill-reuse unchanged: (a, b) → the last student distilled for blocks a..b, the round, and
+        # the teacher tensors of blocks 0..b it was distilled from (references into that round's state)
+        self._reusable: dict[tuple[int, int], dict[str, Any]] = {}
+        # --distill-teacher cached: this round's segments, and the teacher cache built for them on first need
+        self._round_segments: set[tuple[int, int]] = set()
+        self._teacher_cache: TeacherCache | None = None
         self._server_batch = None  # the encoded importance batch
         self._proxy = None  # the encoded proxy texts
         self._runtime_holds: Any = None  # which global state the runtime model holds now
 
     # ------------------------------------------------------------ model
     def build_runtime(self, backbone) -> Runtime:
-        return build_leff_runtime(backbone, self.name)
+        return build_leff_runtime(backbone, self.name, self.cfg.encoder_path)
 
     @property
     def is_causal(self) -> bool:
@@ -175,22 +182,52 @@ class LEFF(Algorithm):
             self._proxy = encode_texts(proxy_texts(self.cfg), self.runtime.extra["tokenizer"], self.cfg.max_length)
         return self._proxy
 
-    def student(self, state, rnd: int, a: int, b: int, infos: list) -> list[nn.Module]:
+    def student(self, state, rnd: int, a: int, b: int, infos: list, reused: list | None = None) -> list[nn.Module]:
         """The student of global blocks a..b for this round: distilled once per (round, segment) and shared
-        by every client that needs it."""
+        by every client that needs it. With --distill-reuse unchanged, the student of an earlier round
+        when blocks 0..b are still the tensors it was distilled from (`reused` says so)."""
         key = (rnd, a, b)
         if key not in self._students:
-            self.load_global(state)
             n, m = b - a + 1, student_depth(b - a + 1, self.cfg.compression_rate)
             distil = m < n and self.cfg.distill_steps > 0
-            student, info = distill_segment(
-                self.runtime.extra["embeddings"], self.blocks(), a, b, self.proxy() if distil else None,
-                rate=self.cfg.compression_rate, alpha=self.cfg.distill_alpha, steps=self.cfg.distill_steps,
-                lr=self.cfg.distill_lr, batch_size=self.cfg.distill_batch_size,
-                seed=derive_seed(self.cfg.seed, "leff-distill", rnd, a, b), owner=self.runtime.extra["block_owner"][0])
+            teacher = [state["blocks"][l] for l in range(b + 1)]
+            if distil and self.cfg.distill_reuse == "unchanged":
+                prev = self._reusable.get((a, b))
+                if prev is not None and _same_blocks(prev["teacher"], teacher):
+                    self._students[key] = prev["student"]
+                    if reused is not None:
+                        reused.append({"segment": [a, b], "from_round": prev["round"]})
+                    return prev["student"]
+            self.load_global(state)
+            cache = self.teacher_cache(state) if distil else None
+            precision = self.cfg.precision if self.cfg.distill_precision == "run" else "fp32"
+            with autocast(precision, next(self.blocks()[0].parameters()).device):
+                student, info = distill_segment(
+                    self.runtime.extra["embeddings"], self.blocks(), a, b, self.proxy() if distil else None,
+                    rate=self.cfg.compression_rate, alpha=self.cfg.distill_alpha, steps=self.cfg.distill_steps,
+                    lr=self.cfg.distill_lr, batch_size=self.cfg.distill_batch_size,
+                    seed=derive_seed(self.cfg.seed, "leff-distill", rnd, a, b), owner=self.runtime.extra["block_owner"][0],
+                    teacher_cache=cache)
             self._students[key] = student
             infos.append(info)
+            if distil and self.cfg.distill_reuse == "unchanged":
+                self._reusable[(a, b)] = {"teacher": teacher, "student": student, "round": rnd}
         return self._students[key]
+
+    def teacher_cache(self, state) -> TeacherCache | None:
+        """The round's teacher cache under --distill-teacher cached (built once, for every segment of
+        the round), else None. The runtime holds Θ_g (`load_global`) when this is called."""
+        owner = self.runtime.extra["block_owner"][0]
+        if self.cfg.distill_teacher != "cached" or not caches_teacher(owner):
+            return None
+        if self._teacher_cache is None:
+            t = time.perf_counter()
+            self._teacher_cache = TeacherCache(
+                self.runtime.extra["embeddings"], self.blocks(), self.proxy(),
+                starts={a for a, _ in self._round_segments}, ends={b for _, b in self._round_segments},
+                chunk=max(self.cfg.distill_batch_size, 64), owner=owner)
+            self._teacher_cache_seconds = time.perf_counter() - t
+        return self._teacher_cache
 
     def configure(self, state, rnd, clients):
         if rnd > self.num_rounds:  # the engine's look-ahead after the last round: nothing to train
@@ -207,15 +244,20 @@ class LEFF(Algorithm):
         probs = {b: (block_probabilities(block_scores(scores, s, b), normalise=cfg.importance_normalise,
                                          temperature=cfg.importance_temperature)
                      if scores is not None else np.full(len(s), 1.0 / len(s))) for b, s in starts.items()}
-        out, assigned, distilled, memory, sent = {}, {}, [], {}, {}
+        out, assigned, distilled, reused, memory, sent = {}, {}, [], [], {}, {}
         t1 = time.perf_counter()
+        ks = {cid: starts[self.budgets[cid]][0] if len(starts[self.budgets[cid]]) == 1 else draw_block(
+            cfg.sampling, starts[self.budgets[cid]], probs[self.budgets[cid]], seed=cfg.seed, rnd=rnd, client=cid)
+            for cid in part}
+        self._round_segments = ({(0, k - 1) for cid, k in ks.items() if k > 0}
+                                | {(k + self.budgets[cid], L - 1) for cid, k in ks.items() if k + self.budgets[cid] < L})
+        self._teacher_cache, self._teacher_cache_seconds = None, 0.0
         for cid in part:
             c = self.federation[cid]
             b = self.budgets[cid]
-            k = starts[b][0] if len(starts[b]) == 1 else draw_block(
-                cfg.sampling, starts[b], probs[b], seed=cfg.seed, rnd=rnd, client=cid)
-            pre = self.student(state, rnd, 0, k - 1, distilled) if k > 0 else []
-            suf = self.student(state, rnd, k + b, L - 1, distilled) if k + b < L else []
+            k = ks[cid]
+            pre = self.student(state, rnd, 0, k - 1, distilled, reused) if k > 0 else []
+            suf = self.student(state, rnd, k + b, L - 1, distilled, reused) if k + b < L else []
             tensors = {block_key(l, n): t for l in range(k, k + b) for n, t in state["blocks"][l].items()}
             for tag, student in (("pre", pre), ("suf", suf)):
                 for j, blk in enumerate(student):
@@ -231,6 +273,7 @@ class LEFF(Algorithm):
                                          "m_pre": len(pre), "m_suf": len(suf)})
             assigned[cid] = (k, b)
             memory[cid] = self.client_memory(b, len(pre) + len(suf))
+        self._teacher_cache = None  # its tensors are this round's: free them
         # What aggregate(rnd) must check the replies against, and what round_info(rnd) reports:
         # kept in the state, for this round and the one before (the engine configures r + 1 before
         # it records round r).
@@ -242,6 +285,8 @@ class LEFF(Algorithm):
             "budgets": {cid: b for cid, (_, b) in assigned.items()},
             "importance": scores, "block_probabilities": {b: p.tolist() for b, p in probs.items()},
             "importance_seconds": t_imp, "distill_seconds": time.perf_counter() - t1, "distilled": distilled,
+            **({"reused": reused} if self.cfg.distill_reuse != "off" else {}),
+            **({"teacher_cache_seconds": self._teacher_cache_seconds} if self.cfg.distill_teacher == "cached" else {}),
             "client_memory_bytes": memory, "peak_client_memory_bytes": max(memory.values(), default=0),
         }
         self.record_event("leff_blocks", round=rnd, blocks=state["round_info"][rnd]["blocks"],
@@ -371,3 +416,16 @@ class LEFF(Algorithm):
             load_params(blk, {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)},
                         f"student {tag} block {j}")
         return student
+
+
+def _same_blocks(old: list[dict[str, torch.Tensor]], new: list[dict[str, torch.Tensor]]) -> bool:
+    """Are these the same block tensors? A layer nobody trained keeps its very tensors (layerwise_mean);
+    otherwise compared by value."""
+    if len(old) != len(new):
+        return False
+    for o, n in zip(old, new):
+        if o is n:
+            continue
+        if o.keys() != n.keys() or any(o[k] is not n[k] and not torch.equal(o[k], n[k]) for k in o):
+            return False
+    return True

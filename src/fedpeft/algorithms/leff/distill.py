@@ -188,12 +188,91 @@ def prefix_hidden(embeddings: nn.Module, blocks: Sequence[nn.Module], batch: dic
     return run_blocks(blocks, hidden, batch["attention_mask"], owner=owner)[0]
 
 
+class TeacherCache:
+    """`--distill-teacher cached`: the global model's outputs on the whole distillation pool, computed
+    once per round, for every segment of the round to read instead of running the prefix and the
+    teacher on each step's batch.
+
+    The pool runs in chunks of `chunk` texts (sorted by length, so a chunk pads little; each chunk padded
+    to its own longest text)
+    through the embeddings and the global blocks, one block at a time, keeping the hidden states entering
+    the blocks in `starts` and leaving the blocks in `ends`, and the attention probabilities of the
+    blocks in `ends`, in tensors padded to the pool's longest text W. `batch(idx, a, b)` returns a step's
+    (mask, hidden in, teacher hidden out, teacher attention) cut to the batch's own width, as `collate`
+    pads it: the real tokens' values equal what the per-step path computes on that batch up to float
+    rounding (the matmuls see other shapes); padding positions hold other values, which no real token
+    reads (keys are masked) and the loss masks. BERT-style encoders and decoders; DeBERTa's encoder
+    (relative positions, a convolution after its first block) keeps the per-step path."""
+
+    def __init__(self, embeddings: nn.Module, global_blocks: Sequence[nn.Module], proxy: Encoded, *,
+                 starts: set[int], ends: set[int], chunk: int, owner: nn.Module | None = None):
+        modules = [m for m in (embeddings, owner) if m is not None] + list(global_blocks)
+        device = next(global_blocks[0].parameters()).device
+        n = len(proxy)
+        lengths = [len(proxy.input_ids[i]) for i in range(n)]
+        width = max(lengths)
+        self.mask = torch.zeros(n, width, dtype=torch.long, device=device)
+        self.hidden: dict[int, torch.Tensor] = {}  # boundary l (entering block l) → [N, W, H]
+        self.attention: dict[int, torch.Tensor] = {}  # block l → [N, heads, W, W]
+        self.lengths = torch.tensor(lengths)
+        keep = set(starts) | {e + 1 for e in ends}
+        was_training = {m: m.training for mod in modules for m in mod.modules()}
+        try:
+            for mod in modules:
+                mod.eval()
+            with torch.no_grad(), eager_attention(modules):
+                order = sorted(range(n), key=lambda i: lengths[i])
+                for lo in range(0, n, chunk):
+                    idx = order[lo:lo + chunk]
+                    rows = torch.tensor(idx, dtype=torch.long, device=device)
+                    batch = {k: v.to(device) for k, v in collate(proxy, idx).items()}
+                    mask, w = batch["attention_mask"], batch["attention_mask"].shape[1]
+                    self.mask[rows, :w] = mask
+                    hidden = prefix_hidden(embeddings, [], batch, owner)
+                    top = max(keep)  # the deepest boundary a segment needs: no block runs past it
+                    for layer in range(top + 1):
+                        if layer in keep:
+                            self._put(self.hidden, layer, hidden, rows, (n, width, hidden.shape[-1]))
+                        if layer == top:
+                            break
+                        hidden, att = run_blocks([global_blocks[layer]], hidden, mask, layer in ends, owner)
+                        if layer in ends:
+                            self._put(self.attention, layer, att, rows, (n, att.shape[1], width, width))
+        finally:
+            for m, mode in was_training.items():
+                m.train(mode)
+
+    @staticmethod
+    def _put(store: dict[int, torch.Tensor], key: int, value: torch.Tensor, rows: torch.Tensor, shape: tuple) -> None:
+        """Write a chunk's [c, w, H] states or [c, heads, w, w] probabilities into the pool's rows."""
+        if key not in store:
+            store[key] = value.new_zeros(shape)
+        if value.dim() == 3:
+            store[key][rows, :value.shape[1]] = value
+        else:
+            store[key][rows, :, :value.shape[2], :value.shape[3]] = value
+
+    def batch(self, idx, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        w = int(self.lengths[rows].max())
+        rows = rows.to(self.mask.device)
+        return (self.mask[rows, :w], self.hidden[a][rows, :w], self.hidden[b + 1][rows, :w],
+                self.attention[b][rows, :, :w, :w])
+
+
+def caches_teacher(owner: nn.Module | None) -> bool:
+    """Can `TeacherCache` serve this architecture? (Not DeBERTa's encoder: see TeacherCache.)"""
+    return not (owner is not None and hasattr(owner, "get_rel_pos"))
+
+
 def distill_segment(embeddings: nn.Module, global_blocks: Sequence[nn.Module], a: int, b: int, proxy: Encoded, *,
                     rate: float, alpha: float, steps: int, lr: float, batch_size: int, seed: int,
-                    owner: nn.Module | None = None) -> tuple[list[nn.Module], dict]:
+                    owner: nn.Module | None = None, teacher_cache: TeacherCache | None = None) -> tuple[list[nn.Module], dict]:
     """The student of global blocks a..b (0-based, inclusive), distilled for `steps` AdamW steps
     (lr, weight decay 0) on batches of proxy text drawn by a generator seeded for (seed, round, a, b).
-    Returns the frozen student blocks and what the run measured."""
+    With a `teacher_cache` (--distill-teacher cached) the step's inputs and targets come from it
+    (the same batches: the draws do not change). Returns the frozen student blocks and what the run
+    measured."""
     teacher = list(global_blocks[a:b + 1])
     student = init_student(teacher, rate)
     info = {"segment": [a, b], "student_layers": len(student), "steps": 0, "loss_first": None, "loss_last": None}
@@ -214,12 +293,16 @@ def distill_segment(embeddings: nn.Module, global_blocks: Sequence[nn.Module], a
         with eager_attention(modules):
             for step in range(steps):
                 idx = rng.choice(len(proxy), size=min(batch_size, len(proxy)), replace=False)
-                batch = {k: v.to(device) for k, v in collate(proxy, idx).items()}  # to the teacher's device
-                with torch.no_grad():
-                    h_in = prefix_hidden(embeddings, global_blocks[:a], batch, owner)
-                    h_t, a_t = run_blocks(teacher, h_in, batch["attention_mask"], True, owner)
-                h_s, a_s = run_blocks(student, h_in, batch["attention_mask"], True, owner)
-                loss = distill_loss(h_t, a_t, h_s, a_s, batch["attention_mask"], alpha)
+                if teacher_cache is not None:
+                    mask, h_in, h_t, a_t = teacher_cache.batch(idx, a, b)
+                else:
+                    batch = {k: v.to(device) for k, v in collate(proxy, idx).items()}  # to the teacher's device
+                    mask = batch["attention_mask"]
+                    with torch.no_grad():
+                        h_in = prefix_hidden(embeddings, global_blocks[:a], batch, owner)
+                        h_t, a_t = run_blocks(teacher, h_in, mask, True, owner)
+                h_s, a_s = run_blocks(student, h_in, mask, True, owner)
+                loss = distill_loss(h_t, a_t, h_s, a_s, mask, alpha)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -21,7 +21,7 @@ from fedpeft.algorithms.lora_runtime import wrap_model
 from fedpeft.errors import FedPeftError
 
 
-def build_leff_runtime(backbone, method: str) -> Runtime:
+def build_leff_runtime(backbone, method: str, encoder_path: str = "padded") -> Runtime:
     encoder = copy.deepcopy(backbone.model)  # the cached backbone stays pristine
     for p in encoder.parameters():
         p.requires_grad_(False)
@@ -37,7 +37,7 @@ def build_leff_runtime(backbone, method: str) -> Runtime:
     # backbone's own pooler is not: TaskModel's head replaces it).
     aset = {n: p for n, p in encoder.named_parameters()
             if parameter_role(n)[0] == "head_set" and not n.startswith("pooler.")}
-    return Runtime(wrap_model(encoder, backbone), blocks, {
+    return Runtime(wrap_model(encoder, backbone, encoder_path), blocks, {
         "tokenizer": backbone.tokenizer, "block_owner": (owner, attr), "embeddings": embeddings,
         "emb_params": dict(embeddings.named_parameters()), "scratch": [], "aset": aset, "causal": False})
 

@@ -13,7 +13,9 @@ of the run key, the partition id, the round number), never a name the server sen
 The client's `store` lives in `Context.state` as torch-serialised bytes, tagged by where it was
 left: `fit<r>` after the fit of round r, `round<r>` after its evaluation. A fit of round r starts
 from the latest `round<k>` with k < r, an evaluation of round r from `fit<r>` if the client trained
-in round r; that is the local engine's sequence, whatever process handles the message.
+in round r; that is the local engine's sequence, whatever process handles the message. When the
+server rejected the fit reply of round r, its evaluate message says `rollback`, and the client
+evaluates (and keeps) the store that fit started from, as the in-process engine rolls it back.
 """
 
 from __future__ import annotations
@@ -86,7 +88,11 @@ def handle(message, context, setup, *, state_dir: str | None = None):
                  "num_examples": info.num_examples}
         return FlowerMessage(RecordDict({CONTROL: encode_config(reply)}), reply_to=message)
     state_dir = _state_dir(context.node_config, state_dir, ctl["run_key"])
-    client.store = _load_store(context, stage, rnd, pid, state_dir, ctl["run_key"])
+    # The server rejected this round's fit reply: evaluate (and keep) the store from before that fit.
+    rollback = stage == "evaluate" and ctl.get("rollback") is True
+    client.store = _load_store(context, "fit" if rollback else stage, rnd, pid, state_dir, ctl["run_key"])
+    if rollback:
+        log.warning("client %d: the server rejected its update of round %d: back to its store from before it", pid, rnd)
     instruction = from_records(message.content)
     if stage == "fit":
         reply = alg.fit(instruction, client)

@@ -202,12 +202,14 @@ class FlowerEngine(LocalEngine):
             self.progress.update(f"round {rnd}/{self.alg.num_rounds} ({phase}): {len(evaluation)} clients evaluating")
         asked = [cid for cid in sorted(evaluation) if cid not in self._gone]  # a client that crashed in fit still scores
         self._note_sent(evaluation[cid] for cid in asked)
-        contents, _ = self._send("evaluate", rnd, {cid: to_records(evaluation[cid], self._control("evaluate", rnd))
-                                                   for cid in asked})
-        # A fit reply the method rejected (an unexpected tensor name, a wrong shape for this round) was
-        # not used: the client's record says it did not take part, as for a reply rejected here.
+        # A fit reply rejected here or by the method (an unexpected tensor name, a wrong shape for this
+        # round) was not used: the client's record says it did not take part, and its evaluate message
+        # tells it to roll back to its store from before that fit, as the in-process engine does.
         refused = {e.get("client") for e in self.history.events
                    if e.get("kind") == "rejected_reply" and e.get("round") == rnd and e.get("stage") != "evaluate"}
+        contents, _ = self._send("evaluate", rnd, {
+            cid: to_records(evaluation[cid], {**self._control("evaluate", rnd), **({"rollback": True} if cid in refused else {})})
+            for cid in asked})
         replies = {cid: r for cid, r in replies.items() if cid not in refused}
         records = []
         self._eval_seconds = 0.0  # the nodes' work is not timed here: client_seconds is the fits' round trips
