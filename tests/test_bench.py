@@ -56,6 +56,25 @@ def test_matrix_runs_every_label_and_seed_writes_reports_and_resumes(tmp_path, t
     md = files["md"].read_text()
     assert "| fedit | 1,2 |" in md and "| fedlease-top1 | 1 |" in md and "87.76" in md
     assert files["png"].stat().st_size > 1000
+    # Paired comparisons from the runs' predictions.npz: every label against both references, and the
+    # saved outcomes reproduce the headline overall of the run's history exactly.
+    import json
+
+    from fedpeft.bench.stats import overall
+    from fedpeft.records.predictions import read_predictions
+
+    for r in rows:
+        saved = read_predictions(r["run_dir"])
+        history = json.loads((tmp_path / "tiny" / f"{r['label']}-seed{r['seed']}" / "training_history.json").read_text())
+        assert saved.round == history["rounds"][-1]["round"] == int(r["rounds"])
+        assert overall(saved) == pytest.approx(history["rounds"][-1]["overall"], abs=1e-9)
+    assert "## Paired comparisons" in md and "Against **fedlease**:" in md and "Against **fedit**:" in md
+    assert "| fedit | s1: " in md and "| fedlease-top1 | s1: " in md
+    with open(files["paired"]) as fh:
+        paired = list(csv.DictReader(fh))
+    assert {(p["label"], p["reference"]) for p in paired} == {
+        ("fedit", "fedlease"), ("fedlease-top1", "fedlease"), ("fedlease", "fedit"), ("fedlease-top1", "fedit")}
+    assert next(p for p in paired if p["label"] == "fedit")["seeds"] == "1 2"
 
     # Resume: a second call runs nothing; a removed run folder is the only one run again.
     calls.clear()
@@ -159,7 +178,7 @@ def test_mean_std_on_known_numbers(tmp_path):
 
 def test_suites_are_well_formed():
     for suite in SUITES.values():
-        if suite.name in ("leff-cpu", "nlg-cpu", "leff-nlg", "glue4-cpu-tuned"):  # their own shapes: elsewhere, below
+        if suite.name in ("leff-cpu", "nlg-cpu", "leff-nlg", "glue4-cpu-tuned", "paper-cpu"):  # their own shapes: elsewhere, below
             continue
         plan = suite.plan([1, 2, 3])
         assert len(plan) == 6 * 3 + 5  # six main methods x 3 seeds, five ablations on seed 1
@@ -171,6 +190,25 @@ def test_suites_are_well_formed():
     assert mini.carve_out and mini.model_name == "minilm"
     with pytest.raises(FedPeftError, match="no method label"):
         get_suite("glue4-mini").plan([1], ["nope"])
+
+
+def test_paper_cpu_suite_is_the_six_main_methods_on_sixteen_clients_with_200_test_examples_each():
+    from conftest import data_dir_or_skip
+    from fedpeft.run.federation import federation_parts
+
+    suite = get_suite("paper-cpu")
+    plan = suite.plan([1, 2, 3])
+    assert [e.label for e, s in plan if s == 1] == ["fedit", "fedsa-lora", "feddpa", "ifca", "fedlease",
+                                                    "fedlease-oracle"]
+    assert len(plan) == 18
+    cfg = suite.config(plan[0][0], 1, output_dir="x", data_dir=data_dir_or_skip())
+    cfg.check_runnable()
+    assert cfg.model_name == "minilm" and cfg.head_policy == "frozen" and cfg.rank == 4
+    # the offline data supplies every client: 4 tasks x 4, disjoint class-balanced 200-example test sets
+    parts = federation_parts(cfg)
+    assert [p.task for p in parts] == [t for t in ("sst2", "qnli", "mrpc", "cola") for _ in range(4)]
+    assert all(len(p.test) == 200 for p in parts)
+    assert [len(p.train) for p in parts] == [400] * 8 + [380] * 4 + [400] * 4
 
 
 def test_nlg_suite_compares_three_methods_on_eight_decoder_clients():

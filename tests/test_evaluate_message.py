@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+
+from fedpeft.metrics import EXAMPLES
 from tests.leff_helpers import bound as _bound
 
 L = 4
@@ -48,6 +50,10 @@ def test_a_fresh_client_process_scores_what_the_server_process_scores(tiny_cfg, 
     remote, _ = _bound(cfg, bb4)
     for c in clients:
         ours, theirs = server.evaluate(evaluation[c.cid], c), remote.evaluate(evaluation[c.cid], c)
+        # the per-example outcome (not a metric: predictions.npz) is the same prediction for every example
+        mine, yours = ours.pop(EXAMPLES), theirs.pop(EXAMPLES)
+        assert mine["task"] == yours["task"] and (mine["labels"] == yours["labels"]).all()
+        assert (mine["predictions"] == yours["predictions"]).all()
         assert ours.keys() == theirs.keys()
         assert all(math.isclose(ours[k], theirs[k], rel_tol=0, abs_tol=1e-6) for k in ours), (ours, theirs)
     # the remote model now holds Θ_g exactly: every block, and the aggregated head

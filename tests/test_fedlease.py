@@ -301,7 +301,9 @@ def test_item12_warmup_exchanges_nothing_until_one_upload_at_round_w(tiny_cfg, t
 def test_d3_warmup_epochs_are_one_adamw_run(tiny_cfg, tiny_backbone):
     """W = 2, E = 1 equals ONE AdamW run with one linear schedule over 2 epochs (an independent loop
     here), and differs from two fresh runs; the optimiser state is carried in the store, then freed."""
-    cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=2, global_rounds=3, local_epochs=1)
+    # the head trained with the LoRA (head policy local): the reference loop below steps it too
+    cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=2, global_rounds=3, local_epochs=1,
+                   head_policy="local")
     alg, clients = _setup(cfg, tiny_backbone)
     rt, c = alg.runtime, clients[0]
     model, sites = rt.model, rt.sites
@@ -657,6 +659,15 @@ def test_item31_tiny_end_to_end(e2e, tiny_backbone):
             assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["loss"]) and r["train_loss"] is not None
         if r["round"] >= 3:
             assert 1.0 <= r["experts_per_token"] <= 2.0 + 1e-9
+            # router logs, overall and per module (M = 1 when the clustering finds one cluster: all 1)
+            for name in ("gamma_own", "own_only_share", "single_expert_share"):
+                assert 0.0 <= r[name] <= 1.0, name
+                assert all(0.0 <= r[k] <= 1.0 for k in r if k.startswith(name + "/")), name
+            assert r["router_entropy"] >= 0.0
+            assert len([k for k in r if k.startswith("gamma_own/")]) == len(
+                [k for k in r if k.startswith("experts_per_token/")]) > 0
+        elif r["round"] == 1:  # scored with its warmup LoRA: no router
+            assert "gamma_own" not in r and "experts_per_token" not in r
     assert first.headline["round"] == 4
     run_dir = first.run_dir
     for name in ("lora_client_map_round_2.json", "clustering.json", "dendrogram.png", "mds.png",

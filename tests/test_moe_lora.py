@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 
 import pytest
@@ -571,6 +572,66 @@ def test_usage_record():
     set_record_usage(model, True)
     model(input_ids=torch.randint(0, 100, (2, 5)))
     assert [layer.mean_distinct_experts for _, layer in moe_layers(model)] == [1.0] * 4
+
+
+def _router_reference(layer: MoELoRALinear, x: torch.Tensor) -> dict[str, float]:
+    """The router logs computed token by token from γ and ω̂, independently of the layer's counters."""
+    gamma, probs = layer.gate(x), torch.softmax(layer.router(x).float(), dim=-1)
+    own = gamma[:, layer.own_expert]
+    one_hot = (gamma > 0).sum(-1) == 1
+    return {"gamma_own": own.mean().item(), "own_only_share": (one_hot & (own > 0)).float().mean().item(),
+            "single_expert_share": one_hot.float().mean().item(),
+            "router_entropy": (-(probs * probs.log()).sum(-1)).mean().item()}
+
+
+@pytest.mark.parametrize("m,routing,k", [(4, "adaptive_topM", 2), (3, "fixed_topk", 2), (3, "fixed_topk", 1)])
+def test_router_logs_are_in_range_and_match_a_token_by_token_count(m, routing, k):
+    layer = make_layer(m, 1, routing=routing, top_k=k)
+    x = torch.randn(200, D)
+    assert layer.router_stats() is None  # nothing recorded yet
+    layer.record_usage = True
+    layer(x.view(4, 50, D))
+    got = layer.router_stats()
+    for name, value in _router_reference(layer, x).items():
+        assert got[name] == pytest.approx(value, abs=1e-5), name
+    for name in ("gamma_own", "own_only_share", "single_expert_share"):
+        assert 0.0 <= got[name] <= 1.0, name
+    width = layer.router.out_features
+    assert 0.0 < got["router_entropy"] <= math.log(width) + 1e-6
+    assert got["own_only_share"] <= got["single_expert_share"] and got["own_only_share"] <= got["gamma_own"]
+    if routing == "fixed_topk" and k == 1:  # one expert per token: the router never gets a gradient
+        assert got["single_expert_share"] == 1.0
+        assert got["own_only_share"] == pytest.approx(got["gamma_own"])  # γ_own is 0 or 1 per token
+    else:
+        assert got["single_expert_share"] < 1.0
+
+
+def test_router_logs_at_the_extremes():
+    # a sharp router whose own slots always win: every token routed to the own expert alone
+    layer = make_layer(3, 2, routing="fixed_topk", top_k=1)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2, 0] = 1e4  # slot 2 = expert 2 (own) for every token with x_0 > 0
+    layer.record_usage = True
+    layer(torch.randn(100, D).abs())
+    got = layer.router_stats()
+    assert got["gamma_own"] == 1.0 and got["own_only_share"] == 1.0 and got["single_expert_share"] == 1.0
+    assert got["router_entropy"] == pytest.approx(0.0, abs=1e-6)
+    # a zero router (uniform ω̂): adaptive top-M keeps the own slots (ties), entropy log(2M - 1)
+    layer = make_layer(3, 1)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    layer.record_usage = True
+    layer(torch.randn(10, D))
+    got = layer.router_stats()
+    assert got["own_only_share"] == 1.0 and got["gamma_own"] == 1.0
+    assert got["router_entropy"] == pytest.approx(math.log(5), abs=1e-6)
+    # one expert: plain LoRA, γ_own = 1, no routing choice
+    layer = make_layer(1, 0)
+    layer.record_usage = True
+    layer(torch.randn(7, D))
+    assert layer.router_stats() == {"gamma_own": 1.0, "own_only_share": 1.0, "single_expert_share": 1.0,
+                                    "router_entropy": 0.0}
 
 
 def test_routers_save_and_load(tmp_path):

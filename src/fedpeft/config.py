@@ -145,7 +145,7 @@ class RunConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)", group="model")
     lora_dropout: float = _f(0.05, "LoRA dropout", group="model")
     target_modules: list[str] = _f([], "LoRA target modules (default per architecture: query/value, q_proj/v_proj)", group="model")
-    head_policy: str = _f("local", "classification head: local (trained, kept), frozen (never trained), shared (trained and averaged in the group), classifier (only out_proj trained and averaged over all); the LEFF family and decoders set their own", choices=HEAD_POLICIES, group="model")
+    head_policy: str = _f("frozen", "classification head: frozen (never trained: the FedLEASE paper and its official code), local (trained, kept), shared (trained and averaged in the group), classifier (only out_proj trained and averaged over all); the LEFF family and decoders set their own", choices=HEAD_POLICIES, group="model")
     # Decoders and generation (generation tasks)
     quantization: str = _f("none", "load the decoder in 8 or 4 bits through bitsandbytes (needs a CUDA GPU)", choices=QUANTIZATIONS, group="generation")
     num_beams: int = _f(1, "beams for generation (1 = greedy)", group="generation")

@@ -31,6 +31,21 @@ from fedpeft.data.tasks import get_task
 
 METRIC_NAMES = ("accuracy", "f1", "f1_macro", "matthews", "pearson", "spearman")
 
+# The key under which an evaluation also returns its per-example outcome (not a metric, never a
+# record field): {"task", "predictions", "labels"}, numpy arrays in test order. The in-process engine
+# saves the scored round's outcomes as the run folder's predictions.npz (records/predictions.py), which
+# `fedpeft bench` bootstraps for its paired comparisons; a Flower client keeps them (they describe its
+# test data, which stays on the client).
+EXAMPLES = "_examples"
+
+
+def example_outcome(task: str, predictions, labels) -> dict:
+    """What `EXAMPLES` holds: the class ids (argmax of logits) or scores, and the gold labels."""
+    preds = np.asarray(predictions)
+    if preds.ndim == 2 and not get_task(task).is_regression:
+        preds = preds.argmax(axis=-1)
+    return {"task": task, "predictions": preds.reshape(len(preds)), "labels": np.asarray(labels).reshape(len(preds))}
+
 
 def _finite(value) -> float:
     value = float(value)

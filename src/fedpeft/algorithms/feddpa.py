@@ -122,13 +122,14 @@ class FedDPA(FedIT):
     def evaluate(self, instruction, client):
         if self.cfg.feddpa_weighting != "instance":
             return super().evaluate(instruction, client)
-        from fedpeft.metrics import compute_metrics
+        from fedpeft.metrics import EXAMPLES, compute_metrics, example_outcome
 
         self.load_for_eval(instruction, client)
         weights = self.instance_weights(client, instruction.config["round"])
         preds, loss = self._predict_weighted(client, weights)
         metrics = compute_metrics(client.info.task, preds, client.test.labels)
         metrics["loss"] = loss
+        metrics[EXAMPLES] = example_outcome(client.info.task, preds, client.test.labels)
         metrics["feddpa_local_weight"] = float(weights.mean())
         return metrics
 

@@ -46,9 +46,11 @@ def fit_report(client: Client, stats) -> dict[str, Any]:
             "padded_tokens": stats.padded_tokens}
 
 
-def score(cfg, model, client: Client) -> dict[str, float]:
+def score(cfg, model, client: Client) -> dict[str, Any]:
     """The client's test metrics with the state the model holds: the task's metrics and the mean
-    loss; for a generation task, generated text scored against the references, and the target loss."""
+    loss; for a generation task, generated text scored against the references, and the target loss.
+    A classification or regression task also returns its per-example outcome under
+    `fedpeft.metrics.EXAMPLES` (the engine takes it out of the record)."""
     if client.is_generation:
         from fedpeft.generation import GenerationSettings, generate, score_generation
         from fedpeft.training import lm_mean_loss
@@ -57,11 +59,12 @@ def score(cfg, model, client: Client) -> dict[str, float]:
         metrics = score_generation(client.info.task, hyps, client.test.references)
         metrics["loss"] = lm_mean_loss(model, client.test, batch_size=cfg.eval_batch_size, precision=cfg.precision)
         return metrics
-    from fedpeft.metrics import compute_metrics
+    from fedpeft.metrics import EXAMPLES, compute_metrics, example_outcome
     from fedpeft.training import predict
 
     preds, loss = predict(model, client.test, batch_size=cfg.eval_batch_size, precision=cfg.precision,
                           regression=client.regression)
     metrics = compute_metrics(client.info.task, preds, client.test.labels)
     metrics["loss"] = loss
+    metrics[EXAMPLES] = example_outcome(client.info.task, preds, client.test.labels)
     return metrics

@@ -25,6 +25,7 @@ from typing import Callable
 
 from fedpeft.bench.runs import is_finished, run_dir_for
 from fedpeft.bench.suites import Suite
+from fedpeft import hardware
 from fedpeft.errors import FedPeftError
 from fedpeft.hardware import CPU
 
@@ -78,6 +79,15 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
         if key not in _IGNORED and key in saved and saved[key] != planned[key]:
             raise FedPeftError(f"{run_dir} was run with {key}={saved[key]!r}, but the suite now says "
                                f"{planned[key]!r}: remove that folder or use another --out")
+
+
+def check_hardware(suite: Suite) -> None:
+    """A suite sized for a GPU (`requires_gpu`, the paper's own setting) refuses to train without one:
+    on a CPU it would take days per method (its note says how long)."""
+    if suite.requires_gpu and not hardware.cuda_available():
+        raise FedPeftError(f"suite {suite.name!r} trains the paper's model at the paper's size and needs a CUDA GPU, "
+                           f"and torch sees none here: run it on a machine with one (--device auto finds it), "
+                           f"or use a CPU-sized suite such as glue4-cpu")
 
 
 def claim(run_dir: Path) -> bool:
@@ -134,17 +144,9 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
     if runner is None:
         from fedpeft.run import run as runner
     plan = suite.plan(list(seeds), labels)
+    check_hardware(suite)
     if suite.note:
         say(f"bench {suite.name}: note: {suite.note}")
-    if suite.requires_gpu:
-        try:
-            import torch
-
-            has_gpu = torch.cuda.is_available()
-        except Exception:  # pragma: no cover
-            has_gpu = False
-        if not has_gpu:
-            say(f"bench {suite.name}: no GPU found; fedpeft trains on CPU, see the cost note above")
     refs: list[RunRef] = []
     for i, (entry, seed) in enumerate(plan, 1):
         run_dir = run_dir_for(Path(out), suite, entry.label, seed)

@@ -1,4 +1,5 @@
-"""results.csv (one row per run), results.md (mean ± std per label, paper numbers alongside) and
+"""results.csv (one row per run), results.md (mean ± std per label, paper numbers alongside, and the
+paired comparisons against FedLEASE and FedIT of bench/stats.py), paired.csv (those comparisons) and
 results.png (overall metric per label, std error bars when there are several seeds) from the run folders of a matrix.
 
 Definitions (the same as a run's summary.md):
@@ -143,7 +144,17 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
-def markdown(rows: list[dict[str, Any]], *, title: str, description: str = "") -> str:
+def write_paired_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=["label", "reference", "seeds", "differences", "mean", "low", "high", "resolved"])
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write(path, buf.getvalue())
+
+
+def markdown(rows: list[dict[str, Any]], *, title: str, description: str = "",
+             paired: list[str] | None = None) -> str:
+    """results.md; `paired`: the paired-comparison section (bench/stats.py markdown_lines)."""
     from fedpeft.data.tasks import get_task
 
     tasks = task_columns(rows)
@@ -191,6 +202,9 @@ def markdown(rows: list[dict[str, Any]], *, title: str, description: str = "") -
         lines += ["", "\\* the paper's 'clustered experts without adaptive top-M' (85.91) does not state k."]
     lines += ["", "Ranking by overall (mean): " + " > ".join(
         a["label"] for a in sorted(aggs, key=lambda a: -a["overall"][0]))]
+    if paired:
+        lines += ["", "Which of these orderings the test data resolves: see the paired comparisons below."]
+        lines += paired
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +247,12 @@ def write_report(rows: list[dict[str, Any]], dest: str | Path, *, suite=None, se
 
         atomic_write(files["md"], leff_markdown(rows, title=title, description=suite.description))
     else:
-        atomic_write(files["md"], markdown(rows, title=title, description=suite.description if suite else ""))
+        from fedpeft.bench import stats
+
+        comparisons, notes = stats.compare_rows(rows)
+        if comparisons:
+            files["paired"] = write_paired_csv(stats.csv_rows(comparisons), dest / "paired.csv")
+        atomic_write(files["md"], markdown(rows, title=title, description=suite.description if suite else "",
+                                           paired=stats.markdown_lines(comparisons, notes)))
     files["png"] = plot(rows, dest / "results.png", title=f"{name}: overall by method")
     return files

@@ -32,9 +32,11 @@ from fedpeft.algorithms.base import Algorithm, Client, Message
 from fedpeft.engines.client_stores import make_stores
 from fedpeft.engines.participation import participants, scored
 from fedpeft.errors import RunFailed
+from fedpeft.metrics import EXAMPLES
 from fedpeft.records.artifacts import write_artifacts
 from fedpeft.records.checkpoint import load_checkpoint, save_checkpoint
 from fedpeft.records.history import RunHistory
+from fedpeft.records.predictions import write_predictions
 
 REJECTED = "rejected_reply"  # the event kind algorithms/replies.py records for a rejected reply
 
@@ -53,6 +55,7 @@ class LocalEngine:
         self.stores = make_stores(algorithm.cfg.client_store, clients, run_dir)
         self._before: dict[int, dict[str, Any]] = {}  # client → its store before this round's fit
         self.rejected: set[int] = set()  # clients whose reply of the current round was rejected
+        self._examples: dict[int, dict[str, Any]] = {}  # the round's per-example outcomes (engines that score remotely: none)
 
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
         alg, rounds = self.alg, self.alg.num_rounds
@@ -129,6 +132,7 @@ class LocalEngine:
             # two of these writes redoes round rnd on resume and rewrites all three (the history's
             # records of rounds after the checkpoint are dropped then: RunHistory.truncate).
             write_artifacts(self.run_dir, alg.artifacts(state, rnd, records))
+            write_predictions(self.run_dir, rnd, self._examples)
             self.history.save()
             save_checkpoint(self.run_dir, rnd, state, self.stores.for_checkpoint(),
                             settings=alg.cfg.shaping_settings())
@@ -193,6 +197,7 @@ class LocalEngine:
         sent the next broadcast (the others have nothing to record this round)."""
         records = []
         self._eval_seconds = 0.0
+        self._examples = {}  # client -> its per-example outcome this round (predictions.npz), not a record field
         for i, cid in enumerate(sorted(evaluation)):
             t0 = time.perf_counter()
             if self.progress:
@@ -200,6 +205,9 @@ class LocalEngine:
             c = self.clients[cid]
             self.stores.load(c)
             metrics = self.alg.evaluate(evaluation[cid], c)
+            examples = metrics.pop(EXAMPLES, None)
+            if examples is not None:
+                self._examples[cid] = examples
             self.stores.save(c, rnd)
             self._eval_seconds += time.perf_counter() - t0
             records.append({"round": rnd, "phase": phase, "client": cid, "task": self.clients[cid].info.task, **metrics})

@@ -38,7 +38,8 @@ from fedpeft.data.batching import num_batches
 from fedpeft.errors import RunFailed
 from fedpeft.models.adapters import (get_lora_state, init_lora_state, lora_key, lora_parameters, parse_lora_key,
                                      set_lora_state)
-from fedpeft.models.moe.layer import inject_moe_lora, moe_layers, set_own_expert, set_record_usage, solo_expert
+from fedpeft.models.moe.layer import (ROUTER_STATS, inject_moe_lora, moe_layers, set_own_expert, set_record_usage,
+                                     solo_expert)
 from fedpeft.models.moe.state import load_moe_state, moe_key, moe_state, parse_moe_key
 from fedpeft.seeding import torch_generator
 
@@ -399,9 +400,17 @@ class FedLEASE(Algorithm):
         if instruction.config["phase"] == "train":
             layers = moe_layers(self.runtime.model.encoder)
             per_layer = {f"{m.layer_index}.{m.module_name}": m.mean_distinct_experts for _, m in layers}
+            routers = {f"{m.layer_index}.{m.module_name}": m.router_stats() for _, m in layers}
             set_record_usage(self.runtime.model.encoder, False)
             metrics["experts_per_token"] = sum(per_layer.values()) / len(per_layer)
             metrics.update({f"experts_per_token/{k}": v for k, v in per_layer.items()})
+            # router logs: γ_own, the share of tokens routed to the own expert alone (and to any one
+            # expert alone: no router gradient there), the router's entropy; mean over modules, and per module
+            for name in ROUTER_STATS:
+                values = {k: v[name] for k, v in routers.items() if v is not None}
+                if values:
+                    metrics[name] = sum(values.values()) / len(values)
+                    metrics.update({f"{name}/{k}": v for k, v in values.items()})
         return metrics
 
     def _load_warmup(self, instruction, client) -> None:

@@ -99,7 +99,10 @@ def handle(message, context, setup, *, state_dir: str | None = None):
         _save_store(context, f"fit{rnd}", client.store, ctl["run_key"])
         return FlowerMessage(to_records(reply), reply_to=message)
     if stage == "evaluate":
+        from fedpeft.metrics import EXAMPLES
+
         metrics = alg.evaluate(instruction, client)
+        metrics.pop(EXAMPLES, None)  # per-example outcomes describe the client's test data: they stay here
         _save_store(context, f"round{rnd}", client.store, ctl["run_key"], state_dir=state_dir, pid=pid, rnd=rnd)
         return FlowerMessage(RecordDict({METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})}),
                              reply_to=message)

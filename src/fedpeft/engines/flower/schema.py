@@ -51,8 +51,9 @@ FIT_VALUES: dict[str, str] = {
 }
 QUERY_KEYS = ("client_id", "task", "num_labels", "num_examples")
 _METRIC = re.compile(r"(accuracy|f1|matthews|pearson|spearman|loss|bleu|nist|meteor|rouge_l|rouge1|cider|token_f1|"
-                     r"exact_match|experts_per_token(/[A-Za-z0-9_.]{1,64})?)")
-MAX_METRICS = 256
+                     r"exact_match|(experts_per_token|gamma_own|own_only_share|single_expert_share|router_entropy)"
+                     r"(/[A-Za-z0-9_.]{1,64})?)")
+MAX_METRICS = 512  # FedLEASE on RoBERTa-large: 5 usage and router logs x 48 modules, plus the task's metrics
 
 
 class Rejected(Exception):

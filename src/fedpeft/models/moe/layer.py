@@ -40,6 +40,7 @@ from fedpeft.errors import FedPeftError
 from fedpeft.models.adapters import layer_index_of
 
 __all__ = [
+    "ROUTER_STATS",
     "ROUTINGS",
     "MoELoRALinear",
     "inject_moe_lora",
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 ROUTINGS = ("adaptive_topM", "fixed_topk")
+# The router logs a layer keeps while recording usage (MoELoRALinear.router_stats)
+ROUTER_STATS = ("gamma_own", "own_only_share", "single_expert_share", "router_entropy")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,6 +172,20 @@ class MoELoRALinear(nn.Module):
         self.usage_distinct_sum = 0
         self.usage_tokens = 0
         self.usage_expert_tokens = [0] * self.num_experts
+        # router logs (docs/methods/fedlease.md#router-logs): sums over the recorded tokens
+        self.usage_gamma_own = 0.0  # γ_own, the own expert's gate mass
+        self.usage_own_only = 0  # tokens with γ_own = 1: routed to the own expert alone
+        self.usage_single = 0  # tokens whose γ is one-hot (any expert): a renormalised router gets no gradient
+        self.usage_entropy = 0.0  # entropy (nats) of the router's softmax ω̂ over its slots
+
+    def router_stats(self) -> dict[str, float] | None:
+        """Means over the tokens recorded since the last reset: `gamma_own`, `own_only_share`,
+        `single_expert_share` (each in [0, 1]) and `router_entropy` (nats, in [0, log(slots)]); None if none seen."""
+        if self.usage_tokens == 0:
+            return None
+        n = self.usage_tokens
+        return {"gamma_own": self.usage_gamma_own / n, "own_only_share": self.usage_own_only / n,
+                "single_expert_share": self.usage_single / n, "router_entropy": self.usage_entropy / n}
 
     @property
     def mean_distinct_experts(self) -> float | None:
@@ -243,9 +260,12 @@ class MoELoRALinear(nn.Module):
             return result + lora.to(result.dtype)
 
         x2 = x.reshape(-1, self.in_features)
-        gamma = self.gate(x2)  # router on the un-dropped x
-        if self.record_usage:
-            self._record(gamma)
+        if self.record_usage:  # the same γ as gate(x2), keeping ω̂ for the router's entropy
+            probs = self.router_probs(x2)
+            gamma = self.gates(*self.select(probs))
+            self._record(gamma, probs)
+        else:
+            gamma = self.gate(x2)  # router on the un-dropped x
         dx = self.lora_dropout(x2.to(self.lora_A[0].dtype))
         lora = self._experts(dx, gamma)
         return result + lora.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
@@ -261,12 +281,22 @@ class MoELoRALinear(nn.Module):
         return out * self.scaling
 
     @torch.no_grad()
-    def _record(self, gamma: torch.Tensor) -> None:
+    def _record(self, gamma: torch.Tensor, probs: torch.Tensor | None = None) -> None:
+        """Count the tokens of one forward: γ [N, M]; ω̂ [N, slots] (None on the plain-LoRA path: one
+        expert, a router of one slot or none, entropy 0)."""
         used = gamma > 0
         self.usage_distinct_sum += int(used.sum())
         self.usage_tokens += int(used.shape[0])
         counts = used.sum(dim=0).tolist()
         self.usage_expert_tokens = [a + int(c) for a, c in zip(self.usage_expert_tokens, counts)]
+        own = gamma[:, self.own_expert if gamma.shape[1] > 1 else 0].float()
+        one_hot = (used.sum(dim=-1) == 1)
+        self.usage_gamma_own += float(own.sum())
+        self.usage_own_only += int((one_hot & (own > 0)).sum())
+        self.usage_single += int(one_hot.sum())
+        if probs is not None:
+            p = probs.float()
+            self.usage_entropy += float(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
     # -- merge ----------------------------------------------------------------------------------------
 
