@@ -156,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
     tune.add_argument("--fourth-task", default="auto", metavar="auto|cola|qqp", help="as for bench")
     tune.add_argument("--report-only", action="store_true", help="run nothing: tabulate the finished grid points")
-    flower = sub.add_parser("flower", help="files for a multi-machine Flower deployment (see README)",
-                            description="Write the files a Flower deployment needs; the README's "
-                                        "'Multi-machine (Flower)' section gives the commands around them.")
+    flower = sub.add_parser("flower", help="files for a multi-machine Flower deployment (see docs/flower.md)",
+                            description="Write the files a Flower deployment needs; docs/flower.md's "
+                                        "'Several machines' section gives the commands around them.")
     fsub = flower.add_subparsers(dest="flower_command", required=True, metavar="WHAT")
     fsub.add_parser("app", help="the Flower App folder `flwr run` submits").add_argument("dir")
     certs = fsub.add_parser("certs", help="a CA and a SuperLink TLS certificate")

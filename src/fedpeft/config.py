@@ -92,7 +92,7 @@ class RunConfig:
     method: str = _f("fedlease", "federated method", choices=METHODS)
     tasks: list[str] = _f([], "one task per client, e.g. --tasks sst2 sst2 mrpc mrpc", group="data")
     model_name: str = _f("minilm", "backbone: 'minilm' (packaged, offline), a hub id, a local path, or a model factory 'module:function' (a function, called with no arguments, of a module importable in every process that loads the model, Flower clients included, that returns a fedpeft.models.backbone.Backbone)", group="model")
-    engine: str = _f("local", "execution engine: local (in-process), flower-sim (Flower's Simulation Engine); 'flower' marks runs of the deployed ServerApp (started with flwr run, see README)", choices=ENGINES)
+    engine: str = _f("local", "execution engine: local (in-process), flower-sim (Flower's Simulation Engine); 'flower' marks runs of the deployed ServerApp (started with flwr run, see docs/flower.md)", choices=ENGINES)
     # Data
     data_dir: str | None = _f(None, "data root with GLUE task folders (glue/SST-2/{train,dev}.tsv, ...) and e2e/, webnlg/ for generation tasks (default: $FEDPEFT_DATA_DIR)", group="data", resume="free")
     partition: str = _f("task", "how clients get their data", choices=PARTITIONS, group="data")

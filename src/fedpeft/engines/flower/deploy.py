@@ -1,7 +1,7 @@
 """What a multi-machine deployment needs besides Flower's own commands: the Flower App folder that
 names the fedpeft ServerApp/ClientApp, TLS certificates, SuperNode keys and a SuperLink connection.
 
-Each helper writes files only; the README's "Multi-machine (Flower)" section shows the commands.
+Each helper writes files only; docs/flower.md ("Several machines") shows the commands.
 Keys are never overwritten unless asked (`force`): a key silently replaced locks a registered node
 out, or leaves a copy of the old one behind. Private keys are created with mode 0600 from their first
 byte (never written world-readable and chmod-ed afterwards).
