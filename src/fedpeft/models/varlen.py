@@ -180,9 +180,10 @@ def supports_varlen(encoder: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _attention_implementation(layers, name: str):
+def attention_implementation(layers, name: str):
     """Every config reachable from `layers` set to attention `name` for the block (LEFF's students
-    are deep copies with configs of their own)."""
+    are deep copies with configs of their own; LEFF's distillation asks for "eager" to get attention
+    probabilities)."""
     configs = {}
     for layer in layers:
         for module in layer.modules():
@@ -217,7 +218,7 @@ def encode_varlen(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
         kwargs["token_type_ids"] = torch.zeros_like(ids)
     hidden = base.embeddings(**kwargs)
     layers = list(base.encoder.layer)
-    with _attention_implementation(layers, ATTENTION):
+    with attention_implementation(layers, ATTENTION):
         for layer in layers:
             out = layer(hidden, None, varlen=varlen)
             hidden = out[0] if isinstance(out, tuple) else out

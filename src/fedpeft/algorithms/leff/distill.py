@@ -17,7 +17,6 @@ positions 0..S-1 as the models' own forward uses them when no position ids are g
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from typing import Sequence
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from fedpeft.data.batching import Encoded, collate
+from fedpeft.models.varlen import attention_implementation
 
 
 def student_depth(n: int, rate: float) -> int:
@@ -97,23 +97,9 @@ def _causal_layer_kwargs(owner: nn.Module, hidden: torch.Tensor, mask: torch.Ten
     return kwargs
 
 
-@contextlib.contextmanager
 def eager_attention(modules: Sequence[nn.Module]):
     """Switch every config reachable from `modules` to eager attention (probabilities are returned)."""
-    configs = {}
-    for root in modules:
-        for module in root.modules():
-            cfg = getattr(module, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                configs[id(cfg)] = cfg
-    saved = {k: c._attn_implementation for k, c in configs.items()}
-    try:
-        for c in configs.values():
-            c._attn_implementation = "eager"
-        yield
-    finally:
-        for k, c in configs.items():
-            c._attn_implementation = saved[k]
+    return attention_implementation(modules, "eager")
 
 
 def run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor, mask: torch.Tensor,
