@@ -52,13 +52,9 @@ CONTENDED_LOAD = 0.5
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from fedpeft.hardware import cpu_info
+
+    return cpu_info().model
 
 
 def data_root(arg: str | None) -> str | None:

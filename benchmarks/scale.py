@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -47,13 +46,9 @@ def rss_peak_bytes() -> int:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from fedpeft.hardware import cpu_info
+
+    return cpu_info().model
 
 
 def one(method: str, n: int, rounds: int, participation: float, data_dir: str, out: Path) -> dict:
