@@ -91,13 +91,19 @@ def encode_generation(examples: Sequence, tokenizer, max_length: int) -> Encoded
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True, padding=False)["input_ids"]
     targets = tokenizer([e.target for e in examples], add_special_tokens=False, padding=False)["input_ids"]
     eos = tokenizer.eos_token_id
+    return assemble_lm(examples, prompts, [list(t) + [eos] for t in targets], tokenizer, max_length)
+
+
+def assemble_lm(examples: Sequence, prompts, targets, tokenizer, max_length: int) -> EncodedLM:
+    """Prompt + target token ids per example (targets already end with their EOS), cut to
+    `max_length`: the target keeps its first max_length - 1 tokens and the prompt loses its start."""
     ids, prompt_lengths = [], []
     for p, t in zip(prompts, targets):
-        t = (list(t) + [eos])[: max_length - 1]
+        t = list(t)[: max_length - 1]
         p = list(p)[-(max_length - len(t)):] if p else []
         ids.append(np.asarray(p + t, dtype=np.int64))
         prompt_lengths.append(len(p))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return EncodedLM(ids, np.asarray(prompt_lengths, dtype=np.int64),
                      [tuple(e.references) or (e.target,) for e in examples], pad)
 

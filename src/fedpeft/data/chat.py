@@ -23,9 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
-from fedpeft.data.batching import EncodedLM
+from fedpeft.data.batching import EncodedLM, assemble_lm
 from fedpeft.errors import FedPeftError
 
 
@@ -69,16 +67,11 @@ def encode_chat(examples: Sequence, tokenizer, max_length: int) -> EncodedLM:
     heads, answers, tails = tokens(0), tokens(1), tokens(2)
     eos = tokenizer.eos_token_id
     special = set(getattr(tokenizer, "all_special_ids", ()) or ()) | {eos}
-    ids, prompt_lengths = [], []
-    for p, a, tail in zip(heads, answers, tails):
+    targets = []
+    for a, tail in zip(answers, tails):
         end = next((k + 1 for k, t in enumerate(tail) if t in special), None)
         t = list(a) + (list(tail[:end]) if end is not None else [])  # the end of turn; not what follows it
         if not t or t[-1] != eos:
             t.append(eos)
-        t = t[: max_length - 1]
-        p = list(p)[-(max_length - len(t)):] if p else []
-        ids.append(np.asarray(p + t, dtype=np.int64))
-        prompt_lengths.append(len(p))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return EncodedLM(ids, np.asarray(prompt_lengths, dtype=np.int64),
-                     [tuple(e.references) or (e.target,) for e in examples], pad)
+        targets.append(t)
+    return assemble_lm(examples, heads, targets, tokenizer, max_length)
