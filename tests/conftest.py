@@ -13,6 +13,18 @@ if TESTS_DIR not in sys.path:
 if TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), TESTS_DIR) if p)
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny matmuls gain nothing from threads and stall badly when
+    the cores are busy (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from tiny_models import tiny_bert

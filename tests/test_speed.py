@@ -27,12 +27,7 @@ from fedpeft.models.varlen import FastDropout, dropout, supports_varlen, use_fas
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_encoder(kind: str, hidden: int = 16, layers: int = 2):
