@@ -151,6 +151,29 @@ def transition(tiny_cfg, tiny_backbone, force_clusters):
 
 
 # ---------------------------------------------------------------------------------------------- Phase-2 training
+@pytest.mark.parametrize("path", ["varlen", "padded"])
+def test_phase2_mixture_keeps_the_encoder_paths_dropout(path, tiny_cfg, tiny_backbone, force_clusters):
+    """The mixture layers made at the transition get the dropout of the run's encoder path: the varlen
+    path's FastDropout everywhere (no plain nn.Dropout left to draw torch's slow masks), the padded
+    path's nn.Dropout (the reference) untouched."""
+    from torch import nn
+
+    from fedpeft.models.varlen import FastDropout
+
+    cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=1, global_rounds=2, encoder_path=path)
+    alg, clients = _setup(cfg, tiny_backbone)
+    force_clusters([0, 0, 1, 1])
+    state = alg.init()
+    _, _, state = _play(alg, clients, state, 1)
+    ins = alg.configure(state, 2, list(range(len(alg.federation))))
+    alg.fit(ins[0], clients[0])
+    encoder = alg.runtime.model.encoder
+    moe_dropouts = [m.lora_dropout for _, m in moe_layers(encoder)]
+    assert moe_dropouts and all(isinstance(d, nn.Dropout) for d in moe_dropouts)
+    kinds = {type(m) for m in encoder.modules() if isinstance(m, nn.Dropout)}
+    assert kinds == ({FastDropout} if path == "varlen" else {nn.Dropout})
+
+
 @pytest.mark.parametrize("policy", ["local", "shared", "frozen"])
 def test_item10_phase2_fit_trains_only_own_expert_routers_and_head(policy, tiny_cfg, tiny_backbone, force_clusters):
     """Phase 2 trains only the client's own expert, its router and (unless frozen) its head: those get a

@@ -41,6 +41,7 @@ from fedpeft.models.adapters import (get_lora_state, init_lora_state, lora_key, 
 from fedpeft.models.moe.layer import (ROUTER_STATS, inject_moe_lora, moe_layers, set_own_expert, set_record_usage,
                                      solo_expert)
 from fedpeft.models.moe.state import load_moe_state, moe_key, moe_state, parse_moe_key
+from fedpeft.models.varlen import use_fast_dropout
 from fedpeft.seeding import torch_generator
 
 log = logging.getLogger("fedpeft")
@@ -364,6 +365,8 @@ class FedLEASE(Algorithm):
             inject_moe_lora(encoder, self.cfg.target_modules, num_experts=m, own_expert=own, rank=self.cfg.rank,
                             lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
                             routing=self.cfg.routing, top_k=self.cfg.top_k, renormalize=self.cfg.renormalize)
+            if getattr(rt.model, "fast", False):  # --encoder-path varlen: its dropout for the mixture's new modules too
+                use_fast_dropout(encoder)
             rt.model.encoder = encoder
             rt.extra["num_experts"] = m
         set_own_expert(rt.model.encoder, own)

@@ -322,10 +322,14 @@ class MoELoRALinear(nn.Module):
 class _MixExperts(torch.autograd.Function):
     """Σ_e γ_e B_e A_e dx over all M experts, each evaluated once, gated in rank space.
 
-    Forward runs one (A_e, B_e) pair of matmuls per expert and accumulates in expert order, so an expert
-    with γ_e = 0 adds exact zeros and a one-hot γ reproduces that expert's plain LoRA bit for bit.
-    Backward uses the concatenated factors (two matmuls for the activations) and computes weight
-    gradients only for the factors that require them (the own expert), so frozen experts cost nothing.
+    The M experts run as ONE pair of matmuls on the concatenated factors: H = dx · [A_0; …; A_{M−1}]ᵀ
+    ([N, M·r]), each rank block scaled by its γ_e, then out = [B_0 … B_{M−1}] · G. That reads the
+    tokens once and writes the output once, where a loop over experts reads dx and rewrites the
+    output M times; on a CPU, where these skinny matmuls are memory-bound, that is what the mixture
+    costs over plain LoRA. An expert with γ_e = 0 contributes exact zeros, so a one-hot γ gives that
+    expert's plain LoRA up to float rounding (the matmul sums M·r terms instead of r, in its own order).
+    Backward likewise: two matmuls for the activations, and weight gradients only for the factors
+    that require them (the own expert), so frozen experts cost nothing.
     All matmuls run in `compute_dtype` (the autocast dtype when autocast is on) with autocast off.
     Inputs: dx [N, d_in], gamma [N, M], compute_dtype, M, A_0..A_{M−1} [r, d_in], B_0..B_{M−1} [d_out, r].
     """
@@ -335,19 +339,14 @@ class _MixExperts(torch.autograd.Function):
         a_list, b_list = factors[:m], factors[m:]
         cd = compute_dtype
         with torch.autocast(device_type=dx.device.type, enabled=False):
-            dxc, gam = dx.to(cd), gamma.to(cd)
-            hs = []
-            out = None
-            for e in range(m):
-                h = F.linear(dxc, a_list[e].to(cd))  # A_e dx: [N, r]
-                g = h * gam[:, e : e + 1]
-                hs.append(h)
-                if out is None:
-                    out = F.linear(g, b_list[e].to(cd))
-                else:
-                    torch.addmm(out, g, b_list[e].to(cd).t(), out=out)  # in place, += B_e g
+            a_cat = torch.cat([a.to(cd) for a in a_list], dim=0)  # [M·r, d_in]
+            b_cat = torch.cat([b.to(cd) for b in b_list], dim=1)  # [d_out, M·r]
+            n, r = dx.shape[0], a_list[0].shape[0]
+            h = F.linear(dx.to(cd), a_cat).view(n, m, r)  # A_e dx for every expert: [N, M, r]
+            g = (h * gamma.to(cd).unsqueeze(-1)).view(n, m * r)
+            out = F.linear(g, b_cat)
         ctx.m, ctx.cd = m, cd
-        ctx.save_for_backward(dx, gamma, torch.stack(hs, dim=1), *factors)
+        ctx.save_for_backward(dx, gamma, h, *factors)
         return out
 
     @staticmethod
@@ -363,18 +362,23 @@ class _MixExperts(torch.autograd.Function):
             go = grad_out.to(cd)
             gam = gamma.to(cd).unsqueeze(-1)  # [N, M, 1]
             grad_g = (go @ torch.cat([b.to(cd) for b in b_list], dim=1)).view(n, m, r)
-            for e in range(m):
-                if need[4 + m + e]:
-                    grads[m + e] = (go.t() @ (h[:, e] * gam[:, e])).to(b_list[e].dtype)
+            trained_b = [e for e in range(m) if need[4 + m + e]]
+            if trained_b:  # one matmul for every trained B_e: go^T · G, split into rank blocks
+                g = (h * gam).view(n, m * r)
+                grad_b = go.t() @ g  # [d_out, M·r]
+                for e in trained_b:
+                    grads[m + e] = grad_b[:, e * r:(e + 1) * r].to(b_list[e].dtype)
             grad_gamma = (grad_g * h).sum(dim=-1).to(gamma.dtype) if need[1] else None
-            grad_h = grad_g * gam
+            grad_h = (grad_g * gam).view(n, m * r)
             grad_dx = None
             if need[0]:
                 a_cat = torch.cat([a.to(cd) for a in a_list], dim=0)
-                grad_dx = (grad_h.reshape(n, m * r) @ a_cat).to(dx.dtype)
-            for e in range(m):
-                if need[4 + e]:
-                    grads[e] = (grad_h[:, e].t() @ dx.to(cd)).to(a_list[e].dtype)
+                grad_dx = (grad_h @ a_cat).to(dx.dtype)
+            trained_a = [e for e in range(m) if need[4 + e]]
+            if trained_a:
+                grad_a = grad_h.t() @ dx.to(cd)  # [M·r, d_in]
+                for e in trained_a:
+                    grads[e] = grad_a[e * r:(e + 1) * r].to(a_list[e].dtype)
         return (grad_dx, grad_gamma, None, None, *grads)
 
 
