@@ -94,12 +94,14 @@ def phases(run_dir: Path, t_start: float) -> dict:
             "mean": statistics.fmean(per_round) if per_round else float("nan")}
 
 
-def run_engine(out: Path, cfg_over: dict, engine: str, threads: int) -> tuple[float, dict]:
+def run_engine(out: Path, cfg_over: dict, engine: str, threads: int, name: str) -> tuple[float, dict]:
+    """One run in its own folder `out/name` (each mode its own: local and local-1t share an engine);
+    --overwrite, so the benchmark can be rerun into the same --out."""
     from fedpeft.config import RunConfig
     from fedpeft.run import run
 
     t0 = time.time()
-    res = run(RunConfig(**{**cfg_over, "threads": threads}, engine=engine, output_dir=str(out / engine)))
+    res = run(RunConfig(**{**cfg_over, "threads": threads}, engine=engine, output_dir=str(out / name), overwrite=True))
     wall = time.time() - t0
     return wall, phases(res.run_dir, t0)
 
@@ -165,13 +167,13 @@ def main() -> None:
             load = os.getloadavg()[0]
             print(f"[{time.strftime('%H:%M:%S')}] {n} clients, {mode} (load {load:.2f}) ...", flush=True)
             if mode == "local":
-                wall, ph = run_engine(sub, cfg_over, "local", cores)
+                wall, ph = run_engine(sub, cfg_over, "local", cores, mode)
                 threads, procs = f"{cores} (torch)", "1"
             elif mode == "local-1t":
-                wall, ph = run_engine(sub, cfg_over, "local", 1)
+                wall, ph = run_engine(sub, cfg_over, "local", 1, mode)
                 threads, procs = "1", "1"
             elif mode == "flower-sim":
-                wall, ph = run_engine(sub, cfg_over, "flower-sim", 1)
+                wall, ph = run_engine(sub, cfg_over, "flower-sim", 1, mode)
                 threads, procs = f"1 per client, {cores} Ray actors", f"1 + {cores} actors"
             else:
                 isolation = mode.split("-", 1)[1]
