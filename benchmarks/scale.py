@@ -8,8 +8,9 @@ Every (method, N) runs in its own process (so its peak RSS is its own) on the pa
 N clients of SST-2 (`--num-clients N`, Dirichlet label skew α = 0.5), 10 % of them trained per round,
 3 rounds (FedLEASE: 1 warmup round, then clustering of that round's uploaders, then 2 rounds with
 late joiners), scoring the round's sample and, after the last round, every client. SST-2's 67,349
-training sentences hold 16 train + 4 test examples for up to ~3,300 clients: 10,000 clients get
-4 + 2 (`--test-source train`: test data carved from the train split, disjoint from training data).
+training sentences hold 16 train + 4 test examples for up to ~3,300 clients (the Dirichlet shares of 4 + 2 run out
+of negatives at 10,000); 10,000 clients get
+3 + 2 (`--test-source train`: test data carved from the train split, disjoint from training data).
 
 Printed per run: peak RSS, RSS per client (against the smallest N of the same method), seconds per
 round, the server's seconds per round (round wall time minus the clients' own fit and evaluate
@@ -56,7 +57,7 @@ def one(method: str, n: int, rounds: int, participation: float, data_dir: str, o
     from fedpeft.config import RunConfig
     from fedpeft.run import run
 
-    train, test = (16, 4) if n <= 3000 else (4, 2)
+    train, test = (16, 4) if n <= 3000 else (3, 2)
     cfg = RunConfig(method=method, tasks=["sst2"], num_clients=n, partition="dirichlet", alpha=0.5,
                     train_samples=train, test_samples=test, test_source="train", participation=participation,
                     eval_clients="sampled", global_rounds=rounds, warmup_rounds=1, local_epochs=1, batch_size=16,

@@ -118,6 +118,8 @@ def _draw(spec, split, split_id, pool, clients, n, mode, proportions, seed) -> l
                 f"{k} clients × {per_client[0]}"
                 if len(set(per_client)) == 1
                 else f"summed over {k} clients: {' + '.join(map(str, per_client))}"
+                if k <= 16
+                else f"summed over {k} clients' label shares, {min(per_client)} to {max(per_client)} each"
             )
             raise FedPeftError(
                 f"{spec.name}/{split} class {c}: need {need} ({how}), have {len(by_class[c])}; "
