@@ -215,7 +215,7 @@ def markdown(headers, rows) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suites", nargs="+", default=["paper-cpu", "glue4-cpu"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -224,9 +224,11 @@ def main() -> int:
     ap.add_argument("--data-dir", default=os.environ.get("FEDPEFT_DATA_DIR"))
     ap.add_argument("--out", default="bench-results/clustering-signal")
     ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    if not args.data_dir:
-        raise FedPeftError("the GLUE data is needed: pass --data-dir or set FEDPEFT_DATA_DIR to a data root")
+    args = ap.parse_args(argv)
+    if not args.data_dir or not (Path(args.data_dir) / "glue" / "SST-2" / "train.tsv").is_file():
+        print("fedpeft: error: the GLUE data is not found: pass --data-dir or set FEDPEFT_DATA_DIR to a data root "
+              "holding glue/SST-2, glue/QNLI, glue/MRPC and glue/CoLA", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

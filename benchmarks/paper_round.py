@@ -119,14 +119,14 @@ def split(rnd: dict[str, Any], toks: dict[int, dict[str, int]], n_params: int, e
             "evaluation_share_of_best_peak": 2 * n_params * tested / evaluate / peak if evaluate else float("nan")}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=os.environ.get("FEDPEFT_DATA_DIR"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--fedit-rounds", type=int, default=2)
     ap.add_argument("--out", default="bench-results/paper-round")
     ap.add_argument("--quick", action="store_true", help="smoke check at a few examples per client")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not args.data_dir or not (Path(args.data_dir) / "glue" / "SST-2" / "train.tsv").is_file():
         print("fedpeft: error: the GLUE data is not found: pass --data-dir or set FEDPEFT_DATA_DIR to a data root "
               "holding glue/SST-2, glue/QNLI, glue/MRPC and glue/CoLA (or glue/QQP)", file=sys.stderr)

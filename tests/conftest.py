@@ -56,3 +56,16 @@ def data_dir_or_skip() -> str:
         pytest.skip("real GLUE data not found: set FEDPEFT_DATA_DIR to a data root laid out as "
                     "glue/SST-2/{train,dev}.tsv (one folder per GLUE task)")
     return path
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package): its main() runs in the test."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -253,29 +253,16 @@ def test_run_config_encoder_path_reaches_the_model():
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks/throughput.py
-def _load_benchmark(name: str):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_throughput_quick_writes_the_headline_keys(tmp_path, capsys):
     """--quick on a tiny setting (MiniLM, 32 real SST-2 sentences, one pass): the headline keys of
     results.json exist and are plain numbers in (0, 1], or null for bf16 without native bf16."""
     import dataclasses
     import json
 
-    from conftest import data_dir_or_skip
+    from conftest import data_dir_or_skip, load_benchmark
 
     data = data_dir_or_skip()
-    tp = _load_benchmark("throughput")
+    tp = load_benchmark("throughput")
     tiny = dataclasses.replace(tp.QUICK, reps=1, matmul_square=128, matmul_min_seconds=0.005, local_examples=32)
     assert tp.main(["--quick", "--threads", "1", "--data-dir", data, "--out", str(tmp_path),
                     "--sections", "matmul", "training"], settings=tiny) == 0
@@ -294,7 +281,9 @@ def test_throughput_quick_writes_the_headline_keys(tmp_path, capsys):
 
 
 def test_throughput_without_data_says_one_line(tmp_path, monkeypatch, capsys):
-    tp = _load_benchmark("throughput")
+    from conftest import load_benchmark
+
+    tp = load_benchmark("throughput")
     monkeypatch.delenv("FEDPEFT_DATA_DIR", raising=False)
     assert tp.main(["--quick", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
