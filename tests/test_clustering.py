@@ -419,6 +419,25 @@ def test_late_joiner_row_equals_the_matrix_row():
     np.testing.assert_allclose(row, b_distance_matrix(clients)[0, 1:], rtol=0, atol=1e-12)
 
 
+def test_unit_rows_grow_and_give_the_matrix_rows_of_every_joiner():
+    """UnitRows (what _late_join compares joiners with) holds the clustered clients and then each joiner
+    as it joins, growing past its capacity: every joiner's row equals the Eq. 2 matrix row against the
+    clients before it; a joiner with other modules is refused by name."""
+    from fedpeft.algorithms.fedlease.clustering import UnitRows
+
+    rng = np.random.default_rng(5)
+    clients = [{"l0": rng.normal(size=(6, 2)), "l1": rng.normal(size=(4, 2))} for _ in range(9)]
+    clients[6]["l0"] = np.zeros((6, 2))
+    full = b_distance_matrix(clients)
+    rows = UnitRows(clients[:3], capacity=4)  # 6 joiners: the arrays double twice
+    for i in range(3, 9):
+        np.testing.assert_allclose(rows.distances(clients[i]), full[i, :i], rtol=0, atol=1e-12)
+        rows.add(clients[i])
+    assert rows.n == 9
+    with pytest.raises(FedPeftError, match="lacks B matrix 'l1'"):
+        rows.distances({"l0": rng.normal(size=(6, 2))})
+
+
 def test_float32_products_for_many_clients_agree_with_float64(monkeypatch):
     """Above GRAM_FLOAT32_ABOVE clients the Gram products are float32 (10^8 pairs at N = 10,000)."""
     from fedpeft.algorithms.fedlease import clustering as cl

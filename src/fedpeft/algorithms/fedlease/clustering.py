@@ -71,12 +71,53 @@ def _check_keys(b_by_client: Sequence[Mapping[str, Any]]) -> list[str]:
 def b_distance_row(b_new: Mapping[str, Any], b_others: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """d(new, i) for every client i of `b_others`: the first row of b_distance_matrix([new] + others)
     without the N² of the whole matrix (a late joiner is compared with the clustered clients)."""
-    keys = _check_keys([b_new, *b_others])
-    cos_sum = np.zeros(len(b_others))
-    for key in keys:
-        x = _unit_rows([b_new, *b_others], key)
-        cos_sum += x[1:] @ x[0]
-    return np.clip(1.0 - cos_sum / len(keys), 0.0, 2.0)
+    _check_keys([b_new, *b_others])
+    return UnitRows(b_others).distances(b_new)
+
+
+class UnitRows:
+    """vec B^l / ||vec B^l|| of a growing set of clients, one float64 matrix per module, so that the Eq. 2
+    row of each late joiner is one product per module, and a joiner is appended once.
+
+    `_late_join` compares every late client of a round with every clustered client, joiners included:
+    re-stacking all members for each joiner (b_distance_row) made that O(joiners × members) matrix
+    conversions, 340 s of server work per round at 10,000 clients with 10 % sampled
+    (benchmarks/scale.py). The rows are kept in preallocated arrays that double when full."""
+
+    def __init__(self, b_by_client: Sequence[Mapping[str, Any]], capacity: int = 0):
+        self.keys = _check_keys(b_by_client)
+        self.n = len(b_by_client)
+        self.shapes = {k: _as_float64(b_by_client[0][k]).shape for k in self.keys}
+        size = max(capacity, self.n, 1)
+        self.rows = {}
+        for k in self.keys:
+            self.rows[k] = np.zeros((size, int(np.prod(self.shapes[k]))))
+            self.rows[k][: self.n] = _unit_rows(b_by_client, k, self.shapes[k])
+
+    def _unit(self, b: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if set(b) != set(self.keys):
+            key = sorted(set(b) ^ set(self.keys))[0]
+            where = "lacks" if key in self.keys else "has an unexpected"
+            raise FedPeftError(f"The late client {where} B matrix '{key}' compared with the clustered clients' modules.")
+        return {k: _unit_rows([b], k, self.shapes[k])[0] for k in self.keys}
+
+    def distances(self, b_new: Mapping[str, Any]) -> np.ndarray:
+        """d(new, i) for the n clients held, in the order they were added."""
+        unit = self._unit(b_new)
+        cos_sum = np.zeros(self.n)
+        for k in self.keys:
+            cos_sum += self.rows[k][: self.n] @ unit[k]
+        return np.clip(1.0 - cos_sum / len(self.keys), 0.0, 2.0)
+
+    def add(self, b: Mapping[str, Any]) -> None:
+        unit = self._unit(b)
+        for k in self.keys:
+            if self.n == len(self.rows[k]):
+                grown = np.zeros((2 * self.n, self.rows[k].shape[1]))
+                grown[: self.n] = self.rows[k]
+                self.rows[k] = grown
+            self.rows[k][self.n] = unit[k]
+        self.n += 1
 
 
 def b_distance_matrix(b_by_client: Sequence[Mapping[str, Any]]) -> np.ndarray:
