@@ -434,6 +434,10 @@ def test_unit_rows_grow_and_give_the_matrix_rows_of_every_joiner():
         np.testing.assert_allclose(rows.distances(clients[i]), full[i, :i], rtol=0, atol=1e-12)
         rows.add(clients[i])
     assert rows.n == 9
+    # all joiners' rows from one product: joiner t against the members and the joiners before it
+    late = UnitRows(clients[:3]).late_rows(clients[3:])
+    for t, row in enumerate(late):
+        np.testing.assert_allclose(row, full[3 + t, : 3 + t], rtol=0, atol=1e-12)
     with pytest.raises(FedPeftError, match="lacks B matrix 'l1'"):
         rows.distances({"l0": rng.normal(size=(6, 2))})
 

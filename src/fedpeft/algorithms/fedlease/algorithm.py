@@ -228,19 +228,21 @@ class FedLEASE(Algorithm):
         from fedpeft.algorithms.fedlease.clustering import UnitRows, assign_late_client
 
         # Every clustered client, joiners of this round included as they join (in the order they join):
-        # their unit B rows stacked once (UnitRows), not once per joiner.
+        # their unit B rows stacked once and all joiners' Eq. 2 rows from one product (UnitRows).
         members = sorted(state["cluster_of"])
-        rows = UnitRows([state["warmup_b"][c] for c in members], capacity=len(members) + len(uploads))
-        for cid in sorted(uploads):
-            b_new = {k: v for k, v in unprefixed(LORA_PREFIX, uploads[cid].tensors).items() if k.endswith(".B")}
-            dist = rows.distances(b_new)
+        rows = UnitRows([state["warmup_b"][c] for c in members])
+        joiners = sorted(uploads)
+        b_of = {cid: {k: v for k, v in unprefixed(LORA_PREFIX, uploads[cid].tensors).items() if k.endswith(".B")}
+                for cid in joiners}
+        distances = rows.late_rows([b_of[cid] for cid in joiners])  # joiner t against members + joiners < t
+        for cid, dist in zip(joiners, distances):
+            b_new = b_of[cid]
             j = assign_late_client(dist, [state["cluster_of"][c] for c in members])
             if self.cfg.clustering == "task":  # the oracle: the expert of a client with the same task, if any
                 task = self.federation[cid].task
                 j = next((state["cluster_of"][c] for c in members if self.federation[c].task == task), j)
             state["cluster_of"][cid] = j
             state["warmup_b"][cid] = b_new
-            rows.add(b_new)
             members.append(cid)
             log.info("round %d: late client %d (missed the warmup upload) joins expert %d", rnd, cid, j)
             self.record_event("late_join", round=rnd, client=cid, expert=j)

@@ -77,12 +77,13 @@ def b_distance_row(b_new: Mapping[str, Any], b_others: Sequence[Mapping[str, Any
 
 class UnitRows:
     """vec B^l / ||vec B^l|| of a growing set of clients, one float64 matrix per module, so that the Eq. 2
-    row of each late joiner is one product per module, and a joiner is appended once.
+    rows of a round's late joiners are one product per module (`late_rows`).
 
     `_late_join` compares every late client of a round with every clustered client, joiners included:
     re-stacking all members for each joiner (b_distance_row) made that O(joiners × members) matrix
     conversions, 340 s of server work per round at 10,000 clients with 10 % sampled
-    (benchmarks/scale.py). The rows are kept in preallocated arrays that double when full."""
+    (benchmarks/scale.py); one matrix-vector product per joiner still read every member's rows, 18 s a
+    round. The rows are kept in preallocated arrays that double when full."""
 
     def __init__(self, b_by_client: Sequence[Mapping[str, Any]], capacity: int = 0):
         self.keys = _check_keys(b_by_client)
@@ -108,6 +109,23 @@ class UnitRows:
         for k in self.keys:
             cos_sum += self.rows[k][: self.n] @ unit[k]
         return np.clip(1.0 - cos_sum / len(self.keys), 0.0, 2.0)
+
+    def late_rows(self, joiners: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
+        """For joiner t of `joiners` (in order), d(joiner t, i) for the n clients held and then for joiners
+        0..t−1: what `distances` would give if each joiner were added before the next one is compared, from
+        one product per module for all of them (the members are read once, not once per joiner).
+        The joiners are not added."""
+        units = [self._unit(b) for b in joiners]
+        k = len(units)
+        cos_members = np.zeros((self.n, k))
+        cos_joiners = np.zeros((k, k))
+        for key in self.keys:
+            u = np.stack([x[key] for x in units]) if k else np.zeros((0, self.rows[key].shape[1]))
+            cos_members += self.rows[key][: self.n] @ u.T
+            cos_joiners += u @ u.T
+        d_members = np.clip(1.0 - cos_members / len(self.keys), 0.0, 2.0)
+        d_joiners = np.clip(1.0 - cos_joiners / len(self.keys), 0.0, 2.0)
+        return [np.concatenate([d_members[:, t], d_joiners[:t, t]]) for t in range(k)]
 
     def add(self, b: Mapping[str, Any]) -> None:
         unit = self._unit(b)
