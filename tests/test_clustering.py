@@ -419,23 +419,21 @@ def test_late_joiner_row_equals_the_matrix_row():
     np.testing.assert_allclose(row, b_distance_matrix(clients)[0, 1:], rtol=0, atol=1e-12)
 
 
-def test_unit_rows_grow_and_give_the_matrix_rows_of_every_joiner():
-    """UnitRows (what _late_join compares joiners with) holds the clustered clients and then each joiner
-    as it joins, growing past its capacity: every joiner's row equals the Eq. 2 matrix row against the
-    clients before it; a joiner with other modules is refused by name."""
+def test_unit_rows_give_the_matrix_rows_of_every_joiner():
+    """UnitRows (what _late_join compares joiners with): one joiner's row, and every joiner's row of a
+    round from one product, each against the clustered clients and the joiners before it, equal the
+    Eq. 2 matrix rows; a joiner with other modules is refused by name."""
     from fedpeft.algorithms.fedlease.clustering import UnitRows
 
     rng = np.random.default_rng(5)
     clients = [{"l0": rng.normal(size=(6, 2)), "l1": rng.normal(size=(4, 2))} for _ in range(9)]
     clients[6]["l0"] = np.zeros((6, 2))
     full = b_distance_matrix(clients)
-    rows = UnitRows(clients[:3], capacity=4)  # 6 joiners: the arrays double twice
     for i in range(3, 9):
-        np.testing.assert_allclose(rows.distances(clients[i]), full[i, :i], rtol=0, atol=1e-12)
-        rows.add(clients[i])
-    assert rows.n == 9
+        np.testing.assert_allclose(UnitRows(clients[:i]).distances(clients[i]), full[i, :i], rtol=0, atol=1e-12)
     # all joiners' rows from one product: joiner t against the members and the joiners before it
-    late = UnitRows(clients[:3]).late_rows(clients[3:])
+    rows = UnitRows(clients[:3])
+    late = rows.late_rows(clients[3:])
     for t, row in enumerate(late):
         np.testing.assert_allclose(row, full[3 + t, : 3 + t], rtol=0, atol=1e-12)
     with pytest.raises(FedPeftError, match="lacks B matrix 'l1'"):

@@ -72,28 +72,26 @@ def b_distance_row(b_new: Mapping[str, Any], b_others: Sequence[Mapping[str, Any
     """d(new, i) for every client i of `b_others`: the first row of b_distance_matrix([new] + others)
     without the N² of the whole matrix (a late joiner is compared with the clustered clients)."""
     _check_keys([b_new, *b_others])
+    if not b_others:
+        return np.zeros(0)
     return UnitRows(b_others).distances(b_new)
 
 
 class UnitRows:
-    """vec B^l / ||vec B^l|| of a growing set of clients, one float64 matrix per module, so that the Eq. 2
-    rows of a round's late joiners are one product per module (`late_rows`).
+    """vec B^l / ||vec B^l|| of the clustered clients, one float64 matrix per module, stacked once, so that
+    the Eq. 2 rows of a round's late joiners come from one product per module (`late_rows`).
 
-    `_late_join` compares every late client of a round with every clustered client, joiners included:
-    re-stacking all members for each joiner (b_distance_row) made that O(joiners × members) matrix
-    conversions, 340 s of server work per round at 10,000 clients with 10 % sampled
+    `_late_join` compares every late client of a round with every clustered client, the joiners before it
+    included: re-stacking all members for each joiner (b_distance_row) made that O(joiners × members)
+    matrix conversions, 340 s of server work per round at 10,000 clients with 10 % sampled
     (benchmarks/scale.py); one matrix-vector product per joiner still read every member's rows, 18 s a
-    round. The rows are kept in preallocated arrays that double when full."""
+    round."""
 
-    def __init__(self, b_by_client: Sequence[Mapping[str, Any]], capacity: int = 0):
+    def __init__(self, b_by_client: Sequence[Mapping[str, Any]]):
         self.keys = _check_keys(b_by_client)
         self.n = len(b_by_client)
         self.shapes = {k: _as_float64(b_by_client[0][k]).shape for k in self.keys}
-        size = max(capacity, self.n, 1)
-        self.rows = {}
-        for k in self.keys:
-            self.rows[k] = np.zeros((size, int(np.prod(self.shapes[k]))))
-            self.rows[k][: self.n] = _unit_rows(b_by_client, k, self.shapes[k])
+        self.rows = {k: _unit_rows(b_by_client, k, self.shapes[k]) for k in self.keys}
 
     def _unit(self, b: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if set(b) != set(self.keys):
@@ -103,39 +101,24 @@ class UnitRows:
         return {k: _unit_rows([b], k, self.shapes[k])[0] for k in self.keys}
 
     def distances(self, b_new: Mapping[str, Any]) -> np.ndarray:
-        """d(new, i) for the n clients held, in the order they were added."""
-        unit = self._unit(b_new)
-        cos_sum = np.zeros(self.n)
-        for k in self.keys:
-            cos_sum += self.rows[k][: self.n] @ unit[k]
-        return np.clip(1.0 - cos_sum / len(self.keys), 0.0, 2.0)
+        """d(new, i) for the n clients held, in their order."""
+        return self.late_rows([b_new])[0]
 
     def late_rows(self, joiners: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
         """For joiner t of `joiners` (in order), d(joiner t, i) for the n clients held and then for joiners
-        0..t−1: what `distances` would give if each joiner were added before the next one is compared, from
-        one product per module for all of them (the members are read once, not once per joiner).
-        The joiners are not added."""
+        0..t−1: each joiner counts as a member for the joiners after it, as the late-join rule says, from
+        one product per module for all of them (the members are read once, not once per joiner)."""
         units = [self._unit(b) for b in joiners]
         k = len(units)
         cos_members = np.zeros((self.n, k))
         cos_joiners = np.zeros((k, k))
         for key in self.keys:
             u = np.stack([x[key] for x in units]) if k else np.zeros((0, self.rows[key].shape[1]))
-            cos_members += self.rows[key][: self.n] @ u.T
+            cos_members += self.rows[key] @ u.T
             cos_joiners += u @ u.T
         d_members = np.clip(1.0 - cos_members / len(self.keys), 0.0, 2.0)
         d_joiners = np.clip(1.0 - cos_joiners / len(self.keys), 0.0, 2.0)
         return [np.concatenate([d_members[:, t], d_joiners[:t, t]]) for t in range(k)]
-
-    def add(self, b: Mapping[str, Any]) -> None:
-        unit = self._unit(b)
-        for k in self.keys:
-            if self.n == len(self.rows[k]):
-                grown = np.zeros((2 * self.n, self.rows[k].shape[1]))
-                grown[: self.n] = self.rows[k]
-                self.rows[k] = grown
-            self.rows[k][self.n] = unit[k]
-        self.n += 1
 
 
 def b_distance_matrix(b_by_client: Sequence[Mapping[str, Any]]) -> np.ndarray:
