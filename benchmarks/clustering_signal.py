@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import isa_line, machine_info  # noqa: E402
+from machine import isa_line, machine_info, one_line_errors  # noqa: E402
 
 from fedpeft import training
 from fedpeft.algorithms.fedlease.clustering import b_distance_matrix, cluster_clients, linkage_matrix, _cut
@@ -58,7 +58,6 @@ from fedpeft.algorithms.tensors import unprefixed
 from fedpeft.bench.suites import get_suite, with_swap
 from fedpeft.config import RunConfig
 from fedpeft.data.batching import train_batches
-from fedpeft.errors import FedPeftError
 from fedpeft.models.adapters import lora_key, lora_parameters
 from fedpeft.models.backbone import load_backbone
 from fedpeft.run.assemble import build_algorithm
@@ -215,6 +214,7 @@ def markdown(headers, rows) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suites", nargs="+", default=["paper-cpu", "glue4-cpu"])
@@ -243,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.perf_counter()
                 cfg = suite_config(suite, args.data_dir, seed, args.quick, args.threads)
                 tasks, uploads, loss = warmup_uploads(cfg, variant, backbone)
-                for row, sig in rows_for(tasks, uploads, seed, variant):
-                    results.append({"suite": suite, "seed": seed, "variant": variant, "row": row, "train_loss": loss, **sig})
-                r = results[-len(rows_for(tasks, uploads, seed, variant))]
+                rows = [{"suite": suite, "seed": seed, "variant": variant, "row": row, "train_loss": loss, **sig}
+                        for row, sig in rows_for(tasks, uploads, seed, variant)]
+                results += rows
+                r = rows[0]  # the variant's own row (default: Eq. 2 on B); the others are its diagnostics
                 print(f"{suite} seed {seed} {variant}: ARI {r['ari']:.2f} (M = {r['m']}), ARI@k {r['ari_k']:.2f}, "
                       f"within {r['within']:.3f} across {r['across']:.3f}, loss {loss:.3f} "
                       f"[{time.perf_counter() - t:.0f} s]", flush=True)
@@ -269,8 +270,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FedPeftError as e:
-        print(f"fedpeft: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -11,19 +11,24 @@
   toward the load, so an idle machine sits near it); otherwise it is **PROVISIONAL**: other work
   shared the cores, so its absolute figures are not the machine's (ratios between interleaved passes
   inside the run are still paired). `--quick` runs are never final.
+- `one_line_errors`: a benchmark's `main` that turns a user's mistake (FedPeftError) into one line,
+  `fedpeft: error: …`, and status 2, as `fedpeft` itself does.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from fedpeft import hardware
+from fedpeft.errors import FedPeftError
 
 ISA_FLAGS = hardware.SHOWN_FLAGS
 
@@ -93,3 +98,17 @@ def status_line(load: dict[str, Any]) -> str:
 
 def timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """`main`, with a FedPeftError printed as `fedpeft: error: …` on stderr and returned as status 2."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except FedPeftError as e:
+            print(f"fedpeft: error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped

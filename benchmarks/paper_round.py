@@ -48,12 +48,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import LoadMonitor, isa_line, machine_info, status_line  # noqa: E402
+from machine import LoadMonitor, isa_line, machine_info, one_line_errors, status_line  # noqa: E402
 from throughput import QUICK, Settings, bench_matmul, non_embedding_params, table  # noqa: E402
 
 from fedpeft.bench.suites import SUITES
 from fedpeft.config import RunConfig
-from fedpeft.errors import FedPeftError
 from fedpeft.models.backbone import load_backbone
 from fedpeft.run import run
 from fedpeft.run.assemble import build_algorithm
@@ -119,6 +118,7 @@ def split(rnd: dict[str, Any], toks: dict[int, dict[str, int]], n_params: int, e
             "evaluation_share_of_best_peak": 2 * n_params * tested / evaluate / peak if evaluate else float("nan")}
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=os.environ.get("FEDPEFT_DATA_DIR"))
@@ -211,8 +211,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FedPeftError as e:
-        print(f"fedpeft: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())
