@@ -151,6 +151,15 @@ def transition(tiny_cfg, tiny_backbone, force_clusters):
 
 
 # ---------------------------------------------------------------------------------------------- Phase-2 training
+def _after_warmup(tiny_cfg, tiny_backbone, force_clusters, **overrides):
+    """Four clients (TASKS4) forced into clusters [0, 0, 1, 1], one warmup round played: (alg, clients, state)."""
+    cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=1, **{"global_rounds": 2, **overrides})
+    alg, clients = _setup(cfg, tiny_backbone)
+    force_clusters([0, 0, 1, 1])
+    _, _, state = _play(alg, clients, alg.init(), 1)
+    return alg, clients, state
+
+
 @pytest.mark.parametrize("path", ["varlen", "padded"])
 def test_phase2_mixture_keeps_the_encoder_paths_dropout(path, tiny_cfg, tiny_backbone, force_clusters):
     """The mixture layers made at the transition get the dropout of the run's encoder path: the varlen
@@ -160,11 +169,7 @@ def test_phase2_mixture_keeps_the_encoder_paths_dropout(path, tiny_cfg, tiny_bac
 
     from fedpeft.models.varlen import FastDropout
 
-    cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=1, global_rounds=2, encoder_path=path)
-    alg, clients = _setup(cfg, tiny_backbone)
-    force_clusters([0, 0, 1, 1])
-    state = alg.init()
-    _, _, state = _play(alg, clients, state, 1)
+    alg, clients, state = _after_warmup(tiny_cfg, tiny_backbone, force_clusters, encoder_path=path)
     ins = alg.configure(state, 2, list(range(len(alg.federation))))
     alg.fit(ins[0], clients[0])
     encoder = alg.runtime.model.encoder
@@ -178,11 +183,7 @@ def test_phase2_mixture_keeps_the_encoder_paths_dropout(path, tiny_cfg, tiny_bac
 def test_item10_phase2_fit_trains_only_own_expert_routers_and_head(policy, tiny_cfg, tiny_backbone, force_clusters):
     """Phase 2 trains only the client's own expert, its router and (unless frozen) its head: those get a
     gradient and change; the other experts and the backbone get no gradient, and nothing else changes."""
-    cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=1, global_rounds=2, head_policy=policy)
-    alg, clients = _setup(cfg, tiny_backbone)
-    force_clusters([0, 0, 1, 1])
-    state = alg.init()
-    _, _, state = _play(alg, clients, state, 1)
+    alg, clients, state = _after_warmup(tiny_cfg, tiny_backbone, force_clusters, head_policy=policy)
     ins = alg.configure(state, 2, list(range(len(alg.federation))))
     model = alg.runtime.model
     for c in clients:  # in engine order: client 2's fit follows client 1's, which trained expert 0
@@ -505,11 +506,8 @@ def test_item23_local_routers_never_travel_and_the_server_never_changes_them(tin
                                                                             force_clusters):
     """Under `router_aggregation = local` routers never travel and the server never changes them: each client
     generates its cluster's initial router from (seed, j) itself, then trains and keeps its own."""
-    cfg = tiny_cfg(method="fedlease", tasks=TASKS4, warmup_rounds=1, global_rounds=3, router_aggregation="local")
-    alg, clients = _setup(cfg, tiny_backbone)
-    force_clusters([0, 0, 1, 1])
-    state = alg.init()
-    _, _, state = _play(alg, clients, state, 1)
+    alg, clients, state = _after_warmup(tiny_cfg, tiny_backbone, force_clusters, global_rounds=3,
+                                        router_aggregation="local")
     routers = copy.deepcopy(state["routers"])
     ins = alg.configure(state, 2, list(range(len(alg.federation))))
     for c in clients:  # the client generates its cluster's initial router itself, from (seed, j)
