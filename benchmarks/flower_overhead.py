@@ -12,9 +12,13 @@ Modes (every compared figure is taken in one invocation, one after the other):
   run one thread per client);
 - `flower-sim`: `--engine flower-sim`, `--client-cpus 1` (one Ray actor per core), 1 torch thread each;
 - `deploy-process`: the documented deployment, `python -m fedpeft.flower_app supernode`: each
-  SuperNode `--isolation process` with one long-lived fedpeft ClientApp worker and short polls, 1 thread each;
+  SuperNode `--isolation process` with one long-lived fedpeft ClientApp worker and short polls, 1 thread
+  each; the SuperLink keeps its state in memory (Flower's default, no `--database`);
+- `deploy-process-db`: the same with the SuperLink's state in a SQLite file (`--database superlink.db`,
+  as in the docs' TLS recipe, so node registrations survive a SuperLink restart): every message object
+  is a committed write, which costs each message round trip;
 - `deploy-subprocess`: Flower's default, a new `flwr-clientapp` process per message (imports torch and
-  loads the model every time), 1 thread each.
+  loads the model every time), 1 thread each, in-memory SuperLink.
 
 "start-up" is from the start of the mode (process start for the deployments: SuperLink, SuperNodes,
 `flwr run`) until the server knows every client; "per round" are the round times of
@@ -47,7 +51,7 @@ TESTS_DIR = str(ROOT / "tests")
 sys.path.insert(0, TESTS_DIR)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), TESTS_DIR) if p)
 
-MODES = ("local", "local-1t", "flower-sim", "deploy-process", "deploy-subprocess")
+MODES = ("local", "local-1t", "flower-sim", "deploy-process", "deploy-process-db", "deploy-subprocess")
 CONTENDED_LOAD = 0.5
 
 
@@ -106,10 +110,12 @@ def run_engine(out: Path, cfg_over: dict, engine: str, threads: int, name: str) 
     return wall, phases(res.run_dir, t0)
 
 
-def run_deployment(out: Path, cfg_over: dict, isolation: str, model: str) -> tuple[float, dict]:
+def run_deployment(out: Path, cfg_over: dict, mode: str, model: str) -> tuple[float, dict]:
+    """`mode`: deploy-process, deploy-process-db or deploy-subprocess (see the module's docstring)."""
     from flower_loopback import Loopback, wait_for_file
 
-    name = f"deploy-{isolation}"
+    name = mode
+    isolation = "subprocess" if mode == "deploy-subprocess" else "process"
     toml = out / f"{name}.toml"
     toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg_over.items()))
     node_config: dict = {"threads": 1}
@@ -118,7 +124,7 @@ def run_deployment(out: Path, cfg_over: dict, isolation: str, model: str) -> tup
     if cfg_over.get("data_dir"):
         node_config["data-dir"] = cfg_over["data_dir"]
     t0 = time.time()
-    with Loopback(out / f"{name}-procs") as lb:
+    with Loopback(out / f"{name}-procs", state="file" if mode.endswith("-db") else "memory") as lb:
         lb.start_superlink()
         for i in range(len(cfg_over["tasks"])):
             lb.start_supernode(i, {"partition-id": i, **node_config}, isolation=isolation)
@@ -176,11 +182,11 @@ def main() -> None:
                 wall, ph = run_engine(sub, cfg_over, "flower-sim", 1, mode)
                 threads, procs = f"1 per client, {cores} Ray actors", f"1 + {cores} actors"
             else:
-                isolation = mode.split("-", 1)[1]
-                wall, ph = run_deployment(sub, cfg_over, isolation, args.model)
+                wall, ph = run_deployment(sub, cfg_over, mode, args.model)
                 threads = "1 per node"
-                procs = (f"SuperLink + ServerApp + {n} SuperNodes + {n} ClientApp workers" if isolation == "process"
-                         else f"SuperLink + ServerApp + {n} SuperNodes + 1 flwr-clientapp per message")
+                link = "SuperLink (file state)" if mode.endswith("-db") else "SuperLink"
+                procs = (f"{link} + ServerApp + {n} SuperNodes + {n} ClientApp workers" if mode != "deploy-subprocess"
+                         else f"{link} + ServerApp + {n} SuperNodes + 1 flwr-clientapp per message")
             rows.append(dict(n=n, mode=mode, wall=wall, threads=threads, procs=procs, load=load, **ph))
             print(f"    wall {wall:.1f} s, start-up {ph['start']:.1f} s, rounds {[round(x, 1) for x in ph['per_round']]}",
                   flush=True)

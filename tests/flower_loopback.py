@@ -61,10 +61,17 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 
 class Loopback:
-    def __init__(self, root: str | Path, *, tls: bool = False, auth: bool = False, env: dict[str, str] | None = None):
+    """`state="file"` (default): the SuperLink keeps its state in `superlink.db` (`--database`, as the
+    docs' TLS recipe does, so registrations and runs survive a SuperLink restart); `"memory"`: Flower's
+    default in-memory state, which skips a SQLite commit per message object (faster rounds)."""
+
+    def __init__(self, root: str | Path, *, tls: bool = False, auth: bool = False, env: dict[str, str] | None = None,
+                 state: str = "file"):
+        if state not in ("file", "memory"):
+            raise ValueError(f"state must be 'file' or 'memory', not {state!r}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.tls, self.auth = tls, auth
+        self.tls, self.auth, self.state = tls, auth, state
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         bindir = str(Path(sys.executable).parent)
@@ -99,8 +106,9 @@ class Loopback:
         return ["--insecure"] if not self.tls else []
 
     def start_superlink(self) -> subprocess.Popen:
-        args = [str(self.bin / "flower-superlink"), "--port", str(self.port), "--disable-runtime-dependency-installation",
-                "--database", str(self.root / "superlink.db")]
+        args = [str(self.bin / "flower-superlink"), "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        if self.state == "file":
+            args += ["--database", str(self.root / "superlink.db")]
         if self.tls:
             args += ["--ssl-certfile", str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"]),
                      "--ssl-ca-certfile", str(self.certs["ca"])]
