@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- CPU: {info['cpu']}; torch {info['torch']}, {args.threads} thread(s); "
         f"{datetime.datetime.now().isoformat(timespec='seconds')}; {time.perf_counter() - started:.0f} s",
-        f"- `python benchmarks/clustering_signal.py --suites {' '.join(args.suites)} --seeds "
-        f"{' '.join(map(str, args.seeds))}{' --quick' if args.quick else ''}`",
+        f"- `python benchmarks/clustering_signal.py --suites {' '.join(args.suites)} --variants "
+        f"{' '.join(args.variants)} --seeds {' '.join(map(str, args.seeds))} --threads {args.threads}"
+        f"{' --quick' if args.quick else ''}`",
         "",
         markdown(headers, summarise(results)),
     ])

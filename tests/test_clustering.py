@@ -450,3 +450,65 @@ def test_float32_products_for_many_clients_agree_with_float64(monkeypatch):
     monkeypatch.setattr(cl, "GRAM_FLOAT32_ABOVE", 10)
     fast = cl.b_distance_matrix(clients)
     assert np.abs(fast - exact).max() < 1e-6 and not np.array_equal(fast, exact)
+
+
+def _factored(rng, n, modules=2, r=2, d_out=6, d_in=5):
+    return [{**{f"l{m}.B": rng.normal(size=(d_out, r)) for m in range(modules)},
+             **{f"l{m}.A": rng.normal(size=(r, d_in)) for m in range(modules)}} for _ in range(n)]
+
+
+def _products(clients):
+    """The reference: each module's ΔW = B·A formed explicitly, compared by Eq. 2 as matrices."""
+    mods = sorted({k[:-2] for k in clients[0]})
+    return [{m: c[m + ".B"] @ c[m + ".A"] for m in mods} for c in clients]
+
+
+def test_delta_w_distance_equals_eq2_on_the_formed_products():
+    """--clustering-matrices delta_w: the factor form (r × r products per pair) equals Eq. 2 on the
+    explicit d_out × d_in products, zero ΔW (cosine 0) included; late rows equal the matrix rows."""
+    from fedpeft.algorithms.fedlease.clustering import DeltaWRows, delta_w_distance_matrix
+
+    rng = np.random.default_rng(6)
+    clients = _factored(rng, 9)
+    clients[4]["l1.B"] = np.zeros((6, 2))
+    full = b_distance_matrix(_products(clients))
+    np.testing.assert_allclose(delta_w_distance_matrix(clients), full, rtol=0, atol=1e-12)
+    late = DeltaWRows(clients[:3]).late_rows(clients[3:])
+    for t, row in enumerate(late):
+        np.testing.assert_allclose(row, full[3 + t, : 3 + t], rtol=0, atol=1e-12)
+    # not B alone: the same B with A's sign flipped is the opposite update
+    flipped = [dict(clients[0]), {**clients[0], "l0.A": -clients[0]["l0.A"], "l1.A": -clients[0]["l1.A"]}]
+    assert b_distance_matrix([{k: v for k, v in c.items() if k.endswith(".B")} for c in flipped])[0, 1] == pytest.approx(0.0, abs=1e-12)
+    assert delta_w_distance_matrix(flipped)[0, 1] == pytest.approx(2.0)
+
+
+def test_delta_w_blocks_and_float32_agree(monkeypatch):
+    """The pairwise products go in blocks of clients, and float32 above GRAM_FLOAT32_ABOVE clients."""
+    from fedpeft.algorithms.fedlease import clustering as cl
+
+    rng = np.random.default_rng(7)
+    clients = _factored(rng, 40, d_out=48, d_in=40, r=4)
+    exact = cl.delta_w_distance_matrix(clients)
+    monkeypatch.setattr(cl, "DELTA_W_BLOCK", 7)
+    np.testing.assert_allclose(cl.delta_w_distance_matrix(clients), exact, rtol=0, atol=1e-12)
+    monkeypatch.setattr(cl, "GRAM_FLOAT32_ABOVE", 10)
+    fast = cl.delta_w_distance_matrix(clients)
+    assert np.abs(fast - exact).max() < 1e-5 and not np.array_equal(fast, exact)
+
+
+def test_delta_w_bad_inputs_name_the_matrix():
+    from fedpeft.algorithms.fedlease.clustering import DeltaWRows, delta_w_distance_matrix
+
+    rng = np.random.default_rng(8)
+    clients = _factored(rng, 3)
+    with pytest.raises(FedPeftError, match="both factors of module 'l1'"):
+        delta_w_distance_matrix([{k: v for k, v in c.items() if k != "l1.A"} for c in clients])
+    bad = [dict(c) for c in clients]
+    bad[2]["l0.A"] = np.full((2, 5), np.nan)
+    with pytest.raises(FedPeftError, match="Client 2 has non-finite values in matrix 'l0.A'"):
+        delta_w_distance_matrix(bad)
+    bad[2]["l0.A"] = np.ones((3, 5))
+    with pytest.raises(FedPeftError, match="Client 2 has matrix 'l0.A' of shape"):
+        delta_w_distance_matrix(bad)
+    with pytest.raises(FedPeftError, match="lacks"):
+        DeltaWRows(clients[:2]).late_rows([{k: v for k, v in clients[2].items() if k != "l0.B"}])

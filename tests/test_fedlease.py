@@ -805,3 +805,24 @@ def test_task_oracle_clustering_groups_clients_by_task(tiny_cfg, tiny_backbone):
     event = next(e for e in out.history.events if e["kind"] == "clustering")
     assert event["num_experts"] == 2
     assert event["client_to_expert"] == {"0": 0, "1": 1, "2": 0, "3": 1}
+
+
+@pytest.mark.parametrize("matrices, clusters, joins", [("b", 1, 0), ("delta_w", 2, 1)])
+def test_clustering_matrices_choose_what_eq2_compares(matrices, clusters, joins, tiny_cfg, tiny_backbone):
+    """--clustering-matrices: four warmup uploads whose B matrices all point the same way while the A of
+    clients 2, 3 (and of the late client 4) has the opposite sign. On B (the paper's choice) all four are
+    one cluster; on ΔW = B·A the pairs are opposite updates and separate, and the late client joins the
+    pair its update matches."""
+    cfg = tiny_cfg(method="fedlease", tasks=TASKS4 + ["demo-topic"], warmup_rounds=1, global_rounds=3,
+                   clustering_matrices=matrices)
+    alg, _ = _setup(cfg, tiny_backbone)
+    state = alg.init()
+    signs = [1.0, 1.0, -1.0, -1.0, -1.0]
+    ups = {cid: _warm_upload(state, signs[cid] * (1.0 + cid), 2.0 + cid, 4) for cid in range(4)}
+    state = alg.aggregate(state, 1, ups)
+    assert state["num_experts"] == clusters
+    assert [state["cluster_of"][c] for c in range(4)] == ([0, 0, 0, 0] if clusters == 1 else [0, 0, 1, 1])
+    kept = {k[len(LORA_PREFIX):] for k in ups[0].tensors}  # the server keeps what Eq. 2 compared, for late joins
+    assert set(state["warmup_b"][0]) == ({k for k in kept if k.endswith(".B")} if matrices == "b" else kept)
+    state = alg.aggregate(state, 2, {4: _warm_upload(state, -3.0, 1.5, 4)})
+    assert state["cluster_of"][4] == joins

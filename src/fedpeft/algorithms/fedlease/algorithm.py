@@ -141,13 +141,15 @@ class FedLEASE(Algorithm):
         return state
 
     def _cluster(self, state, rnd, uploads: dict[int, Message]) -> None:
-        from fedpeft.algorithms.fedlease.clustering import b_distance_matrix, cluster_clients, task_clusters
+        from fedpeft.algorithms.fedlease.clustering import (b_distance_matrix, cluster_clients, delta_w_distance_matrix,
+                                                            task_clusters)
 
         t0 = time.perf_counter()
         cids = sorted(uploads)
         loras = {cid: unprefixed(LORA_PREFIX, uploads[cid].tensors) for cid in cids}
-        b_only = [{k: v for k, v in loras[cid].items() if k.endswith(".B")} for cid in cids]
-        distance = b_distance_matrix(b_only)
+        compared = [self._compared(loras[cid]) for cid in cids]
+        distance = (delta_w_distance_matrix(compared) if self.cfg.clustering_matrices == "delta_w"
+                    else b_distance_matrix(compared))
         if self.cfg.clustering == "task":
             result = task_clusters([self.federation[c].task for c in cids], distance)
         else:
@@ -159,13 +161,14 @@ class FedLEASE(Algorithm):
             log.warning("clustering: %s", w)
         cluster_of = {cid: int(label) for cid, label in zip(cids, result.labels)}
         scores = ", ".join(f"k={k}: {s:.3f}" for k, s in sorted(result.silhouette.items()))
-        log.info("clustering %d clients by their B matrices (Eq. 2): silhouette %s → M = %d",
-                 len(cids), scores or "(not needed)", result.num_clusters)
+        log.info("clustering %d clients by their %s (Eq. 2): silhouette %s → M = %d", len(cids),
+                 "updates ΔW = B·A" if self.cfg.clustering_matrices == "delta_w" else "B matrices",
+                 scores or "(not needed)", result.num_clusters)
         for j, members in enumerate(result.clusters()):
             tasks = [self.federation[cids[m]].task for m in members]
             log.info("  expert %d ← clients %s (%s)", j, [cids[m] for m in members],
                      ", ".join(f"{t} × {tasks.count(t)}" for t in dict.fromkeys(tasks)))
-        state["warmup_b"] = {cid: b for cid, b in zip(cids, b_only)}
+        state["warmup_b"] = {cid: m for cid, m in zip(cids, compared)}  # what Eq. 2 compared: B, or A and B
         info = result.to_json()
         # the N×N distances as one tensor (a JSON list of 10^6 floats at N = 1,000 is not state)
         state["clustering_distance"] = torch.from_numpy(np.asarray(info.pop("distance"), dtype=np.float64))
@@ -224,16 +227,21 @@ class FedLEASE(Algorithm):
             out[moe_key(layer, module, None, "router")] = (torch.rand(width, d_in, generator=gen) * 2 - 1) * bound
         return out
 
+    def _compared(self, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The factors of one warmup LoRA that Eq. 2 compares (--clustering-matrices): B, or A and B."""
+        ends = (".A", ".B") if self.cfg.clustering_matrices == "delta_w" else (".B",)
+        return {k: v for k, v in lora.items() if k.endswith(ends)}
+
     def _late_join(self, state, rnd, uploads) -> None:
-        from fedpeft.algorithms.fedlease.clustering import UnitRows, assign_late_client
+        from fedpeft.algorithms.fedlease.clustering import DeltaWRows, UnitRows, assign_late_client
 
         # Every clustered client, joiners of this round included as they join (in the order they join):
-        # their unit B rows stacked once and all joiners' Eq. 2 rows from one product (UnitRows).
+        # their unit B rows (or ΔW factors) stacked once and all joiners' Eq. 2 rows from one product.
         members = sorted(state["cluster_of"])
-        rows = UnitRows([state["warmup_b"][c] for c in members])
+        held = DeltaWRows if self.cfg.clustering_matrices == "delta_w" else UnitRows
+        rows = held([state["warmup_b"][c] for c in members])
         joiners = sorted(uploads)
-        b_of = {cid: {k: v for k, v in unprefixed(LORA_PREFIX, uploads[cid].tensors).items() if k.endswith(".B")}
-                for cid in joiners}
+        b_of = {cid: self._compared(unprefixed(LORA_PREFIX, uploads[cid].tensors)) for cid in joiners}
         distances = rows.late_rows([b_of[cid] for cid in joiners])  # joiner t against members + joiners < t
         for cid, dist in zip(joiners, distances):
             b_new = b_of[cid]

@@ -144,6 +144,103 @@ def b_distance_matrix(b_by_client: Sequence[Mapping[str, Any]]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# Eq. 2 on ΔW = B·A (--clustering-matrices delta_w)
+# ---------------------------------------------------------------------------------------------
+
+DELTA_W_BLOCK = 256  # clients per block of the pairwise products: (256·r) × (N·r) floats at a time
+
+
+class DeltaWRows:
+    """Eq. 2 with ΔW^l = B^l A^l in place of B^l (the mean over modules of 1 − cos(vec ΔW_i^l, vec ΔW_j^l)),
+    from the factors: ⟨B_i A_i, B_j A_j⟩_F = Σ (B_iᵀ B_j) ⊙ (A_i A_jᵀ), an r × r product per pair, so the
+    d_out × d_in products are never formed (N · 12 · 384² floats for MiniLM otherwise).
+
+    `loras[i]` maps "<module>.A" (r × d_in) and "<module>.B" (d_out × r) to client i's factors; every
+    client must have both factors of the same modules, of the same shapes. A zero ΔW has cosine 0 with
+    everything (distance 1), as a zero B has in Eq. 2 on B. Above GRAM_FLOAT32_ABOVE clients the stacked
+    factors are float32 (sums float64), as for B."""
+
+    def __init__(self, loras: Sequence[Mapping[str, Any]]):
+        keys = _check_keys(loras)
+        self.modules = sorted({k[:-2] for k in keys if k.endswith((".A", ".B"))})
+        for m in self.modules:
+            for f in (".A", ".B"):
+                if m + f not in keys:
+                    raise FedPeftError(f"Eq. 2 on ΔW = B·A needs both factors of module '{m}', but '{m}{f}' "
+                                       "is missing.")
+        self.n = len(loras)
+        self.shapes = {k: _as_float64(loras[0][k]).shape for k in keys if k[:-2] in self.modules}
+        self.dtype = np.float32 if self.n > GRAM_FLOAT32_ABOVE else np.float64
+        self.bt, self.a, self.norm = {}, {}, {}
+        for m in self.modules:
+            self.bt[m], self.a[m], self.norm[m] = self._stack(loras, m)
+
+    def _stack(self, loras: Sequence[Mapping[str, Any]], m: str):
+        """(B_iᵀ stacked [N·r, d_out], A_i stacked [N·r, d_in], ‖B_i A_i‖_F [N]) of module m."""
+        mats = {}
+        for f in (".A", ".B"):
+            key = m + f
+            shape = self.shapes[key]
+            stack = []
+            for i, client in enumerate(loras):
+                x = _as_float64(client[key])
+                if x.shape != shape:
+                    raise FedPeftError(f"Client {i} has matrix '{key}' of shape {x.shape}, but client 0's has "
+                                       f"shape {shape}.")
+                if not np.all(np.isfinite(x)):
+                    raise FedPeftError(f"Client {i} has non-finite values in matrix '{key}'.")
+                stack.append(x)
+            mats[f] = np.stack(stack) if stack else np.zeros((0, *shape))
+        b, a = mats[".B"], mats[".A"]  # [N, d_out, r], [N, r, d_in]
+        if b.shape[2] != a.shape[1]:
+            raise FedPeftError(f"Module '{m}': B has rank {b.shape[2]} but A has rank {a.shape[1]}.")
+        gram = np.einsum("nor,nos->nrs", b, b) * np.einsum("nrd,nsd->nrs", a, a)
+        norm = np.sqrt(np.maximum(gram.sum(axis=(1, 2)), 0.0))
+        r = b.shape[2]
+        bt = b.transpose(0, 2, 1).reshape(len(b) * r, -1).astype(self.dtype)
+        return bt, a.reshape(len(a) * r, -1).astype(self.dtype), norm
+
+    def _cosines(self, bt: dict, a: dict, norm: dict, n: int) -> np.ndarray:
+        """Mean over modules of cos(ΔW of the held clients, ΔW of the n given ones): [self.n, n]."""
+        out = np.zeros((self.n, n))
+        for m in self.modules:
+            r = self.shapes[m + ".A"][0]
+            for lo in range(0, self.n, DELTA_W_BLOCK):
+                hi = min(self.n, lo + DELTA_W_BLOCK)
+                gb = self.bt[m][lo * r:hi * r] @ bt[m].T  # [(hi-lo)·r, n·r]
+                ga = self.a[m][lo * r:hi * r] @ a[m].T
+                inner = (gb.astype(np.float64) * ga).reshape(hi - lo, r, n, r).sum(axis=(1, 3))
+                scale = np.outer(self.norm[m][lo:hi], norm[m])
+                out[lo:hi] += np.divide(inner, scale, out=np.zeros_like(inner), where=scale > 0)
+        return out / len(self.modules)
+
+    def distance_matrix(self) -> np.ndarray:
+        d = 1.0 - self._cosines(self.bt, self.a, self.norm, self.n)
+        d = (d + d.T) / 2
+        np.fill_diagonal(d, 0.0)
+        return np.clip(d, 0.0, 2.0)
+
+    def late_rows(self, joiners: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
+        """As UnitRows.late_rows, on ΔW: joiner t's distances to the held clients, then to joiners 0..t−1."""
+        if not joiners:
+            return []
+        _check_keys([{k: None for k in self.shapes}, *joiners])
+        new = DeltaWRows.__new__(DeltaWRows)
+        new.modules, new.shapes, new.n, new.dtype = self.modules, self.shapes, len(joiners), self.dtype
+        new.bt, new.a, new.norm = {}, {}, {}
+        for m in self.modules:
+            new.bt[m], new.a[m], new.norm[m] = new._stack(joiners, m)
+        d_members = np.clip(1.0 - self._cosines(new.bt, new.a, new.norm, new.n), 0.0, 2.0)
+        d_joiners = np.clip(1.0 - new._cosines(new.bt, new.a, new.norm, new.n), 0.0, 2.0)
+        return [np.concatenate([d_members[:, t], d_joiners[:t, t]]) for t in range(len(joiners))]
+
+
+def delta_w_distance_matrix(loras: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Eq. 2 on ΔW = B·A per module instead of B (see DeltaWRows): symmetric, zero diagonal, in [0, 2]."""
+    return DeltaWRows(loras).distance_matrix()
+
+
+# ---------------------------------------------------------------------------------------------
 # Clustering and the choice of M
 # ---------------------------------------------------------------------------------------------
 
