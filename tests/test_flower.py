@@ -770,6 +770,31 @@ def test_exchange_pulls_replies_early_and_stops_at_the_timeout():
     assert len(got) == 1 and 1.4 < time.time() - t0 < 3.0
 
 
+def test_exchange_pulls_back_off_to_a_fifth_of_a_second(monkeypatch):
+    """The server's pulls start 50 ms apart and back off by 1.5× to at most 0.2 s: a reply that comes
+    late waits at most 0.2 s for the next pull (with 1 s it waited up to a second, twice per round)."""
+    from types import SimpleNamespace
+
+    from fedpeft.engines.flower import server
+
+    waits = []
+    monkeypatch.setattr(server.time, "sleep", waits.append)
+
+    class Grid:
+        pulls = 0
+
+        def push_messages(self, messages):
+            return ["m0"]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m0"))] if self.pulls == 30 else []
+
+    assert len(server.exchange(Grid(), [object()], timeout=3600)) == 1
+    assert len(waits) == 29 and waits[0] == pytest.approx(0.05) and max(waits) == pytest.approx(0.2)
+    assert waits[1] == pytest.approx(0.075) and waits[-1] == pytest.approx(0.2)
+
+
 def test_a_rejected_fit_reply_rolls_the_nodes_store_back(tmp_path, tiny_backbone):
     """A SuperNode whose fit reply the server rejects keeps, after the round, the store it would have
     had without that fit (FedSA-LoRA: its local B): the same bytes as when its fit failed outright."""

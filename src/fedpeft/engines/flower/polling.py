@@ -8,7 +8,13 @@ after 1 s, then 2 s, ... . These functions replace those waits through the Flowe
 names (`time`, `pull_objects`), leaving Flower's code as it is (the fedpeft ClientApp worker pulls its
 task's message with the short retries itself, engines/flower/worker.py):
 idle asks back off from 50 ms to 1 s, reply checks every 50 ms, object retries from 50 ms doubling
-to 1 s. Each is applied once per process, by the process that runs that part of Flower.
+to 0.2 s. Each is applied once per process, by the process that runs that part of Flower.
+
+The object retries are capped at 0.2 s, not 1 s: an object is missing only while its sender is still
+pushing it (a SuperNode creates its ClientApp task before it has pulled the message's objects), so the
+retries last a transfer, and a 1-s step overshot it by up to a second per hop. The idle asks keep 1 s:
+an idle node asks for as long as it is idle, and every SuperNode of a federation does (benchmarks/
+README.md#flower_overheadpy).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import functools
 import time as _time
 
 IDLE_FIRST, IDLE_MAX, REPLY_WAIT = 0.05, 1.0, 0.05
-OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.05, 1.0
+OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.05, 0.2
 
 
 class PollingClock:

@@ -234,11 +234,12 @@ class FlowerEngine(LocalEngine):
             fh.write(json.dumps(line) + "\n")
 
 
-def exchange(grid, messages: list, timeout: float, *, first_poll: float = 0.05, max_poll: float = 1.0) -> list:
+def exchange(grid, messages: list, timeout: float, *, first_poll: float = 0.05, max_poll: float = 0.2) -> list:
     """Push `messages` and pull their replies until all arrived or `timeout` passed: Flower's
     `Grid.send_and_receive`, which waits 3 s between pulls (up to 3 s of idle latency per message on
-    a deployment), with pulls every 50 ms at first, backing off to `max_poll`. A grid without
-    push/pull (a test double) is asked with send_and_receive."""
+    a deployment), with pulls every 50 ms at first, backing off to `max_poll` (0.2 s: one process
+    asking, and a 1-s step left the last reply waiting up to a second, twice per round). A grid
+    without push/pull (a test double) is asked with send_and_receive."""
     if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
         return list(grid.send_and_receive(messages, timeout=timeout))
     pending = set(grid.push_messages(messages))

@@ -8,7 +8,8 @@ takes `flower-supernode`'s own arguments and:
   (`--port`, local plain HTTP), so the node's model is loaded once, not once per message;
 - shortens the SuperNode's fixed waits (engines/flower/polling.py): idle asks for work back off
   from 50 ms to 1 s instead of every 3 s, its ClientApp's reply is checked every 50 ms instead of
-  0.5 s, and object retries start at 50 ms instead of 1 s (the SuperNode's code is Flower's own).
+  0.5 s, and object retries go from 50 ms to 0.2 s instead of from 1 s (the SuperNode's code is
+  Flower's own).
 """
 
 from __future__ import annotations
