@@ -25,8 +25,11 @@ Variants (each changes one thing against `default`, the warmup as specified):
 - `epochs-1` / `epochs-x2`: W·E of 1 epoch / twice the suite's;
 - `grad-init`: no training: the full-batch gradient of the loss w.r.t. B at the common
   initialisation (dropout off), the signal before any optimiser or sampling noise.
-For `default` the same uploads are also compared on ΔW = B·A instead of B, and per module (each of
-the 12 LoRA sites alone): rows `default [ΔW]` and `default [module …]`.
+For `default` the same uploads are also compared on ΔW = B·A instead of B, on B·A₀ (B through the
+common initial A, the same for every client) and on A − A₀ (each client's drift of A alone), and per
+module (each of the 12 LoRA sites alone): rows `default [ΔW = B·A]`, `default [B·A₀ …]`,
+`default [A − A₀ …]` and `default [module …]`. If B·A₀ scores like B and the drift of A like ΔW, the
+signal ΔW adds comes from the A matrices, not from a re-weighting of B.
 
 Writes results.md and results.json to --out (default bench-results/clustering-signal/). ARI is a
 property of one seed's partition: with --seeds 42 43 44 the table gives mean ± std per variant.
@@ -101,9 +104,11 @@ def patched_training(variant: str, b_params: set[int]):
         training.train_local, torch.optim.AdamW = original, adamw
 
 
-def warmup_uploads(cfg: RunConfig, variant: str, backbone) -> tuple[list[str], list[dict[str, torch.Tensor]], float]:
-    """Every client's uploaded warmup LoRA (A and B) after FedLEASE's W warmup rounds, its task, and the
-    clients' mean training loss. `grad-init`: the gradient of B at the common init instead."""
+def warmup_uploads(cfg: RunConfig, variant: str, backbone
+                   ) -> tuple[list[str], list[dict[str, torch.Tensor]], float, dict[str, torch.Tensor]]:
+    """Every client's uploaded warmup LoRA (A and B) after FedLEASE's W warmup rounds, its task, the
+    clients' mean training loss and the common initial LoRA they all started from. `grad-init`: the
+    gradient of B at the common init instead of the uploads."""
     overrides = {"batch-x2": {"batch_size": 2 * cfg.batch_size}, "batch-half": {"batch_size": max(1, cfg.batch_size // 2)},
                  "epochs-1": {"warmup_rounds": 1, "local_epochs": 1},
                  "epochs-x2": {"local_epochs": 2 * cfg.local_epochs}}.get(variant, {})
@@ -111,11 +116,12 @@ def warmup_uploads(cfg: RunConfig, variant: str, backbone) -> tuple[list[str], l
     infos, clients = prepare_clients(cfg, backbone.tokenizer)
     alg = build_algorithm(cfg, backbone, infos)
     state = alg.init()
+    init = {k: v.clone() for k, v in state["lora"].items()}
     everyone = list(range(len(clients)))
     tasks = [c.info.task for c in clients]
     if variant == "grad-init":
         ins = alg.configure(state, 1, everyone)
-        return tasks, [init_gradient(alg, ins[c.cid], c, cfg) for c in clients], float("nan")
+        return tasks, [init_gradient(alg, ins[c.cid], c, cfg) for c in clients], float("nan"), init
     b_params = {id(p) for p in lora_parameters(alg.runtime.sites, factors=("B",))}
     uploads, losses = {}, []
     with patched_training(variant, b_params):
@@ -127,7 +133,7 @@ def warmup_uploads(cfg: RunConfig, variant: str, backbone) -> tuple[list[str], l
                 state = alg.aggregate(state, rnd, replies)
             else:
                 uploads = {cid: unprefixed(LORA_PREFIX, r.tensors) for cid, r in replies.items()}
-    return tasks, [uploads[c.cid] for c in clients], float(np.mean(losses))
+    return tasks, [uploads[c.cid] for c in clients], float(np.mean(losses)), init
 
 
 def init_gradient(alg, instruction, client, cfg: RunConfig) -> dict[str, torch.Tensor]:
@@ -175,7 +181,8 @@ def signal(tasks: list[str], mats: list[dict[str, Any]], seed: int) -> dict[str,
             "within": within, "across": across, "gap": across - within}
 
 
-def rows_for(tasks, uploads, seed: int, variant: str) -> list[tuple[str, dict[str, Any]]]:
+def rows_for(tasks, uploads, seed: int, variant: str, init: dict[str, torch.Tensor] | None = None
+             ) -> list[tuple[str, dict[str, Any]]]:
     b = [{k: v for k, v in u.items() if k.endswith(".B")} for u in uploads]
     out = [(variant, signal(tasks, b, seed))]
     if variant != "default":
@@ -183,6 +190,13 @@ def rows_for(tasks, uploads, seed: int, variant: str) -> list[tuple[str, dict[st
     # ΔW = B·A per module (the update the LoRA applies), and each module alone
     dw = [{k[:-2]: (u[k] @ u[k[:-2] + ".A"]) for k in u if k.endswith(".B")} for u in uploads]
     out.append(("default [ΔW = B·A]", signal(tasks, dw, seed)))
+    if init is not None:
+        # Why ΔW keeps what B loses: B seen through the common initial A_0 (the same A for everyone:
+        # only B differs), and each client's A drift from A_0 alone (what ΔW adds beyond B·A_0).
+        b_a0 = [{k[:-2]: (u[k] @ init[k[:-2] + ".A"]) for k in u if k.endswith(".B")} for u in uploads]
+        out.append(("default [B·A₀, common init A]", signal(tasks, b_a0, seed)))
+        drift = [{k: u[k] - init[k] for k in u if k.endswith(".A")} for u in uploads]
+        out.append(("default [A − A₀, drift of A]", signal(tasks, drift, seed)))
     for key in sorted(b[0]):
         out.append((f"default [module {key[:-2]}]", signal(tasks, [{key: x[key]} for x in b], seed)))
     return out
@@ -242,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             for variant in args.variants:
                 t = time.perf_counter()
                 cfg = suite_config(suite, args.data_dir, seed, args.quick, args.threads)
-                tasks, uploads, loss = warmup_uploads(cfg, variant, backbone)
+                tasks, uploads, loss, init = warmup_uploads(cfg, variant, backbone)
                 rows = [{"suite": suite, "seed": seed, "variant": variant, "row": row, "train_loss": loss, **sig}
-                        for row, sig in rows_for(tasks, uploads, seed, variant)]
+                        for row, sig in rows_for(tasks, uploads, seed, variant, init)]
                 results += rows
                 r = rows[0]  # the variant's own row (default: Eq. 2 on B); the others are its diagnostics
                 print(f"{suite} seed {seed} {variant}: ARI {r['ari']:.2f} (M = {r['m']}), ARI@k {r['ari_k']:.2f}, "

@@ -821,3 +821,42 @@ def test_a_rejected_fit_reply_rolls_the_nodes_store_back(tmp_path, tiny_backbone
         return a == b
 
     assert same(ref, got)
+
+
+def test_worker_asks_back_off_while_idle_and_restart_after_a_task(monkeypatch):
+    """The ClientApp worker asks its SuperNode for a task 50 ms apart right after a task and backs off
+    by 1.5× to 0.2 s while none comes (asking every 50 ms kept an idle node busy); a task resets it."""
+    from types import SimpleNamespace
+
+    import flwr.supercore.runtime as runtime
+
+    from fedpeft.engines.flower import worker
+
+    class Idle(Exception):
+        pass
+
+    asks, waits = [], []
+
+    class FakeClient:
+        def AcquireTask(self, request):  # noqa: N802 - Flower's name
+            asks.append(len(waits))
+            if len(asks) == 8:  # one task after seven empty asks
+                return SimpleNamespace(HasField=lambda f: True, token="t", task=SimpleNamespace(task_id=1))
+            return SimpleNamespace(HasField=lambda f: False, token="")
+
+        def close(self):
+            pass
+
+    def sleep(seconds):
+        waits.append(seconds)
+        if len(waits) == 12:
+            raise Idle
+
+    monkeypatch.setattr(runtime.RuntimeHttpClient, "from_server_address", classmethod(lambda cls, **kw: FakeClient()))
+    monkeypatch.setattr(worker, "run_task", lambda *a, **k: "completed")
+    monkeypatch.setattr(worker.time, "sleep", sleep)
+    with pytest.raises(Idle):
+        worker.serve_tasks("127.0.0.1:1", client_app=None)
+    expected = [0.05 * 1.5 ** i for i in range(4)] + [0.2] * 3  # 7 empty asks, then the task
+    assert waits[:7] == pytest.approx(expected)
+    assert waits[7:] == pytest.approx([0.05, 0.075, 0.1125, 0.16875, 0.2])  # restarted after the task

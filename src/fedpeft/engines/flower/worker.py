@@ -136,11 +136,15 @@ def run_task(address: str, token: str, *, insecure: bool, certificates: bytes | 
 
 
 def serve_tasks(address: str, client_app, *, insecure: bool = True, root_certificates: str | None = None,
-                poll: float = 0.05, max_tasks: int | None = None, parent_pid: int | None = None,
+                poll: float = 0.05, max_poll: float = 0.2, max_tasks: int | None = None, parent_pid: int | None = None,
                 auth_secret: bytes | None = None) -> int:
     """Ask the SuperNode at `address` (its Runtime API) for ClientApp tasks and run them, until stopped
     (or `max_tasks` ran). Returns the number of tasks run. `auth_secret`: the SuperNode's
-    `--superexec-auth-secret-file` content, so that only this worker can take its tasks."""
+    `--superexec-auth-secret-file` content, so that only this worker can take its tasks.
+
+    The asks start `poll` apart after a task and back off by 1.5× to `max_poll` while none comes: asking
+    every 50 ms kept an idle node (worker and SuperNode answering it) at about 8 % of a core, 16 idle
+    nodes at more than one of this machine's two cores (benchmarks/README.md#flower_overheadpy)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -157,7 +161,7 @@ def serve_tasks(address: str, client_app, *, insecure: bool = True, root_certifi
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=certificates, interceptors=interceptors,
         retry_invoker=make_simple_http_retry_invoker())
-    done = 0
+    done, wait = 0, poll
     log.info("fedpeft ClientApp worker: serving the SuperNode at %s", address)
     try:
         while max_tasks is None or done < max_tasks:
@@ -170,9 +174,11 @@ def serve_tasks(address: str, client_app, *, insecure: bool = True, root_certifi
                 status = run_task(address, res.token, insecure=insecure, certificates=certificates,
                                   client_app=client_app)
                 done += 1
+                wait = poll  # the next task of a round tends to follow soon
                 log.info("task %d: %s in %.2f s", res.task.task_id, status, time.perf_counter() - t0)
             else:
-                time.sleep(poll)
+                time.sleep(wait)
+                wait = min(max_poll, wait * 1.5)
     finally:
         client.close()
     return done
@@ -198,7 +204,10 @@ def main(client_app, argv: list[str] | None = None) -> int:
     tls.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperNode (same machine)")
     tls.add_argument("--root-certificates", help="CA of the SuperNode's Runtime API certificate")
     ap.add_argument("--parent-pid", type=int, default=None, help="stop when this process (the SuperNode) is gone")
-    ap.add_argument("--poll", type=float, default=0.05, help="seconds between asks for a task (default 0.05)")
+    ap.add_argument("--poll", type=float, default=0.05, help="seconds between asks for a task right after one "
+                                                             "(default 0.05)")
+    ap.add_argument("--max-poll", type=float, default=0.2, help="the asks back off by 1.5x to this many seconds "
+                                                                "while no task comes (default 0.2)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of this process")
     ap.add_argument("--superexec-auth-secret-file", default=None,
                     help="the file the SuperNode was given with --superexec-auth-secret-file (raw bytes): only a "
@@ -214,7 +223,7 @@ def main(client_app, argv: list[str] | None = None) -> int:
     try:
         secret = Path(args.superexec_auth_secret_file).read_bytes() if args.superexec_auth_secret_file else None
         serve_tasks(args.runtime_api_address, client_app, insecure=args.insecure, root_certificates=args.root_certificates,
-                    poll=args.poll, parent_pid=args.parent_pid, auth_secret=secret)
+                    poll=args.poll, max_poll=args.max_poll, parent_pid=args.parent_pid, auth_secret=secret)
     except KeyboardInterrupt:
         pass
     return 0
