@@ -199,8 +199,11 @@ def test_paper_cpu_suite_is_the_six_main_methods_on_sixteen_clients_with_200_tes
     suite = get_suite("paper-cpu")
     plan = suite.plan([1, 2, 3])
     assert [e.label for e, s in plan if s == 1] == ["fedit", "fedsa-lora", "feddpa", "ifca", "fedlease",
-                                                    "fedlease-oracle"]
-    assert len(plan) == 18
+                                                    "fedlease-oracle", "fedlease-delta-w"]
+    assert len(plan) == 19 and [e.label for e, s in plan if s == 3] == [e.label for e, s in plan if s == 2] == [
+        "fedit", "fedsa-lora", "feddpa", "ifca", "fedlease", "fedlease-oracle"]
+    delta_w = [e for e, s in plan if e.label == "fedlease-delta-w"]  # an option, on the first seed only
+    assert len(delta_w) == 1 and suite.config(delta_w[0], 1, output_dir="x").clustering_matrices == "delta_w"
     cfg = suite.config(plan[0][0], 1, output_dir="x", data_dir=data_dir_or_skip())
     cfg.check_runnable()
     assert cfg.model_name == "minilm" and cfg.head_policy == "frozen" and cfg.rank == 4

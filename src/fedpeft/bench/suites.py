@@ -291,6 +291,10 @@ SUITES["paper-cpu"] = Suite(
     entries=tuple(e for e in _matrix(ablations=False) if e.label != "ffa-lora") + (
         # A diagnostic: FedLEASE with the oracle partition (one expert per task), what the clustering costs.
         Entry("fedlease-oracle", {"method": "fedlease", "clustering": "task"}),
+        # An option, on the first seed (the 8-hour budget is the main methods'): Eq. 2 on ΔW = B·A, which
+        # recovered the tasks better than B from this federation's warmup uploads
+        # (benchmarks/results/clustering-signal-2026-12-07-seeds43-44.md).
+        Entry("fedlease-delta-w", {"method": "fedlease", "clustering_matrices": "delta_w"}, seeds="first"),
     ),
 )
 
