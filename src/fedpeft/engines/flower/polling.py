@@ -14,7 +14,7 @@ The object retries are capped at 0.2 s, not 1 s: an object is missing only while
 pushing it (a SuperNode creates its ClientApp task before it has pulled the message's objects), so the
 retries last a transfer, and a 1-s step overshot it by up to a second per hop. The idle asks keep 1 s:
 an idle node asks for as long as it is idle, and every SuperNode of a federation does (benchmarks/
-README.md#flower_overheadpy).
+README.md, flower_overhead.py).
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def serve_tasks(address: str, client_app, *, insecure: bool = True, root_certifi
 
     The asks start `poll` apart after a task and back off by 1.5× to `max_poll` while none comes: asking
     every 50 ms kept an idle node (worker and SuperNode answering it) at about 8 % of a core, 16 idle
-    nodes at more than one of this machine's two cores (benchmarks/README.md#flower_overheadpy)."""
+    nodes at more than one of this machine's two cores (benchmarks/README.md, flower_overhead.py)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
