@@ -40,16 +40,36 @@ def _as_float64(x: Any) -> np.ndarray:
 GRAM_FLOAT32_ABOVE = 2048
 
 
-def _unit_rows(b_by_client: Sequence[Mapping[str, Any]], key: str, first_shape=None) -> np.ndarray:
-    """vec B^l of every client for module `key`, each scaled to unit norm (zero-norm rows stay 0)."""
-    mats = [_as_float64(client[key]) for client in b_by_client]
-    shape = mats[0].shape if first_shape is None else first_shape
+def _checked_stack(clients: Sequence[Mapping[str, Any]], key: str, shape=None, what: str = "B matrix") -> np.ndarray:
+    """Every client's matrix `key` in float64, stacked [N, *shape]; a client whose matrix has another shape
+    (than `shape`, else client 0's) or non-finite values is refused by index and key."""
+    mats = [_as_float64(client[key]) for client in clients]
+    shape = (mats[0].shape if mats else ()) if shape is None else shape
     for i, m in enumerate(mats):
         if m.shape != shape:
-            raise FedPeftError(f"Client {i} has B matrix '{key}' of shape {m.shape}, but client 0's has shape {shape}.")
+            raise FedPeftError(f"Client {i} has {what} '{key}' of shape {m.shape}, but client 0's has shape {shape}.")
         if not np.all(np.isfinite(m)):
-            raise FedPeftError(f"Client {i} has non-finite values in B matrix '{key}'.")
-    x = np.stack([m.reshape(-1) for m in mats])  # [N, numel]
+            raise FedPeftError(f"Client {i} has non-finite values in {what} '{key}'.")
+    return np.stack(mats) if mats else np.zeros((0, *shape))
+
+
+def _check_late_keys(keys: Sequence[str], b: Mapping[str, Any], what: str = "B matrix") -> None:
+    if set(b) != set(keys):
+        key = sorted(set(b) ^ set(keys))[0]
+        where = "lacks" if key in keys else "has an unexpected"
+        raise FedPeftError(f"The late client {where} {what} '{key}' compared with the clustered clients' modules.")
+
+
+def _joiner_rows(d_members: np.ndarray, d_joiners: np.ndarray) -> list[np.ndarray]:
+    """Joiner t's distances to the n held clients (column t of d_members [n, k]) and then to joiners
+    0..t−1 (column t of d_joiners [k, k]), the late-join rule's order."""
+    return [np.concatenate([d_members[:, t], d_joiners[:t, t]]) for t in range(d_joiners.shape[0])]
+
+
+def _unit_rows(b_by_client: Sequence[Mapping[str, Any]], key: str, first_shape=None) -> np.ndarray:
+    """vec B^l of every client for module `key`, each scaled to unit norm (zero-norm rows stay 0)."""
+    x = _checked_stack(b_by_client, key, first_shape)
+    x = x.reshape(len(x), -1)  # [N, numel]
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)  # zero-norm rows stay 0: cosine 0
 
@@ -94,10 +114,7 @@ class UnitRows:
         self.rows = {k: _unit_rows(b_by_client, k, self.shapes[k]) for k in self.keys}
 
     def _unit(self, b: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        if set(b) != set(self.keys):
-            key = sorted(set(b) ^ set(self.keys))[0]
-            where = "lacks" if key in self.keys else "has an unexpected"
-            raise FedPeftError(f"The late client {where} B matrix '{key}' compared with the clustered clients' modules.")
+        _check_late_keys(self.keys, b)
         return {k: _unit_rows([b], k, self.shapes[k])[0] for k in self.keys}
 
     def distances(self, b_new: Mapping[str, Any]) -> np.ndarray:
@@ -116,9 +133,8 @@ class UnitRows:
             u = np.stack([x[key] for x in units]) if k else np.zeros((0, self.rows[key].shape[1]))
             cos_members += self.rows[key] @ u.T
             cos_joiners += u @ u.T
-        d_members = np.clip(1.0 - cos_members / len(self.keys), 0.0, 2.0)
-        d_joiners = np.clip(1.0 - cos_joiners / len(self.keys), 0.0, 2.0)
-        return [np.concatenate([d_members[:, t], d_joiners[:t, t]]) for t in range(k)]
+        return _joiner_rows(np.clip(1.0 - cos_members / len(self.keys), 0.0, 2.0),
+                            np.clip(1.0 - cos_joiners / len(self.keys), 0.0, 2.0))
 
 
 def b_distance_matrix(b_by_client: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -161,61 +177,52 @@ class DeltaWRows:
     factors are float32 (sums float64), as for B."""
 
     def __init__(self, loras: Sequence[Mapping[str, Any]]):
-        keys = _check_keys(loras)
-        self.modules = sorted({k[:-2] for k in keys if k.endswith((".A", ".B"))})
+        self.keys = _check_keys(loras)
+        self.modules = sorted({k[:-2] for k in self.keys if k.endswith((".A", ".B"))})
+        if not self.modules:
+            raise FedPeftError("Eq. 2 on ΔW = B·A needs LoRA factors (keys '<module>.A' and '<module>.B'), but the "
+                               "clients have none.")
         for m in self.modules:
             for f in (".A", ".B"):
-                if m + f not in keys:
+                if m + f not in self.keys:
                     raise FedPeftError(f"Eq. 2 on ΔW = B·A needs both factors of module '{m}', but '{m}{f}' "
                                        "is missing.")
-        self.n = len(loras)
-        self.shapes = {k: _as_float64(loras[0][k]).shape for k in keys if k[:-2] in self.modules}
-        self.dtype = np.float32 if self.n > GRAM_FLOAT32_ABOVE else np.float64
-        self.bt, self.a, self.norm = {}, {}, {}
+        self.shapes = {k: _as_float64(loras[0][k]).shape for k in self.keys if k[:-2] in self.modules}
+        self.dtype = np.float32 if len(loras) > GRAM_FLOAT32_ABOVE else np.float64
+        self.held = self._factors(loras)
+
+    def _factors(self, loras: Sequence[Mapping[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per module: (B_iᵀ stacked [N·r, d_out], A_i stacked [N·r, d_in], ‖B_i A_i‖_F [N])."""
+        out = {}
         for m in self.modules:
-            self.bt[m], self.a[m], self.norm[m] = self._stack(loras, m)
+            b = _checked_stack(loras, m + ".B", self.shapes[m + ".B"], "matrix")  # [N, d_out, r]
+            a = _checked_stack(loras, m + ".A", self.shapes[m + ".A"], "matrix")  # [N, r, d_in]
+            if b.shape[2] != a.shape[1]:
+                raise FedPeftError(f"Module '{m}': B has rank {b.shape[2]} but A has rank {a.shape[1]}.")
+            gram = np.einsum("nor,nos->nrs", b, b) * np.einsum("nrd,nsd->nrs", a, a)
+            norm = np.sqrt(np.maximum(gram.sum(axis=(1, 2)), 0.0))
+            bt = b.transpose(0, 2, 1).reshape(len(b) * b.shape[2], -1).astype(self.dtype)
+            out[m] = bt, a.reshape(len(a) * a.shape[1], -1).astype(self.dtype), norm
+        return out
 
-    def _stack(self, loras: Sequence[Mapping[str, Any]], m: str):
-        """(B_iᵀ stacked [N·r, d_out], A_i stacked [N·r, d_in], ‖B_i A_i‖_F [N]) of module m."""
-        mats = {}
-        for f in (".A", ".B"):
-            key = m + f
-            shape = self.shapes[key]
-            stack = []
-            for i, client in enumerate(loras):
-                x = _as_float64(client[key])
-                if x.shape != shape:
-                    raise FedPeftError(f"Client {i} has matrix '{key}' of shape {x.shape}, but client 0's has "
-                                       f"shape {shape}.")
-                if not np.all(np.isfinite(x)):
-                    raise FedPeftError(f"Client {i} has non-finite values in matrix '{key}'.")
-                stack.append(x)
-            mats[f] = np.stack(stack) if stack else np.zeros((0, *shape))
-        b, a = mats[".B"], mats[".A"]  # [N, d_out, r], [N, r, d_in]
-        if b.shape[2] != a.shape[1]:
-            raise FedPeftError(f"Module '{m}': B has rank {b.shape[2]} but A has rank {a.shape[1]}.")
-        gram = np.einsum("nor,nos->nrs", b, b) * np.einsum("nrd,nsd->nrs", a, a)
-        norm = np.sqrt(np.maximum(gram.sum(axis=(1, 2)), 0.0))
-        r = b.shape[2]
-        bt = b.transpose(0, 2, 1).reshape(len(b) * r, -1).astype(self.dtype)
-        return bt, a.reshape(len(a) * r, -1).astype(self.dtype), norm
-
-    def _cosines(self, bt: dict, a: dict, norm: dict, n: int) -> np.ndarray:
-        """Mean over modules of cos(ΔW of the held clients, ΔW of the n given ones): [self.n, n]."""
-        out = np.zeros((self.n, n))
+    def _cosines(self, left: dict, right: dict) -> np.ndarray:
+        """Mean over modules of cos(ΔW of the `left` clients, ΔW of the `right` ones) (both from _factors)."""
+        n_left, n_right = (len(next(iter(f.values()))[2]) for f in (left, right))
+        out = np.zeros((n_left, n_right))
         for m in self.modules:
             r = self.shapes[m + ".A"][0]
-            for lo in range(0, self.n, DELTA_W_BLOCK):
-                hi = min(self.n, lo + DELTA_W_BLOCK)
-                gb = self.bt[m][lo * r:hi * r] @ bt[m].T  # [(hi-lo)·r, n·r]
-                ga = self.a[m][lo * r:hi * r] @ a[m].T
-                inner = (gb.astype(np.float64) * ga).reshape(hi - lo, r, n, r).sum(axis=(1, 3))
-                scale = np.outer(self.norm[m][lo:hi], norm[m])
+            (bt_l, a_l, norm_l), (bt_r, a_r, norm_r) = left[m], right[m]
+            for lo in range(0, n_left, DELTA_W_BLOCK):
+                hi = min(n_left, lo + DELTA_W_BLOCK)
+                gb = bt_l[lo * r:hi * r] @ bt_r.T  # [(hi-lo)·r, n_right·r]
+                ga = a_l[lo * r:hi * r] @ a_r.T
+                inner = (gb.astype(np.float64) * ga).reshape(hi - lo, r, n_right, r).sum(axis=(1, 3))
+                scale = np.outer(norm_l[lo:hi], norm_r)
                 out[lo:hi] += np.divide(inner, scale, out=np.zeros_like(inner), where=scale > 0)
         return out / len(self.modules)
 
     def distance_matrix(self) -> np.ndarray:
-        d = 1.0 - self._cosines(self.bt, self.a, self.norm, self.n)
+        d = 1.0 - self._cosines(self.held, self.held)
         d = (d + d.T) / 2
         np.fill_diagonal(d, 0.0)
         return np.clip(d, 0.0, 2.0)
@@ -224,15 +231,11 @@ class DeltaWRows:
         """As UnitRows.late_rows, on ΔW: joiner t's distances to the held clients, then to joiners 0..t−1."""
         if not joiners:
             return []
-        _check_keys([{k: None for k in self.shapes}, *joiners])
-        new = DeltaWRows.__new__(DeltaWRows)
-        new.modules, new.shapes, new.n, new.dtype = self.modules, self.shapes, len(joiners), self.dtype
-        new.bt, new.a, new.norm = {}, {}, {}
-        for m in self.modules:
-            new.bt[m], new.a[m], new.norm[m] = new._stack(joiners, m)
-        d_members = np.clip(1.0 - self._cosines(new.bt, new.a, new.norm, new.n), 0.0, 2.0)
-        d_joiners = np.clip(1.0 - new._cosines(new.bt, new.a, new.norm, new.n), 0.0, 2.0)
-        return [np.concatenate([d_members[:, t], d_joiners[:t, t]]) for t in range(len(joiners))]
+        for b in joiners:
+            _check_late_keys(self.keys, b, "matrix")
+        new = self._factors(joiners)
+        return _joiner_rows(np.clip(1.0 - self._cosines(self.held, new), 0.0, 2.0),
+                            np.clip(1.0 - self._cosines(new, new), 0.0, 2.0))
 
 
 def delta_w_distance_matrix(loras: Sequence[Mapping[str, Any]]) -> np.ndarray:
