@@ -199,11 +199,13 @@ def test_paper_cpu_suite_is_the_six_main_methods_on_sixteen_clients_with_200_tes
     suite = get_suite("paper-cpu")
     plan = suite.plan([1, 2, 3])
     assert [e.label for e, s in plan if s == 1] == ["fedit", "fedsa-lora", "feddpa", "ifca", "fedlease",
-                                                    "fedlease-oracle", "fedlease-delta-w"]
-    assert len(plan) == 19 and [e.label for e, s in plan if s == 3] == [e.label for e, s in plan if s == 2] == [
-        "fedit", "fedsa-lora", "feddpa", "ifca", "fedlease", "fedlease-oracle"]
+                                                    "fedlease-oracle", "fedlease-delta-w", "fedlease-top2"]
+    assert len(plan) == 22 and [e.label for e, s in plan if s == 3] == [e.label for e, s in plan if s == 2] == [
+        "fedit", "fedsa-lora", "feddpa", "ifca", "fedlease", "fedlease-oracle", "fedlease-top2"]
     delta_w = [e for e, s in plan if e.label == "fedlease-delta-w"]  # an option, on the first seed only
     assert len(delta_w) == 1 and suite.config(delta_w[0], 1, output_dir="x").clustering_matrices == "delta_w"
+    top2 = suite.config(next(e for e, s in plan if e.label == "fedlease-top2"), 1, output_dir="x")
+    assert (top2.method, top2.routing, top2.top_k) == ("fedlease", "fixed_topk", 2)
     cfg = suite.config(plan[0][0], 1, output_dir="x", data_dir=data_dir_or_skip())
     cfg.check_runnable()
     assert cfg.model_name == "minilm" and cfg.head_policy == "frozen" and cfg.rank == 4

@@ -270,7 +270,8 @@ SUITES["glue4-cpu-tuned"] = dataclasses.replace(
 # client-round at 1 thread (400 training examples, 200 test), so a FedIT run is 16 x 12 x 9 s = 29 min;
 # FedSA-LoRA the same, FedLEASE and its oracle about 10 % more, FedDPA and IFCA about 2.3x (two local runs;
 # K = 4 loss passes over the training set): about 4.2 h of one thread per seed, 6.3 h for 3 seeds on two
-# threads. Checked on validation (--validation-fraction 0.2 of 500, i.e. these 400 training examples; the
+# threads, and the fixed top-2 router (the router study) about 35 min of one thread more per seed.
+# Checked on validation (--validation-fraction 0.2 of 500, i.e. these 400 training examples; the
 # table is benchmarks/results/paper-cpu-warmup-check.md): the warmup learns SST-2 well, QNLI and MRPC a
 # little and CoLA not at all, and its clustering still groups the SST-2, QNLI and MRPC pairs.
 _PAPER_CPU_BASE: dict[str, Any] = {
@@ -295,6 +296,10 @@ SUITES["paper-cpu"] = Suite(
         # recovered the tasks better than B from this federation's warmup uploads
         # (benchmarks/results/clustering-signal-2026-12-07-seeds43-44.md).
         Entry("fedlease-delta-w", {"method": "fedlease", "clustering_matrices": "delta_w"}, seeds="first"),
+        # The router study (issue §4): fixed top-2 against FedLEASE's adaptive top-M on every seed, so the
+        # bench's paired comparison against `fedlease` has pairs. Same seed, same warmup and clusters: only
+        # the routing differs.
+        Entry("fedlease-top2", {"method": "fedlease", "routing": "fixed_topk", "top_k": 2}),
     ),
 )
 
