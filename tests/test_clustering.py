@@ -409,16 +409,6 @@ def test_no_unexpected_warnings_on_clean_input():
         cluster_clients(d)
 
 
-def test_late_joiner_row_equals_the_matrix_row():
-    from fedpeft.algorithms.fedlease.clustering import b_distance_row
-
-    rng = np.random.default_rng(3)
-    clients = [{"l0": rng.normal(size=(6, 2)), "l1": rng.normal(size=(4, 2))} for _ in range(7)]
-    clients[3]["l1"] = np.zeros((4, 2))  # a zero-norm B: cosine 0
-    row = b_distance_row(clients[0], clients[1:])
-    np.testing.assert_allclose(row, b_distance_matrix(clients)[0, 1:], rtol=0, atol=1e-12)
-
-
 def test_unit_rows_give_the_matrix_rows_of_every_joiner():
     """UnitRows (what _late_join compares joiners with): one joiner's row, and every joiner's row of a
     round from one product, each against the clustered clients and the joiners before it, equal the

@@ -795,6 +795,33 @@ def test_exchange_pulls_back_off_to_a_fifth_of_a_second(monkeypatch):
     assert waits[1] == pytest.approx(0.075) and waits[-1] == pytest.approx(0.2)
 
 
+def test_supernode_idle_asks_back_off_to_a_second_and_restart_after_work(monkeypatch):
+    """Inside a SuperNode, Flower's 3-s idle wait becomes 50 ms growing 1.5× to 1 s, restarting at 50 ms
+    once the node has worked (more than 1.5 s since its last idle wait); its 0.5-s reply check becomes
+    50 ms; every other wait is left as Flower asked."""
+    from types import SimpleNamespace
+
+    from fedpeft.engines.flower import polling
+
+    now, waits = [0.0], []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(polling, "_time", SimpleNamespace(sleep=sleep, monotonic=lambda: now[0]))
+    clock = polling.PollingClock()
+    for _ in range(10):
+        clock.sleep(3)
+    assert waits == pytest.approx([0.05 * 1.5 ** i for i in range(8)] + [1.0, 1.0])
+    clock.sleep(3)  # straight after: still idle, still a second
+    now[0] += 5.0  # a message took five seconds
+    clock.sleep(3)
+    clock.sleep(0.5)
+    clock.sleep(2)
+    assert waits[10:] == pytest.approx([1.0, 0.05, 0.05, 2])
+
+
 def test_a_rejected_fit_reply_rolls_the_nodes_store_back(tmp_path, tiny_backbone):
     """A SuperNode whose fit reply the server rejects keeps, after the round, the store it would have
     had without that fit (FedSA-LoRA: its local B): the same bytes as when its fit failed outright."""

@@ -88,21 +88,12 @@ def _check_keys(b_by_client: Sequence[Mapping[str, Any]]) -> list[str]:
     return keys
 
 
-def b_distance_row(b_new: Mapping[str, Any], b_others: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """d(new, i) for every client i of `b_others`: the first row of b_distance_matrix([new] + others)
-    without the N² of the whole matrix (a late joiner is compared with the clustered clients)."""
-    _check_keys([b_new, *b_others])
-    if not b_others:
-        return np.zeros(0)
-    return UnitRows(b_others).distances(b_new)
-
-
 class UnitRows:
     """vec B^l / ||vec B^l|| of the clustered clients, one float64 matrix per module, stacked once, so that
     the Eq. 2 rows of a round's late joiners come from one product per module (`late_rows`).
 
     `_late_join` compares every late client of a round with every clustered client, the joiners before it
-    included: re-stacking all members for each joiner (b_distance_row) made that O(joiners × members)
+    included: re-stacking all members for each joiner (the first row of Eq. 2's matrix each time) made that O(joiners × members)
     matrix conversions, 340 s of server work per round at 10,000 clients with 10 % sampled
     (benchmarks/scale.py); one matrix-vector product per joiner still read every member's rows, 18 s a
     round."""

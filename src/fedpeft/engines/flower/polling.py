@@ -26,6 +26,28 @@ IDLE_FIRST, IDLE_MAX, REPLY_WAIT = 0.05, 1.0, 0.05
 OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.05, 0.2
 
 
+class Backoff:
+    """The waits of one polling loop: `first` after work, then 1.5× longer per empty poll, up to `cap`.
+    Shared by the SuperNode's idle asks (PollingClock), the server's reply pulls (server.py `exchange`)
+    and the ClientApp worker's task asks (worker.py `serve_tasks`)."""
+
+    FACTOR = 1.5
+
+    def __init__(self, first: float, cap: float):
+        self.first, self.cap = first, cap
+        self._wait = first
+
+    def next(self) -> float:
+        """The wait to take now; the one after it grows."""
+        wait = self._wait
+        self._wait = min(self.cap, wait * self.FACTOR)
+        return wait
+
+    def reset(self) -> None:
+        """Work came: the next wait is `first` again."""
+        self._wait = self.first
+
+
 class PollingClock:
     """Stands in for the `time` module inside Flower's SuperNode loop: every attribute is the real
     one except `sleep`, whose 3-s idle wait backs off from IDLE_FIRST to IDLE_MAX (restarting after
@@ -33,7 +55,7 @@ class PollingClock:
     reply wait is REPLY_WAIT."""
 
     def __init__(self):
-        self._idle = IDLE_FIRST
+        self._idle = Backoff(IDLE_FIRST, IDLE_MAX)
         self._last_idle_end = 0.0
 
     def __getattr__(self, name):
@@ -42,9 +64,8 @@ class PollingClock:
     def sleep(self, seconds: float) -> None:
         if seconds == 3:
             if _time.monotonic() - self._last_idle_end > IDLE_MAX + 0.5:  # the node worked since
-                self._idle = IDLE_FIRST
-            _time.sleep(self._idle)
-            self._idle = min(IDLE_MAX, self._idle * 1.5)
+                self._idle.reset()
+            _time.sleep(self._idle.next())
             self._last_idle_end = _time.monotonic()
         elif seconds == 0.5:
             _time.sleep(REPLY_WAIT)

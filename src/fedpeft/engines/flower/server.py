@@ -242,18 +242,19 @@ def exchange(grid, messages: list, timeout: float, *, first_poll: float = 0.05, 
     without push/pull (a test double) is asked with send_and_receive."""
     if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
         return list(grid.send_and_receive(messages, timeout=timeout))
+    from fedpeft.engines.flower.polling import Backoff
+
     pending = set(grid.push_messages(messages))
     end = time.time() + timeout
     out: list = []
-    wait = first_poll
+    waits = Backoff(first_poll, max_poll)
     while pending:
         got = list(grid.pull_messages(pending))
         out.extend(got)
         pending -= {m.metadata.reply_to_message_id for m in got}
         if not pending or time.time() >= end:
             break
-        time.sleep(min(wait, max(0.0, end - time.time())))
-        wait = min(max_poll, wait * 1.5)
+        time.sleep(min(waits.next(), max(0.0, end - time.time())))
     return out
 
 

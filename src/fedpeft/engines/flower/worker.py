@@ -161,7 +161,9 @@ def serve_tasks(address: str, client_app, *, insecure: bool = True, root_certifi
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=certificates, interceptors=interceptors,
         retry_invoker=make_simple_http_retry_invoker())
-    done, wait = 0, poll
+    from fedpeft.engines.flower.polling import Backoff
+
+    done, waits = 0, Backoff(poll, max_poll)
     log.info("fedpeft ClientApp worker: serving the SuperNode at %s", address)
     try:
         while max_tasks is None or done < max_tasks:
@@ -174,11 +176,10 @@ def serve_tasks(address: str, client_app, *, insecure: bool = True, root_certifi
                 status = run_task(address, res.token, insecure=insecure, certificates=certificates,
                                   client_app=client_app)
                 done += 1
-                wait = poll  # the next task of a round tends to follow soon
+                waits.reset()  # the next task of a round tends to follow soon
                 log.info("task %d: %s in %.2f s", res.task.task_id, status, time.perf_counter() - t0)
             else:
-                time.sleep(wait)
-                wait = min(max_poll, wait * 1.5)
+                time.sleep(waits.next())
     finally:
         client.close()
     return done
