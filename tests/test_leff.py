@@ -509,6 +509,37 @@ def test_tiny_run_is_reproducible_and_logs_blocks(leff_cfg, bb4, tmp_path):
     assert [e["round"] for e in events if e["kind"] == "leff_blocks"] == [1, 2]
 
 
+def test_bench_report_shows_the_sampling_distribution_used_and_pairs_leff_variants(leff_cfg, bb4, tmp_path):
+    """A LEFF suite's results.md reports, from each run's history, the distribution the clients drew blocks
+    from (max-normalised at τ = 1: p_max / p_min ≤ e) beside the literal Eq. 6 on the same scores, and
+    compares uniform sampling with LEFF's importance sampling, paired on the seed."""
+    from fedpeft.bench.leff_sampling import run_sampling
+    from fedpeft.bench.report import row_from_history, write_report
+    from fedpeft.bench.suites import get_suite
+    from fedpeft.run import run
+
+    runs = {label: run(leff_cfg(output_dir=str(tmp_path / label), **kw), backbone=bb4).run_dir
+            for label, kw in (("leff", {}), ("leff-uniform", {"sampling": "random"}))}
+    used = run_sampling(runs["leff"])
+    assert [e["round"] for e in used] == [1, 2] and all(len(e["used"]) == L for e in used)
+    history = json.loads((runs["leff"] / "training_history.json").read_text())["rounds"]
+    for e in used:
+        raw = np.asarray(next(r["importance"] for r in history if r["round"] == e["round"]))
+        assert e["used"].max() / e["used"].min() <= math.e * (1 + 1e-9)
+        literal = np.exp(raw - raw.max())
+        np.testing.assert_allclose(e["literal"], literal / literal.sum(), rtol=1e-12)
+    assert all(np.allclose(e["used"], 1 / L) and e["literal"] is None for e in run_sampling(runs["leff-uniform"]))
+
+    rows = [row_from_history(label, 1, json.loads((d / "training_history.json").read_text()), d)
+            for label, d in runs.items()]
+    files = write_report(rows, tmp_path / "report", suite=get_suite("leff-cpu"))
+    md = files["md"].read_text()
+    section = md[md.index("## Block sampling"):]
+    assert "| leff | importance, max-normalised, τ = 1 | 1 | 2 | 4 |" in section
+    assert "| leff-uniform | random | 1 | 2 | 4 | 1 [1, 1] | 0.25 [0.25, 0.25] | — |" in section
+    assert "Against **leff**:" in md and "| leff-uniform | s1: " in md and "paired" in files
+
+
 # ----------------------------------------------------------------------------------------- bytes
 @pytest.mark.parametrize("start", [0, 1, L - 1])
 def test_bytes_match_the_closed_form(leff_cfg, bb4, start):

@@ -107,10 +107,19 @@ def _fmt(ms, scale=1.0, digits=2) -> str:
     return f"{m * scale:.{digits}f}" + (f" ± {s * scale:.{digits}f}" if s is not None else "")
 
 
-def leff_markdown(rows: list[dict[str, Any]], *, title: str, description: str = "") -> str:
+# The references of a LEFF suite's paired comparisons (bench/stats.py): LEFF itself, for its variants
+# (importance against uniform sampling, budgets, r_c = 1), and FedAvg-full, the paper's upper line.
+LEFF_REFERENCES = ("leff", "fedavg-full")
+
+
+def leff_markdown(rows: list[dict[str, Any]], *, title: str, description: str = "", paired: list[str] = ()) -> str:
+    """results.md of a LEFF suite; `paired`: the paired-comparison section (bench/stats.py markdown_lines),
+    for classification suites (generation runs save no predictions)."""
+    from fedpeft.bench.leff_sampling import sampling_lines
+
     values = [nlg_values(r) for r in rows]
     if rows and all(v is not None for v in values):
-        return leff_nlg_markdown(rows, values, title=title, description=description)
+        return leff_nlg_markdown(rows, values, title=title, description=description) + "\n".join(sampling_lines(rows))
     tasks = [t for t in task_columns(rows) if t not in ("peak_client_memory_bytes", "client_compute_seconds")]
     labels = list(dict.fromkeys(r["label"] for r in rows))
     groups = {lbl: [r for r in rows if r["label"] == lbl] for lbl in labels}
@@ -153,4 +162,5 @@ def leff_markdown(rows: list[dict[str, Any]], *, title: str, description: str = 
     lines += ["", "Ranking by metric (mean): " + " > ".join(order),
               "Paper (Table 1, α = 0.05): FedAvg ≥ LEFF > SLoRA > FedLoRA ≈ FedBitFit; Table 5 memory, "
               "DeBERTaV3-Base: LEFF −44 % vs FedAvg, −19 % vs FedLoRA."]
+    lines += list(paired) + sampling_lines(rows)
     return "\n".join(lines) + "\n"

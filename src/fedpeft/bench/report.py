@@ -242,17 +242,23 @@ def write_report(rows: list[dict[str, Any]], dest: str | Path, *, suite=None, se
     title = f"fedpeft bench: {name}"
     files = {"csv": write_csv(rows, dest / "results.csv"),
              "md": dest / "results.md"}
-    if suite is not None and suite.extra.get("report") == "leff":
-        from fedpeft.bench.leff_report import leff_markdown
+    from fedpeft.bench import stats
 
-        atomic_write(files["md"], leff_markdown(rows, title=title, description=suite.description))
+    leff = suite is not None and suite.extra.get("report") == "leff"
+    if leff:
+        from fedpeft.bench.leff_report import LEFF_REFERENCES, leff_markdown, nlg_values
+
+        generation = bool(rows) and all(nlg_values(r) is not None for r in rows)
+        comparisons, notes = ([], []) if generation else stats.compare_rows(rows, references=LEFF_REFERENCES)
     else:
-        from fedpeft.bench import stats
-
         comparisons, notes = stats.compare_rows(rows)
-        if comparisons:
-            files["paired"] = write_paired_csv(stats.csv_rows(comparisons), dest / "paired.csv")
+    if comparisons:
+        files["paired"] = write_paired_csv(stats.csv_rows(comparisons), dest / "paired.csv")
+    paired = stats.markdown_lines(comparisons, notes)
+    if leff:
+        atomic_write(files["md"], leff_markdown(rows, title=title, description=suite.description, paired=paired))
+    else:
         atomic_write(files["md"], markdown(rows, title=title, description=suite.description if suite else "",
-                                           paired=stats.markdown_lines(comparisons, notes)))
+                                           paired=paired))
     files["png"] = plot(rows, dest / "results.png", title=f"{name}: overall by method")
     return files

@@ -312,8 +312,8 @@ _LEFF_R1 = Entry("leff-r1.0", {"method": "leff", "compression_rate": 1.0}, "firs
 
 SUITES["leff-cpu"] = Suite(
     name="leff-cpu",
-    description="LEFF vs FedAvg-full, FedLoRA (r = 8), FedBitFit (and SLoRA, LEFF with budgets 1 2 4, LEFF "
-                "with r_c = 1 on the first seed): SST-2, 4 clients, Dirichlet alpha = 0.05 over 4 x 128 train examples, 128 "
+    description="LEFF vs FedAvg-full, FedLoRA (r = 8), FedBitFit, LEFF with uniform block sampling and LEFF with "
+                "the literal Eq. 6 (and SLoRA, LEFF with budgets 1 2 4, LEFF with r_c = 1 on the first seed): SST-2, 4 clients, Dirichlet alpha = 0.05 over 4 x 128 train examples, 128 "
                 "validation examples per client, MiniLM, 64 tokens, 6 rounds, 1 local epoch, lr 1e-4; "
                 "about 30 minutes on 1 thread of a busy 2-core machine (2-6 min per run, LEFF's "
                 "distillation the largest part)",
@@ -323,6 +323,11 @@ SUITES["leff-cpu"] = Suite(
         Entry("slora", {"method": "slora"}, "first"),
         Entry("leff-budgets-1-2-4", {"method": "leff", "layer_budgets": ["1", "2", "4"]}, "first"),
         _LEFF_R1,
+        # The paper's sampling ablation (Figs. 6-7), on every seed so the report pairs it with `leff`:
+        # uniform block draws, and importance through the literal Eq. 6 (softmax of the raw scores) instead
+        # of the spec's max-normalised one, which keeps p_max / p_min <= e over MiniLM's 6 blocks.
+        Entry("leff-uniform", {"method": "leff", "sampling": "random"}),
+        Entry("leff-eq6-raw", {"method": "leff", "importance_normalise": "none"}),
     ),
     extra={"report": "leff"},
 )
