@@ -664,6 +664,31 @@ def e2e(tiny_backbone, tmp_path_factory):
     return run(_e2e_cfg(root / "a"), backbone=tiny_backbone), run(_e2e_cfg(root / "b"), backbone=tiny_backbone)
 
 
+def test_router_logs_script_tabulates_the_last_rounds_logs(e2e, tmp_path, capsys):
+    """benchmarks/router_logs.py (the router study's tables) reads a bench suite folder: per run the last
+    round's router logs, means over the clients and modules as the history holds them; a folder without
+    such runs is one error line and status 2."""
+    import shutil
+
+    from conftest import load_benchmark
+
+    first, _ = e2e
+    suite = tmp_path / "paper-cpu"
+    shutil.copytree(first.run_dir, suite / "fedlease-seed7")
+    bench = load_benchmark("router_logs")
+    assert bench.main([str(suite), "--out", str(tmp_path / "router.md")]) == 0
+    last = [r for r in first.history.records if r["round"] == 4]
+    want = [f"{np.mean([r[k] for r in last]):.3f}" for k in bench.LOGS]
+    m = json.loads((first.run_dir / "clustering.json").read_text())["num_clusters"]
+    row = f"| fedlease | 7 | 4 | {m} | {100 * first.headline['overall']:.2f} | " + " | ".join(want) + " |"
+    assert row in (tmp_path / "router.md").read_text()
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    assert bench.main([str(tmp_path / "router.md")]) == 2 and bench.main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("fedpeft: error: ") for e in err)
+
+
 def test_item31_tiny_end_to_end(e2e, tiny_backbone):
     """A tiny end-to-end run is deterministic (a second run gives identical records), scores every client
     every round, writes its clustering files, takes the last round as the headline and counts bytes as the
