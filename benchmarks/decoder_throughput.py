@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput of fedpeft's decoder path on SmolLM2-135M, every figure measured in ONE run.
 
-    python benchmarks/decoder_throughput.py [--quick] [--out DIR]
+    python benchmarks/decoder_throughput.py [--quick] [--threads N] [--data-dir DATA_ROOT] [--out DIR]
 
 Sections:
 
@@ -10,6 +10,10 @@ Sections:
    and again after sections 2-3, each row's best of the two; the peak of a dtype is the max of its rows;
 2. LoRA training through `FedIT.fit` (so `train_local` exactly as every method calls it: LoRA r = 8 on
    q_proj/v_proj, batch 8 × 64 tokens, 40 prompt + 24 target tokens, no padding), fp32 and bf16;
+   2b. the same on real E2E training examples (MR prompt → reference, ≤ 128 tokens, the nlg-cpu suite's
+   length, LoRA dropout 0.05 as a run has it), batches padded to their longest example as a run pads
+   them, when a data root with e2e/ is given (`--data-dir`, default $FEDPEFT_DATA_DIR); FLOPs count the
+   real tokens only, so padding shows as a lower share;
 3. generation through `fedpeft.generation.generate_ids` on 8 chat prompts in one batch: greedy and
    beam 4 with the KV cache (fp32 and bf16), and greedy without it.
 
@@ -23,7 +27,9 @@ Generation tokens/s = tokens of the returned sequences (cut at EOS) / wall time;
 beams' extra work is in the time, not in the count.
 
 Timings are medians over `reps` passes after a discarded warm-up pass; torch's thread count is used
-as it is (set OMP_NUM_THREADS / --threads). Output: tables on stdout, results.md + results.json in
+as it is (set OMP_NUM_THREADS / --threads). The header prints the CPU model, its instruction sets and
+whether it runs bf16 natively, and the figures are PROVISIONAL when other processes used the cores
+meanwhile (machine.LoadMonitor). Output: tables on stdout, results.md + results.json in
 --out (default bench-results/decoder/).
 """
 
@@ -43,7 +49,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import bench_matmul, cpu_model, median, pct, table  # noqa: E402
+from machine import LoadMonitor, cpu_model, isa_line, machine_info, status_line  # noqa: E402
+from throughput import bench_matmul, median, pct, table  # noqa: E402
 
 from fedpeft.algorithms.registry import get_algorithm  # noqa: E402
 from fedpeft.algorithms.base import Client, ClientInfo  # noqa: E402
@@ -53,6 +60,8 @@ from fedpeft.data.tasks import GenExample  # noqa: E402
 from fedpeft.generation import GenerationSettings, generate_ids  # noqa: E402
 from fedpeft.data.batching import prompt_batches  # noqa: E402
 from fedpeft.models.backbone import load_backbone  # noqa: E402
+from fedpeft.run.assemble import build_algorithm  # noqa: E402
+from fedpeft.run.federation import prepare_clients  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -97,12 +106,12 @@ def body_params(lm: torch.nn.Module) -> int:
     return sum(p.numel() for p in lm.get_decoder().parameters() if p is not emb)
 
 
-def bench_training(backbone, s: Settings) -> dict[str, Any]:
+def bench_training(backbone, s: Settings, precisions=("fp32", "bf16")) -> dict[str, Any]:
     # "bench" is no registered task, so the settings are given resolved: the decoder's LoRA targets.
     cfg = RunConfig(method="fedit", tasks=["bench"], rank=s.rank, lora_alpha=2.0 * s.rank, batch_size=s.batch_size,
                     local_epochs=1, lr=1e-4, lora_dropout=0.0, quiet=True, target_modules=backbone.default_targets())
     out = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         cfg.precision = precision
         alg = get_algorithm(cfg)
         data = synthetic_lm_data(s.batch_size * s.train_batches, s, backbone.tokenizer.vocab_size)
@@ -126,6 +135,35 @@ def bench_training(backbone, s: Settings) -> dict[str, Any]:
     return out
 
 
+def bench_training_e2e(backbone, s: Settings, data_dir: str, precisions=("fp32", "bf16")) -> dict[str, Any]:
+    """FedIT.fit on the first batch_size × train_batches E2E training examples of one client, as a run
+    encodes and pads them (max length 128, LoRA dropout 0.05), fp32 and bf16."""
+    out = {}
+    for precision in precisions:
+        cfg = RunConfig(method="fedit", model_name="smollm2", tasks=["e2e"], data_dir=data_dir, seed=1,
+                        train_samples=s.batch_size * s.train_batches, test_samples=4, max_length=128,
+                        batch_size=s.batch_size, local_epochs=1, lr=1e-4, rank=s.rank, lora_alpha=2.0 * s.rank,
+                        precision=precision, quiet=True).resolved()
+        infos, clients = prepare_clients(cfg, backbone.tokenizer)
+        alg = build_algorithm(cfg, backbone, infos)
+        inst = alg.configure(alg.init(), 1, list(range(len(alg.federation))))[0]
+        client = clients[0]
+        lm = alg.runtime.model.lm
+        n_body, vh = body_params(lm), lm.get_output_embeddings().weight.numel()
+        runs = [alg.fit(inst, client).config for _ in range(s.reps + 1)][1:]  # the first pass is the warm-up
+        compute = median([r["compute_seconds"] for r in runs])
+        data = client.train
+        real, target = data.real_tokens, data.target_tokens
+        padded = runs[0].get("padded_tokens")
+        flops = 4 * n_body * real + 4 * vh * target
+        out[precision] = {"steps": s.train_batches, "seconds_per_step": compute / s.train_batches,
+                          "real_tokens_per_s": real / compute, "target_tokens_per_s": target / compute,
+                          "useful_gflops": flops / compute / 1e9, "n_body": n_body, "lm_head_params": vh,
+                          "real_tokens": real, "padded_tokens": padded, "passes": [r["compute_seconds"] for r in runs]}
+        del alg
+    return out
+
+
 def lora_model(backbone, s: Settings, precision: str):
     """SmolLM2 with FedIT's LoRA (B = 0 at init, so the text is the base model's) for `precision`."""
     cfg = RunConfig(method="fedit", tasks=["bench"], rank=s.rank, quiet=True, precision=precision,
@@ -136,8 +174,8 @@ def lora_model(backbone, s: Settings, precision: str):
     return alg.runtime.model
 
 
-def bench_generation(backbone, s: Settings) -> list[dict[str, Any]]:
-    models = {p: lora_model(backbone, s, p) for p in ("fp32", "bf16")}
+def bench_generation(backbone, s: Settings, precisions=("fp32", "bf16")) -> list[dict[str, Any]]:
+    models = {p: lora_model(backbone, s, p) for p in precisions}
     tok = backbone.tokenizer
     chat = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             if getattr(tok, "chat_template", None) else p for p in PROMPTS]
@@ -147,6 +185,8 @@ def bench_generation(backbone, s: Settings) -> list[dict[str, Any]]:
                                            ("beam 4, KV cache", 4, True, "fp32"),
                                            ("greedy, KV cache, bf16", 1, True, "bf16"),
                                            ("beam 4, KV cache, bf16", 4, True, "bf16")):
+        if precision not in models:
+            continue
         model = models[precision]
         settings = GenerationSettings(num_beams=beams, max_new_tokens=s.new_tokens, batch_size=len(data),
                                       use_cache=cache)
@@ -176,8 +216,8 @@ def merge_peaks(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]
 def render(res: dict[str, Any]) -> str:
     s, mm, tr = res["settings"], res["matmul"], res["training"]
     out = [f"# Decoder throughput: SmolLM2-135M on {res['cpu']}, {res['threads']} thread(s)", "",
-           f"torch {torch.__version__}; {res['date']}; load average at the end "
-           f"{' / '.join(f'{x:.1f}' for x in res['loadavg_at_end'])} (1/5/15 min; other work lowers every figure)", "", "## 1. Matmul peak", "",
+           f"torch {torch.__version__}; {res['date']}; {res['isa']}", "",
+           f"{status_line(res['load'])}", "", "## 1. Matmul peak", "",
            table(["shape", "dtype", "GFLOP/s"], [[r["shape"], r["dtype"], r["gflops"]] for r in mm["rows"]]), "",
            f"Peak: float32 {mm['peak_gflops']['float32']:.1f}, bfloat16 {mm['peak_gflops']['bfloat16']:.1f} GFLOP/s.", "",
            f"## 2. LoRA training (FedIT.fit, r = {s['rank']} on q_proj/v_proj, batch {s['batch_size']} × "
@@ -186,8 +226,22 @@ def render(res: dict[str, Any]) -> str:
              pct(v["frac_fp32_peak"]), pct(v["frac_bf16_peak"]) if p == "bf16" else "-"] for p, v in tr.items()]
     out += [table(["precision", "s / step", "real tokens/s", "target tokens/s", "useful GFLOP/s", "of fp32 peak",
                    "of bf16 peak"], rows), "",
-            f"N_body = {tr['fp32']['n_body'] / 1e6:.1f} M, LM head {tr['fp32']['lm_head_params'] / 1e6:.1f} M (target tokens only).",
-            "", f"## 3. Generation ({res['generation'][0]['prompts']} prompts in one batch, ≤ {s['new_tokens']} new tokens)", ""]
+            f"N_body = {tr['fp32']['n_body'] / 1e6:.1f} M, LM head {tr['fp32']['lm_head_params'] / 1e6:.1f} M (target tokens only).", ""]
+    e2e = res.get("training_e2e")
+    if e2e:
+        first = e2e["fp32"]
+        pad = (f"{1 - first['real_tokens'] / first['padded_tokens']:.1%} of the batches' tokens are padding"
+               if first.get("padded_tokens") else "padding not reported")
+        out += [f"## 2b. LoRA training on real E2E examples ({first['steps']} batches of {s['batch_size']}, ≤ 128 "
+                f"tokens, {first['real_tokens']} real tokens; {pad}; FLOPs count real tokens only)", "",
+                table(["precision", "s / step", "real tokens/s", "target tokens/s", "useful GFLOP/s", "of fp32 peak",
+                       "of bf16 peak"],
+                      [[p, v["seconds_per_step"], v["real_tokens_per_s"], v["target_tokens_per_s"], v["useful_gflops"],
+                        pct(v["frac_fp32_peak"]), pct(v["frac_bf16_peak"]) if p == "bf16" else "-"]
+                       for p, v in e2e.items()]), ""]
+    else:
+        out += [f"## 2b. LoRA training on real E2E examples: not run ({res.get('e2e_note', 'no data root')})", ""]
+    out += [f"## 3. Generation ({res['generation'][0]['prompts']} prompts in one batch, ≤ {s['new_tokens']} new tokens)", ""]
     out += [table(["decoding", "new tokens", "seconds", "tokens/s"],
                   [[r["label"], r["new_tokens"], r["seconds"], r["tokens_per_s"]] for r in res["generation"]]), ""]
     g = {r["label"]: r for r in res["generation"]}
@@ -199,12 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--quick", action="store_true", help="one pass of everything (a smoke test, not a measurement)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--data-dir", default=os.environ.get("FEDPEFT_DATA_DIR"),
+                    help="data root with e2e/ for section 2b (default: $FEDPEFT_DATA_DIR; without it 2b is skipped)")
     ap.add_argument("--out", default=str(REPO / "bench-results" / "decoder"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     s = QUICK if args.quick else Settings()
+    info = machine_info()
+    print(f"CPU: {info['cpu']}; {isa_line(info)}; {torch.get_num_threads()} thread(s)", flush=True)
+    monitor = LoadMonitor(torch.get_num_threads()).start()
     backbone = load_backbone("smollm2", kind="causal")
     tokens = s.batch_size * (s.prompt_len + s.target_len)
     target_tokens = s.batch_size * s.target_len
@@ -213,17 +272,27 @@ def main(argv: list[str] | None = None) -> int:
     print("1. matmul peak", flush=True)
     mm = bench_matmul(s, shapes)
     print("2. training", flush=True)
-    tr = bench_training(backbone, s)
+    precisions = ("fp32", "bf16") if info["native_bf16"] else ("fp32",)  # bf16 crawls without native support
+    tr = bench_training(backbone, s, precisions)
+    e2e, e2e_note = None, ""
+    if args.data_dir and (Path(args.data_dir) / "e2e").is_dir():
+        print("2b. training on E2E", flush=True)
+        e2e = bench_training_e2e(backbone, s, args.data_dir, precisions)
+    else:
+        e2e_note = "no data root with e2e/: give --data-dir or set FEDPEFT_DATA_DIR"
     print("3. generation", flush=True)
-    gen = bench_generation(backbone, s)
+    gen = bench_generation(backbone, s, precisions)
     print("1'. matmul peak again", flush=True)
     mm = merge_peaks(mm, bench_matmul(s, shapes))
-    for v in tr.values():
+    for v in [*tr.values(), *(e2e or {}).values()]:
         v["frac_fp32_peak"] = v["useful_gflops"] / mm["peak_gflops"]["float32"]
         v["frac_bf16_peak"] = v["useful_gflops"] / mm["peak_gflops"]["bfloat16"]
-    res = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "loadavg_at_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    monitor.stop()
+    load = monitor.summary(quick=args.quick)
+    res = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "isa": isa_line(info), "load": load,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "settings": vars(s) if not hasattr(s, "__dataclass_fields__") else {k: getattr(s, k) for k in s.__dataclass_fields__},
-           "matmul": mm, "training": tr, "generation": gen}
+           "matmul": mm, "training": tr, "training_e2e": e2e, "e2e_note": e2e_note, "generation": gen}
     text = render(res)
     print(text)
     out = Path(args.out)

@@ -26,7 +26,7 @@ over 3 passes; it prints the median seconds per step of each.
 Per round: configure / fit / aggregate / evaluate seconds, the segments distilled and reused; the
 table quotes each variant's median round and its ratio to FedAvg-full's median round. The machine
 header (CPU model, instruction sets, threads, load average) comes from fedpeft.hardware; the figures
-are PROVISIONAL when the 1-minute load average exceeded the thread count during the run. Output: a
+are PROVISIONAL when other processes used the cores meanwhile (machine.LoadMonitor). Output: a
 table on stdout, results.md and results.json in --out (default bench-results/leff_round/).
 """
 

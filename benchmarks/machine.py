@@ -6,11 +6,16 @@
   decision `--precision auto` makes (AVX-512 BF16 or AMX-BF16: without them torch 2.13 runs bf16
   matmuls through slow fallbacks, measured 90x slower than fp32 on an AVX2-only EPYC), so a
   benchmark skips bf16 exactly where a run would not pick it.
-- `LoadMonitor`: samples the 1-minute load average every few seconds while the benchmark runs. A
-  run is **final** only when no sample exceeds the thread count (the benchmark's own threads count
-  toward the load, so an idle machine sits near it); otherwise it is **PROVISIONAL**: other work
-  shared the cores, so its absolute figures are not the machine's (ratios between interleaved passes
-  inside the run are still paired). `--quick` runs are never final.
+- `LoadMonitor`: samples, every few seconds while the benchmark runs, the 1-minute load average and
+  (on Linux) the CPU time of every other process: the machine's busy time from /proc/stat minus this
+  process's own from /proc/self/stat. A run is **final** only when the others used on average at most
+  OTHERS_MEAN_LIMIT of a core and in no interval more than OTHERS_PEAK_LIMIT; otherwise it is
+  **PROVISIONAL**: other work shared the cores, so its absolute figures are not the machine's (ratios
+  between interleaved passes inside the run are still paired). The load average alone could not tell:
+  a benchmark's own torch threads plus its Python thread keep it above the thread count on an idle
+  machine (paper_round.py's 2 threads held it at 1.65–2.26 with nothing else running), and it lags by a
+  minute. Without /proc the rule falls back to "no load sample above the thread count". `--quick` runs
+  are never final.
 - `one_line_errors`: a benchmark's `main` that turns a user's mistake (FedPeftError) into one line,
   `fedpeft: error: …`, and status 2, as `fedpeft` itself does.
 """
@@ -51,45 +56,109 @@ def isa_line(info: dict[str, Any]) -> str:
             f"{'yes' if info['native_bf16'] else 'no (bf16 figures skipped)'}")
 
 
+OTHERS_MEAN_LIMIT = 0.1  # cores: other processes' average CPU use over the run that still counts as idle
+OTHERS_PEAK_LIMIT = 0.5  # cores: ... and in any one sampling interval
+
+
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """pid → (ppid, utime + stime + cutime + cstime in clock ticks) of every process /proc shows."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                f = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # it ended meanwhile
+        out[int(name)] = (int(f[1]), sum(int(x) for x in f[11:15]))
+    return out
+
+
+def cpu_clock() -> tuple[float, float, float] | None:
+    """(wall seconds, busy CPU seconds of the whole machine, CPU seconds of this process and its
+    descendants: torch.compile's workers, a Flower deployment's processes), or None where /proc is
+    missing. Busy = user + nice + system + irq + softirq + steal."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:9]]
+        procs = _proc_stats()
+    except (OSError, ValueError, IndexError):
+        return None
+    tree, grew = {os.getpid()}, True
+    while grew:
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    own = sum(procs[pid][1] for pid in tree if pid in procs)
+    return time.monotonic(), (user + nice + system + irq + softirq + steal) / hz, own / hz
+
+
+def others_cores(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """Cores the other processes used on average between two cpu_clock() readings."""
+    wall = b[0] - a[0]
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / wall) if wall > 0 else 0.0
+
+
 class LoadMonitor:
-    """Samples os.getloadavg()[0] every `every` seconds in a daemon thread between start() and stop()."""
+    """Samples os.getloadavg()[0] and cpu_clock() every `every` seconds in a daemon thread between start()
+    and stop()."""
 
     def __init__(self, threads: int, every: float = 5.0):
         self.threads, self.every = threads, every
         self.samples: list[float] = []
+        self.clocks: list[tuple[float, float, float]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "LoadMonitor":
+    def _sample(self) -> None:
         self.samples.append(os.getloadavg()[0])
+        clock = cpu_clock()
+        if clock is not None:
+            self.clocks.append(clock)
+
+    def start(self) -> "LoadMonitor":
+        self._sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            self.samples.append(os.getloadavg()[0])
+            self._sample()
 
     def stop(self) -> dict[str, Any]:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=1)
-        self.samples.append(os.getloadavg()[0])
+        self._sample()
         return self.summary()
 
     def summary(self, quick: bool = False) -> dict[str, Any]:
         s = sorted(self.samples) or [os.getloadavg()[0]]
         limit = float(self.threads)
-        contended = s[-1] > limit
+        out = {"load_min": s[0], "load_median": s[len(s) // 2], "load_max": s[-1], "samples": len(s), "limit": limit}
+        if len(self.clocks) >= 2:
+            steps = [others_cores(a, b) for a, b in zip(self.clocks, self.clocks[1:])]
+            out.update(others_mean=others_cores(self.clocks[0], self.clocks[-1]), others_peak=max(steps))
+            contended = out["others_mean"] > OTHERS_MEAN_LIMIT or out["others_peak"] > OTHERS_PEAK_LIMIT
+        else:
+            contended = s[-1] > limit
         status = "quick (smoke check, not a measurement)" if quick else ("PROVISIONAL" if contended else "final")
-        return {"load_min": s[0], "load_median": s[len(s) // 2], "load_max": s[-1], "samples": len(s),
-                "limit": limit, "contended": contended, "status": status}
+        return {**out, "contended": contended, "status": status}
 
 
 def status_line(load: dict[str, Any]) -> str:
-    text = (f"1-minute load average during the run: min {load['load_min']:.2f}, median {load['load_median']:.2f}, "
-            f"max {load['load_max']:.2f} over {load['samples']} samples; limit {load['limit']:.0f} "
-            f"(the thread count) → **{load['status']}**")
+    load_text = (f"1-minute load average during the run: min {load['load_min']:.2f}, median {load['load_median']:.2f}, "
+                 f"max {load['load_max']:.2f} over {load['samples']} samples")
+    if "others_mean" in load:
+        text = (f"other processes' CPU use during the run: {load['others_mean']:.2f} cores on average, at most "
+                f"{load['others_peak']:.2f} in one interval (limits {OTHERS_MEAN_LIMIT} / {OTHERS_PEAK_LIMIT}); "
+                f"{load_text} → **{load['status']}**")
+    else:
+        text = f"{load_text}; limit {load['limit']:.0f} (the thread count) → **{load['status']}**"
     if load["status"] == "PROVISIONAL":
         text += (": the absolute figures are provisional (other processes shared the cores); "
                  "ratios between interleaved passes are still paired. Rerun on an idle machine for final figures.")

@@ -26,7 +26,7 @@ results.md + results.json in --out (default bench-results/throughput/). results.
 headline figures as top-level plain numbers: `fp32_share_of_fp32_peak`, `bf16_share_of_bf16_peak`
 (null without native bf16), `native_bf16` (true/false), each share for the encoder path a run uses
 by default (`headline_encoder_path`), and `*_by_encoder_path` for both paths. The run is PROVISIONAL
-when the 1-minute load average exceeded the thread count at any sample (machine.LoadMonitor).
+when other processes used the cores meanwhile (machine.LoadMonitor: their CPU time from /proc).
 """
 
 from __future__ import annotations

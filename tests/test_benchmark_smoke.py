@@ -52,3 +52,27 @@ def test_without_data_one_line_and_status_2(name, tmp_path, capsys):
     assert bench.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedpeft: error: the GLUE data is not found") and "\n" not in err
+
+
+def test_load_monitor_calls_a_run_final_only_when_other_processes_left_the_cores_alone():
+    """The benchmarks' final/PROVISIONAL rule counts other processes' CPU time (the machine's busy time
+    minus the benchmark's own process tree), not the load average, which the benchmark's own threads keep
+    above the thread count on an idle machine."""
+    machine = load_benchmark("machine")
+    assert machine.others_cores((0.0, 100.0, 40.0), (10.0, 120.0, 59.0)) == pytest.approx(0.1)  # 20 s busy, 19 own
+    assert machine.others_cores((0.0, 100.0, 40.0), (10.0, 110.0, 52.0)) == 0.0  # clock skew never goes negative
+
+    def monitor(clocks, loads=(3.0, 3.5)):
+        m = machine.LoadMonitor(threads=2)
+        m.samples, m.clocks = list(loads), clocks
+        return m.summary()
+
+    own_only = [(0.0, 0.0, 0.0), (5.0, 10.0, 9.9), (10.0, 20.0, 19.8)]  # 2 busy cores, all but 0.02 ours
+    assert monitor(own_only)["status"] == "final"  # load 3.5 on 2 threads: the old rule said PROVISIONAL
+    burst = [(0.0, 0.0, 0.0), (5.0, 10.0, 6.5), (10.0, 20.0, 16.5)]  # 0.7 cores of others in one interval
+    got = monitor(burst)
+    assert got["status"] == "PROVISIONAL" and got["others_peak"] == pytest.approx(0.7)
+    steady = [(0.0, 0.0, 0.0), (50.0, 100.0, 92.5)]  # 0.15 cores of others on average
+    assert monitor(steady)["status"] == "PROVISIONAL"
+    assert monitor([], loads=(1.5, 1.9))["status"] == "final" and monitor([], loads=(2.5,))["status"] == "PROVISIONAL"
+    assert "PROVISIONAL" in machine.status_line(got) and "0.70 in one interval" in machine.status_line(got)
