@@ -200,7 +200,12 @@ def test_leff_suite_and_report(bb3, tmp_path):
     suite = get_suite("leff-cpu")
     assert {suite.config(e, 1).method for e in suite.entries} == {"leff", "fedavg-full", "fedlora", "fedbitfit", "slora"}
     plan = suite.plan([1, 2, 3])
-    assert len(plan) == 4 * 3 + 3  # four main methods x 3 seeds, three extra entries on seed 1
+    # four main methods and the two sampling variants x 3 seeds, three extra entries on seed 1
+    assert len(plan) == 6 * 3 + 3
+    variants = {e.label: suite.config(e, 1) for e in suite.entries if e.label.startswith("leff-")}
+    assert variants["leff-uniform"].sampling == "random" and variants["leff-eq6-raw"].importance_normalise == "none"
+    assert [e.label for e, s in plan if s == 3] == ["leff", "fedavg-full", "fedlora", "fedbitfit", "leff-uniform",
+                                                    "leff-eq6-raw"]
     for entry, seed in plan:
         cfg = suite.config(entry, seed, output_dir="x")
         cfg.check_runnable()
