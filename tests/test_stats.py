@@ -105,6 +105,18 @@ def test_a_method_right_on_strictly_more_examples_is_resolved():
     assert worse.mean == pytest.approx(-better.mean)
 
 
+def test_an_interval_that_excludes_zero_on_one_seeds_strength_is_not_resolved_when_a_seed_dissents():
+    """Seeds that go the other way leave the ordering open, whatever the test-example interval says (the
+    leff-cpu sampling ablation: +0.00, +6.25, −0.59 gave [+0.46, +3.32]); a tie is no dissent."""
+    dissent = stats.Comparison("leff-uniform", "leff", (1, 2, 3), (0.0, 0.0625, -0.0059), 0.0189, 0.0046, 0.0332)
+    assert dissent.excludes_zero and dissent.dissenting_seeds == (3,) and not dissent.resolved
+    tie = stats.Comparison("a", "b", (1, 2), (0.0, 0.03), 0.015, 0.004, 0.026)
+    assert tie.resolved and tie.dissenting_seeds == ()
+    text = "\n".join(stats.markdown_lines([dissent, tie], []))
+    assert "| leff-uniform | s1: +0.00, s2: +6.25, s3: -0.59 | +1.89 | [+0.46, +3.32] | not resolved: seed 3 goes the other way |" in text
+    assert "resolved (a above b)" in text
+
+
 def test_differences_are_paired_by_seed():
     """Each seed's difference is between the two runs of THAT seed; seeds only one side ran are left out."""
     runs, refs = {}, {}

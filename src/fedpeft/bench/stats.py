@@ -11,7 +11,10 @@ For a method A and a reference R (FedLEASE, FedIT), on every seed both ran:
   (accuracy, F1, Matthews correlation, Pearson / Spearman: the metric itself, not a per-example
   proxy, so MCC and F1 tasks are resampled correctly), then the task means and their mean, and
   averages the per-seed differences. The interval is the 2.5 / 97.5 percentiles of the replicates.
-- "resolved" when the interval excludes 0, "not resolved" otherwise.
+- "resolved" when the interval excludes 0 and no seed's difference has the other sign; "not resolved"
+  otherwise. The interval alone can exclude 0 on the strength of one seed whose training went another way
+  (leff-cpu, benchmarks/results/leff-cpu-sampling-2026-12-07.md: +0.00, +6.25, −0.59 gave [+0.46, +3.32]):
+  it covers the test examples, not the training seeds, so seeds that disagree leave an ordering open.
 
 What it measures: how much the ordering could be an accident of which test examples were drawn.
 It does not cover the variation between training seeds beyond the seeds that ran; the per-seed
@@ -123,8 +126,17 @@ class Comparison:
     high: float
 
     @property
-    def resolved(self) -> bool:
+    def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
+
+    @property
+    def dissenting_seeds(self) -> tuple[int, ...]:
+        """Seeds whose difference has the other sign than the mean (ties are not dissent)."""
+        return tuple(s for s, d in zip(self.seeds, self.differences) if d * self.mean < 0)
+
+    @property
+    def resolved(self) -> bool:
+        return self.excludes_zero and not self.dissenting_seeds
 
 
 def unpaired_reason(a: RoundOutcomes, b: RoundOutcomes) -> str | None:
@@ -205,15 +217,21 @@ def markdown_lines(comparisons: list[Comparison], notes: list[str], *, n_boot: i
     lines = ["", "## Paired comparisons", "",
              f"Overall(method) − overall(reference) × 100 on each seed both ran, their mean, and a 95 % interval "
              f"for that mean from a paired bootstrap over the clients' test examples ({n_boot} resamples; the "
-             "task metric recomputed on each; bench/stats.py). *Resolved*: the interval excludes 0. The interval "
-             "covers which test examples were drawn, not training seeds beyond those listed."]
+             "task metric recomputed on each; bench/stats.py). *Resolved*: the interval excludes 0 and no seed's "
+             "difference has the other sign. The interval covers which test examples were drawn, not training seeds "
+             "beyond those listed."]
     for ref in dict.fromkeys(c.reference for c in comparisons):
         lines += ["", f"Against **{ref}**:", "",
                   "| method | per-seed differences | mean | 95 % interval | ordering |", "|---|---|---|---|---|"]
         for c in (c for c in comparisons if c.reference == ref):
             per_seed = ", ".join(f"s{s}: {d * 100:+.2f}" for s, d in zip(c.seeds, c.differences))
             word = ("above" if c.mean > 0 else "below") if c.resolved else ""
-            verdict = f"resolved ({c.label} {word} {ref})" if c.resolved else "not resolved"
+            if c.resolved:
+                verdict = f"resolved ({c.label} {word} {ref})"
+            elif c.excludes_zero:
+                verdict = ("not resolved: seed " + ", ".join(map(str, c.dissenting_seeds)) + " goes the other way")
+            else:
+                verdict = "not resolved"
             lines.append(f"| {c.label} | {per_seed} | {c.mean * 100:+.2f} | [{c.low * 100:+.2f}, {c.high * 100:+.2f}] "
                          f"| {verdict} |")
     for note in notes:
