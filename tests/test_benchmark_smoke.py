@@ -1,10 +1,12 @@
 """The paper-protocol round and the clustering-signal study at smoke size (benchmarks/paper_round.py,
 benchmarks/clustering_signal.py): they run end to end on real GLUE data and write what their READMEs
-promise; without data they say so in one line. Their real figures come from the full runs."""
+promise; without data they say so in one line. Their real figures come from the full runs. Also: the
+benchmarks' final/PROVISIONAL rule (benchmarks/machine.py), and that every benchmark script imports."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +78,11 @@ def test_load_monitor_calls_a_run_final_only_when_other_processes_left_the_cores
     assert monitor(steady)["status"] == "PROVISIONAL"
     assert monitor([], loads=(1.5, 1.9))["status"] == "final" and monitor([], loads=(2.5,))["status"] == "PROVISIONAL"
     assert "PROVISIONAL" in machine.status_line(got) and "0.70 in one interval" in machine.status_line(got)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_imports(name):
+    """A benchmark that no smoke test runs can rot unseen: decoder_throughput.py raised ImportError for a
+    session after a helper moved (cpu_model, throughput.py → machine.py). Importing each one catches that kind."""
+    module = load_benchmark(name)
+    assert name == "machine" or callable(getattr(module, "main", None))
