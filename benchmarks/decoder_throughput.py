@@ -106,6 +106,24 @@ def body_params(lm: torch.nn.Module) -> int:
     return sum(p.numel() for p in lm.get_decoder().parameters() if p is not emb)
 
 
+def timed_fits(alg, client, s: Settings) -> dict[str, Any]:
+    """`s.reps` timed FedIT.fit passes (after a warm-up pass) of a bound algorithm on `client`'s training
+    data, and the figures both training sections report: the median compute time per step, tokens/s and
+    useful GFLOP/s (4 × N_body per real token + 4 × V × H per target token)."""
+    inst = alg.configure(alg.init(), 1, list(range(len(alg.federation))))[0]
+    lm = alg.runtime.model.lm
+    n_body, vh = body_params(lm), lm.get_output_embeddings().weight.numel()
+    runs = [alg.fit(inst, client).config for _ in range(s.reps + 1)][1:]  # the first pass is the warm-up
+    compute = median([r["compute_seconds"] for r in runs])
+    real, target = client.train.real_tokens, client.train.target_tokens
+    flops = 4 * n_body * real + 4 * vh * target
+    return {"steps": s.train_batches, "seconds_per_step": compute / s.train_batches,
+            "real_tokens_per_s": real / compute, "target_tokens_per_s": target / compute,
+            "useful_gflops": flops / compute / 1e9, "n_body": n_body, "lm_head_params": vh,
+            "real_tokens": real, "padded_tokens": runs[0].get("padded_tokens"),
+            "passes": [r["compute_seconds"] for r in runs]}
+
+
 def bench_training(backbone, s: Settings, precisions=("fp32", "bf16")) -> dict[str, Any]:
     # "bench" is no registered task, so the settings are given resolved: the decoder's LoRA targets.
     cfg = RunConfig(method="fedit", tasks=["bench"], rank=s.rank, lora_alpha=2.0 * s.rank, batch_size=s.batch_size,
@@ -117,20 +135,7 @@ def bench_training(backbone, s: Settings, precisions=("fp32", "bf16")) -> dict[s
         data = synthetic_lm_data(s.batch_size * s.train_batches, s, backbone.tokenizer.vocab_size)
         client = Client(ClientInfo(0, "bench", 0, len(data)), data, data, False)
         alg.bind(alg.build_runtime(backbone), [client.info])
-        inst = alg.configure(alg.init(), 1, list(range(len(alg.federation))))[0]
-        lm = alg.runtime.model.lm
-        n_body, vh = body_params(lm), lm.get_output_embeddings().weight.numel()
-        runs = []
-        for rep in range(s.reps + 1):
-            reply = alg.fit(inst, client)
-            if rep:  # the first pass is the warm-up
-                runs.append(reply.config)
-        compute = median([r["compute_seconds"] for r in runs])
-        real, target = data.real_tokens, data.target_tokens
-        flops = 4 * n_body * real + 4 * vh * target
-        out[precision] = {"steps": s.train_batches, "seconds_per_step": compute / s.train_batches,
-                          "real_tokens_per_s": real / compute, "target_tokens_per_s": target / compute,
-                          "useful_gflops": flops / compute / 1e9, "n_body": n_body, "lm_head_params": vh, "passes": [r["compute_seconds"] for r in runs]}
+        out[precision] = timed_fits(alg, client, s)
         del alg
     return out
 
@@ -146,20 +151,7 @@ def bench_training_e2e(backbone, s: Settings, data_dir: str, precisions=("fp32",
                         precision=precision, quiet=True).resolved()
         infos, clients = prepare_clients(cfg, backbone.tokenizer)
         alg = build_algorithm(cfg, backbone, infos)
-        inst = alg.configure(alg.init(), 1, list(range(len(alg.federation))))[0]
-        client = clients[0]
-        lm = alg.runtime.model.lm
-        n_body, vh = body_params(lm), lm.get_output_embeddings().weight.numel()
-        runs = [alg.fit(inst, client).config for _ in range(s.reps + 1)][1:]  # the first pass is the warm-up
-        compute = median([r["compute_seconds"] for r in runs])
-        data = client.train
-        real, target = data.real_tokens, data.target_tokens
-        padded = runs[0].get("padded_tokens")
-        flops = 4 * n_body * real + 4 * vh * target
-        out[precision] = {"steps": s.train_batches, "seconds_per_step": compute / s.train_batches,
-                          "real_tokens_per_s": real / compute, "target_tokens_per_s": target / compute,
-                          "useful_gflops": flops / compute / 1e9, "n_body": n_body, "lm_head_params": vh,
-                          "real_tokens": real, "padded_tokens": padded, "passes": [r["compute_seconds"] for r in runs]}
+        out[precision] = timed_fits(alg, clients[0], s)
         del alg
     return out
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +65,12 @@ def layer_of(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def layer_mean(runs: list[dict], name: str, layer: int) -> float:
+    """`name` at one layer (its query and value modules), mean over each run's clients, then over the runs."""
+    return mean(mean(v for c in r["records"] for k, v in c.items() if k.startswith(name + "/") and layer_of(k) == layer)
+                for r in runs)
+
+
 def report(runs: list[dict]) -> str:
     lines = ["## Runs (last round; means over clients and modules)", "",
              "| label | seed | round | M | overall × 100 | " + " | ".join(SHORT[k] for k in LOGS) + " |",
@@ -95,17 +100,9 @@ def report(runs: list[dict]) -> str:
     layers = sorted({layer_of(k) for r in runs for c in r["records"] for k in c if layer_of(k) is not None})
     lines += ["| label | " + " | ".join(f"layer {l}" for l in layers) + " |", "|---|" + "---|" * len(layers)]
     for label in labels:
-        cells = []
-        for layer in layers:
-            g, o = defaultdict(list), defaultdict(list)
-            for r in (r for r in runs if r["label"] == label):
-                for c in r["records"]:
-                    for k, v in c.items():
-                        if layer_of(k) == layer and k.startswith("gamma_own/"):
-                            g[r["seed"]].append(v)
-                        elif layer_of(k) == layer and k.startswith("own_only_share/"):
-                            o[r["seed"]].append(v)
-            cells.append(f"{fmt(mean(mean(v) for v in g.values()), 2)} / {fmt(mean(mean(v) for v in o.values()), 2)}")
+        mine = [r for r in runs if r["label"] == label]
+        cells = [f"{fmt(layer_mean(mine, 'gamma_own', layer), 2)} / {fmt(layer_mean(mine, 'own_only_share', layer), 2)}"
+                 for layer in layers]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -420,14 +420,14 @@ def test_unit_rows_give_the_matrix_rows_of_every_joiner():
     clients[6]["l0"] = np.zeros((6, 2))
     full = b_distance_matrix(clients)
     for i in range(3, 9):
-        np.testing.assert_allclose(UnitRows(clients[:i]).distances(clients[i]), full[i, :i], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(UnitRows(clients[:i]).late_rows([clients[i]])[0], full[i, :i], rtol=0, atol=1e-12)
     # all joiners' rows from one product: joiner t against the members and the joiners before it
     rows = UnitRows(clients[:3])
     late = rows.late_rows(clients[3:])
     for t, row in enumerate(late):
         np.testing.assert_allclose(row, full[3 + t, : 3 + t], rtol=0, atol=1e-12)
     with pytest.raises(FedPeftError, match="lacks B matrix 'l1'"):
-        rows.distances({"l0": rng.normal(size=(6, 2))})
+        rows.late_rows([{"l0": rng.normal(size=(6, 2))}])
 
 
 def test_float32_products_for_many_clients_agree_with_float64(monkeypatch):

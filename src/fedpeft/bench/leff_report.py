@@ -112,12 +112,14 @@ def _fmt(ms, scale=1.0, digits=2) -> str:
 LEFF_REFERENCES = ("leff", "fedavg-full")
 
 
-def leff_markdown(rows: list[dict[str, Any]], *, title: str, description: str = "", paired: list[str] = ()) -> str:
+def leff_markdown(rows: list[dict[str, Any]], *, title: str, description: str = "", paired: list[str] = (),
+                  values: list[dict[str, float] | None] | None = None) -> str:
     """results.md of a LEFF suite; `paired`: the paired-comparison section (bench/stats.py markdown_lines),
-    for classification suites (generation runs save no predictions)."""
+    for classification suites (generation runs save no predictions); `values`: the rows' nlg_values, when
+    the caller has read them already."""
     from fedpeft.bench.leff_sampling import sampling_lines
 
-    values = [nlg_values(r) for r in rows]
+    values = [nlg_values(r) for r in rows] if values is None else values
     if rows and all(v is not None for v in values):
         return leff_nlg_markdown(rows, values, title=title, description=description) + "\n".join(sampling_lines(rows))
     tasks = [t for t in task_columns(rows) if t not in ("peak_client_memory_bytes", "client_compute_seconds")]

@@ -248,7 +248,8 @@ def write_report(rows: list[dict[str, Any]], dest: str | Path, *, suite=None, se
     if leff:
         from fedpeft.bench.leff_report import LEFF_REFERENCES, leff_markdown, nlg_values
 
-        generation = bool(rows) and all(nlg_values(r) is not None for r in rows)
+        values = [nlg_values(r) for r in rows]  # read once: leff_markdown tabulates them for generation suites
+        generation = bool(rows) and all(v is not None for v in values)
         comparisons, notes = ([], []) if generation else stats.compare_rows(rows, references=LEFF_REFERENCES)
     else:
         comparisons, notes = stats.compare_rows(rows)
@@ -256,7 +257,8 @@ def write_report(rows: list[dict[str, Any]], dest: str | Path, *, suite=None, se
         files["paired"] = write_paired_csv(stats.csv_rows(comparisons), dest / "paired.csv")
     paired = stats.markdown_lines(comparisons, notes)
     if leff:
-        atomic_write(files["md"], leff_markdown(rows, title=title, description=suite.description, paired=paired))
+        atomic_write(files["md"], leff_markdown(rows, title=title, description=suite.description, paired=paired,
+                                                values=values))
     else:
         atomic_write(files["md"], markdown(rows, title=title, description=suite.description if suite else "",
                                            paired=paired))

@@ -225,11 +225,10 @@ def markdown_lines(comparisons: list[Comparison], notes: list[str], *, n_boot: i
                   "| method | per-seed differences | mean | 95 % interval | ordering |", "|---|---|---|---|---|"]
         for c in (c for c in comparisons if c.reference == ref):
             per_seed = ", ".join(f"s{s}: {d * 100:+.2f}" for s, d in zip(c.seeds, c.differences))
-            word = ("above" if c.mean > 0 else "below") if c.resolved else ""
             if c.resolved:
-                verdict = f"resolved ({c.label} {word} {ref})"
+                verdict = f"resolved ({c.label} {'above' if c.mean > 0 else 'below'} {ref})"
             elif c.excludes_zero:
-                verdict = ("not resolved: seed " + ", ".join(map(str, c.dissenting_seeds)) + " goes the other way")
+                verdict = "not resolved: seed " + ", ".join(map(str, c.dissenting_seeds)) + " goes the other way"
             else:
                 verdict = "not resolved"
             lines.append(f"| {c.label} | {per_seed} | {c.mean * 100:+.2f} | [{c.low * 100:+.2f}, {c.high * 100:+.2f}] "

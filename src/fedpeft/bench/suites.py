@@ -313,7 +313,8 @@ _LEFF_R1 = Entry("leff-r1.0", {"method": "leff", "compression_rate": 1.0}, "firs
 SUITES["leff-cpu"] = Suite(
     name="leff-cpu",
     description="LEFF vs FedAvg-full, FedLoRA (r = 8), FedBitFit, LEFF with uniform block sampling and LEFF with "
-                "the literal Eq. 6 (and SLoRA, LEFF with budgets 1 2 4, LEFF with r_c = 1 on the first seed): SST-2, 4 clients, Dirichlet alpha = 0.05 over 4 x 128 train examples, 128 "
+                "the literal Eq. 6 (and SLoRA, LEFF with budgets 1 2 4, LEFF with r_c = 1 on the first seed): "
+                "SST-2, 4 clients, Dirichlet alpha = 0.05 over 4 x 128 train examples, 128 "
                 "validation examples per client, MiniLM, 64 tokens, 6 rounds, 1 local epoch, lr 1e-4; "
                 "about 30 minutes on 1 thread of a busy 2-core machine (2-6 min per run, LEFF's "
                 "distillation the largest part)",

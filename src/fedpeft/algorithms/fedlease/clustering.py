@@ -93,10 +93,10 @@ class UnitRows:
     the Eq. 2 rows of a round's late joiners come from one product per module (`late_rows`).
 
     `_late_join` compares every late client of a round with every clustered client, the joiners before it
-    included: re-stacking all members for each joiner (the first row of Eq. 2's matrix each time) made that O(joiners × members)
-    matrix conversions, 340 s of server work per round at 10,000 clients with 10 % sampled
-    (benchmarks/scale.py); one matrix-vector product per joiner still read every member's rows, 18 s a
-    round."""
+    included: re-stacking all members for each joiner (the first row of Eq. 2's matrix each time) made that
+    O(joiners × members) matrix conversions, 340 s of server work per round at 10,000 clients with 10 %
+    sampled (benchmarks/scale.py); one matrix-vector product per joiner still read every member's rows,
+    18 s a round."""
 
     def __init__(self, b_by_client: Sequence[Mapping[str, Any]]):
         self.keys = _check_keys(b_by_client)
@@ -107,10 +107,6 @@ class UnitRows:
     def _unit(self, b: Mapping[str, Any]) -> dict[str, np.ndarray]:
         _check_late_keys(self.keys, b)
         return {k: _unit_rows([b], k, self.shapes[k])[0] for k in self.keys}
-
-    def distances(self, b_new: Mapping[str, Any]) -> np.ndarray:
-        """d(new, i) for the n clients held, in their order."""
-        return self.late_rows([b_new])[0]
 
     def late_rows(self, joiners: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
         """For joiner t of `joiners` (in order), d(joiner t, i) for the n clients held and then for joiners
