@@ -13,7 +13,8 @@ Sections:
    2b. the same on real E2E training examples (MR prompt → reference, ≤ 128 tokens, the nlg-cpu suite's
    length, LoRA dropout 0.05 as a run has it), batches padded to their longest example as a run pads
    them, when a data root with e2e/ is given (`--data-dir`, default $FEDPEFT_DATA_DIR); FLOPs count the
-   real tokens only, so padding shows as a lower share;
+   real tokens only, so padding shows as a lower share; each precision with both `--decoder-path`s
+   (padded: the model's own forward; varlen: padding-free, the default), passes interleaved;
 3. generation through `fedpeft.generation.generate_ids` on 8 chat prompts in one batch: greedy and
    beam 4 with the KV cache (fp32 and bf16), and greedy without it.
 
@@ -111,9 +112,14 @@ def timed_fits(alg, client, s: Settings) -> dict[str, Any]:
     data, and the figures both training sections report: the median compute time per step, tokens/s and
     useful GFLOP/s (4 × N_body per real token + 4 × V × H per target token)."""
     inst = alg.configure(alg.init(), 1, list(range(len(alg.federation))))[0]
+    runs = [alg.fit(inst, client).config for _ in range(s.reps + 1)][1:]  # the first pass is the warm-up
+    return fit_figures(alg, client, s, runs)
+
+
+def fit_figures(alg, client, s: Settings, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """timed_fits' figures from the replies' configs of the measured passes."""
     lm = alg.runtime.model.lm
     n_body, vh = body_params(lm), lm.get_output_embeddings().weight.numel()
-    runs = [alg.fit(inst, client).config for _ in range(s.reps + 1)][1:]  # the first pass is the warm-up
     compute = median([r["compute_seconds"] for r in runs])
     real, target = client.train.real_tokens, client.train.target_tokens
     flops = 4 * n_body * real + 4 * vh * target
@@ -140,19 +146,39 @@ def bench_training(backbone, s: Settings, precisions=("fp32", "bf16")) -> dict[s
     return out
 
 
+DECODER_PATHS = ("padded", "varlen")
+
+
 def bench_training_e2e(backbone, s: Settings, data_dir: str, precisions=("fp32", "bf16")) -> dict[str, Any]:
     """FedIT.fit on the first batch_size × train_batches E2E training examples of one client, as a run
-    encodes and pads them (max length 128, LoRA dropout 0.05), fp32 and bf16."""
-    out = {}
+    encodes and pads them (max length 128, LoRA dropout 0.05), fp32 and bf16, each with both decoder
+    paths (`--decoder-path`: padded, the model's own forward, and varlen, padding-free), their passes
+    interleaved so a burst of other work hits both; keys "fp32 padded", ... and per precision the
+    varlen / padded speed-up (ratio of the medians, and median of the paired per-pass ratios)."""
+    out: dict[str, Any] = {}
     for precision in precisions:
-        cfg = RunConfig(method="fedit", model_name="smollm2", tasks=["e2e"], data_dir=data_dir, seed=1,
-                        train_samples=s.batch_size * s.train_batches, test_samples=4, max_length=128,
-                        batch_size=s.batch_size, local_epochs=1, lr=1e-4, rank=s.rank, lora_alpha=2.0 * s.rank,
-                        precision=precision, quiet=True).resolved()
-        infos, clients = prepare_clients(cfg, backbone.tokenizer)
-        alg = build_algorithm(cfg, backbone, infos)
-        out[precision] = timed_fits(alg, clients[0], s)
-        del alg
+        algs, clients = {}, None
+        for path in DECODER_PATHS:
+            cfg = RunConfig(method="fedit", model_name="smollm2", tasks=["e2e"], data_dir=data_dir, seed=1,
+                            train_samples=s.batch_size * s.train_batches, test_samples=4, max_length=128,
+                            batch_size=s.batch_size, local_epochs=1, lr=1e-4, rank=s.rank, lora_alpha=2.0 * s.rank,
+                            precision=precision, decoder_path=path, quiet=True).resolved()
+            infos, clients = prepare_clients(cfg, backbone.tokenizer)
+            algs[path] = build_algorithm(cfg, backbone, infos)
+        insts = {p: a.configure(a.init(), 1, [0])[0] for p, a in algs.items()}
+        runs: dict[str, list] = {p: [] for p in algs}
+        for rep in range(s.reps + 1):  # the first pass of each is the warm-up
+            for p, a in algs.items():
+                reply = a.fit(insts[p], clients[0]).config
+                if rep:
+                    runs[p].append(reply)
+        for p, a in algs.items():
+            out[f"{precision} {p}"] = fit_figures(a, clients[0], s, runs[p])
+        paired = [a["compute_seconds"] / b["compute_seconds"] for a, b in zip(runs["padded"], runs["varlen"])]
+        out[f"{precision} speed-up"] = {
+            "ratio": out[f"{precision} varlen"]["real_tokens_per_s"] / out[f"{precision} padded"]["real_tokens_per_s"],
+            "paired": median(paired)}
+        del algs
     return out
 
 
@@ -219,18 +245,22 @@ def render(res: dict[str, Any]) -> str:
     out += [table(["precision", "s / step", "real tokens/s", "target tokens/s", "useful GFLOP/s", "of fp32 peak",
                    "of bf16 peak"], rows), "",
             f"N_body = {tr['fp32']['n_body'] / 1e6:.1f} M, LM head {tr['fp32']['lm_head_params'] / 1e6:.1f} M (target tokens only).", ""]
-    e2e = res.get("training_e2e")
+    e2e = {k: v for k, v in (res.get("training_e2e") or {}).items() if not k.endswith("speed-up")}
     if e2e:
-        first = e2e["fp32"]
+        first = e2e["fp32 padded"]
         pad = (f"{1 - first['real_tokens'] / first['padded_tokens']:.1%} of the batches' tokens are padding"
                if first.get("padded_tokens") else "padding not reported")
         out += [f"## 2b. LoRA training on real E2E examples ({first['steps']} batches of {s['batch_size']}, ≤ 128 "
                 f"tokens, {first['real_tokens']} real tokens; {pad}; FLOPs count real tokens only)", "",
-                table(["precision", "s / step", "real tokens/s", "target tokens/s", "useful GFLOP/s", "of fp32 peak",
-                       "of bf16 peak"],
+                table(["precision, --decoder-path", "s / step", "real tokens/s", "target tokens/s", "useful GFLOP/s",
+                       "of fp32 peak", "of bf16 peak"],
                       [[p, v["seconds_per_step"], v["real_tokens_per_s"], v["target_tokens_per_s"], v["useful_gflops"],
-                        pct(v["frac_fp32_peak"]), pct(v["frac_bf16_peak"]) if p == "bf16" else "-"]
+                        pct(v["frac_fp32_peak"]), pct(v["frac_bf16_peak"]) if p.startswith("bf16") else "-"]
                        for p, v in e2e.items()]), ""]
+        for key, v in res["training_e2e"].items():
+            if key.endswith("speed-up"):
+                out += [f"varlen / padded, {key.split()[0]}: {v['ratio']:.3f}× (median of the paired passes "
+                        f"{v['paired']:.3f}×)", ""]
     else:
         out += [f"## 2b. LoRA training on real E2E examples: not run ({res.get('e2e_note', 'no data root')})", ""]
     out += [f"## 3. Generation ({res['generation'][0]['prompts']} prompts in one batch, ≤ {s['new_tokens']} new tokens)", ""]
@@ -276,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = bench_generation(backbone, s, precisions)
     print("1'. matmul peak again", flush=True)
     mm = merge_peaks(mm, bench_matmul(s, shapes))
-    for v in [*tr.values(), *(e2e or {}).values()]:
+    for v in [*tr.values(), *(v for k, v in (e2e or {}).items() if not k.endswith("speed-up"))]:
         v["frac_fp32_peak"] = v["useful_gflops"] / mm["peak_gflops"]["float32"]
         v["frac_bf16_peak"] = v["useful_gflops"] / mm["peak_gflops"]["bfloat16"]
     monitor.stop()

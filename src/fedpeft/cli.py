@@ -12,7 +12,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from fedpeft.config import ENCODER_PATHS, RunConfig, field_help, read_settings
+from fedpeft.config import DECODER_PATHS, ENCODER_PATHS, RunConfig, field_help, read_settings
 from fedpeft.errors import FedPeftError, RunFailed
 
 GROUP_TITLES = {"run": "what to run", "data": "data", "dataset": "your own data (--dataset: a file or a hub dataset)",
@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=ENCODER_PATHS,
                        help="every run of the matrix with this --encoder-path (default: the suite's, i.e. "
                             "RunConfig's); it changes a run's numbers, so compare the two in separate --out roots")
+    bench.add_argument("--decoder-path", "--decoder_path", dest="decoder_path", default=None,
+                       choices=DECODER_PATHS,
+                       help="every run of the matrix with this --decoder-path (as --encoder-path; decoder runs "
+                            "made before the setting ran padded: pass padded to go on with them)")
     bench.add_argument("--report-only", action="store_true",
                        help="run nothing: tabulate the finished runs of the matrix and list the others")
     bench.add_argument("--tracking", choices=("none", "tensorboard", "mlflow"), default=None,
@@ -279,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_bench(_suite(args), args.seeds, args.out, labels=args.methods, data_dir=args.data_dir,
                       threads=args.threads, report_only=args.report_only, tracking=args.tracking,
-                      tracking_uri=args.tracking_uri, encoder_path=args.encoder_path)
+                      tracking_uri=args.tracking_uri, encoder_path=args.encoder_path,
+                      decoder_path=args.decoder_path)
             return 0
         if args.command == "tune":
             from fedpeft.bench.tune import parse_values, tune as run_tune

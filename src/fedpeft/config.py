@@ -62,6 +62,9 @@ CHAT_TEMPLATES = ("auto", "none")
 ENCODER_PATHS = ("padded", "varlen")
 # A run saved before --encoder-path existed ran the padded forward: its config.json says nothing of it.
 ENCODER_PATH_BEFORE_THE_SETTING = "padded"
+DECODER_PATHS = ("padded", "varlen")
+# Likewise --decoder-path: a decoder run saved before it ran the padded forward.
+DECODER_PATH_BEFORE_THE_SETTING = "padded"
 DISTILL_REUSE = ("off", "unchanged")
 DISTILL_TEACHERS = ("per-step", "cached")
 DISTILL_PRECISIONS = ("fp32", "run")
@@ -137,7 +140,8 @@ class RunConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", group="training")
     device: str = _f("auto", "where the model, its adapters, heads and batches compute: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda, cuda:N or mps; aggregation and the server state stay on the CPU. Resolved once and saved in config.json", group="training")
     precision: str = _f("auto", "auto (bf16 where the device runs it natively: a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX; float32 elsewhere), fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler, CUDA only); routers, softmax and losses stay float32. Resolved once and saved in config.json", choices=PRECISIONS, group="training")
-    encoder_path: str = _f("varlen", "how a BERT/RoBERTa encoder runs a batch: varlen (padding-free: the projections, LoRA and feed-forward run on the real tokens only, with a 3x cheaper dropout of the same probability) or padded (the model's own forward over the padded [batch, length] tensor with torch's dropout, as runs made before this setting did). The two give the same outputs in evaluation and different dropout draws in training, so a seed's numbers differ; a 3-seed comparison found the difference inside the seed noise (docs/benchmarks.md). Decoders, DeBERTa and FedDPA's instance weighting always run padded", choices=ENCODER_PATHS, group="training")
+    encoder_path: str = _f("varlen", "how a BERT/RoBERTa encoder runs a batch: varlen (padding-free: the projections, LoRA and feed-forward run on the real tokens only, with a 3x cheaper dropout of the same probability) or padded (the model's own forward over the padded [batch, length] tensor with torch's dropout, as runs made before this setting did). The two give the same outputs in evaluation and different dropout draws in training, so a seed's numbers differ; a 3-seed comparison found the difference inside the seed noise (docs/benchmarks.md). Decoders (--decoder-path), DeBERTa and FedDPA's instance weighting always run padded", choices=ENCODER_PATHS, group="training")
+    decoder_path: str = _f("varlen", "how a Llama-family decoder (SmolLM2, Llama, Mistral, Qwen2) runs a training or loss batch: varlen (padding-free: every layer but attention on the real tokens only, causal attention with the fused kernel and no mask, LoRA dropout 3x cheaper with the same probability) or padded (the model's own forward on the padded batch with torch's dropout, as runs made before this setting did). Same outputs without dropout, other dropout draws in training; 1.06x (fp32) / 1.05x (bf16) faster on real E2E batches (benchmarks/README.md#decoder_throughputpy). GPT-2, LEFF and generation always run padded", choices=DECODER_PATHS, group="training")
     gradient_checkpointing: bool = _f(False, "recompute each transformer block's activations in the backward pass instead of keeping them (Hugging Face gradient checkpointing, non-reentrant): less memory for long sequences and large decoders, about a third more compute, the same loss and gradients", group="training")
     seed: int = _f(42, "run seed; every client/round/phase seed derives from it", group="training")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", group="training", resume="free")

@@ -28,13 +28,13 @@ def frozen_linears_to(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat1
             module.to(dtype)
 
 
-def wrap_model(peft_model, backbone, encoder_path: str = "padded"):
+def wrap_model(peft_model, backbone, encoder_path: str = "padded", decoder_path: str = "padded"):
     """The model the methods drive: an encoder + heads (`TaskModel`, run the `encoder_path` way:
-    `--encoder-path`), or a decoder (`CausalLM`)."""
+    `--encoder-path`), or a decoder (`CausalLM`, run the `decoder_path` way: `--decoder-path`)."""
     if getattr(backbone, "kind", "encoder") == "causal":
         from fedpeft.models.causal_model import CausalLM
 
-        return CausalLM(peft_model, backbone.tokenizer, backbone.hidden_size)
+        return CausalLM(peft_model, backbone.tokenizer, backbone.hidden_size, decoder_path)
     from fedpeft.models.task_model import TaskModel
 
     return TaskModel(peft_model, backbone.hidden_size, backbone.pooling, encoder_path)
@@ -51,7 +51,7 @@ def build_lora_runtime(cfg, backbone, *, rank: int, adapter_names: tuple[str, ..
                              targets=list(cfg.target_modules), adapter_names=adapter_names)
     for p in peft_model.parameters():
         p.requires_grad_(False)
-    return Runtime(wrap_model(peft_model, backbone, cfg.encoder_path), lora_sites(peft_model))
+    return Runtime(wrap_model(peft_model, backbone, cfg.encoder_path, cfg.decoder_path), lora_sites(peft_model))
 
 
 def export_lora(backbone, cfg, lora_state: dict[str, torch.Tensor], folder, base_path: str) -> None:

@@ -53,13 +53,15 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
     architecture when a test injects one)."""
     import dataclasses
 
-    from fedpeft.config import ENCODER_PATH_BEFORE_THE_SETTING, LEFF_FAMILY, RunConfig
+    from fedpeft.config import DECODER_PATH_BEFORE_THE_SETTING, ENCODER_PATH_BEFORE_THE_SETTING, LEFF_FAMILY, RunConfig
 
     try:
         raw = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return
     raw.setdefault("encoder_path", ENCODER_PATH_BEFORE_THE_SETTING)  # a run saved before the setting ran padded
+    if _decoder_run(raw):  # likewise a decoder run before --decoder-path; an encoder run never used it
+        raw.setdefault("decoder_path", DECODER_PATH_BEFORE_THE_SETTING)
     model_type = getattr(backbone, "model_type", None)
     # A folder saved before a setting became automatic holds the unresolved value: resolve both sides.
     # The saved device and precision are already concrete (what the run used, maybe on another machine's
@@ -79,6 +81,13 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
         if key not in _IGNORED and key in saved and saved[key] != planned[key]:
             raise FedPeftError(f"{run_dir} was run with {key}={saved[key]!r}, but the suite now says "
                                f"{planned[key]!r}: remove that folder or use another --out")
+
+
+def _decoder_run(raw: dict) -> bool:
+    """A saved run of generation tasks (a causal LM's), from its config.json."""
+    from fedpeft.data.tasks import GENERATION_TASKS
+
+    return bool(raw.get("prompt_column")) or any(t in GENERATION_TASKS for t in raw.get("tasks") or [])
 
 
 def check_hardware(suite: Suite) -> None:
@@ -128,7 +137,7 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
                data_dir: str | None = None, backbone=None, runner: Callable | None = None,
                say: Callable[[str], None] = _say, threads: int | None = None,
                tracking: str | None = None, tracking_uri: str | None = None,
-               encoder_path: str | None = None) -> list[RunRef]:
+               encoder_path: str | None = None, decoder_path: str | None = None) -> list[RunRef]:
     """Run (or skip, or resume) every (label, seed) of the suite; return them in suite order.
 
     `backbone` is passed to every run (tests inject a tiny model); `runner` replaces
@@ -136,7 +145,7 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
     LABEL-seedK) under one experiment, the suite's name, in one store: OUT/SUITE/mlflow.db (MLflow)
     or OUT/SUITE/tensorboard/ (TensorBoard) unless `tracking_uri` names another. `encoder_path`:
     every run with that --encoder-path (a setting of the run: a finished run with the other one is
-    refused by check_same_settings, not reused).
+    refused by check_same_settings, not reused); `decoder_path` likewise.
     """
     if tracking and tracking != "none" and tracking_uri is None:
         dest = (Path(out) / suite.name).resolve()
@@ -153,6 +162,8 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
         cfg = suite.config(entry, seed, output_dir=str(run_dir), data_dir=data_dir)
         if encoder_path is not None:
             cfg.encoder_path = encoder_path
+        if decoder_path is not None:
+            cfg.decoder_path = decoder_path
         if threads is not None:
             cfg.threads = threads  # not a setting of the run: wall times are, so the report says it
         if tracking and tracking != "none":  # not settings of the run either: where it is logged
@@ -188,7 +199,7 @@ def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] 
           data_dir: str | None = None, backbone=None, runner: Callable | None = None,
           say: Callable[[str], None] = _say, threads: int | None = None,
           report_only: bool = False, tracking: str | None = None, tracking_uri: str | None = None,
-          encoder_path: str | None = None) -> dict[str, Path]:
+          encoder_path: str | None = None, decoder_path: str | None = None) -> dict[str, Path]:
     """Run the matrix, then write results.csv, results.md and results.png in OUT/<suite>/.
 
     `report_only`: run nothing; tabulate the runs of the plan that are finished (a matrix still
@@ -209,7 +220,7 @@ def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] 
     else:
         refs = run_matrix(suite, seeds, out, labels=labels, data_dir=data_dir, backbone=backbone,
                           runner=runner, say=say, threads=threads, tracking=tracking, tracking_uri=tracking_uri,
-                          encoder_path=encoder_path)
+                          encoder_path=encoder_path, decoder_path=decoder_path)
     dest = Path(out) / suite.name
     busy = [f"{r.label} seed {r.seed}" for r in refs if r.status == "busy"]
     if busy:

@@ -10,14 +10,26 @@ layers the same way on both kinds of model.
 [N, vocab] for the N tokens whose label is not -100 (shifted: position t predicts token t + 1), and
 the N target ids. Projecting only those hidden states through the LM head saves the vocabulary
 matmul on every prompt and padding position, which on SmolLM2 (49 152 × 576) is most of it.
+
+`decoder_path` (`--decoder-path`): `varlen` runs a Llama-style decoder's training and loss forward
+padding-free (models/decoder_varlen.py) and turns its dropouts (LoRA's) into `FastDropout`; `padded`
+runs the model's own forward on the padded batch with torch's dropout (the reference, and what runs
+made before the setting used). Generation always runs the model's own forward with its KV cache.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
 from fedpeft.data.batching import IGNORE_INDEX
+from fedpeft.errors import FedPeftError
+from fedpeft.models.decoder_varlen import decode_varlen, supports_decoder_varlen
+from fedpeft.models.varlen import use_fast_dropout
+
+DECODER_PATHS = ("padded", "varlen")  # config.DECODER_PATHS: --decoder-path
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -29,11 +41,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 class CausalLM(nn.Module):
     has_head = False
 
-    def __init__(self, encoder: nn.Module, tokenizer, hidden: int):
+    def __init__(self, encoder: nn.Module, tokenizer, hidden: int, decoder_path: str = "padded"):
         super().__init__()
+        if decoder_path not in DECODER_PATHS:
+            raise FedPeftError(f"unknown decoder path {decoder_path!r}: choose one of {', '.join(DECODER_PATHS)}")
         self.encoder = encoder  # the (PEFT-wrapped or MoE-injected) *ForCausalLM
         self.tokenizer = tokenizer
         self.hidden = hidden
+        # `fast`: FedLEASE gives its mixture's new modules the same dropout (as on TaskModel)
+        self.fast = decoder_path == "varlen" and supports_decoder_varlen(unwrap(encoder))
+        self.varlen = self.fast
+        if self.fast:
+            use_fast_dropout(self.encoder)
 
     @property
     def lm(self) -> nn.Module:
@@ -50,10 +69,27 @@ class CausalLM(nn.Module):
         return []
 
     # ---------------------------------------------------------------- forward
+    @contextlib.contextmanager
+    def padded(self):
+        """Run the padded [B, S] forward inside this block (as TaskModel.padded)."""
+        before = self.varlen
+        self.varlen = False
+        try:
+            yield
+        finally:
+            self.varlen = before
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits of the target positions [N, V], their target ids [N])."""
+        """(logits of the target positions [N, V], their target ids [N]), N in row-major order."""
         lm = self.lm
+        if self.varlen:
+            hidden, where = decode_varlen(lm, input_ids, attention_mask)  # [T, H], real tokens only
+            following = torch.full_like(labels, IGNORE_INDEX)
+            following[:, :-1] = labels[:, 1:]  # the token each position predicts (-100 past a row's end)
+            targets = following.reshape(-1).index_select(0, where.index)
+            keep = targets != IGNORE_INDEX
+            return lm.get_output_embeddings()(hidden[keep]), targets[keep]
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state
         targets = labels[:, 1:]

@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fedpeft.config import ENCODER_PATH_BEFORE_THE_SETTING, RunConfig, read_settings
+from fedpeft.config import DECODER_PATH_BEFORE_THE_SETTING, ENCODER_PATH_BEFORE_THE_SETTING, RunConfig, read_settings
 from fedpeft.errors import FedPeftError
 
 log = logging.getLogger("fedpeft")
@@ -84,8 +84,11 @@ def saved_config(cfg: RunConfig) -> RunConfig:
     lock_run_dir(run_dir)
     try:
         saved = RunConfig.load(path)
-        if "encoder_path" not in read_settings(path):  # saved before the setting: it ran padded, so it goes on so
+        settings = read_settings(path)
+        if "encoder_path" not in settings:  # saved before the setting: it ran padded, so it goes on so
             saved.encoder_path = ENCODER_PATH_BEFORE_THE_SETTING
+        if "decoder_path" not in settings:  # likewise
+            saved.decoder_path = DECODER_PATH_BEFORE_THE_SETTING
         _check_resumable(run_dir, saved)
         changes = _apply_resume_flags(run_dir, saved, cfg)
     except BaseException:
