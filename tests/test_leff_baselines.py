@@ -210,6 +210,15 @@ def test_leff_suite_and_report(bb3, tmp_path):
         cfg = suite.config(entry, seed, output_dir="x")
         cfg.check_runnable()
         assert cfg.partition == "dirichlet_cut" and cfg.alpha == 0.05 and set(cfg.tasks) == {"sst2"}
+    long = get_suite("leff-cpu-200")  # the paper's 200 steps; the same federation and the sampling pair
+    assert [(e.label, s) for e, s in long.plan([1, 2])] == [
+        (label, seed) for label in ("leff", "fedavg-full", "leff-uniform") for seed in (1, 2)]
+    for entry in long.entries:
+        cfg, short = long.config(entry, 1, output_dir="x"), suite.config(entry, 1, output_dir="x")
+        cfg.check_runnable()
+        assert cfg.distill_steps == 200 and cfg.distill_teacher == "cached" and cfg.sampling == short.sampling
+        assert (cfg.tasks, cfg.alpha, cfg.global_rounds, cfg.train_samples) == (
+            short.tasks, short.alpha, short.global_rounds, short.train_samples)
     tiny = Suite(name="leff-tiny", description="tiny", extra={"report": "leff"},
                  base=dict(tasks=["demo-sentiment"] * 2, partition="dirichlet_cut", alpha=1.0, train_samples=24,
                            test_samples=16, global_rounds=2, batch_size=8, max_length=32, proxy_dataset="demo",

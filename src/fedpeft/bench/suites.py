@@ -333,6 +333,22 @@ SUITES["leff-cpu"] = Suite(
     extra={"report": "leff"},
 )
 
+# leff-cpu with the paper's 200 distillation steps per student (issue 17 §5): at leff-cpu's 20 steps the
+# students, not the sampling, limited LEFF (benchmarks/results/leff-cpu-sampling-2026-12-07.md: two seeds of
+# three at chance). Only what the sampling ablation needs, on every seed: LEFF with importance sampling and
+# with uniform block draws, and FedAvg-full, the reference every LEFF row is paired with. The teacher runs
+# once over the distillation texts (`cached`: the same batches and targets up to float rounding, 0.66x the
+# time per step); about 30 minutes per LEFF run on one idle thread, 3-3.5 hours for the whole 3-seed matrix.
+SUITES["leff-cpu-200"] = Suite(
+    name="leff-cpu-200",
+    description="leff-cpu with the paper's 200 distillation steps per student (teacher cached): LEFF with "
+                "importance and with uniform block sampling, and FedAvg-full, on every seed; SST-2, 4 clients, "
+                "Dirichlet alpha = 0.05, MiniLM, 6 rounds; about 30 minutes per LEFF run on one idle thread",
+    base={**_LEFF_BASE, "distill_steps": 200, "distill_teacher": "cached"},
+    entries=(Entry("leff", {"method": "leff"}), Entry("fedavg-full", {"method": "fedavg-full"}),
+             Entry("leff-uniform", {"method": "leff", "sampling": "random"})),
+    extra={"report": "leff"},
+)
 
 # LEFF on a decoder (docs/methods/leff.md#decoders): E2E with the Dirichlet cut on the MR's
 # `food` (α = 0.05, Table 1) over 4 clients, WebNLG references as the proxy (distillation and the
