@@ -19,15 +19,13 @@ made before the setting used). Generation always runs the model's own forward wi
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from fedpeft.data.batching import IGNORE_INDEX
 from fedpeft.errors import FedPeftError
 from fedpeft.models.decoder_varlen import decode_varlen, supports_decoder_varlen
-from fedpeft.models.varlen import use_fast_dropout
+from fedpeft.models.varlen import PaddedSwitch, use_fast_dropout
 
 DECODER_PATHS = ("padded", "varlen")  # config.DECODER_PATHS: --decoder-path
 
@@ -38,7 +36,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-class CausalLM(nn.Module):
+class CausalLM(PaddedSwitch, nn.Module):
     has_head = False
 
     def __init__(self, encoder: nn.Module, tokenizer, hidden: int, decoder_path: str = "padded"):
@@ -69,16 +67,6 @@ class CausalLM(nn.Module):
         return []
 
     # ---------------------------------------------------------------- forward
-    @contextlib.contextmanager
-    def padded(self):
-        """Run the padded [B, S] forward inside this block (as TaskModel.padded)."""
-        before = self.varlen
-        self.varlen = False
-        try:
-            yield
-        finally:
-            self.varlen = before
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits of the target positions [N, V], their target ids [N]), N in row-major order."""

@@ -7,14 +7,13 @@ different label counts) live side by side, one module per number of labels.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from fedpeft.errors import FedPeftError
 from fedpeft.hardware import WIRE_DEVICE
-from fedpeft.models.varlen import FastDropout, encode_varlen, pool_varlen, supports_varlen, use_fast_dropout
+from fedpeft.models.varlen import (FastDropout, PaddedSwitch, encode_varlen, pool_varlen, supports_varlen,
+                                   use_fast_dropout)
 
 
 class ClassificationHead(nn.Module):
@@ -48,7 +47,7 @@ POOLINGS = ("first", "mean")
 ENCODER_PATHS = ("padded", "varlen")  # config.ENCODER_PATHS: --encoder-path
 
 
-class TaskModel(nn.Module):
+class TaskModel(PaddedSwitch, nn.Module):
     """`encoder` (possibly PEFT-wrapped) + one head per label count; `num_labels` picks the head.
 
     `pooling` is how a sequence becomes the head's input: the first token (BERT/RoBERTa
@@ -104,17 +103,6 @@ class TaskModel(nn.Module):
         return self.num_labels
 
     # ---------------------------------------------------------------- forward
-    @contextlib.contextmanager
-    def padded(self):
-        """Run the padded [B, S] forward inside this block: for code that shapes per-sentence tensors
-        against [B, S, H] activations (FedDPA's per-instance LoRA scaling)."""
-        before = self.varlen
-        self.varlen = False
-        try:
-            yield
-        finally:
-            self.varlen = before
-
     def pooled(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """The sequence representation the head reads (first token or masked mean).
 

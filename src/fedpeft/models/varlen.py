@@ -95,6 +95,24 @@ def use_fast_dropout(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- varlen
+class PaddedSwitch:
+    """`model.padded()` for a model whose padding-free forward is on while `self.varlen` is True
+    (TaskModel, CausalLM)."""
+
+    varlen: bool
+
+    @contextlib.contextmanager
+    def padded(self):
+        """Run the padded [B, S] forward inside this block: for code that shapes per-sentence tensors
+        against [B, S, H] activations (FedDPA's per-instance LoRA scaling)."""
+        before = self.varlen
+        self.varlen = False
+        try:
+            yield
+        finally:
+            self.varlen = before
+
+
 @dataclass
 class Varlen:
     """Where the T real tokens of a padded [B, S] batch are, for the attention function."""
