@@ -67,6 +67,21 @@ def test_varlen_loss_targets_and_lora_gradients_equal_the_padded_forward(monkeyp
     torch.testing.assert_close(loss_b, loss_p, rtol=1e-5, atol=1e-6)
 
 
+def test_varlen_loss_equals_the_padded_forward_under_bf16_autocast(monkeypatch):
+    """The path --precision bf16 takes (autocast; the fused causal kernel in bf16): the same loss to bf16 rounding."""
+    register(monkeypatch)
+    backbone = tiny_llama()
+    _, clients = make_clients(backbone.tokenizer, tasks=("tiny-reverse",), n_train=6)
+    batch = collate_lm(clients[0].train, list(range(6)))
+    losses = []
+    for path in ("padded", "varlen"):
+        model = _runtime(backbone, path).eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, targets = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        losses.append(F.cross_entropy(logits.float(), targets))
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=1e-3)
+
+
 def test_compact_layout_puts_each_sentence_at_the_start_of_its_row_whatever_the_padding_side():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
     v = compact_varlen(mask)
