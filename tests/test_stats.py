@@ -117,6 +117,13 @@ def test_an_interval_that_excludes_zero_on_one_seeds_strength_is_not_resolved_wh
     assert "resolved (a above b)" in text
 
 
+def test_one_seed_resolves_no_ordering_whatever_its_interval():
+    one = stats.Comparison("fedit", "fedlease", (1,), (-0.0422,), -0.0422, -0.0687, -0.0154)
+    assert one.excludes_zero and not one.dissenting_seeds and not one.resolved
+    text = "\n".join(stats.markdown_lines([one], []))
+    assert "| fedit | s1: -4.22 | -4.22 | [-6.87, -1.54] | not resolved: one seed" in text
+
+
 def test_differences_are_paired_by_seed():
     """Each seed's difference is between the two runs of THAT seed; seeds only one side ran are left out."""
     runs, refs = {}, {}

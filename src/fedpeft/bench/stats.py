@@ -14,7 +14,10 @@ For a method A and a reference R (FedLEASE, FedIT), on every seed both ran:
 - "resolved" when the interval excludes 0 and no seed's difference has the other sign; "not resolved"
   otherwise. The interval alone can exclude 0 on the strength of one seed whose training went another way
   (leff-cpu, benchmarks/results/leff-cpu-sampling-2026-12-07.md: +0.00, +6.25, −0.59 gave [+0.46, +3.32]):
-  it covers the test examples, not the training seeds, so seeds that disagree leave an ordering open.
+  it covers the test examples, not the training seeds, so seeds that disagree leave an ordering open;
+  and one seed alone resolves nothing (`MIN_SEEDS`): it cannot show whether another seed agrees (paper-cpu's
+  first seed put FedIT 4.2 points under FedLEASE with an interval of [−6.9, −1.5], while FedLEASE's own
+  overall moves by 3.0 points, one std, from seed to seed).
 
 What it measures: how much the ordering could be an accident of which test examples were drawn.
 It does not cover the variation between training seeds beyond the seeds that ran; the per-seed
@@ -115,6 +118,10 @@ def overall(outcomes: RoundOutcomes) -> float:
 
 
 # ------------------------------------------------------------------ one comparison
+# An ordering needs this many paired seeds: one seed says nothing of the training-seed noise.
+MIN_SEEDS = 2
+
+
 @dataclass(frozen=True)
 class Comparison:
     label: str
@@ -136,7 +143,7 @@ class Comparison:
 
     @property
     def resolved(self) -> bool:
-        return self.excludes_zero and not self.dissenting_seeds
+        return len(self.seeds) >= MIN_SEEDS and self.excludes_zero and not self.dissenting_seeds
 
 
 def unpaired_reason(a: RoundOutcomes, b: RoundOutcomes) -> str | None:
@@ -217,8 +224,8 @@ def markdown_lines(comparisons: list[Comparison], notes: list[str], *, n_boot: i
     lines = ["", "## Paired comparisons", "",
              f"Overall(method) − overall(reference) × 100 on each seed both ran, their mean, and a 95 % interval "
              f"for that mean from a paired bootstrap over the clients' test examples ({n_boot} resamples; the "
-             "task metric recomputed on each; bench/stats.py). *Resolved*: the interval excludes 0 and no seed's "
-             "difference has the other sign. The interval covers which test examples were drawn, not training seeds "
+             "task metric recomputed on each; bench/stats.py). *Resolved*: at least two seeds, the interval excludes "
+             "0 and no seed's difference has the other sign. The interval covers which test examples were drawn, not training seeds "
              "beyond those listed."]
     for ref in dict.fromkeys(c.reference for c in comparisons):
         lines += ["", f"Against **{ref}**:", "",
@@ -227,6 +234,8 @@ def markdown_lines(comparisons: list[Comparison], notes: list[str], *, n_boot: i
             per_seed = ", ".join(f"s{s}: {d * 100:+.2f}" for s, d in zip(c.seeds, c.differences))
             if c.resolved:
                 verdict = f"resolved ({c.label} {'above' if c.mean > 0 else 'below'} {ref})"
+            elif len(c.seeds) < MIN_SEEDS:
+                verdict = "not resolved: one seed (its interval covers the test examples only)"
             elif c.excludes_zero:
                 verdict = "not resolved: seed " + ", ".join(map(str, c.dissenting_seeds)) + " goes the other way"
             else:
