@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Does `--encoder-path varlen` cost accuracy? Paired per-seed differences of two bench matrices.
+"""Does `--encoder-path varlen` (or `--decoder-path varlen`) cost accuracy? Paired per-seed differences of two bench matrices.
 
     fedpeft bench --suite glue4-mini --methods fedit fedlease --seeds 1 2 3 --threads 1 \\
         --encoder-path padded --out OUT/padded
     fedpeft bench --suite glue4-mini --methods fedit fedlease --seeds 1 2 3 --threads 1 \\
         --encoder-path varlen --out OUT/varlen
     python benchmarks/encoder_path_accuracy.py OUT/padded/glue4-mini OUT/varlen/glue4-mini [--md FILE]
+
+The decoders' path the same way, on a generation suite: `fedpeft bench --suite nlg-cpu --methods fedit
+--seeds 1 2 3 --threads 1 --decoder-path padded|varlen --out OUT/padded|varlen`, then this script on
+OUT/padded/nlg-cpu and OUT/varlen/nlg-cpu.
 
 Reads each folder's results.csv (written by `fedpeft bench`), pairs the runs by (label, seed) and
 prints, per method: the overall score of every seed on both paths, the paired difference
@@ -64,8 +68,8 @@ def compare(padded: dict, varlen: dict) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("padded", type=Path, help="bench folder of the --encoder-path padded matrix (OUT/SUITE)")
-    ap.add_argument("varlen", type=Path, help="bench folder of the --encoder-path varlen matrix (OUT/SUITE)")
+    ap.add_argument("padded", type=Path, help="bench folder of the padded matrix (OUT/SUITE)")
+    ap.add_argument("varlen", type=Path, help="bench folder of the varlen matrix (OUT/SUITE)")
     ap.add_argument("--md", type=Path, default=None, help="also write the tables to this Markdown file")
     args = ap.parse_args(argv)
     text, summary = compare(load(args.padded), load(args.varlen))
