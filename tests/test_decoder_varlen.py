@@ -127,3 +127,7 @@ def test_a_decoder_run_saved_before_the_setting_counts_as_padded_in_the_bench(tm
                 check_same_settings(run_dir, cfg)
             cfg.decoder_path = "padded"
         check_same_settings(run_dir, cfg)
+        if not refused:  # whatever an encoder run's config.json says of it (a resume writes the field)
+            (run_dir / "config.json").write_text(json.dumps({**raw, "decoder_path": "padded"}))
+            cfg.decoder_path = "varlen"
+            check_same_settings(run_dir, cfg)

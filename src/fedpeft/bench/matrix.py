@@ -54,13 +54,15 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
     import dataclasses
 
     from fedpeft.config import DECODER_PATH_BEFORE_THE_SETTING, ENCODER_PATH_BEFORE_THE_SETTING, LEFF_FAMILY, RunConfig
+    from fedpeft.data.tasks import is_generation_run
 
     try:
         raw = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return
     raw.setdefault("encoder_path", ENCODER_PATH_BEFORE_THE_SETTING)  # a run saved before the setting ran padded
-    if _decoder_run(raw):  # likewise a decoder run before --decoder-path; an encoder run never used it
+    decoder_run = is_generation_run(raw)
+    if decoder_run:  # likewise a decoder run saved before --decoder-path
         raw.setdefault("decoder_path", DECODER_PATH_BEFORE_THE_SETTING)
     model_type = getattr(backbone, "model_type", None)
     # A folder saved before a setting became automatic holds the unresolved value: resolve both sides.
@@ -75,19 +77,14 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
     # LEFF's settings do not touch another method's run (a new LEFF default must not orphan old runs)
     unused = set() if cfg.method in LEFF_FAMILY else {
         f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("group") == "leff"}
+    if not decoder_run:  # how a decoder runs is no setting of an encoder's run
+        unused.add("decoder_path")
     for key in sorted(planned):
         if key in unused:
             continue
         if key not in _IGNORED and key in saved and saved[key] != planned[key]:
             raise FedPeftError(f"{run_dir} was run with {key}={saved[key]!r}, but the suite now says "
                                f"{planned[key]!r}: remove that folder or use another --out")
-
-
-def _decoder_run(raw: dict) -> bool:
-    """A saved run of generation tasks (a causal LM's), from its config.json."""
-    from fedpeft.data.tasks import GENERATION_TASKS
-
-    return bool(raw.get("prompt_column")) or any(t in GENERATION_TASKS for t in raw.get("tasks") or [])
 
 
 def check_hardware(suite: Suite) -> None:

@@ -189,6 +189,11 @@ DEMO_TASKS: tuple[str, ...] = tuple(s.name for s in _SPECS if s.source == "demo"
 GENERATION_TASKS: tuple[str, ...] = tuple(s.name for s in _SPECS if s.is_generation)
 
 
+def is_generation_run(settings: dict) -> bool:
+    """Do a run's saved settings (config.json) describe generation tasks, i.e. a causal LM's run?"""
+    return bool(settings.get("prompt_column")) or any(t in GENERATION_TASKS for t in settings.get("tasks") or [])
+
+
 def get_task(name: str) -> TaskSpec:
     """Return the registered task `name`; an unknown name raises `FedPeftError` listing the known ones."""
     try:

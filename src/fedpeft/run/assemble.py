@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from fedpeft.config import DECODER_PATH_BEFORE_THE_SETTING, ENCODER_PATH_BEFORE_THE_SETTING, RunConfig, read_settings
+from fedpeft.data.tasks import is_generation_run
 from fedpeft.errors import FedPeftError
 
 log = logging.getLogger("fedpeft")
@@ -87,7 +88,7 @@ def saved_config(cfg: RunConfig) -> RunConfig:
         settings = read_settings(path)
         if "encoder_path" not in settings:  # saved before the setting: it ran padded, so it goes on so
             saved.encoder_path = ENCODER_PATH_BEFORE_THE_SETTING
-        if "decoder_path" not in settings:  # likewise
+        if "decoder_path" not in settings and is_generation_run(settings):  # likewise a decoder run's
             saved.decoder_path = DECODER_PATH_BEFORE_THE_SETTING
         _check_resumable(run_dir, saved)
         changes = _apply_resume_flags(run_dir, saved, cfg)
