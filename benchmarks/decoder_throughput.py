@@ -55,7 +55,7 @@ from throughput import bench_matmul, median, pct, table  # noqa: E402
 
 from fedpeft.algorithms.registry import get_algorithm  # noqa: E402
 from fedpeft.algorithms.base import Client, ClientInfo  # noqa: E402
-from fedpeft.config import RunConfig  # noqa: E402
+from fedpeft.config import DECODER_PATHS, RunConfig  # noqa: E402
 from fedpeft.data.batching import EncodedLM, encode_generation  # noqa: E402
 from fedpeft.data.tasks import GenExample  # noqa: E402
 from fedpeft.generation import GenerationSettings, generate_ids  # noqa: E402
@@ -144,9 +144,6 @@ def bench_training(backbone, s: Settings, precisions=("fp32", "bf16")) -> dict[s
         out[precision] = timed_fits(alg, client, s)
         del alg
     return out
-
-
-DECODER_PATHS = ("padded", "varlen")
 
 
 def bench_training_e2e(backbone, s: Settings, data_dir: str, precisions=("fp32", "bf16")) -> dict[str, Any]:
