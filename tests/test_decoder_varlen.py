@@ -82,6 +82,29 @@ def test_varlen_loss_equals_the_padded_forward_under_bf16_autocast(monkeypatch):
     torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=1e-3)
 
 
+def test_a_checkpointed_decoder_runs_the_padded_forward():
+    """--gradient-checkpointing with --decoder-path varlen: the padded forward runs (recomputing a varlen
+    layer is refused by torch.utils.checkpoint), so training works and gives the padded loss."""
+    from fedpeft.models.placement import enable_gradient_checkpointing
+
+    backbone = tiny_llama()
+    model = _runtime(backbone, "varlen")
+    enable_gradient_checkpointing(model.encoder)
+    calls = []
+    import fedpeft.models.causal_model as cm
+    real = cm.decode_varlen
+    cm.decode_varlen = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        ids = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]])
+        mask = (ids != 0).long()
+        labels = torch.tensor([[-100, 6, 7, 8], [-100, 6, -100, -100]])
+        logits, targets = model.train()(ids, mask, labels)
+        F.cross_entropy(logits.float(), targets).backward()
+    finally:
+        cm.decode_varlen = real
+    assert calls == [] and targets.tolist() == [6, 7, 8, 6]
+
+
 def test_compact_layout_puts_each_sentence_at_the_start_of_its_row_whatever_the_padding_side():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
     v = compact_varlen(mask)

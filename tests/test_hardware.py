@@ -288,8 +288,9 @@ def _decoder_loss_and_grads(backbone, checkpointing: bool):
     from fedpeft.models.adapters import init_lora_state, lora_parameters, set_lora_state
     from fedpeft.seeding import torch_generator
 
+    # checkpointed decoders run the padded forward (models/decoder_varlen.py `checkpointed`): compare on it
     cfg = RunConfig(method="fedit", tasks=["e2e"], target_modules=["q_proj", "v_proj"], rank=2, lora_dropout=0.1,
-                    device="cpu", precision="fp32", gradient_checkpointing=checkpointing)
+                    device="cpu", precision="fp32", gradient_checkpointing=checkpointing, decoder_path="padded")
     alg = FedIT(cfg)
     rt = alg.place_runtime(alg.build_runtime(backbone))
     set_lora_state(rt.sites, init_lora_state(rt.sites, torch_generator(0, "gc"), b_std=0.1))  # B ≠ 0: A gets gradients
@@ -344,7 +345,7 @@ def test_gradient_checkpointing_runs_a_decoder_federation(tiny_cfg, tmp_path, mo
         cfg = RunConfig(method="fedlease", tasks=["tiny-copy", "tiny-copy", "tiny-reverse", "tiny-reverse"],
                         global_rounds=2, warmup_rounds=1, local_epochs=1, batch_size=4, eval_batch_size=8,
                         max_length=64, rank=2, lr=1e-2, max_new_tokens=6, gen_batch_size=4, device="cpu",
-                        precision="fp32", gradient_checkpointing=gc, quiet=True)
+                        precision="fp32", gradient_checkpointing=gc, decoder_path="padded", quiet=True)
         infos, clients = make_clients(backbone.tokenizer, tasks=cfg.tasks)
         alg = build_algorithm(cfg, backbone, infos)
         history = RunHistory(tmp_path / str(gc), {"method": cfg.method})

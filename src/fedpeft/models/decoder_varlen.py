@@ -16,7 +16,8 @@ result is gathered back to the T tokens.
 With dropout off the outputs equal the padded forward's at the real positions up to float rounding
 (tests/test_decoder_varlen.py compares losses and gradients); in training the LoRA dropout masks are
 drawn over [1, T, H] by `FastDropout`, the same Bernoulli keep probability as torch's dropout from
-other draws, so a seed's numbers differ from the padded path's by dropout noise only.
+other draws, so a seed's numbers differ from the padded path's by dropout noise only. With `--gradient-checkpointing`
+the padded forward runs (`checkpointed`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ def supports_decoder_varlen(lm: nn.Module) -> bool:
     (Llama, Mistral, Qwen2, SmolLM2). GPT-2 (learned positions, `h` blocks) keeps the padded forward."""
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
     return decoder is not None and all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
+
+
+def checkpointed(lm: nn.Module) -> bool:
+    """Is gradient checkpointing on in the decoder's layers? Then the padded forward runs: recomputing a
+    layer from the varlen call saved a different number of tensors than its first run did
+    (torch.utils.checkpoint's CheckpointError, tests/test_hardware.py)."""
+    decoder = base_encoder(lm).get_decoder()
+    return any(getattr(layer, "gradient_checkpointing", False) for layer in decoder.layers)
 
 
 def decode_varlen(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Varlen]:
