@@ -53,17 +53,16 @@ def check_same_settings(run_dir: Path, cfg, backbone=None) -> None:
     architecture when a test injects one)."""
     import dataclasses
 
-    from fedpeft.config import DECODER_PATH_BEFORE_THE_SETTING, ENCODER_PATH_BEFORE_THE_SETTING, LEFF_FAMILY, RunConfig
+    from fedpeft.config import LEFF_FAMILY, RunConfig
     from fedpeft.data.tasks import is_generation_run
+    from fedpeft.run.assemble import settings_before_they_existed
 
     try:
         raw = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return
-    raw.setdefault("encoder_path", ENCODER_PATH_BEFORE_THE_SETTING)  # a run saved before the setting ran padded
+    raw.update(settings_before_they_existed(raw))  # a run saved before a setting existed: what it used
     decoder_run = is_generation_run(raw)
-    if decoder_run:  # likewise a decoder run saved before --decoder-path
-        raw.setdefault("decoder_path", DECODER_PATH_BEFORE_THE_SETTING)
     model_type = getattr(backbone, "model_type", None)
     # A folder saved before a setting became automatic holds the unresolved value: resolve both sides.
     # The saved device and precision are already concrete (what the run used, maybe on another machine's

@@ -65,6 +65,18 @@ def release_run_dir(run_dir: Path | str | None) -> None:
 
 
 # ------------------------------------------------------------ steps 1–3
+def settings_before_they_existed(settings: dict) -> dict[str, str]:
+    """What a run folder's config.json (`settings`) lacks because it was saved before these settings
+    existed, with the value that run used: the padded encoder path, and the padded decoder path for a
+    decoder (generation) run. Resuming a run and the bench's reuse check both read a folder through it."""
+    missing = {}
+    if "encoder_path" not in settings:
+        missing["encoder_path"] = ENCODER_PATH_BEFORE_THE_SETTING
+    if "decoder_path" not in settings and is_generation_run(settings):
+        missing["decoder_path"] = DECODER_PATH_BEFORE_THE_SETTING
+    return missing
+
+
 def saved_config(cfg: RunConfig) -> RunConfig:
     """`cfg` itself, or for `--resume DIR` the settings DIR was run with (its config.json), with
     the flags `cfg` asks for applied when they may change on resume (`RunConfig.resume_kind`).
@@ -85,11 +97,8 @@ def saved_config(cfg: RunConfig) -> RunConfig:
     lock_run_dir(run_dir)
     try:
         saved = RunConfig.load(path)
-        settings = read_settings(path)
-        if "encoder_path" not in settings:  # saved before the setting: it ran padded, so it goes on so
-            saved.encoder_path = ENCODER_PATH_BEFORE_THE_SETTING
-        if "decoder_path" not in settings and is_generation_run(settings):  # likewise a decoder run's
-            saved.decoder_path = DECODER_PATH_BEFORE_THE_SETTING
+        for name, value in settings_before_they_existed(read_settings(path)).items():  # it goes on as it ran
+            setattr(saved, name, value)
         _check_resumable(run_dir, saved)
         changes = _apply_resume_flags(run_dir, saved, cfg)
     except BaseException:
