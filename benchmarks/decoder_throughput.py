@@ -179,6 +179,11 @@ def bench_training_e2e(backbone, s: Settings, data_dir: str, precisions=("fp32",
     return out
 
 
+def e2e_figures(e2e: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Section 2b's per-(precision, path) figures, without its per-precision "speed-up" entries."""
+    return {k: v for k, v in (e2e or {}).items() if not k.endswith("speed-up")}
+
+
 def lora_model(backbone, s: Settings, precision: str):
     """SmolLM2 with FedIT's LoRA (B = 0 at init, so the text is the base model's) for `precision`."""
     cfg = RunConfig(method="fedit", tasks=["bench"], rank=s.rank, quiet=True, precision=precision,
@@ -242,7 +247,7 @@ def render(res: dict[str, Any]) -> str:
     out += [table(["precision", "s / step", "real tokens/s", "target tokens/s", "useful GFLOP/s", "of fp32 peak",
                    "of bf16 peak"], rows), "",
             f"N_body = {tr['fp32']['n_body'] / 1e6:.1f} M, LM head {tr['fp32']['lm_head_params'] / 1e6:.1f} M (target tokens only).", ""]
-    e2e = {k: v for k, v in (res.get("training_e2e") or {}).items() if not k.endswith("speed-up")}
+    e2e = e2e_figures(res.get("training_e2e"))
     if e2e:
         first = e2e["fp32 padded"]
         pad = (f"{1 - first['real_tokens'] / first['padded_tokens']:.1%} of the batches' tokens are padding"
@@ -303,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = bench_generation(backbone, s, precisions)
     print("1'. matmul peak again", flush=True)
     mm = merge_peaks(mm, bench_matmul(s, shapes))
-    for v in [*tr.values(), *(v for k, v in (e2e or {}).items() if not k.endswith("speed-up"))]:
+    for v in [*tr.values(), *e2e_figures(e2e).values()]:
         v["frac_fp32_peak"] = v["useful_gflops"] / mm["peak_gflops"]["float32"]
         v["frac_bf16_peak"] = v["useful_gflops"] / mm["peak_gflops"]["bfloat16"]
     monitor.stop()
