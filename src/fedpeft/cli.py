@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "made before the setting ran padded: pass padded to go on with them)")
     bench.add_argument("--report-only", action="store_true",
                        help="run nothing: tabulate the finished runs of the matrix and list the others")
+    bench.add_argument("--archive", default=None, metavar="DIR",
+                       help="also copy every finished run's records (settings, history, predictions, log; no "
+                            "model state) to DIR/SUITE/LABEL-seedK/, small enough to commit: a later --out DIR, "
+                            "on any machine, reports them and runs only the rest of the matrix")
     bench.add_argument("--tracking", choices=("none", "tensorboard", "mlflow"), default=None,
                        help="log each run as its own run under one experiment named after the suite, in "
                             "OUT/SUITE/mlflow.db or OUT/SUITE/tensorboard/ (pip install 'fedpeft[tracking]')")
@@ -284,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(_suite(args), args.seeds, args.out, labels=args.methods, data_dir=args.data_dir,
                       threads=args.threads, report_only=args.report_only, tracking=args.tracking,
                       tracking_uri=args.tracking_uri, encoder_path=args.encoder_path,
-                      decoder_path=args.decoder_path)
+                      decoder_path=args.decoder_path, archive=args.archive)
             return 0
         if args.command == "tune":
             from fedpeft.bench.tune import parse_values, tune as run_tune

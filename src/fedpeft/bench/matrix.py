@@ -195,11 +195,13 @@ def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] 
           data_dir: str | None = None, backbone=None, runner: Callable | None = None,
           say: Callable[[str], None] = _say, threads: int | None = None,
           report_only: bool = False, tracking: str | None = None, tracking_uri: str | None = None,
-          encoder_path: str | None = None, decoder_path: str | None = None) -> dict[str, Path]:
+          encoder_path: str | None = None, decoder_path: str | None = None,
+          archive: str | Path | None = None) -> dict[str, Path]:
     """Run the matrix, then write results.csv, results.md and results.png in OUT/<suite>/.
 
     `report_only`: run nothing; tabulate the runs of the plan that are finished (a matrix still
-    running elsewhere, or one stopped part-way) and name the ones that are not."""
+    running elsewhere, or one stopped part-way) and name the ones that are not. `archive`: also copy
+    every finished run's evidence to ARCHIVE/<suite>/<label>-seed<k>/ (bench/archive.py)."""
     from fedpeft.bench.report import load_rows, write_report
 
     if report_only:
@@ -227,4 +229,10 @@ def bench(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[str] 
         raise FedPeftError(f"no finished runs to report in {dest}")
     files = write_report(rows, dest, suite=suite, seeds=list(seeds))
     say(f"bench {suite.name}: {len(refs)} runs; results in {files['md']}, {files['csv']}, {files['png']}")
+    if archive is not None:
+        from fedpeft.bench.archive import archive_runs
+
+        copied, kept = archive_runs((r.run_dir, run_dir_for(Path(archive), suite, r.label, r.seed)) for r in refs)
+        say(f"bench {suite.name}: archived {copied} runs in {Path(archive) / suite.name}"
+            + (f" ({kept} already there)" if kept else ""))
     return files
