@@ -56,10 +56,13 @@ def test_tune_runs_scores_on_validation_picks_the_best_and_resumes(tmp_path, tin
     assert [r["picked"] for r in rows].count("True") == 1
     md = out["md"].read_text()
     assert "Validation overall" in md and "| fedit |" in md and "never on the test" in md
-    # a second call runs nothing and reports the same pick
+    # a second call runs nothing and reports the same pick; an archive of the grid reports it too
     again = tune(tiny_suite(), "lr", ["1e-4", "5e-3"], fraction=0.25, out=tmp_path, labels=["fedit"],
-                 backbone=tiny_backbone, runner=runner, say=said.append)
-    assert len(calls) == 2 and again["picks"] == out["picks"]
+                 backbone=tiny_backbone, runner=runner, say=said.append, archive=tmp_path / "kept")
+    assert len(calls) == 2 and again["picks"] == out["picks"] and "archived 2 grid points" in said[-1]
+    kept = tune(tiny_suite(), "lr", ["1e-4", "5e-3"], fraction=0.25, out=tmp_path / "kept", labels=["fedit"],
+                report_only=True, say=said.append)
+    assert kept["picks"] == out["picks"] and not list((tmp_path / "kept").rglob("checkpoint.pt"))
     # a grid over another setting writes its own table beside the first, which stays as it was
     other = tune(tiny_suite(), "rank", ["2"], fraction=0.25, out=tmp_path, labels=["fedit"],
                  backbone=tiny_backbone, runner=runner, say=said.append)

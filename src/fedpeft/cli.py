@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
     tune.add_argument("--fourth-task", default="auto", metavar="auto|cola|qqp", help="as for bench")
     tune.add_argument("--report-only", action="store_true", help="run nothing: tabulate the finished grid points")
+    tune.add_argument("--archive", default=None, metavar="DIR",
+                      help="also copy every finished grid point's records to DIR (as for bench)")
     flower = sub.add_parser("flower", help="files for a multi-machine Flower deployment (see docs/flower.md)",
                             description="Write the files a Flower deployment needs; docs/flower.md's "
                                         "'Several machines' section gives the commands around them.")
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_values(args.param, args.values)  # a bad grid fails before anything is said or probed
             run_tune(_suite(args), args.param, args.values, fraction=args.validation_fraction,
                      seeds=args.seeds, out=args.out, labels=args.methods, data_dir=args.data_dir,
-                     threads=args.threads, report_only=args.report_only)
+                     threads=args.threads, report_only=args.report_only, archive=args.archive)
             return 0
         cfg = demo_config(args) if args.command == "demo" else config_from_args(args)
         from fedpeft.run import run

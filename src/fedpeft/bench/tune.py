@@ -84,8 +84,9 @@ def tune_suite(suite: Suite, key: str, values: list[Any], fraction: float,
 def tune(suite: Suite, key: str, raw_values: list[str], *, fraction: float = 0.2, seeds: list[int] | None = None,
          out: str | Path = "bench", labels: list[str] | None = None, data_dir: str | None = None,
          threads: int | None = None, report_only: bool = False, backbone=None, runner: Callable | None = None,
-         say: Callable[[str], None] = _say) -> dict[str, Any]:
-    """Run (or resume) the grid, then write tune-<key>.md and .csv; returns {"picks", "md", "csv"}."""
+         say: Callable[[str], None] = _say, archive: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the grid, then write tune-<key>.md and .csv; returns {"picks", "md", "csv"}.
+    `archive`: also copy every finished grid point's records there, as `fedpeft bench --archive`."""
     values = parse_values(key, raw_values)
     seeds = list(seeds or [1])
     derived, origin = tune_suite(suite, key, values, fraction, labels)
@@ -93,13 +94,14 @@ def tune(suite: Suite, key: str, raw_values: list[str], *, fraction: float = 0.2
         run_matrix(derived, seeds, out, data_dir=data_dir, threads=threads, backbone=backbone,
                    runner=runner, say=say)
     scores: dict[str, dict[Any, list[tuple[int, float]]]] = {}
-    pending = []
+    pending, finished = [], []
     for entry, seed in derived.plan(seeds):
         run_dir = run_dir_for(Path(out), derived, entry.label, seed)
         label, v = origin[entry.label]
         if not is_finished(run_dir):
             pending.append(f"{entry.label} seed {seed}")
             continue
+        finished.append((run_dir, entry.label, seed))
         rounds = [r for r in read_history(run_dir)["rounds"] if r["phase"] != "warmup" and r["overall"] is not None]
         if rounds:
             scores.setdefault(label, {}).setdefault(v, []).append((seed, rounds[-1]["overall"]))
@@ -116,6 +118,13 @@ def tune(suite: Suite, key: str, raw_values: list[str], *, fraction: float = 0.2
     md, csv_path = dest / f"tune-{key}.md", dest / f"tune-{key}.csv"
     _write(md, csv_path, suite, key, values, fraction, seeds, scores, picks)
     say(f"tune {suite.name}: picks {', '.join(f'{lbl} {key}={v}' for lbl, v in picks.items())}; table in {md}")
+    if archive is not None:
+        from fedpeft.bench.archive import archive_runs
+
+        copied, kept = archive_runs((d, run_dir_for(Path(archive), derived, label, seed))
+                                    for d, label, seed in finished)
+        say(f"tune {suite.name}: archived {copied} grid points in {Path(archive) / derived.name}"
+            + (f" ({kept} already there)" if kept else ""))
     return {"picks": picks, "md": md, "csv": csv_path}
 
 
