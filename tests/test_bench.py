@@ -362,3 +362,15 @@ def test_a_default_that_became_auto_still_matches_runs_saved_before(tmp_path):
                                                       "precision": lcfg.resolved().precision}))
     with pytest.raises(FedPeftError, match="proxy_dataset"):
         check_same_settings(tmp_path, lcfg)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again_and_said_so(tmp_path, tiny_backbone):
+    suite, calls, said = tiny_suite(), [], []
+    run_dir = run_dir_for(tmp_path, suite, "fedit", 1)
+    run_dir.mkdir(parents=True)
+    (run_dir / "training_history.json").write_text('{"rounds": []}')  # killed before round 1's checkpoint
+    refs = run_matrix(suite, [1], tmp_path, labels=["fedit"], backbone=tiny_backbone,
+                      runner=counting_runner(calls), say=said.append)
+    assert [r.status for r in refs] == ["restarted"] and calls == [("fedit", 1, None)]
+    assert "started again" in said[0] and "stopped before its first checkpoint" in said[0]
+    assert is_finished(run_dir)

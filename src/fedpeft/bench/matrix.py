@@ -38,7 +38,7 @@ class RunRef:
     seed: int
     method: str
     run_dir: Path
-    status: str  # "ran", "resumed", "skipped", "busy" (another process is running it)
+    status: str  # "ran", "resumed", "restarted" (stopped before a checkpoint), "skipped", "busy" (another process)
 
 
 # Fields that may differ between a finished run and the suite without making it a different run.
@@ -181,7 +181,11 @@ def run_matrix(suite: Suite, seeds: list[int], out: str | Path, *, labels: list[
                 cfg.output_dir = None  # the run's folder is --resume's
             elif any((run_dir / name).exists() for name in ("config.json", "training_history.json")):
                 cfg.overwrite = True  # stopped before its first checkpoint: nothing to keep, run it again
-            say(f"{tag}: {'resuming' if cfg.resume else 'started'} -> {run_dir}")
+                status = "restarted"
+            verb = {"ran": "started", "resumed": "resuming",
+                    "restarted": "started again (its folder held a run stopped before its first checkpoint; "
+                                 "the run's --overwrite empties it)"}[status]
+            say(f"{tag}: {verb} -> {run_dir}")
             start = time.perf_counter()
             result = runner(cfg, backbone=backbone)
             say(f"{tag}: finished in {time.perf_counter() - start:.0f} s, {_headline_text(result.history)}")
