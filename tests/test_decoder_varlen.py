@@ -82,27 +82,42 @@ def test_varlen_loss_equals_the_padded_forward_under_bf16_autocast(monkeypatch):
     torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=1e-3)
 
 
-def test_a_checkpointed_decoder_runs_the_padded_forward():
-    """--gradient-checkpointing with --decoder-path varlen: the padded forward runs (recomputing a varlen
-    layer is refused by torch.utils.checkpoint), so training works and gives the padded loss."""
+def _varlen_loss_and_grads(checkpointing: bool):
     from fedpeft.models.placement import enable_gradient_checkpointing
 
     backbone = tiny_llama()
-    model = _runtime(backbone, "varlen")
-    enable_gradient_checkpointing(model.encoder)
+    model = _runtime(backbone, "varlen", dropout=0.3)
+    if checkpointing:
+        enable_gradient_checkpointing(model.encoder)
     calls = []
-    import fedpeft.models.causal_model as cm
-    real = cm.decode_varlen
-    cm.decode_varlen = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        ids = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]])
-        mask = (ids != 0).long()
-        labels = torch.tensor([[-100, 6, 7, 8], [-100, 6, -100, -100]])
-        logits, targets = model.train()(ids, mask, labels)
-        F.cross_entropy(logits.float(), targets).backward()
-    finally:
-        cm.decode_varlen = real
-    assert calls == [] and targets.tolist() == [6, 7, 8, 6]
+    attn = model.lm.model.layers[0].self_attn
+    handle = attn.register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 0, 0, 0]])
+    labels = ids.clone()
+    labels[:, 0] = -100
+    labels[1, 3:] = -100
+    torch.manual_seed(7)  # the dropout draws: a recomputation must replay them
+    logits, targets = model.train()(ids, (ids != 0).long(), labels)
+    loss = F.cross_entropy(logits.float(), targets)
+    loss.backward()
+    handle.remove()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss.detach(), [p.grad.clone() for p in params], len(calls), targets.tolist()
+
+
+def test_a_checkpointed_varlen_decoder_recomputes_each_layer_and_gives_the_same_loss_and_gradients():
+    """--gradient-checkpointing with --decoder-path varlen: the backward pass recomputes every layer through
+    the varlen attention (before the fix, torch.utils.checkpoint refused the recomputation, which ran the
+    model's own attention), replaying the dropout masks, so loss and gradients equal the plain varlen
+    forward's."""
+    loss0, grads0, calls0, targets0 = _varlen_loss_and_grads(False)
+    loss1, grads1, calls1, targets1 = _varlen_loss_and_grads(True)
+    assert (calls0, calls1) == (1, 2)  # with checkpointing the layer runs again in the backward pass
+    assert targets0 == targets1 == [6, 7, 8, 9, 10, 6, 7]
+    assert torch.equal(loss0, loss1)
+    for g0, g1 in zip(grads0, grads1):
+        torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-8)
+    assert all(g.abs().sum() > 0 for g in grads0)
 
 
 def test_compact_layout_puts_each_sentence_at_the_start_of_its_row_whatever_the_padding_side():

@@ -288,7 +288,7 @@ def _decoder_loss_and_grads(backbone, checkpointing: bool):
     from fedpeft.models.adapters import init_lora_state, lora_parameters, set_lora_state
     from fedpeft.seeding import torch_generator
 
-    # checkpointed decoders run the padded forward (models/decoder_varlen.py `checkpointed`): compare on it
+    # the model's own (padded) forward here; the varlen path's checkpointing: tests/test_decoder_varlen.py
     cfg = RunConfig(method="fedit", tasks=["e2e"], target_modules=["q_proj", "v_proj"], rank=2, lora_dropout=0.1,
                     device="cpu", precision="fp32", gradient_checkpointing=checkpointing, decoder_path="padded")
     alg = FedIT(cfg)
@@ -330,8 +330,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_on_the_tiny_de
 
 
 def test_gradient_checkpointing_runs_a_decoder_federation(tiny_cfg, tmp_path, monkeypatch):
-    """FedLEASE on the tiny decoder, checkpointed: its warmup LoRA and its mixture train and give the
-    records of the plain run."""
+    """FedLEASE on the tiny decoder, checkpointed, on the padding-free path: its warmup LoRA and its mixture
+    train and give the records of the plain run."""
     from decoder_helpers import make_clients, register
     from fedpeft.engines.local import LocalEngine
     from fedpeft.records.history import RunHistory
@@ -345,7 +345,7 @@ def test_gradient_checkpointing_runs_a_decoder_federation(tiny_cfg, tmp_path, mo
         cfg = RunConfig(method="fedlease", tasks=["tiny-copy", "tiny-copy", "tiny-reverse", "tiny-reverse"],
                         global_rounds=2, warmup_rounds=1, local_epochs=1, batch_size=4, eval_batch_size=8,
                         max_length=64, rank=2, lr=1e-2, max_new_tokens=6, gen_batch_size=4, device="cpu",
-                        precision="fp32", gradient_checkpointing=gc, decoder_path="padded", quiet=True)
+                        precision="fp32", gradient_checkpointing=gc, decoder_path="varlen", quiet=True)
         infos, clients = make_clients(backbone.tokenizer, tasks=cfg.tasks)
         alg = build_algorithm(cfg, backbone, infos)
         history = RunHistory(tmp_path / str(gc), {"method": cfg.method})

@@ -24,7 +24,7 @@ from torch import nn
 
 from fedpeft.data.batching import IGNORE_INDEX
 from fedpeft.errors import FedPeftError
-from fedpeft.models.decoder_varlen import checkpointed, decode_varlen, supports_decoder_varlen
+from fedpeft.models.decoder_varlen import decode_varlen, supports_decoder_varlen
 from fedpeft.models.varlen import PaddedSwitch, use_fast_dropout
 
 DECODER_PATHS = ("padded", "varlen")  # config.DECODER_PATHS: --decoder-path
@@ -71,7 +71,7 @@ class CausalLM(PaddedSwitch, nn.Module):
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits of the target positions [N, V], their target ids [N]), N in row-major order."""
         lm = self.lm
-        if self.varlen and not checkpointed(lm):
+        if self.varlen:
             hidden, where = decode_varlen(lm, input_ids, attention_mask)  # [T, H], real tokens only
             following = torch.full_like(labels, IGNORE_INDEX)
             following[:, :-1] = labels[:, 1:]  # the token each position predicts (-100 past a row's end)

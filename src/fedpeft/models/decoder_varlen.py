@@ -16,8 +16,14 @@ result is gathered back to the T tokens.
 With dropout off the outputs equal the padded forward's at the real positions up to float rounding
 (tests/test_decoder_varlen.py compares losses and gradients); in training the LoRA dropout masks are
 drawn over [1, T, H] by `FastDropout`, the same Bernoulli keep probability as torch's dropout from
-other draws, so a seed's numbers differ from the padded path's by dropout noise only. With `--gradient-checkpointing`
-the padded forward runs (`checkpointed`).
+other draws, so a seed's numbers differ from the padded path's by dropout noise only.
+
+With `--gradient-checkpointing` each layer is recomputed in the backward pass, after `decode_varlen`
+has returned and the model's own attention is back in its config; a recomputation through that
+attention saves other tensors than the forward did (torch.utils.checkpoint's CheckpointError). So
+`_run_layer` checkpoints a function that sets the varlen attention itself: the recomputation runs
+exactly the forward's ops, dropout masks included (the checkpoint replays torch's RNG state, from
+which FastDropout seeds its draws).
 """
 
 from __future__ import annotations
@@ -77,12 +83,23 @@ def supports_decoder_varlen(lm: nn.Module) -> bool:
     return decoder is not None and all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
 
 
-def checkpointed(lm: nn.Module) -> bool:
-    """Is gradient checkpointing on in the decoder's layers? Then the padded forward runs: recomputing a
-    layer from the varlen call saved a different number of tensors than its first run did
-    (torch.utils.checkpoint's CheckpointError, tests/test_hardware.py)."""
-    decoder = base_encoder(lm).get_decoder()
-    return any(getattr(layer, "gradient_checkpointing", False) for layer in decoder.layers)
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+    """One decoder layer on the compact tokens, checkpointed as transformers would when gradient
+    checkpointing is on, but around a function that sets the varlen attention for itself (see the
+    module docstring). transformers wraps a layer's `forward` with its checkpointing; `__wrapped__`
+    is the plain forward, run inside the checkpoint as transformers runs it."""
+    plain = getattr(type(layer).forward, "__wrapped__", None)
+    if plain is None or not (getattr(layer, "gradient_checkpointing", False) and layer.training
+                             and torch.is_grad_enabled()):
+        out = layer(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        with attention_implementation([layer], ATTENTION):
+            out = plain(layer, h, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    return layer._gradient_checkpointing_func(run, hidden)
 
 
 def decode_varlen(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Varlen]:
@@ -99,7 +116,6 @@ def decode_varlen(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     layers = list(decoder.layers)
     with attention_implementation(layers, ATTENTION):
         for layer in layers:
-            out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary,
-                        varlen=varlen)
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = _run_layer(layer, hidden, attention_mask=None, position_ids=positions,
+                                position_embeddings=rotary, varlen=varlen)
     return decoder.norm(hidden)[0], varlen
