@@ -26,7 +26,13 @@ results.md + results.json in --out (default bench-results/throughput/). results.
 headline figures as top-level plain numbers: `fp32_share_of_fp32_peak`, `bf16_share_of_bf16_peak`
 (null without native bf16), `native_bf16` (true/false), each share for the encoder path a run uses
 by default (`headline_encoder_path`), and `*_by_encoder_path` for both paths. The run is PROVISIONAL
-when other processes used the cores meanwhile (machine.LoadMonitor: their CPU time from /proc).
+when other processes used the cores meanwhile (machine.LoadMonitor: their CPU time from /proc), or
+when the host's own speed moved under it: a matmul probe of the pass's dtype before and after every
+training pass (SpeedProbe) gives `host_speed_spread`, the fastest over the slowest fp32 probe, and
+beyond HOST_SPREAD_LIMIT the run is not final even with the guest idle. The same probes give
+`fp32_share_of_adjacent_peak` / `bf16_share_of_adjacent_peak`: each pass against the machine's speed
+of its own seconds, the median over passes (a VM's host moves both together). `--reps N` takes more
+passes for a steadier median.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ class Settings:
     reps: int = 3  # measured passes per figure (after one discarded warm-up pass)
     matmul_square: int = 2048
     matmul_min_seconds: float = 0.2  # each matmul sample repeats the product for at least this long
+    probe_seconds: float = 0.25  # the matmul probe before and after each training pass (SpeedProbe)
     batch_size: int = 32
     local_examples: int = 640  # section 2: one client, SST-2 train sentences
     local_epochs: int = 1
@@ -93,7 +100,7 @@ class Settings:
     acc_epochs: int = 2
 
 
-QUICK = Settings(reps=3, matmul_square=768, matmul_min_seconds=0.05, local_examples=64,
+QUICK = Settings(reps=3, matmul_square=768, matmul_min_seconds=0.05, probe_seconds=0.02, local_examples=64,
                  synthetic_batches=1, round_clients=4, round_train=32, round_test=32, round_epochs=1,
                  round_rounds=1, acc_train=64, acc_test=64, acc_rounds=1, acc_epochs=1)
 
@@ -215,6 +222,52 @@ def bench_matmul(settings: Settings, model_shapes: list[tuple[str, int, int, int
     return {"rows": rows, "peak_gflops": peak}
 
 
+HOST_SPREAD_LIMIT = 1.25  # fastest / slowest fp32 probe beyond which a run is not called final
+
+
+def host_speed(probe: "SpeedProbe") -> dict[str, Any]:
+    """min / median / max GFLOP/s of the probes per dtype, and the fp32 spread (fastest / slowest)."""
+    out: dict[str, Any] = {d: [min(x), median(x), max(x)] for d, x in probe.samples.items() if x}
+    fp32 = probe.samples["float32"]
+    out["spread"] = max(fp32) / min(fp32) if fp32 else 1.0
+    return out
+
+
+def host_line(res: dict[str, Any]) -> str:
+    hs = res["host_speed"]
+    ranges = "; ".join(f"{d} {v[0]:.0f} / {v[1]:.0f} / {v[2]:.0f}" for d, v in hs.items() if d != "spread")
+    verdict = (f"beyond ×{HOST_SPREAD_LIMIT}: the host's speed moved under the run, so the figures are not final even on "
+               "an idle guest" if hs["spread"] > HOST_SPREAD_LIMIT else f"within ×{HOST_SPREAD_LIMIT}")
+    return (f"matmul probes around the training passes (GFLOP/s, min / median / max): {ranges}; fp32 fastest / "
+            f"slowest ×{hs['spread']:.2f}, {verdict}")
+
+
+class SpeedProbe:
+    """The machine's matmul speed *now*: a square product of each dtype repeated for `seconds`.
+
+    On a shared VM the speed of the same product moves with the host (other tenants, the boost
+    clock): within one idle run the 2048³ fp32 product measured 115-188 GFLOP/s, and training passes
+    moved with it. One peak taken in section 1 then mixes the step's cost with the host's mood at two
+    different moments; a probe before and after each training pass pairs the pass with the speed of
+    its own minutes (`share_of_adjacent_peak`), and the probes' spread says how much the host varied."""
+
+    def __init__(self, n: int, seconds: float):
+        self.seconds = seconds
+        self.mats = {d: (torch.randn(n, n).to(d), torch.randn(n, n).to(d)) for d in (torch.float32, torch.bfloat16)}
+        self.flop = 2 * n ** 3
+        self.samples: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+
+    def __call__(self, dtype: str) -> float:
+        a, b = self.mats[torch.float32 if dtype == "float32" else torch.bfloat16]
+        k, t = 0, time.perf_counter()
+        while k == 0 or time.perf_counter() - t < self.seconds:
+            a @ b
+            k += 1
+        gflops = self.flop * k / (time.perf_counter() - t) / 1e9
+        self.samples[dtype].append(gflops)
+        return gflops
+
+
 # ---------------------------------------------------------------------------------------- 2./3. training
 def measure_fit(alg, instruction, client: Client) -> dict[str, float]:
     """One FedIT local run (`fit` → `train_local`) from the same instruction: identical work every call."""
@@ -234,18 +287,28 @@ def matmul_padding(alg) -> bool:
     return not (getattr(model, "varlen", False) and supports_varlen(model.encoder))
 
 
+def _own_dtype(alg) -> str:
+    return "bfloat16" if alg.cfg.precision == "bf16" else "float32"
+
+
 def bench_training(algs: dict[str, Any], instructions: dict[str, Any], client: Client, settings: Settings,
-                   n_params: int, peak: dict[str, float], label: str) -> dict[str, Any]:
+                   n_params: int, peak: dict[str, float], label: str,
+                   probe: SpeedProbe | None = None) -> dict[str, Any]:
     """One pass per variant ("fp32 padded", "bf16 varlen", ...: each its own runtime, as a run with
     that precision and encoder path builds it), interleaved so a burst of contention hits every
-    variant; a warm-up pass of each is discarded."""
+    variant; a warm-up pass of each is discarded. With `probe`, each pass is bracketed by a matmul
+    probe of its own dtype (`probe_gflops`: before, after)."""
     variants = tuple(algs)
     for v in variants:
         measure_fit(algs[v], instructions[v], client)  # warm-up pass
     passes = {v: [] for v in variants}
     for _ in range(settings.reps):
         for v in variants:
-            passes[v].append(measure_fit(algs[v], instructions[v], client))
+            before = probe(_own_dtype(algs[v])) if probe else None
+            run = measure_fit(algs[v], instructions[v], client)
+            if probe:
+                run["probe_gflops"] = [before, probe(_own_dtype(algs[v]))]
+            passes[v].append(run)
     out = {"label": label, "passes": passes, "by_precision": {}}
     for p in variants:
         runs = passes[p]
@@ -254,6 +317,7 @@ def bench_training(algs: dict[str, Any], instructions: dict[str, Any], client: C
         compute = median([r["compute_seconds"] for r in runs])
         steps = -(-runs[0]["examples"] * algs[p].cfg.local_epochs // settings.batch_size)
         useful = 4 * n_params * real / compute / 1e9
+        own = _own_dtype(algs[p])
         out["by_precision"][p] = {
             "compute_seconds": compute, "fit_seconds": median([r["fit_seconds"] for r in runs]),
             "train_seconds": median([r["train_seconds"] for r in runs]), "steps": steps,
@@ -266,7 +330,15 @@ def bench_training(algs: dict[str, Any], instructions: dict[str, Any], client: C
             "frac_fp32_peak": useful / peak["float32"], "frac_bf16_peak": useful / peak["bfloat16"],
             "compute_share_of_fit": compute / median([r["fit_seconds"] for r in runs]),
             "precision": algs[p].cfg.precision, "encoder_path": algs[p].cfg.encoder_path,
+            # the spread of the passes, as a share of this precision's own peak (fastest, slowest pass)
+            "share_of_own_peak_range": [4 * n_params * real / r["compute_seconds"] / 1e9 / peak[own] for r in
+                                        (min(runs, key=lambda r: r["compute_seconds"]),
+                                         max(runs, key=lambda r: r["compute_seconds"]))],
         }
+        if all("probe_gflops" in r for r in runs):
+            # each pass against the mean of the probes around it, then the median over passes
+            out["by_precision"][p]["share_of_adjacent_peak"] = median(
+                [4 * n_params * real / r["compute_seconds"] / 1e9 / statistics.fmean(r["probe_gflops"]) for r in runs])
     bp = out["by_precision"]
 
     def gain(fast: str, slow: str) -> dict[str, float]:
@@ -279,11 +351,12 @@ def bench_training(algs: dict[str, Any], instructions: dict[str, Any], client: C
     return out
 
 
-def bench_local_sst2(algs, clients, broadcasts, settings, n_params, peak) -> dict[str, Any]:
+def bench_local_sst2(algs, clients, broadcasts, settings, n_params, peak, probe=None) -> dict[str, Any]:
     """Section 2: one SST-2 client, real sentences, length-grouped batches."""
     c = clients[0]
     return bench_training(algs, {p: b[c.cid] for p, b in broadcasts.items()}, c, settings, n_params, peak,
-                          f"SST-2, {len(c.train)} examples × {next(iter(algs.values())).cfg.local_epochs} epoch(s)")
+                          f"SST-2, {len(c.train)} examples × {next(iter(algs.values())).cfg.local_epochs} epoch(s)",
+                          probe=probe)
 
 
 def bench_synthetic(algs, clients, broadcasts, settings, n_params, peak, vocab: int) -> dict[str, Any]:
@@ -429,6 +502,7 @@ def render(res: dict[str, Any]) -> str:
            f"- load average at start {' / '.join(f'{x:.2f}' for x in h['load_average_start'])}, at end "
            f"{' / '.join(f'{x:.2f}' for x in h['load_average_end'])}",
            f"- {status_line(res['load'])}",
+           *([f"- {host_line(res)}"] if "host_speed" in res else []),
            f"- {h['date']}; medians of {s['reps']} passes after a discarded warm-up pass; total {res['total_seconds']:.0f} s", "",
            f"**Headline ({res['status']})**: SST-2 training with `--encoder-path {res['headline_encoder_path']}` "
            f"(a run's default): fp32 = {pct(res['fp32_share_of_fp32_peak'])} of the fp32 peak"
@@ -437,7 +511,11 @@ def render(res: dict[str, Any]) -> str:
                f"{e}: fp32 {pct(res['fp32_share_of_fp32_peak_by_encoder_path'][e])}"
                + (f", bf16 {pct(res['bf16_share_of_bf16_peak_by_encoder_path'][e])}"
                   if res["bf16_share_of_bf16_peak_by_encoder_path"].get(e) is not None else "")
-               for e in res["fp32_share_of_fp32_peak_by_encoder_path"]) + ".", ""]
+               for e in res["fp32_share_of_fp32_peak_by_encoder_path"]) + "."
+           + (f" Against the matmul probes around each pass (the machine's speed of those seconds): fp32 "
+              f"{pct(res['fp32_share_of_adjacent_peak'])}"
+              + (f", bf16 {pct(res['bf16_share_of_adjacent_peak'])}" if res.get("bf16_share_of_adjacent_peak") else "")
+              + "." if res.get("fp32_share_of_adjacent_peak") else ""), ""]
     if "matmul" not in res:
         return "\n".join(out)
 
@@ -464,10 +542,12 @@ def render(res: dict[str, Any]) -> str:
             rows.append([r["label"], m["precision"], m["encoder_path"], m["real_tokens_per_s"], pct(m["padding_fraction"]),
                          pct(m["matmul_padding_fraction"]), m["tokens_per_batch"],
                          m["seconds_per_step"], m["useful_gflops"], m["executed_gflops"], pct(m["frac_fp32_peak"]),
-                         pct(m["frac_bf16_peak"]) if m["precision"] == "bf16" else "-", pct(m["compute_share_of_fit"])])
+                         pct(m["frac_bf16_peak"]) if m["precision"] == "bf16" else "-", pct(m["compute_share_of_fit"]),
+                         "–".join(pct(x) for x in m["share_of_own_peak_range"])
+                         if "share_of_own_peak_range" in m else "-"])
     out += [table(["data", "precision", "encoder path", "real tok/s", "batch padding", "matmul padding", "tok/batch",
                    "s/step", "GFLOP/s (real tok)", "GFLOP/s (executed)", "of fp32 peak", "of bf16 peak",
-                   "compute / fit wall"], rows), ""]
+                   "compute / fit wall", "passes: fastest–slowest, of own peak"], rows), ""]
     for sec in ("local", "synthetic"):
         r = res.get(sec)
         if r is None:
@@ -523,6 +603,9 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: a 1–2 minute smoke check, not a measurement")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="measured passes per figure (default 3): more for a steadier median; on a shared VM the "
+                         "passes of one idle run differed by up to a third (benchmarks/README.md#throughputpy)")
     ap.add_argument("--out", default="bench-results/throughput", help="folder for results.md and results.json")
     ap.add_argument("--data-dir", default=None, help="data root with glue/SST-2 (default: $FEDPEFT_DATA_DIR)")
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, metavar="SECTION",
@@ -543,6 +626,10 @@ def _main(args: argparse.Namespace, settings: Settings | None) -> int:
         torch.set_num_threads(args.threads)
     logging.getLogger("fedpeft").setLevel(logging.WARNING)
     settings = settings or (QUICK if args.quick else Settings())
+    if args.reps is not None:
+        if args.reps < 1:
+            raise FedPeftError(f"--reps must be at least 1, got {args.reps}")
+        settings = dataclasses.replace(settings, reps=args.reps)
     sections = set(args.sections) | {"matmul", "training"}
     data_dir = resolve_data_dir(args.data_dir)
     start = time.perf_counter()
@@ -581,7 +668,9 @@ def _main(args: argparse.Namespace, settings: Settings | None) -> int:
     step(f"   peaks (same run): fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s"
          + ("" if h["native_bf16"] else " (no native bf16: its peak is shown, bf16 training is skipped)"))
     step(f"2. local training on SST-2 ({', '.join(variants)})")
-    res["local"] = bench_local_sst2(algs, clients, broadcasts, settings, n_params, peak)
+    probe = SpeedProbe(settings.matmul_square, settings.probe_seconds)
+    res["local"] = bench_local_sst2(algs, clients, broadcasts, settings, n_params, peak, probe=probe)
+    res["host_speed"] = host_speed(probe)
     if "synthetic" in sections:
         step(f"3. synthetic tokens ({', '.join(variants)})")
         res["synthetic"] = bench_synthetic(algs, clients, broadcasts, settings, n_params, peak,
@@ -600,12 +689,19 @@ def _main(args: argparse.Namespace, settings: Settings | None) -> int:
     local = res["local"]["by_precision"]
     fp32_by = {e: local[f"fp32 {e}"]["frac_fp32_peak"] for e in ENCODER_PATHS}
     bf16_by = {e: (local[f"bf16 {e}"]["frac_bf16_peak"] if f"bf16 {e}" in local else None) for e in ENCODER_PATHS}
+    adjacent = {p: local[f"{p} {DEFAULT_PATH}"].get("share_of_adjacent_peak") if f"{p} {DEFAULT_PATH}" in local
+                else None for p in ("fp32", "bf16")}
+    status = res["load"]["status"]
+    if status == "final" and res["host_speed"]["spread"] > HOST_SPREAD_LIMIT:
+        status = "provisional"  # nothing else ran here, but the host's speed moved under the run
     # The headline figures, as plain top-level numbers for scripts.
-    res = {"status": res["load"]["status"], "native_bf16": bool(h["native_bf16"]),
+    res = {"status": status, "native_bf16": bool(h["native_bf16"]),
            "fp32_share_of_fp32_peak": fp32_by[DEFAULT_PATH], "bf16_share_of_bf16_peak": bf16_by[DEFAULT_PATH],
            "headline_encoder_path": DEFAULT_PATH,
            "fp32_share_of_fp32_peak_by_encoder_path": fp32_by, "bf16_share_of_bf16_peak_by_encoder_path": bf16_by,
            "fp32_peak_gflops": peak["float32"], "bf16_peak_gflops": peak["bfloat16"],
+           "fp32_share_of_adjacent_peak": adjacent["fp32"], "bf16_share_of_adjacent_peak": adjacent["bf16"],
+           "host_speed_spread": res["host_speed"]["spread"],
            "threads": h["threads"], "cpu": h["cpu"], **res}
     step("done")
 

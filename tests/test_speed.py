@@ -264,9 +264,18 @@ def test_throughput_quick_writes_the_headline_keys(tmp_path, capsys):
     data = data_dir_or_skip()
     tp = load_benchmark("throughput")
     tiny = dataclasses.replace(tp.QUICK, reps=1, matmul_square=128, matmul_min_seconds=0.005, local_examples=32)
-    assert tp.main(["--quick", "--threads", "1", "--data-dir", data, "--out", str(tmp_path),
+    assert tp.main(["--quick", "--threads", "1", "--data-dir", data, "--out", str(tmp_path), "--reps", "2",
                     "--sections", "matmul", "training"], settings=tiny) == 0
     res = json.loads((tmp_path / "results.json").read_text())
+    assert all(len(p) == 2 for p in res["local"]["passes"].values())  # --reps replaced the settings' 1
+    for m in res["local"]["by_precision"].values():
+        fastest, slowest = m["share_of_own_peak_range"]
+        assert fastest >= slowest > 0 and m["share_of_adjacent_peak"] > 0
+    # every pass bracketed by two probes of its own dtype; the spread is fastest over slowest fp32 probe
+    assert all(len(r["probe_gflops"]) == 2 for runs in res["local"]["passes"].values() for r in runs)
+    lo, mid, hi = res["host_speed"]["float32"]
+    assert 0 < lo <= mid <= hi and res["host_speed_spread"] == pytest.approx(hi / lo)
+    assert type(res["fp32_share_of_adjacent_peak"]) is float
     assert isinstance(res["native_bf16"], bool)
     assert type(res["fp32_share_of_fp32_peak"]) is float and 0 < res["fp32_share_of_fp32_peak"] <= 1
     bf16 = res["bf16_share_of_bf16_peak"]
@@ -288,3 +297,5 @@ def test_throughput_without_data_says_one_line(tmp_path, monkeypatch, capsys):
     assert tp.main(["--quick", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedpeft: error: SST-2 not found") and "\n" not in err
+    assert tp.main(["--quick", "--reps", "0", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "fedpeft: error: --reps must be at least 1, got 0"
