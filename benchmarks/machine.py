@@ -16,6 +16,11 @@
   machine (paper_round.py's 2 threads held it at 1.65–2.26 with nothing else running), and it lags by a
   minute. Without /proc the rule falls back to "no load sample above the thread count". `--quick` runs
   are never final.
+- `SpeedProbe` / `host_speed` / `host_line`: the matmul speed of the moment, probed beside timed work.
+  An idle guest is not an idle host: on this project's KVM guests the same 2048³ product ran at
+  115-188 GFLOP/s within one idle minute, and training passes moved with it. A benchmark that brackets
+  its timed passes with probes reports their spread, and beyond HOST_SPREAD_LIMIT its figures are not
+  final though no other process ran (benchmarks/README.md#throughputpy).
 - `one_line_errors`: a benchmark's `main` that turns a user's mistake (FedPeftError) into one line,
   `fedpeft: error: …`, and status 2, as `fedpeft` itself does.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -181,3 +187,50 @@ def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
             return 2
 
     return wrapped
+
+
+HOST_SPREAD_LIMIT = 1.25  # fastest / slowest fp32 probe beyond which a run is not called final
+
+
+def host_speed(probe: "SpeedProbe") -> dict[str, Any]:
+    """min / median / max GFLOP/s of the probes per dtype, and the fp32 spread (fastest / slowest)."""
+    out: dict[str, Any] = {d: [min(x), statistics.median(x), max(x)] for d, x in probe.samples.items() if x}
+    fp32 = probe.samples["float32"]
+    out["spread"] = max(fp32) / min(fp32) if fp32 else 1.0
+    return out
+
+
+def host_line(res: dict[str, Any], where: str = "around the training passes") -> str:
+    """The report line for `res["host_speed"]` (host_speed's dict)."""
+    hs = res["host_speed"]
+    ranges = "; ".join(f"{d} {v[0]:.0f} / {v[1]:.0f} / {v[2]:.0f}" for d, v in hs.items() if d != "spread")
+    verdict = (f"beyond ×{HOST_SPREAD_LIMIT}: the host's speed moved under the run, so the figures are not final even on "
+               "an idle guest" if hs["spread"] > HOST_SPREAD_LIMIT else f"within ×{HOST_SPREAD_LIMIT}")
+    return (f"matmul probes {where} (GFLOP/s, min / median / max): {ranges}; fp32 fastest / "
+            f"slowest ×{hs['spread']:.2f}, {verdict}")
+
+
+class SpeedProbe:
+    """The machine's matmul speed *now*: a square product of each dtype repeated for `seconds`.
+
+    On a shared VM the speed of the same product moves with the host (other tenants, the boost
+    clock): within one idle run the 2048³ fp32 product measured 115-188 GFLOP/s, and training passes
+    moved with it. One peak taken in section 1 then mixes the step's cost with the host's mood at two
+    different moments; a probe before and after each training pass pairs the pass with the speed of
+    its own minutes (`share_of_adjacent_peak`), and the probes' spread says how much the host varied."""
+
+    def __init__(self, n: int, seconds: float):
+        self.seconds = seconds
+        self.mats = {d: (torch.randn(n, n).to(d), torch.randn(n, n).to(d)) for d in (torch.float32, torch.bfloat16)}
+        self.flop = 2 * n ** 3
+        self.samples: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+
+    def __call__(self, dtype: str) -> float:
+        a, b = self.mats[torch.float32 if dtype == "float32" else torch.bfloat16]
+        k, t = 0, time.perf_counter()
+        while k == 0 or time.perf_counter() - t < self.seconds:
+            a @ b
+            k += 1
+        gflops = self.flop * k / (time.perf_counter() - t) / 1e9
+        self.samples[dtype].append(gflops)
+        return gflops

@@ -48,7 +48,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import LoadMonitor, isa_line, machine_info, one_line_errors, status_line  # noqa: E402
+from machine import (HOST_SPREAD_LIMIT, LoadMonitor, SpeedProbe, host_line, host_speed, isa_line,  # noqa: E402
+                     machine_info, one_line_errors, status_line)
 from throughput import QUICK, Settings, bench_matmul, non_embedding_params, table  # noqa: E402
 
 from fedpeft.bench.suites import SUITES
@@ -162,10 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     print("tokenizing the federation once to count its tokens ...", flush=True)
     toks, n_params = federation_size(resolved)
 
-    # 2. the rounds
+    # 2. the rounds, each run bracketed by matmul probes of the run's precision: the host's speed may
+    # move under an idle guest (machine.SpeedProbe), and these probes say by how much it did here
+    probe = SpeedProbe(s.matmul_square, 0.02 if args.quick else 0.5)
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    probe("float32"), probe(dtype)
     fedit = run_rounds({**common, "method": "fedit", "global_rounds": args.fedit_rounds}, out, "fedit")
+    probe("float32"), probe(dtype)
     lease = run_rounds({**common, "method": "fedlease", "clustering": "task", "warmup_rounds": 1,
                         "global_rounds": 2}, out, "fedlease")
+    probe("float32"), probe(dtype)
+    speed = host_speed(probe)
     epochs = common["local_epochs"]
     rows_out = [("FedIT", split(r, toks, n_params, epochs, best * 1e9)) for r in fedit]
     rows_out += [(f"FedLEASE {'warmup' if r['phase'] == 'warmup' else 'Phase-2, M = 4'}",
@@ -173,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     load = monitor.stop()
     if args.quick:
         load["status"] = "quick (smoke check, not a measurement)"
+    # nothing else may have run here and the host's speed still have moved under the runs
+    status = "PROVISIONAL" if load["status"] == "final" and speed["spread"] > HOST_SPREAD_LIMIT else load["status"]
 
     fedit_median = statistics.median(x["seconds"] for _, x in rows_out[:len(fedit)])
     phase2 = [x for label, x in rows_out if "Phase-2" in label]
@@ -192,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"; best {best:.1f}",
         f"- N = {n_params:,} parameters outside the embeddings; 4 N FLOPs per trained token, 2 N per test token",
         f"- {status_line(load)}",
+        f"- {host_line({'host_speed': speed}, 'before, between and after the two runs')} → **{status}**",
         f"- {datetime.datetime.now().isoformat(timespec='seconds')}; total {time.perf_counter() - started:.0f} s",
         "",
         table(headers, body),
@@ -206,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({
         "machine": info, "load": load, "precision": precision, "peaks": peaks, "best_peak": best,
         "n_params": n_params, "rounds": [{"label": label, **x} for label, x in rows_out],
-        "phase2_over_fedit": ratio, "settings": common}, indent=1, default=str))
+        "phase2_over_fedit": ratio, "host_speed": speed, "status": status, "settings": common}, indent=1, default=str))
     return 0
 
 

@@ -55,7 +55,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import LoadMonitor, isa_line, machine_info, status_line  # noqa: E402
+from machine import (HOST_SPREAD_LIMIT, LoadMonitor, SpeedProbe, host_line, host_speed, isa_line,  # noqa: E402
+                     machine_info, status_line)
 
 from fedpeft import metrics, training
 from fedpeft.algorithms.base import Client, ClientInfo
@@ -220,52 +221,6 @@ def bench_matmul(settings: Settings, model_shapes: list[tuple[str, int, int, int
                          "gflops": median(samples), "samples": samples})
     peak = {d: max(r["gflops"] for r in rows if r["dtype"] == d) for d in ("float32", "bfloat16")}
     return {"rows": rows, "peak_gflops": peak}
-
-
-HOST_SPREAD_LIMIT = 1.25  # fastest / slowest fp32 probe beyond which a run is not called final
-
-
-def host_speed(probe: "SpeedProbe") -> dict[str, Any]:
-    """min / median / max GFLOP/s of the probes per dtype, and the fp32 spread (fastest / slowest)."""
-    out: dict[str, Any] = {d: [min(x), median(x), max(x)] for d, x in probe.samples.items() if x}
-    fp32 = probe.samples["float32"]
-    out["spread"] = max(fp32) / min(fp32) if fp32 else 1.0
-    return out
-
-
-def host_line(res: dict[str, Any]) -> str:
-    hs = res["host_speed"]
-    ranges = "; ".join(f"{d} {v[0]:.0f} / {v[1]:.0f} / {v[2]:.0f}" for d, v in hs.items() if d != "spread")
-    verdict = (f"beyond ×{HOST_SPREAD_LIMIT}: the host's speed moved under the run, so the figures are not final even on "
-               "an idle guest" if hs["spread"] > HOST_SPREAD_LIMIT else f"within ×{HOST_SPREAD_LIMIT}")
-    return (f"matmul probes around the training passes (GFLOP/s, min / median / max): {ranges}; fp32 fastest / "
-            f"slowest ×{hs['spread']:.2f}, {verdict}")
-
-
-class SpeedProbe:
-    """The machine's matmul speed *now*: a square product of each dtype repeated for `seconds`.
-
-    On a shared VM the speed of the same product moves with the host (other tenants, the boost
-    clock): within one idle run the 2048³ fp32 product measured 115-188 GFLOP/s, and training passes
-    moved with it. One peak taken in section 1 then mixes the step's cost with the host's mood at two
-    different moments; a probe before and after each training pass pairs the pass with the speed of
-    its own minutes (`share_of_adjacent_peak`), and the probes' spread says how much the host varied."""
-
-    def __init__(self, n: int, seconds: float):
-        self.seconds = seconds
-        self.mats = {d: (torch.randn(n, n).to(d), torch.randn(n, n).to(d)) for d in (torch.float32, torch.bfloat16)}
-        self.flop = 2 * n ** 3
-        self.samples: dict[str, list[float]] = {"float32": [], "bfloat16": []}
-
-    def __call__(self, dtype: str) -> float:
-        a, b = self.mats[torch.float32 if dtype == "float32" else torch.bfloat16]
-        k, t = 0, time.perf_counter()
-        while k == 0 or time.perf_counter() - t < self.seconds:
-            a @ b
-            k += 1
-        gflops = self.flop * k / (time.perf_counter() - t) / 1e9
-        self.samples[dtype].append(gflops)
-        return gflops
 
 
 # ---------------------------------------------------------------------------------------- 2./3. training
@@ -693,7 +648,7 @@ def _main(args: argparse.Namespace, settings: Settings | None) -> int:
                 else None for p in ("fp32", "bf16")}
     status = res["load"]["status"]
     if status == "final" and res["host_speed"]["spread"] > HOST_SPREAD_LIMIT:
-        status = "provisional"  # nothing else ran here, but the host's speed moved under the run
+        status = "PROVISIONAL"  # nothing else ran here, but the host's speed moved under the run
     # The headline figures, as plain top-level numbers for scripts.
     res = {"status": status, "native_bf16": bool(h["native_bf16"]),
            "fp32_share_of_fp32_peak": fp32_by[DEFAULT_PATH], "bf16_share_of_bf16_peak": bf16_by[DEFAULT_PATH],

@@ -29,7 +29,10 @@ def test_paper_round_quick_splits_every_round_and_compares_phase2(tmp_path):
         assert r["trained_tokens"] == r["expected_trained_tokens"]
         assert 0 < r["share_of_best_peak"] < 1
     assert res["phase2_over_fedit"] > 0
-    assert res["load"]["status"].startswith("quick")  # a smoke check is never called final
+    assert res["load"]["status"].startswith("quick") and res["status"].startswith("quick")  # never final
+    # the runs bracketed by matmul probes (before, between, after): the host's speed, min <= median <= max
+    lo, mid, hi = res["host_speed"]["float32"]
+    assert 0 < lo <= mid <= hi and res["host_speed"]["spread"] == pytest.approx(hi / lo)
 
 
 def test_clustering_signal_quick_reports_ari_and_the_eq2_gap(tmp_path):
