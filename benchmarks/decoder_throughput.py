@@ -40,6 +40,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import LoadMonitor, cpu_model, isa_line, machine_info, status_line  # noqa: E402
+from machine import (HOST_SPREAD_LIMIT, LoadMonitor, SpeedProbe, cpu_model, host_line, host_speed,  # noqa: E402
+                     isa_line, machine_info, status_line)
 from throughput import bench_matmul, median, pct, table  # noqa: E402
 
 from fedpeft.algorithms.registry import get_algorithm  # noqa: E402
@@ -123,7 +125,10 @@ def fit_figures(alg, client, s: Settings, runs: list[dict[str, Any]]) -> dict[st
     compute = median([r["compute_seconds"] for r in runs])
     real, target = client.train.real_tokens, client.train.target_tokens
     flops = 4 * n_body * real + 4 * vh * target
-    return {"steps": s.train_batches, "seconds_per_step": compute / s.train_batches,
+    adjacent = ({"share_of_adjacent_peak": median([flops / r["compute_seconds"] / 1e9 / statistics.fmean(r["probe_gflops"])
+                                                    for r in runs])}
+                if all("probe_gflops" in r for r in runs) else {})
+    return {**adjacent, "steps": s.train_batches, "seconds_per_step": compute / s.train_batches,
             "real_tokens_per_s": real / compute, "target_tokens_per_s": target / compute,
             "useful_gflops": flops / compute / 1e9, "n_body": n_body, "lm_head_params": vh,
             "real_tokens": real, "padded_tokens": runs[0].get("padded_tokens"),
@@ -146,12 +151,14 @@ def bench_training(backbone, s: Settings, precisions=("fp32", "bf16")) -> dict[s
     return out
 
 
-def bench_training_e2e(backbone, s: Settings, data_dir: str, precisions=("fp32", "bf16")) -> dict[str, Any]:
+def bench_training_e2e(backbone, s: Settings, data_dir: str, precisions=("fp32", "bf16"),
+                       probe: SpeedProbe | None = None) -> dict[str, Any]:
     """FedIT.fit on the first batch_size × train_batches E2E training examples of one client, as a run
     encodes and pads them (max length 128, LoRA dropout 0.05), fp32 and bf16, each with both decoder
     paths (`--decoder-path`: padded, the model's own forward, and varlen, padding-free), their passes
     interleaved so a burst of other work hits both; keys "fp32 padded", ... and per precision the
-    varlen / padded speed-up (ratio of the medians, and median of the paired per-pass ratios)."""
+    varlen / padded speed-up (ratio of the medians, and median of the paired per-pass ratios). With
+    `probe`, every measured pass is bracketed by a matmul probe of its dtype (machine.SpeedProbe)."""
     out: dict[str, Any] = {}
     for precision in precisions:
         algs, clients = {}, None
@@ -165,9 +172,13 @@ def bench_training_e2e(backbone, s: Settings, data_dir: str, precisions=("fp32",
         insts = {p: a.configure(a.init(), 1, [0])[0] for p, a in algs.items()}
         runs: dict[str, list] = {p: [] for p in algs}
         for rep in range(s.reps + 1):  # the first pass of each is the warm-up
+            dtype = "bfloat16" if precision == "bf16" else "float32"
             for p, a in algs.items():
-                reply = a.fit(insts[p], clients[0]).config
+                before = probe(dtype) if probe and rep else None
+                reply = dict(a.fit(insts[p], clients[0]).config)
                 if rep:
+                    if probe:
+                        reply["probe_gflops"] = [before, probe(dtype)]
                     runs[p].append(reply)
         for p, a in algs.items():
             out[f"{precision} {p}"] = fit_figures(a, clients[0], s, runs[p])
@@ -180,8 +191,9 @@ def bench_training_e2e(backbone, s: Settings, data_dir: str, precisions=("fp32",
 
 
 def e2e_figures(e2e: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """Section 2b's per-(precision, path) figures, without its per-precision "speed-up" entries."""
-    return {k: v for k, v in (e2e or {}).items() if not k.endswith("speed-up")}
+    """Section 2b's per-(precision, path) figures, without its per-precision "speed-up" entries and its
+    probes' `host_speed`."""
+    return {k: v for k, v in (e2e or {}).items() if not k.endswith("speed-up") and k != "host_speed"}
 
 
 def lora_model(backbone, s: Settings, precision: str):
@@ -237,7 +249,11 @@ def render(res: dict[str, Any]) -> str:
     s, mm, tr = res["settings"], res["matmul"], res["training"]
     out = [f"# Decoder throughput: SmolLM2-135M on {res['cpu']}, {res['threads']} thread(s)", "",
            f"torch {torch.__version__}; {res['date']}; {res['isa']}", "",
-           f"{status_line(res['load'])}", "", "## 1. Matmul peak", "",
+           f"{status_line(res['load'])}", "",
+           *([host_line(res["training_e2e"], "around section 2b's passes")
+              + (f" → **{res['load']['host_status']}**" if "host_status" in res["load"] else ""), ""]
+             if (res.get("training_e2e") or {}).get("host_speed") else []),
+           "## 1. Matmul peak", "",
            table(["shape", "dtype", "GFLOP/s"], [[r["shape"], r["dtype"], r["gflops"]] for r in mm["rows"]]), "",
            f"Peak: float32 {mm['peak_gflops']['float32']:.1f}, bfloat16 {mm['peak_gflops']['bfloat16']:.1f} GFLOP/s.", "",
            f"## 2. LoRA training (FedIT.fit, r = {s['rank']} on q_proj/v_proj, batch {s['batch_size']} × "
@@ -255,9 +271,10 @@ def render(res: dict[str, Any]) -> str:
         out += [f"## 2b. LoRA training on real E2E examples ({first['steps']} batches of {s['batch_size']}, ≤ 128 "
                 f"tokens, {first['real_tokens']} real tokens; {pad}; FLOPs count real tokens only)", "",
                 table(["precision, --decoder-path", "s / step", "real tokens/s", "target tokens/s", "useful GFLOP/s",
-                       "of fp32 peak", "of bf16 peak"],
+                       "of fp32 peak", "of bf16 peak", "of the probes around each pass (own dtype)"],
                       [[p, v["seconds_per_step"], v["real_tokens_per_s"], v["target_tokens_per_s"], v["useful_gflops"],
-                        pct(v["frac_fp32_peak"]), pct(v["frac_bf16_peak"]) if p.startswith("bf16") else "-"]
+                        pct(v["frac_fp32_peak"]), pct(v["frac_bf16_peak"]) if p.startswith("bf16") else "-",
+                        pct(v["share_of_adjacent_peak"]) if "share_of_adjacent_peak" in v else "-"]
                        for p, v in e2e.items()]), ""]
         for key, v in res["training_e2e"].items():
             if key.endswith("speed-up"):
@@ -301,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     e2e, e2e_note = None, ""
     if args.data_dir and (Path(args.data_dir) / "e2e").is_dir():
         print("2b. training on E2E", flush=True)
-        e2e = bench_training_e2e(backbone, s, args.data_dir, precisions)
+        probe = SpeedProbe(2048 if not args.quick else 256, 0.25 if not args.quick else 0.02)
+        e2e = bench_training_e2e(backbone, s, args.data_dir, precisions, probe=probe)
+        e2e["host_speed"] = host_speed(probe)
     else:
         e2e_note = "no data root with e2e/: give --data-dir or set FEDPEFT_DATA_DIR"
     print("3. generation", flush=True)
@@ -313,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         v["frac_bf16_peak"] = v["useful_gflops"] / mm["peak_gflops"]["bfloat16"]
     monitor.stop()
     load = monitor.summary(quick=args.quick)
+    if e2e and load["status"] == "final" and e2e["host_speed"]["spread"] > HOST_SPREAD_LIMIT:
+        load["host_status"] = "PROVISIONAL"  # nothing else ran here, but the host's speed moved under 2b
     res = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "isa": isa_line(info), "load": load,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "settings": vars(s) if not hasattr(s, "__dataclass_fields__") else {k: getattr(s, k) for k in s.__dataclass_fields__},
