@@ -250,7 +250,7 @@ def render(res: dict[str, Any]) -> str:
     out = [f"# Decoder throughput: SmolLM2-135M on {res['cpu']}, {res['threads']} thread(s)", "",
            f"torch {torch.__version__}; {res['date']}; {res['isa']}", "",
            f"{status_line(res['load'])}", "",
-           *([host_line(res["training_e2e"], "around section 2b's passes")
+           *([host_line(res["training_e2e"]["host_speed"], "around section 2b's passes")
               + (f" → **{res['load']['host_status']}**" if "host_status" in res["load"] else ""), ""]
              if (res.get("training_e2e") or {}).get("host_speed") else []),
            "## 1. Matmul peak", "",

@@ -200,9 +200,8 @@ def host_speed(probe: "SpeedProbe") -> dict[str, Any]:
     return out
 
 
-def host_line(res: dict[str, Any], where: str = "around the training passes") -> str:
-    """The report line for `res["host_speed"]` (host_speed's dict)."""
-    hs = res["host_speed"]
+def host_line(hs: dict[str, Any], where: str = "around the training passes") -> str:
+    """The report line for host_speed's dict."""
     ranges = "; ".join(f"{d} {v[0]:.0f} / {v[1]:.0f} / {v[2]:.0f}" for d, v in hs.items() if d != "spread")
     verdict = (f"beyond ×{HOST_SPREAD_LIMIT}: the host's speed moved under the run, so the figures are not final even on "
                "an idle guest" if hs["spread"] > HOST_SPREAD_LIMIT else f"within ×{HOST_SPREAD_LIMIT}")

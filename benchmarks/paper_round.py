@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"; best {best:.1f}",
         f"- N = {n_params:,} parameters outside the embeddings; 4 N FLOPs per trained token, 2 N per test token",
         f"- {status_line(load)}",
-        f"- {host_line({'host_speed': speed}, 'before, between and after the two runs')} → **{status}**",
+        f"- {host_line(speed, 'before, between and after the two runs')} → **{status}**",
         f"- {datetime.datetime.now().isoformat(timespec='seconds')}; total {time.perf_counter() - started:.0f} s",
         "",
         table(headers, body),

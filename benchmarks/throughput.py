@@ -457,7 +457,7 @@ def render(res: dict[str, Any]) -> str:
            f"- load average at start {' / '.join(f'{x:.2f}' for x in h['load_average_start'])}, at end "
            f"{' / '.join(f'{x:.2f}' for x in h['load_average_end'])}",
            f"- {status_line(res['load'])}",
-           *([f"- {host_line(res)}"] if "host_speed" in res else []),
+           *([f"- {host_line(res['host_speed'])}"] if "host_speed" in res else []),
            f"- {h['date']}; medians of {s['reps']} passes after a discarded warm-up pass; total {res['total_seconds']:.0f} s", "",
            f"**Headline ({res['status']})**: SST-2 training with `--encoder-path {res['headline_encoder_path']}` "
            f"(a run's default): fp32 = {pct(res['fp32_share_of_fp32_peak'])} of the fp32 peak"
